@@ -1,0 +1,721 @@
+"""Convert the easy-VQA data set (the ``easy-vqa`` PyPI package) into the pipeline's training formats.
+
+easy-VQA: 64x64 RGB images of one coloured shape (circle, rectangle or triangle in one of 8 colours) on
+a light plain background; 4,000 train images with 38,575 questions and 1,000 test images with 9,673
+questions; 13 one-word answers (3 shapes, 8 colours, yes, no). The package ships the images as PNGs and
+the questions as ``[question, answer, image_id]`` triples; nothing is downloaded.
+
+Usage::
+
+    python -m mllm_kd.data_prep.easyvqa --out DIR [--max-train-images N] [--max-test-questions N]
+        [--shard-size N] [--vocab-size N] [--force]
+
+or :func:`prepare_easyvqa` from Python. The subset options keep the first N train images by id and the
+first N test questions in (image id, file position) order, so a subset is deterministic.
+
+Output under DIR (image paths in records are relative to ``DIR/images``):
+
+``images/train/<id>.png``, ``images/test/<id>.png``
+    The package's PNGs, copied byte for byte (test: only images that a kept test question uses).
+``captions.json``
+    LLaVA list, one record per train image: ``{"id": "caption-<id>", "image": "train/<id>.png",
+    "conversations": [{"from": "human", "value": "<image>\\n<caption instruction>"}, {"from": "gpt",
+    "value": "<caption>"}]}``; e.g. "The image shows a red circle on a plain background.". Instructions
+    and caption templates vary, chosen per image with a seeded RNG.
+``instruct.json``
+    LLaVA list, one multi-turn record per train image: ``{"id": "instruct-<id>", "image": ...,
+    "conversations": [...]}``, each of the image's questions (file order) a human turn
+    ``"<question>\\n" + SHORT_ANSWER_PROMPT`` (the first prefixed with ``"<image>\\n"``), each answer a gpt
+    turn.
+``test_questions.jsonl``
+    LLaVA question file: per line ``{"question_id": "<index in the package's test list>", "image":
+    "test/<id>.png", "text": "<question>\\n" + SHORT_ANSWER_PROMPT, "category": <type>}``.
+``test_answers.json``
+    ``{question_id: {"answer": str, "type": "shape" | "color" | "yes/no"}}``, the type from the answer.
+``wds/captions-%05d.tar``, ``wds/instruct-%05d.tar``
+    WebDataset shards of the same records, ``--shard-size`` samples per shard (default 1000). Sample
+    schema: ``__key__`` = the record id sanitised for WebDataset (letters, digits, ``-``, ``_``; never a
+    dot), ``json`` = the UTF-8 JSON of the record exactly as in the JSON file (``id``, ``image``,
+    ``conversations``), ``png`` = the image's PNG bytes. (The pipeline's reader also accepts ``jpg``
+    instead of ``png``, and no image key at all for text-only samples; this converter always writes
+    ``png``.) Tar member times are fixed, so identical inputs give identical shards.
+``tokenizer/``
+    A byte-level BPE with the ChatML template (:func:`mllm_kd.tokenization.train_bpe_tokenizer`) trained
+    on the train conversations as the chat template presents them: ``"<role>\\n<content>"`` for the roles
+    user, assistant and system, the ``<image>`` placeholder removed (it is a special token). Vocabulary
+    size: 512 by default (``--vocab-size``). The corpus has fewer than 100 distinct words, so 512 already
+    makes every answer one token, both bare (``"circle"``, as an assistant reply starts) and with a
+    leading space (``" circle"``, inside sentences), and every question word one token; 1024 would only
+    add unused merges, i.e. embedding rows a small student never trains. The manifest records how many
+    of the 13 answers encode as a single token.
+``manifest.json``
+    Arguments, source digests, counts, and per artifact its inputs key and a SHA-256 of its files; the
+    ``content_hash`` combines those.
+
+Idempotency: an artifact is skipped when its recorded inputs key (format version, relevant arguments,
+digest of the source questions and images) matches and its files on disk still hash to the recorded
+value; otherwise its old files are removed and it is rebuilt. ``--force`` rebuilds everything. Bump
+:data:`FORMAT_VERSION` whenever the output for unchanged inputs changes (templates, formats).
+
+Labels for captions: easy-VQA has no per-image label file, so colour and shape come from the questions.
+A "what shape/colour ..." answer gives one of them (and the colour or shape named in the question
+gives the other); yes/no questions ("is there not a red shape?") narrow the candidates. That settles
+about 90% of the train images. For the rest the pixels decide: shapes are painted in exact CSS colours
+(the palette below) and a shape's fill of its bounding box separates triangles (~0.5), circles (~0.8)
+and rectangles (~1.0). The pixel verdict must agree with every question about the image; on the
+package's data it also agrees with all question-determined labels (counted in the manifest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import re
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageChops
+
+from mllm_kd.data_prep.llava_format import (
+    IMAGE_PLACEHOLDER,
+    SHORT_ANSWER_PROMPT,
+    Record,
+    atomic_write_bytes,
+    files_digest,
+    json_bytes,
+    make_conversation,
+    short_answer_question,
+    validate_record,
+    write_wds_shards,
+)
+from mllm_kd.errors import ConfigError, DataError, MllmKdError
+
+__all__ = [
+    "ANSWER_TYPES",
+    "COLORS",
+    "FORMAT_VERSION",
+    "SHAPES",
+    "SHORT_ANSWER_PROMPT",
+    "classify_image_pixels",
+    "main",
+    "prepare_easyvqa",
+    "question_type",
+]
+
+# Bump when the output for the same inputs changes; reruns then rebuild instead of skipping.
+FORMAT_VERSION = 1
+DEFAULT_SHARD_SIZE = 1000
+DEFAULT_VOCAB_SIZE = 512
+
+SHAPES = ("circle", "rectangle", "triangle")
+# easy-VQA paints shapes in these exact (CSS) colours; note "green" is CSS lime, not CSS green.
+COLORS: dict[str, tuple[int, int, int]] = {
+    "black": (0, 0, 0),
+    "blue": (0, 0, 255),
+    "brown": (165, 42, 42),
+    "gray": (128, 128, 128),
+    "green": (0, 255, 0),
+    "red": (255, 0, 0),
+    "teal": (0, 128, 128),
+    "yellow": (255, 255, 0),
+}
+YES_NO = ("yes", "no")
+ANSWER_TYPES = ("shape", "color", "yes/no")
+_COLOR_BY_RGB = {rgb: name for name, rgb in COLORS.items()}
+
+# Bounding-box fill ratios measured on all question-labelled images: triangles 0.50-0.66, circles
+# 0.74-0.91, rectangles 0.95-1.0 (antialiased edges blur them); the cuts sit in the gaps.
+_TRIANGLE_MAX_FILL = 0.70
+_CIRCLE_MAX_FILL = 0.93
+
+# The brief-description instructions of LLaVA's caption pretraining data (LCS-558K).
+CAPTION_INSTRUCTIONS = (
+    "Describe the image concisely.",
+    "Provide a brief description of the given image.",
+    "Offer a succinct explanation of the picture presented.",
+    "Summarize the visual content of the image.",
+    "Give a short and clear explanation of the subsequent image.",
+    "Share a concise interpretation of the image provided.",
+    "Present a compact description of the photo's key features.",
+    "Relay a brief, clear account of the picture shown.",
+    "Render a clear and concise summary of the photo.",
+    "Write a terse but informative summary of the picture.",
+    "Create a compact narrative representing the image presented.",
+)
+CAPTION_TEMPLATES = (
+    "{A} {color} {shape}.",
+    "{A} {color} {shape} on a plain background.",
+    "The image shows {a} {color} {shape} on a plain background.",
+    "There is {a} {color} {shape} in the image.",
+    "A picture of {a} {color} {shape}.",
+    "{A} single {color} {shape} on a light background.",
+)
+
+
+@dataclass(frozen=True)
+class Question:
+    """One easy-VQA question; ``index`` is its position in the package's list for its split."""
+
+    index: int
+    text: str
+    answer: str
+    image_id: int
+
+
+@dataclass(frozen=True)
+class Label:
+    """The colour and shape of a train image and where they came from ("questions" or "pixels")."""
+
+    shape: str
+    color: str
+    source: str
+
+
+def question_type(answer: str) -> str:
+    """The answer type: "shape", "color" or "yes/no"; :class:`DataError` for anything else."""
+    if answer in YES_NO:
+        return "yes/no"
+    if answer in SHAPES:
+        return "shape"
+    if answer in COLORS:
+        return "color"
+    raise DataError(f"unknown easy-VQA answer {answer!r} (expected a shape, a colour, yes or no)")
+
+
+def _question_constraints(
+    questions: list[Question],
+) -> dict[int, tuple[set[str], set[str]]]:
+    """Per image id, the shapes and colours consistent with all its questions and answers."""
+    candidates: dict[int, tuple[set[str], set[str]]] = {}
+    for q in questions:
+        shapes, colors = candidates.setdefault(q.image_id, (set(SHAPES), set(COLORS)))
+        words = re.findall(r"[a-z]+", q.text.lower())
+        named_shapes = {w for w in words if w in SHAPES}
+        named_colors = {w for w in words if w in COLORS}
+        kind = question_type(q.answer)
+        if kind == "shape":
+            # "what is the red shape?" -> rectangle: the answer is the shape, the named colour its colour.
+            shapes &= {q.answer}
+            colors.intersection_update(*({c} for c in named_colors))
+        elif kind == "color":
+            # "what color is the circle?" -> red
+            colors &= {q.answer}
+            shapes.intersection_update(*({s} for s in named_shapes))
+        else:
+            # "is there (not) a red shape (in the image)?", "is no circle present?", "does the image
+            # (not) contain ...?": with a negation a "yes" means absent.
+            negated = "not" in words or "no" in words
+            present = (q.answer == "yes") != negated
+            for named, pool in ((named_shapes, shapes), (named_colors, colors)):
+                for word in named:
+                    if present:
+                        pool &= {word}
+                    else:
+                        pool.discard(word)
+        if not shapes or not colors:
+            raise DataError(f"image {q.image_id}: question {q.index} ({q.text!r} -> {q.answer!r}) contradicts the others")
+    return candidates
+
+
+def classify_image_pixels(path: Path) -> tuple[str, str]:
+    """(shape, colour) of an easy-VQA image from its pixels; :class:`DataError` if it has no palette colour."""
+    with Image.open(path) as img:
+        rgb = img.convert("RGB")
+    histogram = sorted(rgb.getcolors(rgb.width * rgb.height) or [], reverse=True)
+    background = histogram[0][1]
+    # Antialiased edges blend shape and background; the shape's own colour is the commonest exact
+    # palette colour.
+    painted = [(count, c) for count, c in histogram if c in _COLOR_BY_RGB and c != background]
+    if not painted:
+        raise DataError(f"{path}: no pixel has an easy-VQA shape colour")
+    foreground = painted[0][1]
+    diff = ImageChops.difference(rgb, Image.new("RGB", rgb.size, background))
+    r, g, b = diff.split()
+    distance = ImageChops.lighter(ImageChops.lighter(r, g), b)
+    # A pixel belongs to the shape when it is more than halfway from the background to the shape colour.
+    threshold = max(abs(x - y) for x, y in zip(foreground, background)) / 2
+    mask = distance.point(lambda v: 255 if v > threshold else 0)
+    left, top, right, bottom = mask.getbbox() or (0, 0, 1, 1)
+    fill = mask.histogram()[255] / ((right - left) * (bottom - top))
+    if fill < _TRIANGLE_MAX_FILL:
+        shape = "triangle"
+    elif fill < _CIRCLE_MAX_FILL:
+        shape = "circle"
+    else:
+        shape = "rectangle"
+    return shape, _COLOR_BY_RGB[foreground]
+
+
+def recover_labels(
+    questions: list[Question], image_paths: dict[int, Path]
+) -> tuple[dict[int, Label], dict[str, int]]:
+    """Colour and shape of every image in ``image_paths`` (see the module docstring), and statistics.
+
+    Raises :class:`DataError` when the questions contradict each other or the pixels contradict them.
+    """
+    candidates = _question_constraints([q for q in questions if q.image_id in image_paths])
+    labels: dict[int, Label] = {}
+    stats = Counter(from_questions=0, from_pixels=0, pixel_checked=0, pixel_disagreements=0)
+    for image_id, path in sorted(image_paths.items()):
+        shapes, colors = candidates.get(image_id, (set(SHAPES), set(COLORS)))
+        pixel_shape, pixel_color = classify_image_pixels(path)
+        if len(shapes) == 1 and len(colors) == 1:
+            shape, color = next(iter(shapes)), next(iter(colors))
+            labels[image_id] = Label(shape, color, "questions")
+            stats["from_questions"] += 1
+            stats["pixel_checked"] += 1
+            # The questions are the data set's ground truth; a disagreement only flags the heuristic.
+            stats["pixel_disagreements"] += (shape, color) != (pixel_shape, pixel_color)
+            continue
+        if pixel_shape not in shapes or pixel_color not in colors:
+            raise DataError(
+                f"image {image_id}: pixels say {pixel_color} {pixel_shape}, but its questions allow only "
+                f"shapes {sorted(shapes)} and colours {sorted(colors)}"
+            )
+        labels[image_id] = Label(pixel_shape, pixel_color, "pixels")
+        stats["from_pixels"] += 1
+    return labels, dict(stats)
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def caption_record(image_id: int, label: Label) -> Record:
+    """The caption record of a train image; instruction and template are seeded by the image id."""
+    # A str seed is hashed with SHA-512 by `random`, so the choice is stable across runs and machines.
+    rng = random.Random(f"easyvqa-caption-{image_id}")
+    instruction = rng.choice(CAPTION_INSTRUCTIONS)
+    a = _article(label.color)
+    caption = rng.choice(CAPTION_TEMPLATES).format(
+        a=a, A=a.capitalize(), color=label.color, shape=label.shape
+    )
+    return {
+        "id": f"caption-{image_id}",
+        "image": f"train/{image_id}.png",
+        "conversations": make_conversation([(instruction, caption)]),
+    }
+
+
+def instruct_record(image_id: int, questions: list[Question]) -> Record:
+    """The multi-turn short-answer record of a train image, its questions in file order."""
+    turns = [(short_answer_question(q.text), q.answer) for q in questions]
+    return {
+        "id": f"instruct-{image_id}",
+        "image": f"train/{image_id}.png",
+        "conversations": make_conversation(turns),
+    }
+
+
+def _load_split(split: str) -> tuple[list[Question], dict[int, Path]]:
+    try:
+        import easy_vqa
+    except ImportError as exc:
+        raise ConfigError(
+            "the easy-VQA data comes from the `easy-vqa` package: pip install easy-vqa "
+            "(or the project's [demo] extra)"
+        ) from exc
+    get_questions = easy_vqa.get_train_questions if split == "train" else easy_vqa.get_test_questions
+    get_paths = easy_vqa.get_train_image_paths if split == "train" else easy_vqa.get_test_image_paths
+    texts, answers, image_ids = get_questions()
+    questions = [
+        Question(i, text, answer, int(image_id))
+        for i, (text, answer, image_id) in enumerate(zip(texts, answers, image_ids))
+    ]
+    paths = {int(k): Path(v) for k, v in get_paths().items()}
+    missing = sorted({q.image_id for q in questions} - set(paths))
+    if missing:
+        raise DataError(f"easy-VQA {split}: questions refer to missing images {missing[:10]}")
+    return questions, paths
+
+
+def _sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _source_digest(questions: list[Question], image_paths: dict[int, Path]) -> str:
+    """SHA-256 of the selected questions and the bytes of the selected images."""
+    digest = hashlib.sha256(json_bytes([[q.index, q.text, q.answer, q.image_id] for q in questions]))
+    for image_id, path in sorted(image_paths.items()):
+        digest.update(image_id.to_bytes(8, "little") + path.read_bytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class _Source:
+    """The selected subset of easy-VQA; labels and records are computed only when an artifact needs them."""
+
+    max_train_images: int | None
+    max_test_questions: int | None
+    train_questions: list[Question] = field(init=False)
+    train_images: dict[int, Path] = field(init=False)
+    test_questions: list[Question] = field(init=False)
+    test_images: dict[int, Path] = field(init=False)
+
+    def __post_init__(self) -> None:
+        questions, paths = _load_split("train")
+        kept_ids = sorted(paths)[: self.max_train_images]
+        self.train_images = {i: paths[i] for i in kept_ids}
+        self.train_questions = [q for q in questions if q.image_id in self.train_images]
+        questions, paths = _load_split("test")
+        questions = sorted(questions, key=lambda q: (q.image_id, q.index))[: self.max_test_questions]
+        self.test_questions = questions
+        self.test_images = {i: paths[i] for i in sorted({q.image_id for q in questions})}
+
+    @cached_property
+    def train_digest(self) -> str:
+        return _source_digest(self.train_questions, self.train_images)
+
+    @cached_property
+    def test_digest(self) -> str:
+        return _source_digest(self.test_questions, self.test_images)
+
+    @cached_property
+    def labels(self) -> tuple[dict[int, Label], dict[str, int]]:
+        return recover_labels(self.train_questions, self.train_images)
+
+    @cached_property
+    def caption_records(self) -> list[Record]:
+        labels, _ = self.labels
+        return [caption_record(i, labels[i]) for i in sorted(self.train_images)]
+
+    @cached_property
+    def instruct_records(self) -> list[Record]:
+        by_image: dict[int, list[Question]] = {}
+        for q in self.train_questions:
+            by_image.setdefault(q.image_id, []).append(q)
+        # An image without questions gets no instruct record (none in the package's data).
+        return [instruct_record(i, by_image[i]) for i in sorted(self.train_images) if i in by_image]
+
+
+@dataclass
+class _Artifact:
+    """One output unit, skipped or rebuilt as a whole."""
+
+    name: str
+    describe: str  # where, for the log
+    params: dict[str, Any]  # everything besides FORMAT_VERSION that its content depends on
+    existing: Callable[[], list[Path]]
+    build: Callable[[], dict[str, Any]]  # writes the files, returns counts
+
+
+def _files_under(directory: Path, pattern: str) -> Callable[[], list[Path]]:
+    return lambda: sorted(p for p in directory.glob(pattern) if p.is_file())
+
+
+def _files_named(*paths: Path) -> Callable[[], list[Path]]:
+    return lambda: [p for p in paths if p.is_file()]
+
+
+def _copy_images(images: dict[int, Path], dest: Path) -> dict[str, Any]:
+    dest.mkdir(parents=True, exist_ok=True)
+    for image_id, src in images.items():
+        shutil.copyfile(src, dest / f"{image_id}.png")
+    return {"images": len(images)}
+
+
+def _write_records(path: Path, records: list[Record]) -> None:
+    for record in records:
+        validate_record(record)
+    atomic_write_bytes(path, json_bytes(records))
+
+
+def _shard_samples(records: list[Record], images_dir: Path) -> Iterator[tuple[Record, bytes, str]]:
+    for record in records:
+        yield record, (images_dir / record["image"]).read_bytes(), "png"
+
+
+def _tokenizer_texts(records: list[Record]) -> Iterator[str]:
+    """The text of each chat turn as the tokenizer sees it between ChatML special tokens."""
+    role = {"human": "user", "gpt": "assistant"}
+    for record in records:
+        # No system turn in the data, but the template can emit one; the role name needs its tokens.
+        yield "system\n"
+        for turn in record["conversations"]:
+            content = turn["value"].replace(IMAGE_PLACEHOLDER + "\n", "").replace(IMAGE_PLACEHOLDER, "")
+            yield f"{role[turn['from']]}\n{content}"
+
+
+def _train_tokenizer(records: list[Record], out: Path, vocab_size: int) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from mllm_kd.tokenization import train_bpe_tokenizer
+
+    texts = list(_tokenizer_texts(records))
+    train_bpe_tokenizer(texts, out, vocab_size=vocab_size)
+    tok = AutoTokenizer.from_pretrained(str(out))
+    answers = (*SHAPES, *COLORS, *YES_NO)
+    single = sum(len(tok.encode(a, add_special_tokens=False)) == 1 for a in answers)
+    single_spaced = sum(len(tok.encode(" " + a, add_special_tokens=False)) == 1 for a in answers)
+    return {
+        "vocab_size": len(tok),
+        "training_texts": len(texts),
+        "answers": len(answers),
+        "single_token_answers": single,
+        "single_token_answers_with_space": single_spaced,
+    }
+
+
+def _load_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}  # missing or unreadable: nothing can be skipped
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def prepare_easyvqa(
+    out_dir: str | Path,
+    max_train_images: int | None = None,
+    max_test_questions: int | None = None,
+    force: bool = False,
+    *,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Write the easy-VQA outputs (module docstring) under ``out_dir``; skip what is up to date.
+
+    Returns the manifest plus ``"actions"`` ({artifact: "wrote" | "skipped"}) and ``"paths"``
+    (absolute paths of the outputs). ``log`` gets one line per artifact (None: silent).
+    """
+    for name, value in (("max_train_images", max_train_images), ("max_test_questions", max_test_questions)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be >= 1 (or None for all), got {value}")
+    if shard_size < 1:
+        raise ConfigError(f"shard_size must be >= 1, got {shard_size}")
+    if vocab_size < 300:
+        # 256 byte tokens + 4 special tokens leave no room for merges below this.
+        raise ConfigError(f"vocab_size must be >= 300, got {vocab_size}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    emit = log or (lambda _line: None)
+    started = time.perf_counter()
+
+    source = _Source(max_train_images, max_test_questions)
+    images = out / "images"
+    wds_dir = out / "wds"
+    paths = {
+        "images_train": images / "train",
+        "images_test": images / "test",
+        "captions": out / "captions.json",
+        "instruct": out / "instruct.json",
+        "test_questions": out / "test_questions.jsonl",
+        "test_answers": out / "test_answers.json",
+        "wds_captions": wds_dir / "captions-%05d.tar",
+        "wds_instruct": wds_dir / "instruct-%05d.tar",
+        "tokenizer": out / "tokenizer",
+        "manifest": out / "manifest.json",
+    }
+
+    def build_captions() -> dict[str, Any]:
+        _write_records(paths["captions"], source.caption_records)
+        _, stats = source.labels
+        return {"records": len(source.caption_records), **{f"labels_{k}": v for k, v in stats.items()}}
+
+    def build_instruct() -> dict[str, Any]:
+        records = source.instruct_records
+        _write_records(paths["instruct"], records)
+        return {"records": len(records), "turns": sum(len(r["conversations"]) // 2 for r in records)}
+
+    def build_test() -> dict[str, Any]:
+        lines, answers = [], {}
+        for q in source.test_questions:
+            qid, kind = str(q.index), question_type(q.answer)
+            lines.append(
+                json_bytes(
+                    {
+                        "question_id": qid,
+                        "image": f"test/{q.image_id}.png",
+                        "text": short_answer_question(q.text),
+                        "category": kind,
+                    }
+                )
+            )
+            answers[qid] = {"answer": q.answer, "type": kind}
+        atomic_write_bytes(paths["test_questions"], b"".join(line + b"\n" for line in lines))
+        atomic_write_bytes(paths["test_answers"], json_bytes(answers))
+        types = Counter(a["type"] for a in answers.values())
+        return {"questions": len(answers), **{f"type_{t}": types[t] for t in ANSWER_TYPES}}
+
+    def build_shards(kind: str, records: list[Record]) -> dict[str, Any]:
+        shards = write_wds_shards(_shard_samples(records, images), paths[f"wds_{kind}"], shard_size)
+        return {"shards": len(shards), "samples": len(records)}
+
+    train_args = {"max_train_images": max_train_images, "source": "train"}
+    test_args = {"max_test_questions": max_test_questions, "source": "test"}
+    artifacts = [
+        _Artifact(
+            "images_train",
+            "images/train/",
+            train_args,
+            _files_under(paths["images_train"], "*.png"),
+            lambda: _copy_images(source.train_images, paths["images_train"]),
+        ),
+        _Artifact(
+            "images_test",
+            "images/test/",
+            test_args,
+            _files_under(paths["images_test"], "*.png"),
+            lambda: _copy_images(source.test_images, paths["images_test"]),
+        ),
+        _Artifact("captions", "captions.json", train_args, _files_named(paths["captions"]), build_captions),
+        _Artifact("instruct", "instruct.json", train_args, _files_named(paths["instruct"]), build_instruct),
+        _Artifact(
+            "test",
+            "test_questions.jsonl + test_answers.json",
+            test_args,
+            _files_named(paths["test_questions"], paths["test_answers"]),
+            build_test,
+        ),
+        _Artifact(
+            "wds_captions",
+            "wds/captions-*.tar",
+            {**train_args, "shard_size": shard_size},
+            _files_under(wds_dir, "captions-*.tar"),
+            lambda: build_shards("captions", source.caption_records),
+        ),
+        _Artifact(
+            "wds_instruct",
+            "wds/instruct-*.tar",
+            {**train_args, "shard_size": shard_size},
+            _files_under(wds_dir, "instruct-*.tar"),
+            lambda: build_shards("instruct", source.instruct_records),
+        ),
+        _Artifact(
+            "tokenizer",
+            "tokenizer/",
+            {**train_args, "vocab_size": vocab_size},
+            _files_under(paths["tokenizer"], "*"),
+            lambda: _train_tokenizer(source.caption_records + source.instruct_records, paths["tokenizer"], vocab_size),
+        ),
+    ]
+
+    previous = _load_manifest(paths["manifest"])
+    old_records: dict[str, Any] = previous.get("artifacts", {}) if isinstance(previous.get("artifacts"), dict) else {}
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "converter": "mllm_kd.data_prep.easyvqa",
+        "args": {
+            "max_train_images": max_train_images,
+            "max_test_questions": max_test_questions,
+            "shard_size": shard_size,
+            "vocab_size": vocab_size,
+        },
+        "source": {"package": "easy-vqa", "package_version": _package_version()},
+        "counts": {},
+        "artifacts": {},
+        "content_hash": None,
+    }
+    actions: dict[str, str] = {}
+
+    def save_manifest() -> None:
+        hashes = {name: rec["sha256"] for name, rec in sorted(manifest["artifacts"].items())}
+        manifest["content_hash"] = _sha256_json(hashes)
+        manifest["counts"] = {
+            f"{name}.{key}": value
+            for name, rec in manifest["artifacts"].items()
+            for key, value in rec["counts"].items()
+        }
+        data = json_bytes(manifest, indent=2) + b"\n"
+        # Only write on change, so a rerun that skips everything leaves every mtime alone.
+        if not paths["manifest"].is_file() or paths["manifest"].read_bytes() != data:
+            atomic_write_bytes(paths["manifest"], data)
+
+    for artifact in artifacts:
+        digest = source.train_digest if artifact.params["source"] == "train" else source.test_digest
+        manifest["source"][f"{artifact.params['source']}_sha256"] = digest
+        key = _sha256_json({"format_version": FORMAT_VERSION, "artifact": artifact.name, **artifact.params, "digest": digest})
+        old = old_records.get(artifact.name)
+        files = artifact.existing()
+        if (
+            not force
+            and isinstance(old, dict)
+            and old.get("key") == key
+            and files
+            and files_digest(out, files) == old.get("sha256")
+        ):
+            manifest["artifacts"][artifact.name] = old
+            actions[artifact.name] = "skipped"
+        else:
+            for path in files:
+                path.unlink()
+            counts = artifact.build()
+            files = artifact.existing()
+            manifest["artifacts"][artifact.name] = {
+                "key": key,
+                "files": len(files),
+                "bytes": sum(p.stat().st_size for p in files),
+                "sha256": files_digest(out, files),
+                "counts": counts,
+            }
+            actions[artifact.name] = "wrote"
+            # Record progress per artifact so an interrupted run redoes only the unfinished ones.
+            save_manifest()
+        rec = manifest["artifacts"][artifact.name]
+        counts_text = ", ".join(f"{k}={v}" for k, v in rec["counts"].items())
+        emit(f"{actions[artifact.name]:>7} {artifact.describe}: {rec['files']} files, {counts_text}  ({out / artifact.describe.split()[0]})")
+    save_manifest()
+    tokenizer_counts = manifest["artifacts"]["tokenizer"]["counts"]
+    emit(
+        f"tokenizer vocab size {tokenizer_counts['vocab_size']} "
+        f"({tokenizer_counts['single_token_answers']}/{tokenizer_counts['answers']} answers are one token)"
+    )
+    emit(f"manifest: {paths['manifest']}  ({time.perf_counter() - started:.1f}s)")
+    return {**manifest, "actions": actions, "paths": {k: str(v) for k, v in paths.items()}}
+
+
+def _package_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("easy-vqa")
+    except PackageNotFoundError:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (2 for bad input)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m mllm_kd.data_prep.easyvqa",
+        description="Convert easy-VQA (from the easy-vqa package) to LLaVA JSON, WebDataset shards and a BPE tokenizer.",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--max-train-images", type=int, default=None, help="keep the first N train images by id")
+    parser.add_argument(
+        "--max-test-questions", type=int, default=None, help="keep the first N test questions (by image id)"
+    )
+    parser.add_argument(
+        "--shard-size", "--shards-size", dest="shard_size", type=int, default=DEFAULT_SHARD_SIZE, help="samples per WebDataset shard"
+    )
+    parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="BPE tokenizer vocabulary size")
+    parser.add_argument("--force", action="store_true", help="rebuild everything even if up to date")
+    args = parser.parse_args(argv)
+    try:
+        prepare_easyvqa(
+            args.out,
+            max_train_images=args.max_train_images,
+            max_test_questions=args.max_test_questions,
+            force=args.force,
+            shard_size=args.shard_size,
+            vocab_size=args.vocab_size,
+        )
+    except MllmKdError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""What every benchmark task shares: prediction and question records, file readers, the Task base class.
+
+A *prediction* is one line of a LLaVA answers file (JSONL)::
+
+    {"question_id": ..., "prompt": str, "text": str, "answer_id": str, "model_id": str, "metadata": {}}
+
+Other top-level keys (LLaVA's MMBench answers add ``round_id``, ``options``, ``option_char``) are kept in
+:attr:`Prediction.extra`. A *question* is what generation needs: an id, an image and the prompt text.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from mllm_kd.errors import ConfigError, DataError
+
+# LLaVA-1.5's instruction suffixes (llava/eval/*.jsonl question files and model_vqa_*.py).
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+OPTION_LETTER = "Answer with the option's letter from the given choices directly."
+QuestionId = int | str
+
+
+@dataclass
+class Prediction:
+    """One answer line. ``question_id`` is kept as written (int or str); compare via :func:`qid_key`."""
+
+    question_id: QuestionId
+    text: str
+    prompt: str = ""
+    model_id: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    where: str = ""  # "file:line", for error messages
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A field LLaVA may put at top level or we may put in ``metadata`` (top level wins)."""
+        return self.extra.get(key, self.metadata.get(key, default))
+
+
+@dataclass
+class Question:
+    """One generation request.
+
+    ``image`` is a path relative to the benchmark's image folder (None for text-only questions or when the
+    image is embedded, see ``image_b64``). ``prompt`` is the user text *without* the ``<image>`` token.
+    ``extra`` holds keys the answer line must carry at top level for scoring (MMBench's ``round_id``,
+    ``options``, ``option_char``, as LLaVA's model_vqa_mmbench.py writes them).
+    """
+
+    question_id: QuestionId
+    image: str | None
+    prompt: str
+    image_b64: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def qid_key(qid: Any) -> str:
+    """Question ids compare as strings: LLaVA writes GQA/ScienceQA ids as str, VQAv2's as int."""
+    return str(qid)
+
+
+def pct(x: float) -> float:
+    """A fraction as a percentage rounded to 2 decimals, as the official VQA evaluation reports it."""
+    return round(100.0 * x, 2)
+
+
+def ratio(num: float, den: float) -> float:
+    """num/den, 0 for an empty denominator (an empty subset scores 0 rather than crashing)."""
+    return num / den if den else 0.0
+
+
+# ---------------------------------------------------------------------------------------------- files
+def require_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise DataError(f"{what} {path} does not exist")
+    return path
+
+
+def read_json(path: Path, what: str = "annotation file") -> Any:
+    """Load a JSON file; a missing or invalid file is a :class:`DataError` naming it."""
+    require_file(path, what)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from e
+
+
+def iter_jsonl(path: Path, what: str = "annotation file") -> Iterator[tuple[int, dict]]:
+    """Yield (line number, object) for each non-blank line; a bad line is a DataError naming file:line."""
+    require_file(path, what)
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e})") from e
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+            yield n, obj
+
+
+def read_predictions(path: str | Path) -> list[Prediction]:
+    """Read a LLaVA answers JSONL file. Each line needs ``question_id`` and a string ``text``."""
+    path = Path(path)
+    preds = []
+    for n, obj in iter_jsonl(path, "predictions file"):
+        where = f"{path}:{n}"
+        if "question_id" not in obj:
+            raise DataError(f"{where}: no 'question_id'")
+        if not isinstance(obj.get("text"), str):
+            raise DataError(f"{where}: 'text' must be a string (question {obj['question_id']!r})")
+        meta = obj.get("metadata") or {}
+        if not isinstance(meta, dict):
+            raise DataError(f"{where}: 'metadata' must be an object")
+        known = {"question_id", "text", "prompt", "answer_id", "model_id", "metadata"}
+        preds.append(
+            Prediction(
+                question_id=obj["question_id"],
+                text=obj["text"],
+                prompt=str(obj.get("prompt") or ""),
+                model_id=str(obj.get("model_id") or ""),
+                metadata=meta,
+                extra={k: v for k, v in obj.items() if k not in known},
+                where=where,
+            )
+        )
+    if not preds:
+        raise DataError(f"{path}: no predictions")
+    return preds
+
+
+def unknown_question(pred: Prediction, source: Path | str) -> DataError:
+    """The error for a prediction whose question is not in the annotations."""
+    return DataError(f"{pred.where}: question_id {pred.question_id!r} is not in the annotations ({source})")
+
+
+def unique_by_qid(preds: list[Prediction]) -> dict[str, Prediction]:
+    """Index predictions by question id; two answers to one question are an error, not a silent overwrite."""
+    out: dict[str, Prediction] = {}
+    for p in preds:
+        k = qid_key(p.question_id)
+        if k in out:
+            raise DataError(f"{p.where}: question_id {p.question_id!r} answered twice (first at {out[k].where})")
+        out[k] = p
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- task
+class Task(ABC):
+    """A benchmark: how to read its published annotation files, build prompts, and score answers.
+
+    ``score`` returns a flat-ish JSON-able dict whose ``headline`` key names the main metric (a percentage
+    unless ``headline_max`` says otherwise; the report scales it to 0-100 for the average).
+    """
+
+    name: ClassVar[str]
+    headline: ClassVar[str] = "accuracy"
+    headline_max: ClassVar[float] = 100.0
+    has_splits: ClassVar[bool] = False  # whether load/questions understand ``split``
+
+    @abstractmethod
+    def load(self, path: Path, split: str | None = None) -> Any:
+        """Read the annotations (a file or directory in the benchmark's published format)."""
+
+    @abstractmethod
+    def questions(self, path: Path, split: str | None = None) -> list[Question]:
+        """The benchmark's questions with LLaVA-style prompts (for the generation step)."""
+
+    @abstractmethod
+    def score(self, predictions: list[Prediction], annotations: Any) -> dict[str, Any]:
+        """Metrics for ``predictions`` against loaded ``annotations``."""
+
+    def write_submission(self, predictions: list[Prediction], annotations: Any, path: Path) -> dict[str, Any]:
+        """Write the evaluation server's upload file; returns info to merge into the printed JSON."""
+        raise ConfigError(f"task {self.name!r} has no submission format (--submission)")
+
+    def check_split(self, split: str | None) -> None:
+        if split is not None and not self.has_splits:
+            raise ConfigError(f"task {self.name!r} takes no --split")

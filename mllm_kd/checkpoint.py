@@ -1,0 +1,185 @@
+"""Self-describing, atomically written checkpoint directories.
+
+A checkpoint directory holds everything needed to rebuild the model without its original sources::
+
+    model.yaml            the architecture as a ModelConfig whose vision/LLM parts are full configs
+    model.safetensors     all weights (vision tower, projector, LLM)
+    tokenizer/            the tokenizer (with the <image> token)
+    config.yaml           the resolved config of the stage that wrote it
+    trainer_state.json    step, epoch, data position, losses (and, for resumable step checkpoints,
+    optimizer.pt          optimizer + scheduler + RNG states)
+
+A stage directory ``run_dir/<stage>/`` holds ``metrics.jsonl``, resumable ``checkpoints/step-N/`` and,
+once the stage finished, ``final/``. Every directory is written under a temporary name and renamed into
+place, so a crash mid-write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
+
+from mllm_kd.config import ModelConfig, StageConfig, config_to_yaml, model_config_from_dict
+from mllm_kd.errors import CheckpointError, ConfigError
+from mllm_kd.model import HFVisionTower, MultimodalLM, build_model
+from mllm_kd.tokenization import image_token_id, load_tokenizer
+
+WEIGHTS = "model.safetensors"
+FINAL = "final"
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces ``target`` in one rename.
+
+    On any error the temporary directory is removed and ``target`` is left as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def describe_model(model: MultimodalLM, cfg: ModelConfig) -> dict:
+    """A ModelConfig dict that rebuilds ``model``'s architecture from configs alone (no paths)."""
+    d = asdict(cfg)
+    vision = d["vision"]
+    if isinstance(model.vision, HFVisionTower):
+        vision.update(backend="hf", config=model.vision.model.config.to_dict())
+    else:
+        vision.update(backend="open_clip", config=model.vision.arch_config)
+    vision.update(path=None, checkpoint=None, open_clip_model=None)
+    d["llm"].update(path=None, gguf_file=None, keep_layers=None, config=model.llm.config.to_dict())
+    d["tokenizer"] = None
+    return _jsonable(d)
+
+
+def _jsonable(x: Any) -> Any:
+    return json.loads(json.dumps(x, default=str))
+
+
+def save_checkpoint(
+    directory: Path,
+    model: MultimodalLM,
+    model_cfg: ModelConfig,
+    tokenizer,
+    stage_cfg: StageConfig | None,
+    trainer_state: dict,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint directory atomically. ``extra``: name -> object saved with ``torch.save``."""
+    with atomic_dir(directory) as tmp:
+        (tmp / "model.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(describe_model(model, model_cfg))))
+        save_model(model, str(tmp / WEIGHTS))
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        if stage_cfg is not None:
+            (tmp / "config.yaml").write_text(config_to_yaml(stage_cfg))
+        for name, obj in (extra or {}).items():
+            torch.save(obj, tmp / name)
+        # Written last: a directory without it was never completed.
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+    return Path(directory)
+
+
+def resolve_checkpoint(path: str | Path, what: str = "checkpoint") -> Path:
+    """The checkpoint directory ``path`` points at: itself, or a finished stage directory's ``final/``."""
+    path = Path(path)
+    for candidate in (path, path / FINAL):
+        if (candidate / WEIGHTS).is_file() and (candidate / "trainer_state.json").is_file():
+            return candidate
+    if not path.exists():
+        raise CheckpointError(f"{what} {path} does not exist")
+    raise CheckpointError(f"{what} {path} holds no finished checkpoint (no {FINAL}/{WEIGHTS}); did its stage finish?")
+
+
+def read_model_config(ckpt: Path) -> ModelConfig:
+    return model_config_from_dict(OmegaConf.to_container(OmegaConf.load(ckpt / "model.yaml")))
+
+
+def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu", what: str = "checkpoint"):
+    """Rebuild the model of a checkpoint directory. Returns ``(model, tokenizer, model_cfg)``."""
+    ckpt = resolve_checkpoint(path, what)
+    tokenizer = load_tokenizer(ckpt / "tokenizer")
+    model_cfg = read_model_config(ckpt)
+    model = build_model(model_cfg, image_token_id(tokenizer), len(tokenizer), device=device)
+    missing, unexpected = load_model(model, str(ckpt / WEIGHTS), strict=False)
+    if unexpected or [k for k in missing if not _is_tied(model, k)]:
+        raise CheckpointError(f"{ckpt / WEIGHTS} does not match its model.yaml: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.to(device), tokenizer, model_cfg
+
+
+def _is_tied(model: MultimodalLM, key: str) -> bool:
+    # safetensors stores a tied tensor once; the other name is reported missing but shares storage.
+    return key.endswith("lm_head.weight") and bool(getattr(model.llm.config, "tie_word_embeddings", False))
+
+
+def vision_from_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The vision config (dict) and vision weights of another checkpoint (e.g. the teacher's)."""
+    ckpt = resolve_checkpoint(path, "model.vision.checkpoint")
+    vision_cfg = OmegaConf.to_container(OmegaConf.load(ckpt / "model.yaml"))["vision"]
+    with safe_open(str(ckpt / WEIGHTS), framework="pt") as f:
+        weights = {k[len("vision."):]: f.get_tensor(k) for k in f.keys() if k.startswith("vision.")}
+    return vision_cfg, weights
+
+
+def build_from_config(cfg: ModelConfig, tokenizer, device: str | torch.device = "cpu") -> MultimodalLM:
+    """Build a fresh model from a config, resolving ``vision.checkpoint`` (reuse another model's tower)."""
+    if cfg.vision.checkpoint:
+        vision_cfg, weights = vision_from_checkpoint(cfg.vision.checkpoint)
+        inherited = model_config_from_dict({"vision": vision_cfg}).vision
+        cfg = ModelConfig(vision=inherited, projector=cfg.projector, llm=cfg.llm, tokenizer=cfg.tokenizer)
+        model = build_model(cfg, image_token_id(tokenizer), len(tokenizer), device=device)
+        model.vision.load_state_dict(weights)
+        model.num_visual_tokens = model._count_visual_tokens()
+        return model
+    if not (cfg.vision.path or cfg.vision.config or cfg.vision.open_clip_model):
+        raise ConfigError("model.vision needs one of path / config / open_clip_model / checkpoint")
+    return build_model(cfg, image_token_id(tokenizer), len(tokenizer), device=device)
+
+
+def latest_step_checkpoint(stage_dir: Path) -> Path | None:
+    """The newest complete ``checkpoints/step-N`` of a stage directory, or None."""
+    root = Path(stage_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    done = [p for p in root.glob("step-*") if (p / "trainer_state.json").is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def prune_step_checkpoints(stage_dir: Path, keep: int) -> None:
+    root = Path(stage_dir) / "checkpoints"
+    steps = sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    for old in steps[: max(0, len(steps) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,49 @@
+"""Command-line entry points: ``python -m mllm_kd.stageN --config FILE [key=value ...]`` and friends."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from mllm_kd.config import StageConfig, load_recipe, resolve_stage_config
+from mllm_kd.errors import MllmKdError
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def stage_config(config: str | Path, stage: str, overrides: list[str] | None = None) -> StageConfig:
+    """The resolved config of one stage of a recipe file."""
+    from mllm_kd.stages import STAGES
+
+    return resolve_stage_config(load_recipe(config), stage, STAGES[stage].defaults, overrides, source=str(config))
+
+
+def run_stages(config: str | Path, stages: list[str], overrides: list[str] | None = None) -> list[Path]:
+    """Run stages in order (each skipped when already finished); returns their checkpoint directories."""
+    from mllm_kd.stages import STAGES
+
+    cfgs = [stage_config(config, s, overrides) for s in stages]  # every config checked before any training
+    return [STAGES[c.stage].run(c) for c in cfgs]
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", required=True, help="a YAML recipe (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. run_dir=runs/x loss.w_rel=0")
+    return p
+
+
+def main(stages: list[str], prog: str, description: str, argv: list[str] | None = None) -> int:
+    args = _parser(prog, description).parse_args(argv)
+    setup_logging()
+    try:
+        for path in run_stages(args.config, stages, args.overrides):
+            print(f"finished: {path}")
+    except MllmKdError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,297 @@
+"""Typed configuration: dataclasses with a one-line doc per field, loaded from omegaconf YAML recipes.
+
+A recipe file describes a whole run. Its top-level keys are the fields of :class:`StageConfig` shared by
+every stage, plus a ``stages:`` mapping with one section per stage (``teacher_pt``, ``teacher_sft``,
+``stage1``, ``stage2``, ``stage3``) holding what differs. The config of one stage is, from weakest to
+strongest::
+
+    StageConfig defaults < the stage's built-in defaults (stages/) < recipe top level
+        < recipe `stages.<name>` < command-line `key=value` overrides
+
+Unknown keys are errors that name the key; ``${run_dir}``-style interpolations resolve last.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mllm_kd.errors import ConfigError
+
+TRAINABLE_MODES = ("frozen", "full")
+STAGE_NAMES = ("teacher_pt", "teacher_sft", "stage1", "stage2", "stage3")
+
+
+@dataclass
+class VisionConfig:
+    """The vision tower. Exactly one of ``path``, ``config`` or ``checkpoint`` gives its weights."""
+
+    backend: str = "hf"  # "hf" (transformers CLIP / SigLIP vision model) or "open_clip"
+    path: str | None = None  # local weights: an HF model directory, or an open_clip checkpoint file
+    config: dict[str, Any] | None = None  # random init from this architecture (HF config kwargs incl. model_type, or open_clip CLIPVisionCfg kwargs)
+    open_clip_model: str | None = None  # open_clip architecture name (e.g. "ViT-B-16") when not given by `config`
+    checkpoint: str | None = None  # take the vision tower (architecture + weights) of this mllm_kd checkpoint directory
+    feature_layer: int = -2  # which hidden layer's output feeds the projector (-2: second to last, as LLaVA)
+    drop_cls: bool = True  # drop the class token from the features (CLIP has one, SigLIP does not)
+    image_size: int | None = None  # input resolution; taken from the architecture when None
+    image_mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])  # per-channel normalisation
+    image_std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("hf", "open_clip"):
+            raise ConfigError(f"model.vision.backend must be 'hf' or 'open_clip', got {self.backend!r}")
+
+
+@dataclass
+class ProjectorConfig:
+    """Maps vision features to the LLM's embedding space."""
+
+    type: str = "mlp2x_gelu"  # "linear" or "mlp{N}x_gelu" (N linear layers with GELU between)
+
+    def __post_init__(self) -> None:
+        if self.type != "linear" and not re.fullmatch(r"mlp(\d+)x_gelu", self.type):
+            raise ConfigError(f"model.projector.type must be 'linear' or 'mlp{{N}}x_gelu', got {self.type!r}")
+
+
+@dataclass
+class LLMConfig:
+    """The causal language model: any transformers ``AutoModelForCausalLM``."""
+
+    path: str | None = None  # local model directory (or a directory holding `gguf_file`)
+    gguf_file: str | None = None  # a GGUF file inside `path` to load with transformers' gguf support
+    config: dict[str, Any] | None = None  # random init: AutoConfig kwargs including `model_type` (e.g. qwen2, llama)
+    attn_implementation: str = "auto"  # "auto": flash_attention_2 on CUDA when flash-attn is installed, else sdpa
+    keep_layers: list[int] | None = None  # keep only these decoder layers (a student derived from a bigger LLM)
+
+
+@dataclass
+class ModelConfig:
+    """A multimodal LLM: vision tower -> projector -> LLM, with its tokenizer."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    tokenizer: str | None = None  # tokenizer directory; defaults to llm.path
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen teacher of the distillation stages."""
+
+    checkpoint: str | None = None  # an mllm_kd checkpoint directory (e.g. the teacher_sft stage's output)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the teacher's architecture, for training it (teacher_pt/teacher_sft)
+
+
+@dataclass
+class TrainableConfig:
+    """Which parts train in a stage: "frozen" or "full". Applied by one function (`apply_trainable`)."""
+
+    vision: str = "frozen"
+    projector: str = "full"
+    llm: str = "frozen"
+
+    def __post_init__(self) -> None:
+        for part in ("vision", "projector", "llm"):
+            if getattr(self, part) not in TRAINABLE_MODES:
+                raise ConfigError(f"trainable.{part} must be one of {TRAINABLE_MODES}, got {getattr(self, part)!r}")
+
+
+@dataclass
+class DataConfig:
+    """Training data: LLaVA JSON + image folder, or WebDataset shards."""
+
+    format: str = "llava_json"  # "llava_json" or "wds"
+    path: str | None = None  # the LLaVA JSON file, or a shard pattern/list (e.g. "dir/instruct-{00000..00009}.tar")
+    image_folder: str | None = None  # root of the `image` paths in the JSON
+    template: str = "auto"  # "auto" (the tokenizer's chat template, else "plain"), "chat", "plain" or "caption"
+    system_prompt: str | None = None  # optional system message for chat templates
+    max_length: int = 2048  # longest sequence in tokens, visual tokens included
+    on_overflow: str = "skip"  # a sample longer than max_length: "skip" (reported) or "raise"
+    on_error: str = "raise"  # an unreadable sample met during training: "raise" or "skip" (logged)
+    max_skip_fraction: float = 0.01  # with on_error=skip: stop when more than this fraction of samples was skipped
+    verify_images: bool = True  # preflight decodes every image (set false for very large sets: existence is still checked)
+    num_workers: int = 0  # data-loader worker processes
+    max_samples: int | None = None  # use only the first N samples (quick trials)
+
+    def __post_init__(self) -> None:
+        if self.format not in ("llava_json", "wds"):
+            raise ConfigError(f"data.format must be 'llava_json' or 'wds', got {self.format!r}")
+        if self.template not in ("auto", "chat", "plain", "caption"):
+            raise ConfigError(f"data.template must be auto/chat/plain/caption, got {self.template!r}")
+        if self.on_overflow not in ("skip", "raise"):
+            raise ConfigError(f"data.on_overflow must be 'skip' or 'raise', got {self.on_overflow!r}")
+        if self.on_error not in ("skip", "raise"):
+            raise ConfigError(f"data.on_error must be 'skip' or 'raise', got {self.on_error!r}")
+
+
+@dataclass
+class LossConfig:
+    """L = w_ce * CE + w_resp * MDist_resp + w_vis * MDist_vis + w_rel * RDist."""
+
+    w_ce: float = 1.0  # next-token cross-entropy on the labels
+    w_resp: float = 1.0  # MDist at response positions (shifted)
+    w_vis: float = 1.0  # MDist at visual positions (not shifted)
+    w_rel: float = 1.0  # RDist on the visual logits' relation matrix
+    kind: str = "fkl"  # fkl | rkl | jsd | skl | srkl
+    temperature: float = 1.0  # tau; divergences are scaled by tau^2
+    beta: float = 0.5  # jsd mixture weight of the teacher
+    alpha: float = 0.1  # skew of skl / srkl
+    on_nonfinite: str = "raise"  # a NaN/inf loss: "raise" (stop, keep last checkpoint) or "skip" (drop the step, count it)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("fkl", "rkl", "jsd", "skl", "srkl"):
+            raise ConfigError(f"loss.kind must be fkl/rkl/jsd/skl/srkl, got {self.kind!r}")
+        if self.temperature <= 0:
+            raise ConfigError(f"loss.temperature must be > 0, got {self.temperature}")
+        if self.on_nonfinite not in ("raise", "skip"):
+            raise ConfigError(f"loss.on_nonfinite must be 'raise' or 'skip', got {self.on_nonfinite!r}")
+
+    @property
+    def distills(self) -> bool:
+        return any(w > 0 for w in (self.w_resp, self.w_vis, self.w_rel))
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a cosine schedule and linear warm-up."""
+
+    lr: float = 2e-5  # peak learning rate of the LLM (and vision tower when trained)
+    projector_lr: float | None = None  # the projector's own peak learning rate (defaults to lr)
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_ratio: float = 0.03  # fraction of the optimizer steps spent warming up
+    min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio
+    max_grad_norm: float = 1.0  # gradient clipping (0 disables)
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    epochs: float = 1.0  # passes over the data (fractions allowed)
+    max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
+    batch_size: int = 4  # samples per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    save_every: int = 0  # write a resumable checkpoint every N optimizer steps (0: only at the end)
+    keep_checkpoints: int = 2  # how many step checkpoints to keep
+    log_every: int = 1  # metrics.jsonl line every N optimizer steps
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32"
+    device: str = "auto"  # "auto", "cpu", "cuda"
+    seed: int = 0
+    deterministic: bool = False  # torch.use_deterministic_algorithms for bit-exact resumes
+    progress: bool = True  # show a progress bar
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"train.precision must be auto/bf16/fp32, got {self.precision!r}")
+
+
+@dataclass
+class StageConfig:
+    """Everything one stage needs. A recipe file sets these at the top level and per stage."""
+
+    run_dir: str = "runs/default"  # where every stage of the run writes (stage outputs are ${run_dir}/<stage>)
+    data_dir: str | None = None  # root of the prepared data set, for `${data_dir}` interpolation in paths
+    stage: str = ""  # this stage's name (set by the entry point)
+    output_dir: str = ""  # this stage's directory; defaults to ${run_dir}/<stage>
+    init_from: str | None = None  # the previous stage's directory (stage 2: ${run_dir}/stage1, ...); None: build fresh
+    overwrite: bool = False  # redo a stage that already finished (otherwise it is skipped)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    trainable: TrainableConfig = field(default_factory=TrainableConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _to_container(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=False) if isinstance(node, DictConfig) else node
+
+
+def load_recipe(path: str | Path) -> DictConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        recipe = OmegaConf.load(path)
+    except Exception as e:  # yaml errors carry the line number
+        raise ConfigError(f"cannot parse config file {path}: {e}") from e
+    if not isinstance(recipe, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return recipe
+
+
+def resolve_stage_config(
+    recipe: DictConfig | dict,
+    stage: str,
+    stage_defaults: dict | None = None,
+    overrides: list[str] | None = None,
+    source: str = "<config>",
+) -> StageConfig:
+    """Build the typed config of one stage from a recipe (see the module docstring for the order).
+
+    Args:
+        recipe: the loaded YAML (top-level keys + optional ``stages`` mapping).
+        stage: one of :data:`STAGE_NAMES`.
+        stage_defaults: the stage recipe's own defaults (what it trains, which losses).
+        overrides: ``key=value`` strings; ``stages.<name>.key=value`` targets one stage section.
+        source: the file name, for error messages.
+    """
+    if stage not in STAGE_NAMES:
+        raise ConfigError(f"unknown stage {stage!r}; expected one of {STAGE_NAMES}")
+    recipe = OmegaConf.create(_to_container(recipe))
+    overrides = list(overrides or [])
+    recipe_overrides = [o for o in overrides if o.startswith("stages.")]
+    stage_overrides = [o for o in overrides if not o.startswith("stages.")]
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"command-line override {o!r} is not of the form key=value")
+    try:
+        if recipe_overrides:
+            recipe = OmegaConf.merge(recipe, OmegaConf.from_dotlist(recipe_overrides))
+        sections = recipe.pop("stages", None) or {}
+        for name in sections:
+            if name not in STAGE_NAMES:
+                raise ConfigError(f"{source}: unknown stage section stages.{name}; expected one of {STAGE_NAMES}")
+        section = sections.get(stage) or {}
+        schema = OmegaConf.structured(StageConfig)
+        merged = OmegaConf.merge(
+            schema,
+            stage_defaults or {},
+            recipe,
+            section,
+            OmegaConf.from_dotlist(stage_overrides),
+            {"stage": stage},
+        )
+        if not merged.output_dir:
+            merged.output_dir = "${run_dir}/" + stage
+        OmegaConf.resolve(merged)
+        cfg = OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"{source}: invalid config for stage {stage}" + (f" at key {key!r}" if key else "") + f": {e.msg if hasattr(e, 'msg') else e}") from e
+    assert isinstance(cfg, StageConfig)
+    return cfg
+
+
+def config_to_yaml(cfg: StageConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def model_config_from_dict(d: dict) -> ModelConfig:
+    """A ModelConfig from a plain dict (e.g. read back from a checkpoint's config.yaml)."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), d)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"invalid model config: {e}") from e

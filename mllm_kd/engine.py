@@ -1,0 +1,329 @@
+"""The training engine shared by every stage: optimizer, schedule, loop, logging, checkpoints, resume.
+
+One optimizer step = ``train.grad_accum`` micro-batches of ``train.batch_size`` samples. The data order
+is a seeded permutation per epoch, and the trainer state records how many micro-batches of the current
+epoch were consumed, so a resumed run sees exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from mllm_kd.checkpoint import (
+    FINAL,
+    WEIGHTS,
+    latest_step_checkpoint,
+    prune_step_checkpoints,
+    save_checkpoint,
+)
+from mllm_kd.config import ModelConfig, OptimConfig, StageConfig, TrainConfig
+from mllm_kd.data import Collator, EpochSampler, TrainData
+from mllm_kd.errors import TrainingError
+from mllm_kd.losses import DistillSettings, causal_lm_loss, distill_terms
+from mllm_kd.model import MultimodalLM
+
+log = logging.getLogger(__name__)
+StepHook = Callable[[int, dict], None]
+
+
+@dataclass
+class TrainState:
+    """Where a stage is; saved as trainer_state.json."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of `epoch` consumed
+    samples: int = 0  # samples trained on
+    skipped_samples: int = 0
+    skipped_steps: int = 0  # steps dropped for a non-finite loss (loss.on_nonfinite=skip)
+    total_steps: int = 0
+    elapsed: float = 0.0  # seconds of training so far
+    last_loss: float | None = None
+
+
+def pick_device(train: TrainConfig) -> torch.device:
+    if train.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(train.device)
+
+
+def autocast_dtype(train: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA (``precision=auto``), none on CPU unless asked."""
+    if train.precision == "bf16" or (train.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: MultimodalLM, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW; the projector has its own learning rate; no weight decay on biases and norms."""
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        part = "projector" if name.startswith("projector.") else "rest"
+        groups.setdefault((part, p.ndim >= 2), []).append(p)
+    if not groups:
+        raise TrainingError("nothing to train: every parameter is frozen (see the `trainable` config)")
+    param_groups = []
+    for (part, decay), params in groups.items():
+        lr = cfg.projector_lr if (part == "projector" and cfg.projector_lr is not None) else cfg.lr
+        param_groups.append({"params": params, "lr": lr, "weight_decay": cfg.weight_decay if decay else 0.0, "name": part})
+    return torch.optim.AdamW(param_groups, betas=tuple(cfg.betas))
+
+
+def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float, min_lr_ratio: float = 0.0):
+    """Linear warm-up over ``ceil(warmup_ratio * total_steps)`` steps, then cosine to ``min_lr_ratio``."""
+    warmup = math.ceil(warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class LossComputer:
+    """The stage's objective on one micro-batch: CE (+ distillation terms against a frozen teacher)."""
+
+    def __init__(self, cfg: StageConfig, teacher: MultimodalLM | None):
+        self.loss = cfg.loss
+        self.teacher = teacher
+        self.settings = DistillSettings(
+            kind=cfg.loss.kind, temperature=cfg.loss.temperature, beta=cfg.loss.beta, alpha=cfg.loss.alpha,
+            resp=cfg.loss.w_resp > 0, vis=cfg.loss.w_vis > 0, rel=cfg.loss.w_rel > 0,
+        )
+        self.weights = {"ce": cfg.loss.w_ce, "mdist_resp": cfg.loss.w_resp, "mdist_vis": cfg.loss.w_vis, "rdist": cfg.loss.w_rel}
+
+    def __call__(self, student: MultimodalLM, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Returns the weighted total and each unweighted term (float32 scalars)."""
+        out = student(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        terms = {"ce": causal_lm_loss(out.logits, batch["labels"])}
+        if self.teacher is not None:
+            with torch.no_grad():
+                t_out = self.teacher(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+            vis_mask = batch["input_ids"] == student.image_token_id
+            terms.update(
+                distill_terms(out.logits, t_out.logits, batch["labels"], vis_mask, student.num_visual_tokens, self.settings)
+            )
+        total = sum(self.weights[k] * v for k, v in terms.items() if self.weights[k] != 0)
+        return total, terms
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _check_finite(total: torch.Tensor, terms: dict[str, torch.Tensor], step: int) -> str | None:
+    """None if the loss is finite, else a message naming the step and the first non-finite term."""
+    if torch.isfinite(total):
+        return None
+    bad = next((k for k, v in terms.items() if not torch.isfinite(v)), "total")
+    return f"step {step}: loss term {bad!r} is {terms.get(bad, total).item()}"
+
+
+class Trainer:
+    """Runs one stage's training loop with checkpoints and exact resume."""
+
+    def __init__(
+        self,
+        cfg: StageConfig,
+        student: MultimodalLM,
+        teacher: MultimodalLM | None,
+        data: TrainData,
+        tokenizer,
+        model_cfg: ModelConfig,
+        on_step: StepHook | None = None,
+    ):
+        self.cfg, self.student, self.teacher, self.data, self.tokenizer = cfg, student, teacher, data, tokenizer
+        self.model_cfg = model_cfg
+        self.on_step = on_step
+        self.out = Path(cfg.output_dir)
+        self.device = pick_device(cfg.train)
+        self.amp = autocast_dtype(cfg.train, self.device)
+        self.student.to(self.device)
+        if self.teacher is not None:
+            self.teacher.to(self.device, dtype=self.amp or torch.float32).eval().requires_grad_(False)
+        self.loss_fn = LossComputer(cfg, teacher)
+        t = cfg.train
+        self.batches_per_epoch = math.ceil(data.num_samples / t.batch_size)
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / t.grad_accum)
+        total = t.max_steps if t.max_steps is not None else math.ceil(t.epochs * self.steps_per_epoch)
+        self.state = TrainState(total_steps=max(1, total))
+        self.optimizer = build_optimizer(student, cfg.optim)
+        self.scheduler = cosine_with_warmup(self.optimizer, self.state.total_steps, cfg.optim.warmup_ratio, cfg.optim.min_lr_ratio)
+
+    # ------------------------------------------------------------------------------------ resume
+    def maybe_resume(self) -> bool:
+        ckpt = latest_step_checkpoint(self.out)
+        if ckpt is None:
+            return False
+        from safetensors.torch import load_model
+
+        load_model(self.student, str(ckpt / WEIGHTS), strict=False, device=str(self.device))
+        extra = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(extra["optimizer"])
+        self.scheduler.load_state_dict(extra["scheduler"])
+        torch.set_rng_state(extra["rng"]["torch"])
+        random.setstate(extra["rng"]["python"])
+        np.random.set_state(extra["rng"]["numpy"])
+        self.state = TrainState(**json.loads((ckpt / "trainer_state.json").read_text()))
+        self._truncate_metrics(self.state.step)
+        log.info("resumed %s from %s (step %d)", self.cfg.stage, ckpt, self.state.step)
+        return True
+
+    def _truncate_metrics(self, step: int) -> None:
+        # Lines logged after the checkpoint we resume from would otherwise appear twice.
+        path = self.out / "metrics.jsonl"
+        if path.exists():
+            lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+            path.write_text("".join(ln + "\n" for ln in lines))
+
+    def save(self, final: bool = False) -> Path:
+        state = asdict(self.state)
+        if final:
+            return save_checkpoint(self.out / FINAL, self.student, self.model_cfg, self.tokenizer, self.cfg, state)
+        extra = {
+            "optimizer.pt": {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+            }
+        }
+        path = save_checkpoint(
+            self.out / "checkpoints" / f"step-{self.state.step:07d}", self.student, self.model_cfg, self.tokenizer, self.cfg, state, extra
+        )
+        prune_step_checkpoints(self.out, self.cfg.train.keep_checkpoints)
+        return path
+
+    # -------------------------------------------------------------------------------------- loop
+    def _loader(self) -> DataLoader:
+        t = self.cfg.train
+        ds = self.data.dataset
+        start = self.state.batches_in_epoch * t.batch_size
+        if self.data.sampler is not None:
+            self.data.sampler.epoch, self.data.sampler.start = self.state.epoch, start
+        else:  # iterable (WebDataset): skip what this epoch already consumed
+            ds.epoch, ds.skip = self.state.epoch, start
+        return DataLoader(
+            ds,
+            batch_size=t.batch_size,
+            sampler=self.data.sampler,
+            collate_fn=Collator(self.tokenizer.pad_token_id),
+            num_workers=self.cfg.data.num_workers,
+        )
+
+    def _micro_batches(self):
+        """Yield ``(batch, n_micro_in_this_step)`` forever, epoch after epoch, tracking the position."""
+        t = self.cfg.train
+        while True:
+            for batch in self._loader():
+                first_of_step = (self.state.batches_in_epoch // t.grad_accum) * t.grad_accum
+                n_micro = min(t.grad_accum, self.batches_per_epoch - first_of_step)
+                self.state.batches_in_epoch += 1
+                yield batch, n_micro
+                if self.state.batches_in_epoch >= self.batches_per_epoch:
+                    break
+            self.state.epoch += 1
+            self.state.batches_in_epoch = 0
+
+    def train(self) -> Path:
+        cfg, t = self.cfg, self.cfg.train
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.maybe_resume()
+        self.student.train()
+        self.student.vision.train(cfg.trainable.vision != "frozen")
+        metrics = open(self.out / "metrics.jsonl", "a")
+        bar = tqdm(total=self.state.total_steps, initial=self.state.step, desc=cfg.stage, disable=not t.progress, dynamic_ncols=True)
+        micro = self._micro_batches()
+        max_skip = cfg.data.max_skip_fraction
+        try:
+            while self.state.step < self.state.total_steps:
+                started = time.perf_counter()
+                sums: dict[str, float] = {}
+                bad: str | None = None
+                n_micro, k = 1, 0
+                while k < n_micro:
+                    batch, n_micro = next(micro)
+                    k += 1
+                    self.state.skipped_samples += batch["skipped"]
+                    seen = self.state.samples + self.state.skipped_samples
+                    if cfg.data.on_error == "skip" and seen and self.state.skipped_samples / seen > max_skip and self.state.skipped_samples > 1:
+                        raise TrainingError(
+                            f"{self.state.skipped_samples} of {seen} samples skipped, more than data.max_skip_fraction={max_skip}"
+                        )
+                    if "input_ids" not in batch:
+                        continue
+                    batch = _to_device(batch, self.device)
+                    with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                        total, terms = self.loss_fn(self.student, batch)
+                    bad = bad or _check_finite(total, terms, self.state.step + 1)
+                    if bad is not None:
+                        if cfg.loss.on_nonfinite == "raise":
+                            raise TrainingError(f"{cfg.stage}: {bad}; the last good checkpoint is kept")
+                        continue
+                    (total / n_micro).backward()
+                    self.state.samples += len(batch["ids"])
+                    for name, v in {"loss": total, **terms}.items():
+                        sums[name] = sums.get(name, 0.0) + float(v.detach()) / n_micro
+                grad_norm = self._optimizer_step(skip=bad is not None)
+                self.state.step += 1
+                self.state.elapsed += time.perf_counter() - started
+                if bad is not None:
+                    self.state.skipped_steps += 1
+                    log.warning("%s: %s; step skipped (%d so far)", cfg.stage, bad, self.state.skipped_steps)
+                else:
+                    self.state.last_loss = sums.get("loss")
+                self._log(metrics, bar, sums, grad_norm)
+                if self.on_step is not None:
+                    self.on_step(self.state.step, sums)
+                if t.save_every and self.state.step % t.save_every == 0 and self.state.step < self.state.total_steps:
+                    self.save()
+        finally:
+            bar.close()
+            metrics.close()
+        final = self.save(final=True)
+        prune_step_checkpoints(self.out, 0)
+        return final
+
+    def _optimizer_step(self, skip: bool) -> float | None:
+        grad_norm = None
+        if not skip:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            if self.cfg.optim.max_grad_norm > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm))
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return grad_norm
+
+    def _log(self, metrics, bar, sums: dict[str, float], grad_norm: float | None) -> None:
+        s = self.state
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in sums.items()}, refresh=False)
+        if s.step % self.cfg.train.log_every == 0 or s.step == s.total_steps:
+            lrs = {f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups}
+            row = {"step": s.step, "epoch": s.epoch, "samples": s.samples, **sums, "grad_norm": grad_norm, **lrs,
+                   "elapsed": round(s.elapsed, 3)}
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()

@@ -1,0 +1,107 @@
+"""What every stage does: preflight -> set up student (and teacher) -> train -> save.
+
+The stage modules in ``stages/`` say what differs (which parts train, which losses, where the model
+starts); this function is the same setup -> train -> save for all of them. Every check that can fail
+on bad input runs before anything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from mllm_kd.checkpoint import build_from_config, load_checkpoint_model, resolve_checkpoint
+from mllm_kd.config import ModelConfig, StageConfig
+from mllm_kd.data import ImageProcessor, build_train_data
+from mllm_kd.engine import StepHook, Trainer, pick_device, seed_everything
+from mllm_kd.errors import CheckpointError, CompatibilityError, ConfigError
+from mllm_kd.model import MultimodalLM, apply_trainable, count_parameters
+from mllm_kd.tokenization import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def stage_finished(cfg: StageConfig) -> Path | None:
+    try:
+        return resolve_checkpoint(cfg.output_dir)
+    except CheckpointError:
+        return None
+
+
+def init_model(cfg: StageConfig, model_cfg: ModelConfig) -> tuple[MultimodalLM, object, ModelConfig]:
+    """The model a stage starts from: the previous stage's result (``init_from``) or built fresh."""
+    if cfg.init_from:
+        return load_checkpoint_model(cfg.init_from, what=f"{cfg.stage}: the previous stage's directory (init_from)")
+    tok_path = model_cfg.tokenizer or model_cfg.llm.path
+    if not tok_path:
+        raise ConfigError(f"{cfg.stage}: set model.tokenizer (a tokenizer directory) or model.llm.path")
+    tokenizer = load_tokenizer(tok_path, model_cfg.llm.gguf_file if not model_cfg.tokenizer else None)
+    return build_from_config(model_cfg, tokenizer), tokenizer, model_cfg
+
+
+def load_teacher(cfg: StageConfig, student: MultimodalLM, tokenizer) -> MultimodalLM:
+    """Load the frozen teacher and check it can teach this student (same vocabulary, same visual tokens)."""
+    if not cfg.teacher.checkpoint:
+        raise ConfigError(f"{cfg.stage}: distillation needs teacher.checkpoint (or set loss.w_resp=loss.w_vis=loss.w_rel=0)")
+    teacher, t_tok, _ = load_checkpoint_model(cfg.teacher.checkpoint, what="teacher.checkpoint")
+    check_compatible(teacher, t_tok, student, tokenizer, cfg.teacher.checkpoint)
+    return teacher.eval().requires_grad_(False)
+
+
+def check_compatible(teacher: MultimodalLM, t_tok, student: MultimodalLM, s_tok, where: str) -> None:
+    """Teacher and student must see the same input ids: same vocabulary and visual-token layout."""
+    t_vocab, s_vocab = t_tok.get_vocab(), s_tok.get_vocab()
+    if t_vocab != s_vocab:
+        only_t = sorted(set(t_vocab) - set(s_vocab))[:5]
+        only_s = sorted(set(s_vocab) - set(t_vocab))[:5]
+        raise CompatibilityError(
+            f"teacher {where} has a different vocabulary from the student ({len(t_vocab)} vs {len(s_vocab)} tokens; "
+            f"only in teacher: {only_t}, only in student: {only_s}). Logit distillation compares distributions token "
+            "by token, so both must use the same tokenizer: pick a student LLM of the teacher's family, or retrain "
+            "the teacher with the student's tokenizer."
+        )
+    if teacher.vocab_size != student.vocab_size:
+        raise CompatibilityError(
+            f"teacher {where} outputs {teacher.vocab_size} logits but the student {student.vocab_size}; the LM heads "
+            "must have the same width (resize one of them to the other)."
+        )
+    if teacher.num_visual_tokens != student.num_visual_tokens:
+        raise CompatibilityError(
+            f"teacher {where} produces {teacher.num_visual_tokens} visual tokens per image but the student "
+            f"{student.num_visual_tokens}; they must match (same image size, patch size and drop_cls), since the "
+            "visual positions are distilled one to one."
+        )
+
+
+def run_stage(cfg: StageConfig, model_cfg: ModelConfig, distill: bool, on_step: StepHook | None = None) -> Path:
+    """Set up and train one stage; returns the finished checkpoint directory (``output_dir/final``)."""
+    done = stage_finished(cfg)
+    if done is not None and not cfg.overwrite:
+        log.info("%s already finished at %s; skipping (overwrite=true redoes it)", cfg.stage, done)
+        return done
+    seed_everything(cfg.train.seed)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+
+    student, tokenizer, model_cfg = init_model(cfg, model_cfg)
+    teacher = load_teacher(cfg, student, tokenizer) if distill and cfg.loss.distills else None
+    images = ImageProcessor(student.vision.image_size, list(model_cfg.vision.image_mean), list(model_cfg.vision.image_std))
+    data = build_train_data(cfg.data, tokenizer, student.num_visual_tokens, student.image_token_id, images, seed=cfg.train.seed)
+    trainable = apply_trainable(student, cfg.trainable)
+    log.info(
+        "%s: %d samples, student %.2fM parameters (trainable: %s), teacher %s, device %s",
+        cfg.stage, data.num_samples, count_parameters(student) / 1e6,
+        ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in trainable.items()),
+        f"{count_parameters(teacher) / 1e6:.2f}M" if teacher is not None else "none", pick_device(cfg.train),
+    )
+    if done is not None:  # overwrite=true, and every check passed: only now remove the old result
+        import shutil
+
+        shutil.rmtree(done)
+    return Trainer(cfg, student, teacher, data, tokenizer, model_cfg, on_step=on_step).train()
+
+
+StageRun = Callable[[StageConfig], Path]
