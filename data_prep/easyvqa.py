@@ -43,11 +43,14 @@ Output under DIR (image paths in records are relative to ``DIR/images``):
     A byte-level BPE with the ChatML template (:func:`mllm_kd.tokenization.train_bpe_tokenizer`) trained
     on the train conversations as the chat template presents them: ``"<role>\\n<content>"`` for the roles
     user, assistant and system, the ``<image>`` placeholder removed (it is a special token). Vocabulary
-    size: 512 by default (``--vocab-size``). The corpus has fewer than 100 distinct words, so 512 already
-    makes every answer one token, both bare (``"circle"``, as an assistant reply starts) and with a
-    leading space (``" circle"``, inside sentences), and every question word one token; 1024 would only
-    add unused merges, i.e. embedding rows a small student never trains. The manifest records how many
-    of the 13 answers encode as a single token.
+    size: ``--vocab-size`` 1024 by default, an upper bound that the corpus does not reach: it has under
+    100 distinct words, and BPE stops once every word is a single token (byte-level BPE never merges
+    across words), at 556 tokens for the full train set (and for a 200-image subset). So every answer
+    is one token both bare (``"circle"``, how an assistant reply starts) and after a space (``" circle"``,
+    inside captions and questions; ``" yes"`` never occurs), as is every question word. 512 would
+    leave some answers split on small subsets (e.g. ``"green"`` with 200 images), which makes
+    short-answer scoring and answer-logit distillation less direct; the real size is printed and
+    recorded in the manifest, with how many of the 13 answers encode as a single token.
 ``manifest.json``
     Arguments, source digests, counts, and per artifact its inputs key and a SHA-256 of its files; the
     ``content_hash`` combines those.
@@ -114,7 +117,7 @@ __all__ = [
 # Bump when the output for the same inputs changes; reruns then rebuild instead of skipping.
 FORMAT_VERSION = 1
 DEFAULT_SHARD_SIZE = 1000
-DEFAULT_VOCAB_SIZE = 512
+DEFAULT_VOCAB_SIZE = 1024
 
 SHAPES = ("circle", "rectangle", "triangle")
 # easy-VQA paints shapes in these exact (CSS) colours; note "green" is CSS lime, not CSS green.
@@ -222,7 +225,9 @@ def _question_constraints(
                     else:
                         pool.discard(word)
         if not shapes or not colors:
-            raise DataError(f"image {q.image_id}: question {q.index} ({q.text!r} -> {q.answer!r}) contradicts the others")
+            raise DataError(
+                f"image {q.image_id}: question {q.index} ({q.text!r} -> {q.answer!r}) contradicts the others"
+            )
     return candidates
 
 
@@ -242,7 +247,7 @@ def classify_image_pixels(path: Path) -> tuple[str, str]:
     r, g, b = diff.split()
     distance = ImageChops.lighter(ImageChops.lighter(r, g), b)
     # A pixel belongs to the shape when it is more than halfway from the background to the shape colour.
-    threshold = max(abs(x - y) for x, y in zip(foreground, background)) / 2
+    threshold = max(abs(x - y) for x, y in zip(foreground, background, strict=True)) / 2
     mask = distance.point(lambda v: 255 if v > threshold else 0)
     left, top, right, bottom = mask.getbbox() or (0, 0, 1, 1)
     fill = mask.histogram()[255] / ((right - left) * (bottom - top))
@@ -329,7 +334,7 @@ def _load_split(split: str) -> tuple[list[Question], dict[int, Path]]:
     texts, answers, image_ids = get_questions()
     questions = [
         Question(i, text, answer, int(image_id))
-        for i, (text, answer, image_id) in enumerate(zip(texts, answers, image_ids))
+        for i, (text, answer, image_id) in enumerate(zip(texts, answers, image_ids, strict=True))
     ]
     paths = {int(k): Path(v) for k, v in get_paths().items()}
     missing = sorted({q.image_id for q in questions} - set(paths))
@@ -402,7 +407,7 @@ class _Artifact:
     """One output unit, skipped or rebuilt as a whole."""
 
     name: str
-    describe: str  # where, for the log
+    describe: str  # its files relative to the output directory, for the log
     params: dict[str, Any]  # everything besides FORMAT_VERSION that its content depends on
     existing: Callable[[], list[Path]]
     build: Callable[[], dict[str, Any]]  # writes the files, returns counts
@@ -598,12 +603,16 @@ def prepare_easyvqa(
             "tokenizer/",
             {**train_args, "vocab_size": vocab_size},
             _files_under(paths["tokenizer"], "*"),
-            lambda: _train_tokenizer(source.caption_records + source.instruct_records, paths["tokenizer"], vocab_size),
+            lambda: _train_tokenizer(
+                source.caption_records + source.instruct_records, paths["tokenizer"], vocab_size
+            ),
         ),
     ]
 
     previous = _load_manifest(paths["manifest"])
-    old_records: dict[str, Any] = previous.get("artifacts", {}) if isinstance(previous.get("artifacts"), dict) else {}
+    old_records: dict[str, Any] = (
+        previous.get("artifacts", {}) if isinstance(previous.get("artifacts"), dict) else {}
+    )
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "converter": "mllm_kd.data_prep.easyvqa",
@@ -636,7 +645,9 @@ def prepare_easyvqa(
     for artifact in artifacts:
         digest = source.train_digest if artifact.params["source"] == "train" else source.test_digest
         manifest["source"][f"{artifact.params['source']}_sha256"] = digest
-        key = _sha256_json({"format_version": FORMAT_VERSION, "artifact": artifact.name, **artifact.params, "digest": digest})
+        key = _sha256_json(
+            {"format_version": FORMAT_VERSION, "artifact": artifact.name, **artifact.params, "digest": digest}
+        )
         old = old_records.get(artifact.name)
         files = artifact.existing()
         if (
@@ -665,7 +676,7 @@ def prepare_easyvqa(
             save_manifest()
         rec = manifest["artifacts"][artifact.name]
         counts_text = ", ".join(f"{k}={v}" for k, v in rec["counts"].items())
-        emit(f"{actions[artifact.name]:>7} {artifact.describe}: {rec['files']} files, {counts_text}  ({out / artifact.describe.split()[0]})")
+        emit(f"{actions[artifact.name]:>7} {out}/{artifact.describe}: {rec['files']} files; {counts_text}")
     save_manifest()
     tokenizer_counts = manifest["artifacts"]["tokenizer"]["counts"]
     emit(
@@ -692,14 +703,23 @@ def main(argv: list[str] | None = None) -> int:
         description="Convert easy-VQA (from the easy-vqa package) to LLaVA JSON, WebDataset shards and a BPE tokenizer.",
     )
     parser.add_argument("--out", required=True, type=Path, help="output directory")
-    parser.add_argument("--max-train-images", type=int, default=None, help="keep the first N train images by id")
+    parser.add_argument(
+        "--max-train-images", type=int, default=None, help="keep the first N train images by id"
+    )
     parser.add_argument(
         "--max-test-questions", type=int, default=None, help="keep the first N test questions (by image id)"
     )
     parser.add_argument(
-        "--shard-size", "--shards-size", dest="shard_size", type=int, default=DEFAULT_SHARD_SIZE, help="samples per WebDataset shard"
+        "--shard-size",
+        "--shards-size",
+        dest="shard_size",
+        type=int,
+        default=DEFAULT_SHARD_SIZE,
+        help="samples per WebDataset shard",
     )
-    parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="BPE tokenizer vocabulary size")
+    parser.add_argument(
+        "--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="BPE tokenizer vocabulary size"
+    )
     parser.add_argument("--force", action="store_true", help="rebuild everything even if up to date")
     args = parser.parse_args(argv)
     try:

@@ -39,7 +39,9 @@ def draw(shape: str, color: tuple[int, int, int], size: int, rng: random.Random)
     return img
 
 
-def make_synthetic(out: str | Path, n_images: int = 48, size: int = 32, seed: int = 0, vocab_size: int = 400) -> Path:
+def make_synthetic(
+    out: str | Path, n_images: int = 48, size: int = 32, seed: int = 0, vocab_size: int = 400
+) -> Path:
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -48,35 +50,46 @@ def make_synthetic(out: str | Path, n_images: int = 48, size: int = 32, seed: in
         color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
         name = f"{i:05d}.png"
         draw(shape, COLORS[color], size, rng).save(out / "images" / name)
-        captions.append({
-            "id": f"cap-{i}",
-            "image": name,
-            "conversations": [
-                {"from": "human", "value": "<image>\nDescribe the image briefly."},
-                {"from": "gpt", "value": f"A {color} {shape}."},
-            ],
-        })
+        captions.append(
+            {
+                "id": f"cap-{i}",
+                "image": name,
+                "conversations": [
+                    {"from": "human", "value": "<image>\nDescribe the image briefly."},
+                    {"from": "gpt", "value": f"A {color} {shape}."},
+                ],
+            }
+        )
         other = rng.choice([s for s in SHAPES if s != shape])
-        instruct.append({
-            "id": f"qa-{i}",
-            "image": name,
-            "conversations": [
-                {"from": "human", "value": "<image>\nWhat shape is in the image?"},
-                {"from": "gpt", "value": shape},
-                {"from": "human", "value": "What color is the shape?"},
-                {"from": "gpt", "value": color},
-                {"from": "human", "value": f"Is there a {other} in the image?"},
-                {"from": "gpt", "value": "no"},
-            ],
-        })
+        instruct.append(
+            {
+                "id": f"qa-{i}",
+                "image": name,
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat shape is in the image?"},
+                    {"from": "gpt", "value": shape},
+                    {"from": "human", "value": "What color is the shape?"},
+                    {"from": "gpt", "value": color},
+                    {"from": "human", "value": f"Is there a {other} in the image?"},
+                    {"from": "gpt", "value": "no"},
+                ],
+            }
+        )
     for i in range(max(1, n_images // 8)):  # text-only samples exist in LLaVA-mix-665K too
-        instruct.append({
-            "id": f"text-{i}",
-            "conversations": [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": rng.choice(list(COLORS))}],
-        })
+        instruct.append(
+            {
+                "id": f"text-{i}",
+                "conversations": [
+                    {"from": "human", "value": "Name a colour."},
+                    {"from": "gpt", "value": rng.choice(list(COLORS))},
+                ],
+            }
+        )
     (out / "captions.json").write_text(json.dumps(captions, indent=1))
     (out / "instruct.json").write_text(json.dumps(instruct, indent=1))
-    texts = [t["value"] for rec in captions + instruct for t in rec["conversations"]] + ["user assistant system"]
+    texts = [t["value"] for rec in captions + instruct for t in rec["conversations"]] + [
+        "user assistant system"
+    ]
     train_bpe_tokenizer(texts, out / "tokenizer", vocab_size=vocab_size)
     return out
 

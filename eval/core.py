@@ -178,6 +178,10 @@ class Task(ABC):
     def score(self, predictions: list[Prediction], annotations: Any) -> dict[str, Any]:
         """Metrics for ``predictions`` against loaded ``annotations``."""
 
+    def has_answers(self, annotations: Any) -> bool:
+        """False for a test split read without ground truth (it can only be written as a submission)."""
+        return True
+
     def write_submission(self, predictions: list[Prediction], annotations: Any, path: Path) -> dict[str, Any]:
         """Write the evaluation server's upload file; returns info to merge into the printed JSON."""
         raise ConfigError(f"task {self.name!r} has no submission format (--submission)")
@@ -185,3 +189,33 @@ class Task(ABC):
     def check_split(self, split: str | None) -> None:
         if split is not None and not self.has_splits:
             raise ConfigError(f"task {self.name!r} takes no --split")
+
+
+def mean_by(pairs: list[tuple[str, float]]) -> dict[str, float]:
+    """(group, score in [0, 1]) pairs -> {group: mean score in percent}, groups sorted by name."""
+    sums: dict[str, list[float]] = {}
+    for group, s in pairs:
+        sums.setdefault(group, []).append(s)
+    return {g: pct(sum(v) / len(v)) for g, v in sorted(sums.items())}
+
+
+def find_one(folder: Path, patterns: tuple[str, ...], what: str) -> Path | None:
+    """The single file in ``folder`` matching one of ``patterns`` (None if none; an error if several)."""
+    hits = sorted({p for pat in patterns for p in folder.glob(pat) if p.is_file()})
+    if len(hits) > 1:
+        names = ", ".join(h.name for h in hits)
+        raise DataError(f"{folder}: several {what} files ({names}); pass the one you mean")
+    return hits[0] if hits else None
+
+
+def get_field(obj: Any, key: str, where: str) -> Any:
+    """``obj[key]``, or a DataError naming ``where`` and the missing key."""
+    if not isinstance(obj, dict) or key not in obj:
+        raise DataError(f"{where}: missing field {key!r}")
+    return obj[key]
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f)

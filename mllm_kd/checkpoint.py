@@ -121,7 +121,9 @@ def resolve_checkpoint(path: str | Path, what: str = "checkpoint") -> Path:
             return candidate
     if not path.exists():
         raise CheckpointError(f"{what} {path} does not exist")
-    raise CheckpointError(f"{what} {path} holds no finished checkpoint (no {FINAL}/{WEIGHTS}); did its stage finish?")
+    raise CheckpointError(
+        f"{what} {path} holds no finished checkpoint (no {FINAL}/{WEIGHTS}); did its stage finish?"
+    )
 
 
 def read_model_config(ckpt: Path) -> ModelConfig:
@@ -136,7 +138,9 @@ def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu", 
     model = build_model(model_cfg, image_token_id(tokenizer), len(tokenizer), device=device)
     missing, unexpected = load_model(model, str(ckpt / WEIGHTS), strict=False)
     if unexpected or [k for k in missing if not _is_tied(model, k)]:
-        raise CheckpointError(f"{ckpt / WEIGHTS} does not match its model.yaml: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise CheckpointError(
+            f"{ckpt / WEIGHTS} does not match its model.yaml: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     return model.to(device), tokenizer, model_cfg
 
 
@@ -150,7 +154,7 @@ def vision_from_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tens
     ckpt = resolve_checkpoint(path, "model.vision.checkpoint")
     vision_cfg = OmegaConf.to_container(OmegaConf.load(ckpt / "model.yaml"))["vision"]
     with safe_open(str(ckpt / WEIGHTS), framework="pt") as f:
-        weights = {k[len("vision."):]: f.get_tensor(k) for k in f.keys() if k.startswith("vision.")}
+        weights = {k[len("vision.") :]: f.get_tensor(k) for k in f.keys() if k.startswith("vision.")}  # noqa: SIM118 (safe_open is not a dict)
     return vision_cfg, weights
 
 

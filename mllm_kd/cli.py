@@ -12,14 +12,18 @@ from mllm_kd.errors import MllmKdError
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
 
 
 def stage_config(config: str | Path, stage: str, overrides: list[str] | None = None) -> StageConfig:
     """The resolved config of one stage of a recipe file."""
     from mllm_kd.stages import STAGES
 
-    return resolve_stage_config(load_recipe(config), stage, STAGES[stage].defaults, overrides, source=str(config))
+    return resolve_stage_config(
+        load_recipe(config), stage, STAGES[stage].defaults, overrides, source=str(config)
+    )
 
 
 def run_stages(config: str | Path, stages: list[str], overrides: list[str] | None = None) -> list[Path]:
@@ -33,7 +37,9 @@ def run_stages(config: str | Path, stages: list[str], overrides: list[str] | Non
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--config", required=True, help="a YAML recipe (see configs/)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. run_dir=runs/x loss.w_rel=0")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. run_dir=runs/x loss.w_rel=0"
+    )
     return p
 
 

@@ -33,13 +33,21 @@ class VisionConfig:
 
     backend: str = "hf"  # "hf" (transformers CLIP / SigLIP vision model) or "open_clip"
     path: str | None = None  # local weights: an HF model directory, or an open_clip checkpoint file
-    config: dict[str, Any] | None = None  # random init from this architecture (HF config kwargs incl. model_type, or open_clip CLIPVisionCfg kwargs)
-    open_clip_model: str | None = None  # open_clip architecture name (e.g. "ViT-B-16") when not given by `config`
-    checkpoint: str | None = None  # take the vision tower (architecture + weights) of this mllm_kd checkpoint directory
+    config: dict[str, Any] | None = (
+        None  # random init from this architecture (HF config kwargs incl. model_type, or open_clip CLIPVisionCfg kwargs)
+    )
+    open_clip_model: str | None = (
+        None  # open_clip architecture name (e.g. "ViT-B-16") when not given by `config`
+    )
+    checkpoint: str | None = (
+        None  # take the vision tower (architecture + weights) of this mllm_kd checkpoint directory
+    )
     feature_layer: int = -2  # which hidden layer's output feeds the projector (-2: second to last, as LLaVA)
     drop_cls: bool = True  # drop the class token from the features (CLIP has one, SigLIP does not)
     image_size: int | None = None  # input resolution; taken from the architecture when None
-    image_mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])  # per-channel normalisation
+    image_mean: list[float] = field(
+        default_factory=lambda: [0.48145466, 0.4578275, 0.40821073]
+    )  # per-channel normalisation
     image_std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
 
     def __post_init__(self) -> None:
@@ -64,9 +72,15 @@ class LLMConfig:
 
     path: str | None = None  # local model directory (or a directory holding `gguf_file`)
     gguf_file: str | None = None  # a GGUF file inside `path` to load with transformers' gguf support
-    config: dict[str, Any] | None = None  # random init: AutoConfig kwargs including `model_type` (e.g. qwen2, llama)
-    attn_implementation: str = "auto"  # "auto": flash_attention_2 on CUDA when flash-attn is installed, else sdpa
-    keep_layers: list[int] | None = None  # keep only these decoder layers (a student derived from a bigger LLM)
+    config: dict[str, Any] | None = (
+        None  # random init: AutoConfig kwargs including `model_type` (e.g. qwen2, llama)
+    )
+    attn_implementation: str = (
+        "auto"  # "auto": flash_attention_2 on CUDA when flash-attn is installed, else sdpa
+    )
+    keep_layers: list[int] | None = (
+        None  # keep only these decoder layers (a student derived from a bigger LLM)
+    )
 
 
 @dataclass
@@ -84,7 +98,9 @@ class TeacherConfig:
     """The frozen teacher of the distillation stages."""
 
     checkpoint: str | None = None  # an mllm_kd checkpoint directory (e.g. the teacher_sft stage's output)
-    model: ModelConfig = field(default_factory=ModelConfig)  # the teacher's architecture, for training it (teacher_pt/teacher_sft)
+    model: ModelConfig = field(
+        default_factory=ModelConfig
+    )  # the teacher's architecture, for training it (teacher_pt/teacher_sft)
 
 
 @dataclass
@@ -98,7 +114,9 @@ class TrainableConfig:
     def __post_init__(self) -> None:
         for part in ("vision", "projector", "llm"):
             if getattr(self, part) not in TRAINABLE_MODES:
-                raise ConfigError(f"trainable.{part} must be one of {TRAINABLE_MODES}, got {getattr(self, part)!r}")
+                raise ConfigError(
+                    f"trainable.{part} must be one of {TRAINABLE_MODES}, got {getattr(self, part)!r}"
+                )
 
 
 @dataclass
@@ -106,15 +124,23 @@ class DataConfig:
     """Training data: LLaVA JSON + image folder, or WebDataset shards."""
 
     format: str = "llava_json"  # "llava_json" or "wds"
-    path: str | None = None  # the LLaVA JSON file, or a shard pattern/list (e.g. "dir/instruct-{00000..00009}.tar")
+    path: str | None = (
+        None  # the LLaVA JSON file, or a shard pattern/list (e.g. "dir/instruct-{00000..00009}.tar")
+    )
     image_folder: str | None = None  # root of the `image` paths in the JSON
-    template: str = "auto"  # "auto" (the tokenizer's chat template, else "plain"), "chat", "plain" or "caption"
+    template: str = (
+        "auto"  # "auto" (the tokenizer's chat template, else "plain"), "chat", "plain" or "caption"
+    )
     system_prompt: str | None = None  # optional system message for chat templates
     max_length: int = 2048  # longest sequence in tokens, visual tokens included
     on_overflow: str = "skip"  # a sample longer than max_length: "skip" (reported) or "raise"
     on_error: str = "raise"  # an unreadable sample met during training: "raise" or "skip" (logged)
-    max_skip_fraction: float = 0.01  # with on_error=skip: stop when more than this fraction of samples was skipped
-    verify_images: bool = True  # preflight decodes every image (set false for very large sets: existence is still checked)
+    max_skip_fraction: float = (
+        0.01  # with on_error=skip: stop when more than this fraction of samples was skipped
+    )
+    verify_images: bool = (
+        True  # preflight decodes every image (set false for very large sets: existence is still checked)
+    )
     num_workers: int = 0  # data-loader worker processes
     max_samples: int | None = None  # use only the first N samples (quick trials)
 
@@ -141,7 +167,9 @@ class LossConfig:
     temperature: float = 1.0  # tau; divergences are scaled by tau^2
     beta: float = 0.5  # jsd mixture weight of the teacher
     alpha: float = 0.1  # skew of skl / srkl
-    on_nonfinite: str = "raise"  # a NaN/inf loss: "raise" (stop, keep last checkpoint) or "skip" (drop the step, count it)
+    on_nonfinite: str = (
+        "raise"  # a NaN/inf loss: "raise" (stop, keep last checkpoint) or "skip" (drop the step, count it)
+    )
 
     def __post_init__(self) -> None:
         if self.kind not in ("fkl", "rkl", "jsd", "skl", "srkl"):
@@ -197,11 +225,15 @@ class TrainConfig:
 class StageConfig:
     """Everything one stage needs. A recipe file sets these at the top level and per stage."""
 
-    run_dir: str = "runs/default"  # where every stage of the run writes (stage outputs are ${run_dir}/<stage>)
+    run_dir: str = (
+        "runs/default"  # where every stage of the run writes (stage outputs are ${run_dir}/<stage>)
+    )
     data_dir: str | None = None  # root of the prepared data set, for `${data_dir}` interpolation in paths
     stage: str = ""  # this stage's name (set by the entry point)
     output_dir: str = ""  # this stage's directory; defaults to ${run_dir}/<stage>
-    init_from: str | None = None  # the previous stage's directory (stage 2: ${run_dir}/stage1, ...); None: build fresh
+    init_from: str | None = (
+        None  # the previous stage's directory (stage 2: ${run_dir}/stage1, ...); None: build fresh
+    )
     overwrite: bool = False  # redo a stage that already finished (otherwise it is skipped)
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -260,7 +292,9 @@ def resolve_stage_config(
         sections = recipe.pop("stages", None) or {}
         for name in sections:
             if name not in STAGE_NAMES:
-                raise ConfigError(f"{source}: unknown stage section stages.{name}; expected one of {STAGE_NAMES}")
+                raise ConfigError(
+                    f"{source}: unknown stage section stages.{name}; expected one of {STAGE_NAMES}"
+                )
         section = sections.get(stage) or {}
         schema = OmegaConf.structured(StageConfig)
         merged = OmegaConf.merge(
@@ -279,7 +313,11 @@ def resolve_stage_config(
         raise
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
-        raise ConfigError(f"{source}: invalid config for stage {stage}" + (f" at key {key!r}" if key else "") + f": {e.msg if hasattr(e, 'msg') else e}") from e
+        raise ConfigError(
+            f"{source}: invalid config for stage {stage}"
+            + (f" at key {key!r}" if key else "")
+            + f": {e.msg if hasattr(e, 'msg') else e}"
+        ) from e
     assert isinstance(cfg, StageConfig)
     return cfg
 

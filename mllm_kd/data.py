@@ -62,19 +62,27 @@ def validate_record(rec: Any, where: str) -> None:
     if not isinstance(conv, list) or not conv:
         raise DataError(f"{where}: sample {sid!r} has no 'conversations' list")
     for i, turn in enumerate(conv):
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in ROLES:
+        if (
+            not isinstance(turn, dict)
+            or not isinstance(turn.get("value"), str)
+            or turn.get("from") not in ROLES
+        ):
             raise DataError(
                 f"{where}: sample {sid!r} turn {i} is malformed: expected {{'from': 'human'|'gpt', 'value': str}}, got {turn!r:.120}"
             )
         expected = "human" if i % 2 == 0 else "gpt"
         if turn["from"] != expected:
-            raise DataError(f"{where}: sample {sid!r} turn {i} is from {turn['from']!r}; turns must alternate human/gpt starting with human")
+            raise DataError(
+                f"{where}: sample {sid!r} turn {i} is from {turn['from']!r}; turns must alternate human/gpt starting with human"
+            )
     if conv[-1]["from"] != "gpt":
         raise DataError(f"{where}: sample {sid!r} ends with a human turn that has no answer")
     n_placeholders = sum(t["value"].count(IMAGE_TOKEN) for t in conv)
     n_images = len(record_images(rec))
     if n_placeholders != n_images:
-        raise DataError(f"{where}: sample {sid!r} has {n_placeholders} {IMAGE_TOKEN} placeholders but {n_images} images")
+        raise DataError(
+            f"{where}: sample {sid!r} has {n_placeholders} {IMAGE_TOKEN} placeholders but {n_images} images"
+        )
     if any(IMAGE_TOKEN in t["value"] for t in conv if t["from"] == "gpt"):
         raise DataError(f"{where}: sample {sid!r} has an {IMAGE_TOKEN} placeholder in an answer")
 
@@ -113,7 +121,9 @@ def load_llava_json(cfg: DataConfig) -> list[dict]:
                     with Image.open(image_path) as im:
                         im.verify()
                 except (UnidentifiedImageError, OSError, SyntaxError) as e:
-                    raise DataError(f"{path}: sample {rec.get('id')!r}: image {image_path} is corrupt: {e}") from e
+                    raise DataError(
+                        f"{path}: sample {rec.get('id')!r}: image {image_path} is corrupt: {e}"
+                    ) from e
     return records
 
 
@@ -144,7 +154,14 @@ class ImageProcessor:
 class ConversationEncoder:
     """Turns a validated conversation into ``input_ids`` and ``labels`` (see the module docstring)."""
 
-    def __init__(self, tokenizer, template: str, num_visual_tokens: int, image_token_id: int, system_prompt: str | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        template: str,
+        num_visual_tokens: int,
+        image_token_id: int,
+        system_prompt: str | None = None,
+    ):
         if template == "auto":
             template = "chat" if getattr(tokenizer, "chat_template", None) else "plain"
         if template == "chat" and not getattr(tokenizer, "chat_template", None):
@@ -172,7 +189,11 @@ class ConversationEncoder:
         if self.template == "plain":
             out = [(self.system_prompt + "\n\n", False)] if self.system_prompt else []
             for human, gpt in zip(conv[::2], conv[1::2]):
-                out += [(f"USER: {human['value']}\nASSISTANT: ", False), (gpt["value"] + self.tok.eos_token, True), ("\n", False)]
+                out += [
+                    (f"USER: {human['value']}\nASSISTANT: ", False),
+                    (gpt["value"] + self.tok.eos_token, True),
+                    ("\n", False),
+                ]
             return out
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         out, prev = [], ""
@@ -188,14 +209,18 @@ class ConversationEncoder:
                     "the tokenizer's chat template does not render conversations as growing prefixes, so answer "
                     "spans cannot be located; use data.template=plain"
                 )
-            out += [(prompt[len(prev):], False), (full[len(prompt):], True)]
+            out += [(prompt[len(prev) :], False), (full[len(prompt) :], True)]
             prev = full
         return out
 
     def __call__(self, conv: list[dict]) -> tuple[list[int], list[int]]:
         ids: list[int] = []
         labels: list[int] = []
-        if self.template in ("plain", "caption") and getattr(self.tok, "add_bos_token", False) and self.tok.bos_token_id is not None:
+        if (
+            self.template in ("plain", "caption")
+            and getattr(self.tok, "add_bos_token", False)
+            and self.tok.bos_token_id is not None
+        ):
             ids, labels = [self.tok.bos_token_id], [IGNORE_INDEX]
         for text, is_label in self.segments(conv):
             piece = self._ids(text)
@@ -209,7 +234,9 @@ class SampleSkipped(Exception):
     """A sample that :class:`Collator` drops (too long, or unreadable with ``on_error=skip``)."""
 
 
-def encode_sample(rec: dict, images: list[torch.Tensor], encoder: ConversationEncoder, cfg: DataConfig, where: str) -> dict:
+def encode_sample(
+    rec: dict, images: list[torch.Tensor], encoder: ConversationEncoder, cfg: DataConfig, where: str
+) -> dict:
     sid = str(rec.get("id", where))
     ids, labels = encoder(rec["conversations"])
     if len(ids) > cfg.max_length:
@@ -228,7 +255,9 @@ def encode_sample(rec: dict, images: list[torch.Tensor], encoder: ConversationEn
 class LlavaJsonDataset(Dataset):
     """Map-style dataset over validated LLaVA records; items are dicts, or a :class:`SampleSkipped`."""
 
-    def __init__(self, records: list[dict], cfg: DataConfig, encoder: ConversationEncoder, images: ImageProcessor):
+    def __init__(
+        self, records: list[dict], cfg: DataConfig, encoder: ConversationEncoder, images: ImageProcessor
+    ):
         self.records, self.cfg, self.encoder, self.images = records, cfg, encoder, images
         self.folder = Path(cfg.image_folder) if cfg.image_folder else Path(cfg.path).parent
 
@@ -239,7 +268,10 @@ class LlavaJsonDataset(Dataset):
         rec = self.records[i]
         where = f"{self.cfg.path} sample {rec.get('id')!r}"
         try:
-            pixels = [self.images.load(self.folder / name, f"{where} image {self.folder / name}") for name in record_images(rec)]
+            pixels = [
+                self.images.load(self.folder / name, f"{where} image {self.folder / name}")
+                for name in record_images(rec)
+            ]
             return encode_sample(rec, pixels, self.encoder, self.cfg, str(self.cfg.path))
         except SampleSkipped as e:
             return e
@@ -377,10 +409,20 @@ class TrainData:
     num_samples: int
 
 
-def build_train_data(cfg: DataConfig, tokenizer, num_visual_tokens: int, image_token_id: int, images: ImageProcessor,
-                     seed: int = 0, rank: int = 0, world_size: int = 1) -> TrainData:
+def build_train_data(
+    cfg: DataConfig,
+    tokenizer,
+    num_visual_tokens: int,
+    image_token_id: int,
+    images: ImageProcessor,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> TrainData:
     """Validate the data (preflight: nothing has been written yet) and build the dataset for training."""
-    encoder = ConversationEncoder(tokenizer, cfg.template, num_visual_tokens, image_token_id, cfg.system_prompt)
+    encoder = ConversationEncoder(
+        tokenizer, cfg.template, num_visual_tokens, image_token_id, cfg.system_prompt
+    )
     if cfg.format == "llava_json":
         records = load_llava_json(cfg)
         if not records:

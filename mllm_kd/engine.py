@@ -30,7 +30,7 @@ from mllm_kd.checkpoint import (
     save_checkpoint,
 )
 from mllm_kd.config import ModelConfig, OptimConfig, StageConfig, TrainConfig
-from mllm_kd.data import Collator, EpochSampler, TrainData
+from mllm_kd.data import Collator, TrainData
 from mllm_kd.errors import TrainingError
 from mllm_kd.losses import DistillSettings, causal_lm_loss, distill_terms
 from mllm_kd.model import MultimodalLM
@@ -86,11 +86,15 @@ def build_optimizer(model: MultimodalLM, cfg: OptimConfig) -> torch.optim.Optimi
     param_groups = []
     for (part, decay), params in groups.items():
         lr = cfg.projector_lr if (part == "projector" and cfg.projector_lr is not None) else cfg.lr
-        param_groups.append({"params": params, "lr": lr, "weight_decay": cfg.weight_decay if decay else 0.0, "name": part})
+        param_groups.append(
+            {"params": params, "lr": lr, "weight_decay": cfg.weight_decay if decay else 0.0, "name": part}
+        )
     return torch.optim.AdamW(param_groups, betas=tuple(cfg.betas))
 
 
-def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float, min_lr_ratio: float = 0.0):
+def cosine_with_warmup(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float, min_lr_ratio: float = 0.0
+):
     """Linear warm-up over ``ceil(warmup_ratio * total_steps)`` steps, then cosine to ``min_lr_ratio``."""
     warmup = math.ceil(warmup_ratio * total_steps)
 
@@ -110,10 +114,20 @@ class LossComputer:
         self.loss = cfg.loss
         self.teacher = teacher
         self.settings = DistillSettings(
-            kind=cfg.loss.kind, temperature=cfg.loss.temperature, beta=cfg.loss.beta, alpha=cfg.loss.alpha,
-            resp=cfg.loss.w_resp > 0, vis=cfg.loss.w_vis > 0, rel=cfg.loss.w_rel > 0,
+            kind=cfg.loss.kind,
+            temperature=cfg.loss.temperature,
+            beta=cfg.loss.beta,
+            alpha=cfg.loss.alpha,
+            resp=cfg.loss.w_resp > 0,
+            vis=cfg.loss.w_vis > 0,
+            rel=cfg.loss.w_rel > 0,
         )
-        self.weights = {"ce": cfg.loss.w_ce, "mdist_resp": cfg.loss.w_resp, "mdist_vis": cfg.loss.w_vis, "rdist": cfg.loss.w_rel}
+        self.weights = {
+            "ce": cfg.loss.w_ce,
+            "mdist_resp": cfg.loss.w_resp,
+            "mdist_vis": cfg.loss.w_vis,
+            "rdist": cfg.loss.w_rel,
+        }
 
     def __call__(self, student: MultimodalLM, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Returns the weighted total and each unweighted term (float32 scalars)."""
@@ -124,14 +138,23 @@ class LossComputer:
                 t_out = self.teacher(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
             vis_mask = batch["input_ids"] == student.image_token_id
             terms.update(
-                distill_terms(out.logits, t_out.logits, batch["labels"], vis_mask, student.num_visual_tokens, self.settings)
+                distill_terms(
+                    out.logits,
+                    t_out.logits,
+                    batch["labels"],
+                    vis_mask,
+                    student.num_visual_tokens,
+                    self.settings,
+                )
             )
         total = sum(self.weights[k] * v for k, v in terms.items() if self.weights[k] != 0)
         return total, terms
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }
 
 
 def _check_finite(total: torch.Tensor, terms: dict[str, torch.Tensor], step: int) -> str | None:
@@ -155,7 +178,13 @@ class Trainer:
         model_cfg: ModelConfig,
         on_step: StepHook | None = None,
     ):
-        self.cfg, self.student, self.teacher, self.data, self.tokenizer = cfg, student, teacher, data, tokenizer
+        self.cfg, self.student, self.teacher, self.data, self.tokenizer = (
+            cfg,
+            student,
+            teacher,
+            data,
+            tokenizer,
+        )
         self.model_cfg = model_cfg
         self.on_step = on_step
         self.out = Path(cfg.output_dir)
@@ -171,7 +200,9 @@ class Trainer:
         total = t.max_steps if t.max_steps is not None else math.ceil(t.epochs * self.steps_per_epoch)
         self.state = TrainState(total_steps=max(1, total))
         self.optimizer = build_optimizer(student, cfg.optim)
-        self.scheduler = cosine_with_warmup(self.optimizer, self.state.total_steps, cfg.optim.warmup_ratio, cfg.optim.min_lr_ratio)
+        self.scheduler = cosine_with_warmup(
+            self.optimizer, self.state.total_steps, cfg.optim.warmup_ratio, cfg.optim.min_lr_ratio
+        )
 
     # ------------------------------------------------------------------------------------ resume
     def maybe_resume(self) -> bool:
@@ -196,22 +227,36 @@ class Trainer:
         # Lines logged after the checkpoint we resume from would otherwise appear twice.
         path = self.out / "metrics.jsonl"
         if path.exists():
-            lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+            lines = [
+                ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step
+            ]
             path.write_text("".join(ln + "\n" for ln in lines))
 
     def save(self, final: bool = False) -> Path:
         state = asdict(self.state)
         if final:
-            return save_checkpoint(self.out / FINAL, self.student, self.model_cfg, self.tokenizer, self.cfg, state)
+            return save_checkpoint(
+                self.out / FINAL, self.student, self.model_cfg, self.tokenizer, self.cfg, state
+            )
         extra = {
             "optimizer.pt": {
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "python": random.getstate(),
+                    "numpy": np.random.get_state(),
+                },
             }
         }
         path = save_checkpoint(
-            self.out / "checkpoints" / f"step-{self.state.step:07d}", self.student, self.model_cfg, self.tokenizer, self.cfg, state, extra
+            self.out / "checkpoints" / f"step-{self.state.step:07d}",
+            self.student,
+            self.model_cfg,
+            self.tokenizer,
+            self.cfg,
+            state,
+            extra,
         )
         prune_step_checkpoints(self.out, self.cfg.train.keep_checkpoints)
         return path
@@ -248,44 +293,24 @@ class Trainer:
             self.state.batches_in_epoch = 0
 
     def train(self) -> Path:
+        """Train to ``total_steps`` (resuming if a step checkpoint exists); returns ``output_dir/final``."""
         cfg, t = self.cfg, self.cfg.train
         self.out.mkdir(parents=True, exist_ok=True)
         self.maybe_resume()
         self.student.train()
         self.student.vision.train(cfg.trainable.vision != "frozen")
-        metrics = open(self.out / "metrics.jsonl", "a")
-        bar = tqdm(total=self.state.total_steps, initial=self.state.step, desc=cfg.stage, disable=not t.progress, dynamic_ncols=True)
         micro = self._micro_batches()
-        max_skip = cfg.data.max_skip_fraction
-        try:
+        bar = tqdm(
+            total=self.state.total_steps,
+            initial=self.state.step,
+            desc=cfg.stage,
+            disable=not t.progress,
+            dynamic_ncols=True,
+        )
+        with open(self.out / "metrics.jsonl", "a") as metrics, bar:
             while self.state.step < self.state.total_steps:
                 started = time.perf_counter()
-                sums: dict[str, float] = {}
-                bad: str | None = None
-                n_micro, k = 1, 0
-                while k < n_micro:
-                    batch, n_micro = next(micro)
-                    k += 1
-                    self.state.skipped_samples += batch["skipped"]
-                    seen = self.state.samples + self.state.skipped_samples
-                    if cfg.data.on_error == "skip" and seen and self.state.skipped_samples / seen > max_skip and self.state.skipped_samples > 1:
-                        raise TrainingError(
-                            f"{self.state.skipped_samples} of {seen} samples skipped, more than data.max_skip_fraction={max_skip}"
-                        )
-                    if "input_ids" not in batch:
-                        continue
-                    batch = _to_device(batch, self.device)
-                    with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-                        total, terms = self.loss_fn(self.student, batch)
-                    bad = bad or _check_finite(total, terms, self.state.step + 1)
-                    if bad is not None:
-                        if cfg.loss.on_nonfinite == "raise":
-                            raise TrainingError(f"{cfg.stage}: {bad}; the last good checkpoint is kept")
-                        continue
-                    (total / n_micro).backward()
-                    self.state.samples += len(batch["ids"])
-                    for name, v in {"loss": total, **terms}.items():
-                        sums[name] = sums.get(name, 0.0) + float(v.detach()) / n_micro
+                sums, bad = self._accumulate(micro)
                 grad_norm = self._optimizer_step(skip=bad is not None)
                 self.state.step += 1
                 self.state.elapsed += time.perf_counter() - started
@@ -297,14 +322,55 @@ class Trainer:
                 self._log(metrics, bar, sums, grad_norm)
                 if self.on_step is not None:
                     self.on_step(self.state.step, sums)
-                if t.save_every and self.state.step % t.save_every == 0 and self.state.step < self.state.total_steps:
+                if (
+                    t.save_every
+                    and self.state.step % t.save_every == 0
+                    and self.state.step < self.state.total_steps
+                ):
                     self.save()
-        finally:
-            bar.close()
-            metrics.close()
         final = self.save(final=True)
         prune_step_checkpoints(self.out, 0)
         return final
+
+    def _accumulate(self, micro) -> tuple[dict[str, float], str | None]:
+        """Forward + backward over one optimizer step's micro-batches.
+
+        Returns the step's mean loss terms and, if a loss was not finite, a message naming the term.
+        """
+        cfg = self.cfg
+        sums: dict[str, float] = {}
+        bad: str | None = None
+        n_micro, k = 1, 0
+        while k < n_micro:
+            batch, n_micro = next(micro)
+            k += 1
+            self._count_skipped(batch["skipped"])
+            if "input_ids" not in batch:
+                continue
+            batch = _to_device(batch, self.device)
+            with torch.autocast(
+                self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None
+            ):
+                total, terms = self.loss_fn(self.student, batch)
+            bad = bad or _check_finite(total, terms, self.state.step + 1)
+            if bad is not None:
+                if cfg.loss.on_nonfinite == "raise":
+                    raise TrainingError(f"{cfg.stage}: {bad}; the last good checkpoint is kept")
+                continue
+            (total / n_micro).backward()
+            self.state.samples += len(batch["ids"])
+            for name, v in {"loss": total, **terms}.items():
+                sums[name] = sums.get(name, 0.0) + float(v.detach()) / n_micro
+        return sums, bad
+
+    def _count_skipped(self, n: int) -> None:
+        self.state.skipped_samples += n
+        seen = self.state.samples + self.state.skipped_samples
+        limit = self.cfg.data.max_skip_fraction
+        if n and self.state.skipped_samples > 1 and self.state.skipped_samples / seen > limit:
+            raise TrainingError(
+                f"{self.state.skipped_samples} of {seen} samples skipped, more than data.max_skip_fraction={limit}"
+            )
 
     def _optimizer_step(self, skip: bool) -> float | None:
         grad_norm = None
@@ -323,7 +389,14 @@ class Trainer:
         bar.set_postfix({k: f"{v:.4g}" for k, v in sums.items()}, refresh=False)
         if s.step % self.cfg.train.log_every == 0 or s.step == s.total_steps:
             lrs = {f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups}
-            row = {"step": s.step, "epoch": s.epoch, "samples": s.samples, **sums, "grad_norm": grad_norm, **lrs,
-                   "elapsed": round(s.elapsed, 3)}
+            row = {
+                "step": s.step,
+                "epoch": s.epoch,
+                "samples": s.samples,
+                **sums,
+                "grad_norm": grad_norm,
+                **lrs,
+                "elapsed": round(s.elapsed, 3),
+            }
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()

@@ -75,12 +75,18 @@ def build_hf_vision(cfg: VisionConfig) -> nn.Module:
     if cfg.path:
         # Full CLIP/SigLIP checkpoints hold a text tower too; load only the vision model.
         model_type = AutoConfig.from_pretrained(cfg.path).model_type
-        loaders = {"clip": CLIPVisionModel, "clip_vision_model": CLIPVisionModel,
-                   "siglip": SiglipVisionModel, "siglip_vision_model": SiglipVisionModel}
+        loaders = {
+            "clip": CLIPVisionModel,
+            "clip_vision_model": CLIPVisionModel,
+            "siglip": SiglipVisionModel,
+            "siglip_vision_model": SiglipVisionModel,
+        }
         loader = loaders.get(model_type, AutoModel)
         return loader.from_pretrained(cfg.path)
     if not cfg.config or "model_type" not in cfg.config:
-        raise ConfigError("model.vision: give `path` or a `config` with a model_type (e.g. clip_vision_model)")
+        raise ConfigError(
+            "model.vision: give `path` or a `config` with a model_type (e.g. clip_vision_model)"
+        )
     kwargs = dict(cfg.config)
     hf_cfg = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
     return AutoModel.from_config(hf_cfg)
@@ -102,7 +108,9 @@ def build_open_clip_vision(cfg: VisionConfig) -> tuple[nn.Module, dict]:
         arch = {"embed_dim": known["embed_dim"], **known["vision_cfg"]}
         visual = model.visual
     else:
-        raise ConfigError("model.vision (open_clip): give `open_clip_model` (+ optional `path`) or a `config`")
+        raise ConfigError(
+            "model.vision (open_clip): give `open_clip_model` (+ optional `path`) or a `config`"
+        )
     return visual, arch
 
 
@@ -150,7 +158,9 @@ def build_llm(cfg: LLMConfig, device: torch.device | str = "cpu", vocab_size: in
     attn = attention_implementation(cfg.attn_implementation, device)
     if cfg.path:
         kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
-        llm = AutoModelForCausalLM.from_pretrained(cfg.path, attn_implementation=attn, dtype=torch.float32, **kwargs)
+        llm = AutoModelForCausalLM.from_pretrained(
+            cfg.path, attn_implementation=attn, dtype=torch.float32, **kwargs
+        )
     elif cfg.config:
         kwargs = dict(cfg.config)
         if "model_type" not in kwargs:
@@ -171,7 +181,9 @@ def keep_decoder_layers(llm: nn.Module, keep: list[int]) -> None:
     """Keep only the decoder layers ``keep`` (in that order): a smaller student derived from a big LLM."""
     layers = llm.get_decoder().layers
     if not keep or any(not 0 <= i < len(layers) for i in keep):
-        raise ConfigError(f"model.llm.keep_layers={keep} must be indices into the {len(layers)} decoder layers")
+        raise ConfigError(
+            f"model.llm.keep_layers={keep} must be indices into the {len(layers)} decoder layers"
+        )
     new = nn.ModuleList([layers[i] for i in keep])
     for new_idx, layer in enumerate(new):
         attn = getattr(layer, "self_attn", None)
@@ -256,12 +268,16 @@ class MultimodalLM(nn.Module):
         """
         embeds = self.embed(input_ids, pixel_values)
         decoder = self.llm.get_decoder()
-        hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = decoder(
+            inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
         logits = self.llm.get_output_embeddings()(hidden) if return_logits else None
         return MLLMOutput(logits=logits, hidden=hidden)
 
 
-def build_model(cfg: ModelConfig, image_token_id: int, vocab_size: int, device: str | torch.device = "cpu") -> MultimodalLM:
+def build_model(
+    cfg: ModelConfig, image_token_id: int, vocab_size: int, device: str | torch.device = "cpu"
+) -> MultimodalLM:
     """Build a :class:`MultimodalLM` from its config (weights from paths, or random from configs).
 
     ``cfg.vision.checkpoint`` (a vision tower taken from another mllm_kd checkpoint) is resolved by
@@ -296,4 +312,3 @@ def apply_trainable(model: MultimodalLM, trainable: TrainableConfig) -> dict[str
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-

@@ -8,5 +8,9 @@ from mllm_kd.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(
-        main(["teacher_pt", "teacher_sft", "stage1", "stage2", "stage3"], "python -m mllm_kd.pipeline", "All stages")
+        main(
+            ["teacher_pt", "teacher_sft", "stage1", "stage2", "stage3"],
+            "python -m mllm_kd.pipeline",
+            "All stages",
+        )
     )

@@ -34,7 +34,9 @@ def stage_finished(cfg: StageConfig) -> Path | None:
 def init_model(cfg: StageConfig, model_cfg: ModelConfig) -> tuple[MultimodalLM, object, ModelConfig]:
     """The model a stage starts from: the previous stage's result (``init_from``) or built fresh."""
     if cfg.init_from:
-        return load_checkpoint_model(cfg.init_from, what=f"{cfg.stage}: the previous stage's directory (init_from)")
+        return load_checkpoint_model(
+            cfg.init_from, what=f"{cfg.stage}: the previous stage's directory (init_from)"
+        )
     tok_path = model_cfg.tokenizer or model_cfg.llm.path
     if not tok_path:
         raise ConfigError(f"{cfg.stage}: set model.tokenizer (a tokenizer directory) or model.llm.path")
@@ -45,7 +47,9 @@ def init_model(cfg: StageConfig, model_cfg: ModelConfig) -> tuple[MultimodalLM, 
 def load_teacher(cfg: StageConfig, student: MultimodalLM, tokenizer) -> MultimodalLM:
     """Load the frozen teacher and check it can teach this student (same vocabulary, same visual tokens)."""
     if not cfg.teacher.checkpoint:
-        raise ConfigError(f"{cfg.stage}: distillation needs teacher.checkpoint (or set loss.w_resp=loss.w_vis=loss.w_rel=0)")
+        raise ConfigError(
+            f"{cfg.stage}: distillation needs teacher.checkpoint (or set loss.w_resp=loss.w_vis=loss.w_rel=0)"
+        )
     teacher, t_tok, _ = load_checkpoint_model(cfg.teacher.checkpoint, what="teacher.checkpoint")
     check_compatible(teacher, t_tok, student, tokenizer, cfg.teacher.checkpoint)
     return teacher.eval().requires_grad_(False)
@@ -76,7 +80,9 @@ def check_compatible(teacher: MultimodalLM, t_tok, student: MultimodalLM, s_tok,
         )
 
 
-def run_stage(cfg: StageConfig, model_cfg: ModelConfig, distill: bool, on_step: StepHook | None = None) -> Path:
+def run_stage(
+    cfg: StageConfig, model_cfg: ModelConfig, distill: bool, on_step: StepHook | None = None
+) -> Path:
     """Set up and train one stage; returns the finished checkpoint directory (``output_dir/final``)."""
     done = stage_finished(cfg)
     if done is not None and not cfg.overwrite:
@@ -88,14 +94,21 @@ def run_stage(cfg: StageConfig, model_cfg: ModelConfig, distill: bool, on_step: 
 
     student, tokenizer, model_cfg = init_model(cfg, model_cfg)
     teacher = load_teacher(cfg, student, tokenizer) if distill and cfg.loss.distills else None
-    images = ImageProcessor(student.vision.image_size, list(model_cfg.vision.image_mean), list(model_cfg.vision.image_std))
-    data = build_train_data(cfg.data, tokenizer, student.num_visual_tokens, student.image_token_id, images, seed=cfg.train.seed)
+    images = ImageProcessor(
+        student.vision.image_size, list(model_cfg.vision.image_mean), list(model_cfg.vision.image_std)
+    )
+    data = build_train_data(
+        cfg.data, tokenizer, student.num_visual_tokens, student.image_token_id, images, seed=cfg.train.seed
+    )
     trainable = apply_trainable(student, cfg.trainable)
     log.info(
         "%s: %d samples, student %.2fM parameters (trainable: %s), teacher %s, device %s",
-        cfg.stage, data.num_samples, count_parameters(student) / 1e6,
+        cfg.stage,
+        data.num_samples,
+        count_parameters(student) / 1e6,
         ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in trainable.items()),
-        f"{count_parameters(teacher) / 1e6:.2f}M" if teacher is not None else "none", pick_device(cfg.train),
+        f"{count_parameters(teacher) / 1e6:.2f}M" if teacher is not None else "none",
+        pick_device(cfg.train),
     )
     if done is not None:  # overwrite=true, and every check passed: only now remove the old result
         import shutil

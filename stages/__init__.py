@@ -19,9 +19,15 @@ class Stage:
 
 
 STAGES: dict[str, Stage] = {
-    "teacher_pt": Stage("teacher_pt", teacher.PT_DEFAULTS, teacher.run_pt, "teacher caption pre-training (CE)"),
-    "teacher_sft": Stage("teacher_sft", teacher.SFT_DEFAULTS, teacher.run_sft, "teacher instruction tuning (CE)"),
-    "stage1": Stage("stage1", stage1.DEFAULTS, stage1.run, "distilled pre-training, DPT (CE + MDist + RDist)"),
+    "teacher_pt": Stage(
+        "teacher_pt", teacher.PT_DEFAULTS, teacher.run_pt, "teacher caption pre-training (CE)"
+    ),
+    "teacher_sft": Stage(
+        "teacher_sft", teacher.SFT_DEFAULTS, teacher.run_sft, "teacher instruction tuning (CE)"
+    ),
+    "stage1": Stage(
+        "stage1", stage1.DEFAULTS, stage1.run, "distilled pre-training, DPT (CE + MDist + RDist)"
+    ),
     "stage2": Stage("stage2", stage2.DEFAULTS, stage2.run, "supervised fine-tuning, SFT (CE)"),
     "stage3": Stage("stage3", stage3.DEFAULTS, stage3.run, "distilled fine-tuning, DFT (CE + MDist + RDist)"),
 }

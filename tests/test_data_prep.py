@@ -1,0 +1,306 @@
+"""Tests for the easy-VQA converter (data_prep/easyvqa.py) and the LLaVA-format helpers it uses.
+
+One small conversion (120 train images, 200 test questions) is shared by the module; tests that
+change the output work on a copy of it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import easy_vqa
+import pytest
+import webdataset as wds
+from PIL import Image
+from transformers import AutoTokenizer
+
+from mllm_kd.data_prep import llava_format
+from mllm_kd.data_prep.easyvqa import (
+    COLORS,
+    SHAPES,
+    SHORT_ANSWER_PROMPT,
+    Question,
+    classify_image_pixels,
+    main,
+    prepare_easyvqa,
+    recover_labels,
+)
+from mllm_kd.errors import DataError
+from mllm_kd.tokenization import IMAGE_TOKEN
+
+N_TRAIN = 120
+N_TEST = 200
+SHARD_SIZE = 50
+ANSWERS = easy_vqa.get_answers()
+ARTIFACTS = (
+    "images_train",
+    "images_test",
+    "captions",
+    "instruct",
+    "test",
+    "wds_captions",
+    "wds_instruct",
+    "tokenizer",
+)
+
+
+def _convert(out: Path, **kwargs: Any) -> dict[str, Any]:
+    return prepare_easyvqa(
+        out, max_train_images=N_TRAIN, max_test_questions=N_TEST, shard_size=SHARD_SIZE, log=None, **kwargs
+    )
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("easyvqa")
+    return out, _convert(out)
+
+
+def _mtimes(root: Path) -> dict[str, int]:
+    return {p.relative_to(root).as_posix(): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def _load(out: Path, name: str) -> list[dict[str, Any]]:
+    return json.loads((out / name).read_text("utf-8"))
+
+
+def test_constants_match_the_pipeline() -> None:
+    assert SHORT_ANSWER_PROMPT == "Answer the question using a single word or phrase."
+    assert llava_format.IMAGE_PLACEHOLDER == IMAGE_TOKEN
+    assert sorted(ANSWERS) == sorted((*SHAPES, *COLORS, "yes", "no"))
+
+
+def test_files_and_counts(converted: tuple[Path, dict[str, Any]]) -> None:
+    out, result = converted
+    assert set(result["actions"].values()) == {"wrote"}
+    assert len(_load(out, "captions.json")) == N_TRAIN
+    assert len(_load(out, "instruct.json")) == N_TRAIN
+    assert len(list((out / "images/train").glob("*.png"))) == N_TRAIN
+    lines = (out / "test_questions.jsonl").read_text("utf-8").splitlines()
+    assert len(lines) == N_TEST
+    assert len(json.loads((out / "test_answers.json").read_text("utf-8"))) == N_TEST
+    n_shards = -(-N_TRAIN // SHARD_SIZE)
+    assert len(list((out / "wds").glob("captions-*.tar"))) == n_shards
+    assert len(list((out / "wds").glob("instruct-*.tar"))) == n_shards
+    manifest = json.loads((out / "manifest.json").read_text("utf-8"))
+    assert manifest["args"]["max_train_images"] == N_TRAIN
+    assert manifest["counts"]["captions.records"] == N_TRAIN
+    assert manifest["counts"]["test.questions"] == N_TEST
+    assert manifest["counts"]["captions.labels_pixel_disagreements"] == 0
+    assert set(manifest["artifacts"]) == set(ARTIFACTS)
+    assert re.fullmatch(r"[0-9a-f]{64}", manifest["content_hash"])
+
+
+def test_subset_is_first_images_by_id(converted: tuple[Path, dict[str, Any]]) -> None:
+    out, _ = converted
+    expected = sorted(easy_vqa.get_train_image_paths())[:N_TRAIN]
+    assert [r["image"] for r in _load(out, "captions.json")] == [f"train/{i}.png" for i in expected]
+    assert sorted(int(p.stem) for p in (out / "images/train").glob("*.png")) == expected
+
+
+@pytest.mark.parametrize("name", ["captions.json", "instruct.json"])
+def test_conversations_are_llava_format(converted: tuple[Path, dict[str, Any]], name: str) -> None:
+    out, _ = converted
+    records = _load(out, name)
+    assert len({r["id"] for r in records}) == len(records)
+    for record in records:
+        assert list(record) == ["id", "image", "conversations"]
+        turns = record["conversations"]
+        assert len(turns) >= 2 and len(turns) % 2 == 0
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+        assert sum(t["value"].count("<image>") for t in turns) == 1
+        assert turns[0]["value"].startswith("<image>\n")
+        with Image.open(out / "images" / record["image"]) as img:
+            assert img.format == "PNG" and img.size == (64, 64)
+        llava_format.validate_record(record)  # the shared validator agrees
+
+
+def test_instruct_turns_are_the_image_questions(converted: tuple[Path, dict[str, Any]]) -> None:
+    out, _ = converted
+    texts, answers, image_ids = easy_vqa.get_train_questions()
+    by_image: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for text, answer, image_id in zip(texts, answers, image_ids, strict=True):
+        by_image[f"train/{image_id}.png"].append((text, answer))
+    for record in _load(out, "instruct.json"):
+        turns = record["conversations"]
+        humans = [t["value"].removeprefix("<image>\n") for t in turns[::2]]
+        gpts = [t["value"] for t in turns[1::2]]
+        assert all(h.endswith("?\n" + SHORT_ANSWER_PROMPT) for h in humans)
+        assert list(zip(humans, gpts, strict=True)) == [
+            (f"{q}\n{SHORT_ANSWER_PROMPT}", a) for q, a in by_image[record["image"]]
+        ]
+
+
+def test_captions_match_labelled_shape_and_colour(converted: tuple[Path, dict[str, Any]]) -> None:
+    out, _ = converted
+    # Ground truth straight from the "what shape/colour" questions, independently of the converter.
+    truth: dict[str, dict[str, str]] = defaultdict(dict)
+    for text, answer, image_id in zip(*easy_vqa.get_train_questions(), strict=True):
+        if text.startswith("what") and answer in SHAPES:
+            truth[f"train/{image_id}.png"]["shape"] = answer
+        elif text.startswith("what") and answer in COLORS:
+            truth[f"train/{image_id}.png"]["color"] = answer
+    checked = 0
+    for record in _load(out, "captions.json"):
+        caption = record["conversations"][1]["value"]
+        words = re.findall(r"[a-z]+", caption.lower())
+        assert len([w for w in words if w in SHAPES]) == 1, caption
+        assert len([w for w in words if w in COLORS]) == 1, caption
+        label = truth.get(record["image"], {})
+        if "shape" in label and "color" in label:
+            assert f"{label['color']} {label['shape']}" in caption, (record["image"], caption, label)
+            checked += 1
+    assert checked > N_TRAIN // 2
+    assert len({r["conversations"][1]["value"].split()[0] for r in _load(out, "captions.json")}) > 1
+
+
+def test_test_questions_and_answers(converted: tuple[Path, dict[str, Any]]) -> None:
+    out, _ = converted
+    answers = json.loads((out / "test_answers.json").read_text("utf-8"))
+    texts, gold, image_ids = easy_vqa.get_test_questions()
+    lines = [json.loads(line) for line in (out / "test_questions.jsonl").read_text("utf-8").splitlines()]
+    assert [q["question_id"] for q in lines] == list(answers)
+    for q in lines:
+        assert list(q) == ["question_id", "image", "text", "category"]
+        index = int(q["question_id"])
+        assert q["text"] == f"{texts[index]}\n{SHORT_ANSWER_PROMPT}"
+        assert q["image"] == f"test/{image_ids[index]}.png"
+        assert (out / "images" / q["image"]).is_file()
+        answer = answers[q["question_id"]]
+        assert answer["answer"] == gold[index]
+        expected = "yes/no" if gold[index] in ("yes", "no") else "shape" if gold[index] in SHAPES else "color"
+        assert answer["type"] == q["category"] == expected
+    assert {a["type"] for a in answers.values()} == {"yes/no", "shape", "color"}
+
+
+@pytest.mark.parametrize("kind", ["captions", "instruct"])
+def test_shards_hold_the_json_records(converted: tuple[Path, dict[str, Any]], kind: str) -> None:
+    out, _ = converted
+    records = _load(out, f"{kind}.json")
+    urls = [str(p) for p in sorted((out / "wds").glob(f"{kind}-*.tar"))]
+    samples = list(wds.WebDataset(urls, shardshuffle=False))
+    assert [s["__key__"] for s in samples] == [llava_format.sanitize_key(r["id"]) for r in records]
+    for sample, record in zip(samples, records, strict=True):
+        assert "." not in sample["__key__"]
+        assert json.loads(sample["json"]) == record
+        assert sample["png"] == (out / "images" / record["image"]).read_bytes()
+
+
+def test_tokenizer_encodes_answers_as_single_tokens(converted: tuple[Path, dict[str, Any]]) -> None:
+    out, result = converted
+    tok = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
+    assert len(tok) == result["counts"]["tokenizer.vocab_size"] <= 1024
+    for answer in ANSWERS:
+        ids = tok.encode(answer, add_special_tokens=False)
+        assert len(ids) == 1 and tok.decode(ids) == answer
+    text = tok.apply_chat_template(
+        [
+            {"role": "user", "content": "<image>\nwhat color is the shape?"},
+            {"role": "assistant", "content": "red"},
+        ],
+        tokenize=False,
+    )
+    tokens = tok.tokenize(text)
+    assert tokens.count("<image>") == 1 and "user" in tokens and "assistant" in tokens
+    assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+
+
+def test_rerun_skips_and_leaves_files_alone(
+    converted: tuple[Path, dict[str, Any]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, first = converted
+    before = _mtimes(out)
+    code = main(
+        [
+            "--out",
+            str(out),
+            "--max-train-images",
+            str(N_TRAIN),
+            "--max-test-questions",
+            str(N_TEST),
+            "--shards-size",
+            str(SHARD_SIZE),
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert printed.count("skipped") == len(ARTIFACTS) and "wrote" not in printed
+    assert "tokenizer vocab size" in printed
+    assert _mtimes(out) == before
+    second = _convert(out)
+    assert set(second["actions"].values()) == {"skipped"}
+    assert second["content_hash"] == first["content_hash"]
+
+
+def test_rerun_repairs_and_rebuilds_only_what_changed(
+    converted: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    out = tmp_path / "copy"
+    shutil.copytree(converted[0], out)
+    (out / "images/train/0.png").unlink()
+    (out / "captions.json").write_text("[]", "utf-8")
+    result = prepare_easyvqa(
+        out, max_train_images=N_TRAIN, max_test_questions=N_TEST, shard_size=SHARD_SIZE * 2, log=None
+    )
+    rebuilt = {name for name, action in result["actions"].items() if action == "wrote"}
+    assert rebuilt == {"images_train", "captions", "wds_captions", "wds_instruct"}
+    assert (out / "images/train/0.png").is_file()
+    assert len(_load(out, "captions.json")) == N_TRAIN
+    # The old, smaller shards are gone, not left behind for a glob to pick up.
+    assert len(list((out / "wds").glob("captions-*.tar"))) == -(-N_TRAIN // (SHARD_SIZE * 2))
+    assert result["content_hash"] != converted[1]["content_hash"]  # shard layout differs
+    forced = prepare_easyvqa(
+        out,
+        max_train_images=N_TRAIN,
+        max_test_questions=N_TEST,
+        shard_size=SHARD_SIZE * 2,
+        force=True,
+        log=None,
+    )
+    assert set(forced["actions"].values()) == {"wrote"}
+    assert forced["content_hash"] == result["content_hash"]  # the output is deterministic
+
+
+def test_cli_rejects_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--out", str(tmp_path), "--max-train-images", "0"]) == 2
+    assert "max_train_images" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main(["--out", str(tmp_path / "file")]) == 2
+
+
+def test_labels_from_negated_questions_and_pixels() -> None:
+    paths = {i: Path(p) for i, p in easy_vqa.get_train_image_paths().items() if i < 60}
+    texts, answers, image_ids = easy_vqa.get_train_questions()
+    questions = [
+        Question(i, t, a, img)
+        for i, (t, a, img) in enumerate(zip(texts, answers, image_ids, strict=True))
+        if img in paths
+    ]
+    labels, stats = recover_labels(questions, paths)
+    assert stats["pixel_disagreements"] == 0 and stats["from_pixels"] > 0
+    for image_id, path in paths.items():
+        assert classify_image_pixels(path) == (labels[image_id].shape, labels[image_id].color)
+    # Negations: "is there not a red shape?" -> "no" means red; "is no circle present?" -> "yes" rules out circle.
+    image = next(iter(paths))
+    made_up = [
+        Question(0, "is there not a red shape?", "no", image),
+        Question(1, "is no circle present?", "yes", image),
+        Question(2, "is there a triangle?", "no", image),
+    ]
+    # Image 0 is a blue rectangle: questions that settle both override the pixels (counted, not raised).
+    labels, stats = recover_labels(made_up, {image: paths[image]})
+    assert (labels[image].shape, labels[image].color, labels[image].source) == (
+        "rectangle",
+        "red",
+        "questions",
+    )
+    assert stats["pixel_disagreements"] == 1
+    with pytest.raises(DataError, match="contradicts"):
+        recover_labels(
+            [*made_up, Question(3, "what color is the shape?", "blue", image)], {image: paths[image]}
+        )
