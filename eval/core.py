@@ -148,7 +148,9 @@ def unique_by_qid(preds: list[Prediction]) -> dict[str, Prediction]:
     for p in preds:
         k = qid_key(p.question_id)
         if k in out:
-            raise DataError(f"{p.where}: question_id {p.question_id!r} answered twice (first at {out[k].where})")
+            raise DataError(
+                f"{p.where}: question_id {p.question_id!r} answered twice (first at {out[k].where})"
+            )
         out[k] = p
     return out
 

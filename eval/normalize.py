@@ -145,7 +145,9 @@ def mme_yes_no(text: str) -> str:
 # --------------------------------------------------------------------------------------- option letters
 _LETTER_ALONE = re.compile(r"^\(?([A-Za-z])\)?[.:)]?$")  # "B", "b", "B.", "(B)", "B)"
 _LETTER_LEAD = re.compile(r"^\(?([A-Z])(?:\)|[.:])(?:\s|$)")  # "B. cat", "(B) cat", "B: cat"
-_ANSWER_IS = re.compile(r"answer is:?\s*(?:option\s*)?\(?([A-Z])\b(?![a-z'])", re.IGNORECASE)
+# "The answer is B", "answer: (C)", "Answer is option D"; the letter itself must be upper-case so that
+# "the answer is a dog" does not read as option A.
+_ANSWER_IS = re.compile(r"(?i:answer)(?:\s+(?i:is))?\s*:?\s*(?:(?i:option)\s*)?\(?([A-Z])\b(?![a-z'])")
 _PAREN_LETTER = re.compile(r"\(([A-Z])\)")
 
 

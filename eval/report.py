@@ -22,7 +22,17 @@ from pathlib import Path
 from mllm_kd.errors import DataError
 from mllm_kd.eval.tasks import TASKS
 
-TITLES = {"vqav2": "VQAv2", "gqa": "GQA", "vizwiz": "VizWiz", "scienceqa": "SQA-IMG", "textvqa": "TextVQA", "pope": "POPE", "mme": "MME-P", "mmbench": "MMBench", "easyvqa": "easy-VQA"}
+TITLES = {
+    "vqav2": "VQAv2",
+    "gqa": "GQA",
+    "vizwiz": "VizWiz",
+    "scienceqa": "SQA-IMG",
+    "textvqa": "TextVQA",
+    "pope": "POPE",
+    "mme": "MME-P",
+    "mmbench": "MMBench",
+    "easyvqa": "easy-VQA",
+}
 
 
 @dataclass
@@ -73,14 +83,24 @@ def markdown_table(rows: list[RunScores]) -> str:
     tasks = [t for t in TASKS if any(t in r.values for r in rows)]
     tasks += sorted({t for r in rows for t in r.values} - set(tasks))
     names = [r.model_id or r.run.name for r in rows]
-    lines = ["| Model | " + " | ".join(TITLES.get(t, t) for t in tasks) + " | Avg |", "|---" * (len(tasks) + 2) + "|"]
+    lines = [
+        "| Model | " + " | ".join(TITLES.get(t, t) for t in tasks) + " | Avg |",
+        "|---" * (len(tasks) + 2) + "|",
+    ]
     for r, name in zip(rows, names, strict=True):
         label = f"{name} ({r.run})" if names.count(name) > 1 else name
         cells = [f"{r.values[t]:.1f}" if t in r.values else "–" for t in tasks]
         scaled = [100.0 * v / r.maxima[t] for t, v in r.values.items()]
-        avg = f"{sum(scaled) / len(scaled):.1f}" + ("*" if len(r.values) < len(tasks) else "") if scaled else "–"
+        avg = (
+            f"{sum(scaled) / len(scaled):.1f}" + ("*" if len(r.values) < len(tasks) else "")
+            if scaled
+            else "–"
+        )
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {avg} |")
-    notes = ["", "Avg: mean over the row's benchmarks, each on a 0-100 scale (MME-P: perception / 2000 * 100)."]
+    notes = [
+        "",
+        "Avg: mean over the row's benchmarks, each on a 0-100 scale (MME-P: perception / 2000 * 100).",
+    ]
     if any(len(r.values) < len(tasks) for r in rows):
         notes.append("*: the row lacks some benchmarks, so its Avg is not comparable with the others.")
     return "\n".join(lines + notes) + "\n"

@@ -229,6 +229,7 @@ class StageConfig:
         "runs/default"  # where every stage of the run writes (stage outputs are ${run_dir}/<stage>)
     )
     data_dir: str | None = None  # root of the prepared data set, for `${data_dir}` interpolation in paths
+    teacher_dir: str | None = None  # the teacher's run directory, for `${teacher_dir}` interpolation
     stage: str = ""  # this stage's name (set by the entry point)
     output_dir: str = ""  # this stage's directory; defaults to ${run_dir}/<stage>
     init_from: str | None = (

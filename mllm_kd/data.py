@@ -213,6 +213,17 @@ class ConversationEncoder:
             prev = full
         return out
 
+    def prompt_ids(self, question: str) -> list[int]:
+        """Token ids of a one-turn prompt ending where the assistant's answer starts (for generation)."""
+        if self.template == "caption":
+            return self._ids(IMAGE_TOKEN * question.count(IMAGE_TOKEN))
+        if self.template == "plain":
+            system = self.system_prompt + "\n\n" if self.system_prompt else ""
+            return self._ids(f"{system}USER: {question}\nASSISTANT: ")
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        messages.append({"role": "user", "content": question})
+        return self._ids(self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
     def __call__(self, conv: list[dict]) -> tuple[list[int], list[int]]:
         ids: list[int] = []
         labels: list[int] = []

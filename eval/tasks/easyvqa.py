@@ -50,7 +50,9 @@ class EasyVQATask(Task):
         if isinstance(data, dict) and "question_id" in data:  # a one-line JSONL file
             data = [data]
         if isinstance(data, list):
-            data = {qid_key(get_field(r, "question_id", f"{path}: record {i}")): r for i, r in enumerate(data)}
+            data = {
+                qid_key(get_field(r, "question_id", f"{path}: record {i}")): r for i, r in enumerate(data)
+            }
         if not isinstance(data, dict):
             raise DataError(f"{path}: expected a JSON object of question_id -> {{answer, type}}, or JSONL")
         for qid, item in data.items():

@@ -68,7 +68,12 @@ class GQATask(Task):
             if not q.get("isBalanced", True):  # the official accuracy counts balanced questions only
                 continue
             gold = get_field(q, "answer", f"{annotations.source}: question {p.question_id}")
-            rows.append((str((q.get("types") or {}).get("structural", "unknown")), float(gqa_normalize(p.text) == gold)))
+            rows.append(
+                (
+                    str((q.get("types") or {}).get("structural", "unknown")),
+                    float(gqa_normalize(p.text) == gold),
+                )
+            )
         binary = [c for t, c in rows if t != "query"]
         open_ = [c for t, c in rows if t == "query"]
         return {

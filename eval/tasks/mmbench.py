@@ -75,7 +75,16 @@ class MMBenchTask(Task):
                         if _blank(rec.get(letter)):
                             break
                         options.append(rec[letter])
-                    data.rows[idx] = MMBRow(idx, rec["question"], "" if _blank(rec.get("hint")) else rec["hint"], options, (rec.get("answer") or "").strip(), rec.get("category") or "", rec.get("l2-category") or "", rec.get("image"))
+                    data.rows[idx] = MMBRow(
+                        idx,
+                        rec["question"],
+                        "" if _blank(rec.get("hint")) else rec["hint"],
+                        options,
+                        (rec.get("answer") or "").strip(),
+                        rec.get("category") or "",
+                        rec.get("l2-category") or "",
+                        rec.get("image"),
+                    )
                 except (KeyError, TypeError, ValueError) as e:
                     raise DataError(f"{path}:{n}: malformed MMBench row ({e!r})") from e
         return data
@@ -105,17 +114,24 @@ class MMBenchTask(Task):
                 raise DataError(f"{p.where}: MMBench question_id/round_id must be integers ({e})") from e
             row = annotations.rows.get(idx)
             if row is None:
-                raise DataError(f"{p.where}: question_id {p.question_id!r} is not in the annotations ({annotations.source})")
+                raise DataError(
+                    f"{p.where}: question_id {p.question_id!r} is not in the annotations ({annotations.source})"
+                )
             if not row.answer:
-                raise DataError(f"{annotations.source}: row {idx} has no answer (a test split is scored by the MMBench server)")
+                raise DataError(
+                    f"{annotations.source}: row {idx} has no answer (a test split is scored by the MMBench server)"
+                )
             if (idx, rnd) in seen:
-                raise DataError(f"{p.where}: question {idx} round {rnd} answered twice (first at {seen[idx, rnd]})")
+                raise DataError(
+                    f"{p.where}: question {idx} round {rnd} answered twice (first at {seen[idx, rnd]})"
+                )
             seen[idx, rnd] = p.where
             shown = p.get("options") or row.options
             chars = p.get("option_char") or list(LETTERS[: len(shown)])
             letter = extract_letter(p.text, shown)
             unparsed += letter is None
-            ok = letter is not None and chars[LETTERS.index(letter)] == row.answer  # map back to the original letter
+            # The letter shown -> the option's letter in the TSV row, which ``answer`` refers to.
+            ok = letter is not None and chars[LETTERS.index(letter)] == row.answer
             groups.setdefault(idx % CIRCULAR_STRIDE, []).append(ok)
             if idx < CIRCULAR_STRIDE and rnd == 0:
                 single.append(ok)

@@ -19,7 +19,18 @@ from mllm_kd.errors import DataError
 from mllm_kd.eval.core import SHORT_ANSWER, Prediction, Question, Task, pct
 from mllm_kd.eval.normalize import mme_yes_no
 
-PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR")
+PERCEPTION = (
+    "existence",
+    "count",
+    "position",
+    "color",
+    "posters",
+    "celebrity",
+    "scene",
+    "landmark",
+    "artwork",
+    "OCR",
+)
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 YES_NO = "Please answer yes or no."
 
@@ -54,7 +65,9 @@ class MMETask(Task):
             nested = (sub / "questions_answers_YN").is_dir()
             qa_dir, img_dir = (sub / "questions_answers_YN", sub / "images") if nested else (sub, sub)
             for txt in sorted(qa_dir.glob("*.txt")):
-                image = next((i for e in (".jpg", ".png", ".jpeg") if (i := img_dir / f"{txt.stem}{e}").exists()), None)
+                image = next(
+                    (i for e in (".jpg", ".png", ".jpeg") if (i := img_dir / f"{txt.stem}{e}").exists()), None
+                )
                 qas = []
                 for n, line in enumerate(txt.read_text(encoding="utf-8").splitlines(), 1):
                     parts = line.strip().split("\t")
@@ -62,7 +75,10 @@ class MMETask(Task):
                         raise DataError(f"{txt}:{n}: expected 'question<TAB>Yes|No'")
                     if line.strip():
                         qas.append((parts[0], parts[1].strip().lower()))
-                data.images[(sub.name, txt.stem)] = (image.relative_to(path).as_posix() if image else None, qas)
+                data.images[(sub.name, txt.stem)] = (
+                    image.relative_to(path).as_posix() if image else None,
+                    qas,
+                )
         if not data.images:
             raise DataError(f"{path}: no MME subtask folders with question txt files")
         return data
@@ -83,7 +99,9 @@ class MMETask(Task):
             gold = {question_key(q): a for q, a in annotations.images.get(img, (None, []))[1]}
             key = question_key(p.prompt)
             if key not in gold:
-                raise DataError(f"{p.where}: question_id {p.question_id!r} with prompt {p.prompt!r} is not in the annotations ({annotations.source})")
+                raise DataError(
+                    f"{p.where}: question_id {p.question_id!r} with prompt {p.prompt!r} is not in the annotations ({annotations.source})"
+                )
             if key in answered.setdefault(img, {}):
                 raise DataError(f"{p.where}: question {key!r} of {p.question_id!r} answered twice")
             answered[img][key] = mme_yes_no(p.text) == gold[key]
@@ -92,8 +110,15 @@ class MMETask(Task):
             imgs = [(img, res) for img, res in answered.items() if img[0] == sub]
             acc = sum(sum(r.values()) for _, r in imgs) / sum(len(r) for _, r in imgs)
             # accuracy+: every question of the image (normally 2) answered and right
-            plus = sum(all(r.values()) and len(r) == len(annotations.images[img][1]) for img, r in imgs) / len(imgs)
-            subtasks[sub] = {"accuracy": pct(acc), "accuracy_plus": pct(plus), "score": 100 * (acc + plus), "n": sum(len(r) for _, r in imgs)}
+            plus = sum(
+                all(r.values()) and len(r) == len(annotations.images[img][1]) for img, r in imgs
+            ) / len(imgs)
+            subtasks[sub] = {
+                "accuracy": pct(acc),
+                "accuracy_plus": pct(plus),
+                "score": 100 * (acc + plus),
+                "n": sum(len(r) for _, r in imgs),
+            }
         n = sum(len(r) for r in answered.values())
         return {
             "perception": round(sum(v["score"] for k, v in subtasks.items() if k in PERCEPTION), 2),

@@ -35,7 +35,14 @@ def binary_metrics(pairs: list[tuple[str, str]]) -> dict[str, float]:
     precision, recall = ratio(tp, tp + fp), ratio(tp, tp + sum(p == "no" and g == "yes" for p, g in pairs))
     f1 = ratio(2 * precision * recall, precision + recall)
     yes = sum(p == "yes" for p, _ in pairs)
-    return {"accuracy": pct(ratio(tp + tn, len(pairs))), "precision": pct(precision), "recall": pct(recall), "f1": pct(f1), "yes_ratio": pct(ratio(yes, len(pairs))), "n": len(pairs)}
+    return {
+        "accuracy": pct(ratio(tp + tn, len(pairs))),
+        "precision": pct(precision),
+        "recall": pct(recall),
+        "f1": pct(f1),
+        "yes_ratio": pct(ratio(yes, len(pairs))),
+        "n": len(pairs),
+    }
 
 
 class POPETask(Task):
@@ -64,7 +71,11 @@ class POPETask(Task):
 
     def questions(self, path: Path, split: str | None = None) -> list[Question]:
         data = self.load(path, split)
-        return [Question(f"{s}/{q}", r.get("image"), f"{r.get('text')}\n{SHORT_ANSWER}") for s, rows in data.rows.items() for q, r in rows.items()]
+        return [
+            Question(f"{s}/{q}", r.get("image"), f"{r.get('text')}\n{SHORT_ANSWER}")
+            for s, rows in data.rows.items()
+            for q, r in rows.items()
+        ]
 
     def _label(self, p: Prediction, data: POPEData) -> tuple[str, str, str]:
         """(split, key, label) of a prediction; key identifies the annotation line within its split."""
@@ -79,10 +90,14 @@ class POPETask(Task):
             split = q.get("category")
             row = data.by_text.get((str(split), q.get("image"), str(q.get("text", "")).split("\n")[0]))
         if row is None:
-            raise DataError(f"{p.where}: question_id {p.question_id!r} (split {split}) is not in the annotations ({data.source})")
+            raise DataError(
+                f"{p.where}: question_id {p.question_id!r} (split {split}) is not in the annotations ({data.source})"
+            )
         label = row.get("label")
         if label not in ("yes", "no"):
-            raise DataError(f"{data.source}: split {split} question {row['question_id']}: label must be yes/no, got {label!r}")
+            raise DataError(
+                f"{data.source}: split {split} question {row['question_id']}: label must be yes/no, got {label!r}"
+            )
         return str(split), f"{split}/{row['question_id']}", label
 
     def score(self, predictions: list[Prediction], annotations: POPEData) -> dict[str, Any]:

@@ -87,7 +87,11 @@ class ScienceQATask(Task):
                 raise unknown_question(p, f"{annotations.source}, split {annotations.split}")
             letter = parse_letter(p.text)
             n_choices = len(get_field(prob, "choices", f"problem {p.question_id}"))
-            ok = float(letter is not None and OPTIONS.index(letter) < n_choices and OPTIONS.index(letter) == prob["answer"])
+            ok = float(
+                letter is not None
+                and OPTIONS.index(letter) < n_choices
+                and OPTIONS.index(letter) == prob["answer"]
+            )
             subj.append((SUBJECTS.get(prob.get("subject", ""), "other"), ok))
             # A question can be both TXT and IMG (hint and image), as in the official breakdown.
             ctx += [(c, ok) for c, has in (("TXT", prob.get("hint")), ("IMG", prob.get("image"))) if has]

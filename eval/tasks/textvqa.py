@@ -70,10 +70,15 @@ class TextVQATask(Task):
         out = []
         for i, item in enumerate(self._data(path)):
             where = f"{path}: data[{i}]"
-            ocr = item.get("ocr_tokens")  # only some releases carry OCR tokens; LLaVA's v051_ocr file adds them
+            # Only some releases carry OCR tokens (LLaVA's llava_textvqa_val_v051_ocr.jsonl adds them).
+            ocr = item.get("ocr_tokens")
             ref = f"\nReference OCR token: {', '.join(ocr)}" if ocr else ""
             prompt = f"{get_field(item, 'question', where)}{ref}\n{SHORT_ANSWER}"
-            out.append(Question(get_field(item, "question_id", where), f"{get_field(item, 'image_id', where)}.jpg", prompt))
+            out.append(
+                Question(
+                    get_field(item, "question_id", where), f"{get_field(item, 'image_id', where)}.jpg", prompt
+                )
+            )
         return out
 
     def score(self, predictions: list[Prediction], annotations: TextVQAData) -> dict[str, Any]:
@@ -89,4 +94,8 @@ class TextVQATask(Task):
                 raise DataError(f"{p.where}: answers question {qid} again (first at {seen[qid].where})")
             seen[qid] = p
             scores.append(soft_accuracy(evalai_normalize(p.text), annotations.answers[qid]))
-        return {"accuracy": pct(sum(scores) / len(scores)), "n": len(scores), "missing": len(annotations.answers) - len(seen)}
+        return {
+            "accuracy": pct(sum(scores) / len(scores)),
+            "n": len(scores),
+            "missing": len(annotations.answers) - len(seen),
+        }

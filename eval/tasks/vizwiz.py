@@ -48,7 +48,11 @@ class VizWizTask(Task):
         for i, item in enumerate(self._items(path)):
             where = f"{path}: item {i}"
             image = str(get_field(item, "image", where))
-            out.append(Question(image, image, f"{get_field(item, 'question', where)}\n{UNANSWERABLE}\n{SHORT_ANSWER}"))
+            out.append(
+                Question(
+                    image, image, f"{get_field(item, 'question', where)}\n{UNANSWERABLE}\n{SHORT_ANSWER}"
+                )
+            )
         return out
 
     def _resolve(self, preds: list[Prediction], data: VQAData) -> list[Prediction]:
@@ -72,5 +76,7 @@ class VizWizTask(Task):
     def score(self, predictions: list[Prediction], annotations: VQAData) -> dict[str, Any]:
         return soft_score(self._resolve(predictions, annotations), annotations)
 
-    def write_submission(self, predictions: list[Prediction], annotations: VQAData, path: Path) -> dict[str, Any]:
+    def write_submission(
+        self, predictions: list[Prediction], annotations: VQAData, path: Path
+    ) -> dict[str, Any]:
         return write_upload(self._resolve(predictions, annotations), annotations, path, "image")

@@ -50,7 +50,12 @@ def soft_score(preds: list[Prediction], data: VQAData) -> dict[str, Any]:
             raise unknown_question(p, data.source)
         pairs.append((item[1], soft_accuracy(vqa_normalize(p.text), item[0])))
     overall = pct(sum(s for _, s in pairs) / len(pairs))
-    return {"accuracy": overall, "by_answer_type": mean_by(pairs), "n": len(pairs), "missing": len(data.answers) - len(pairs)}
+    return {
+        "accuracy": overall,
+        "by_answer_type": mean_by(pairs),
+        "n": len(pairs),
+        "missing": len(data.answers) - len(pairs),
+    }
 
 
 def write_upload(preds: list[Prediction], data: VQAData, path: Path, id_field: str) -> dict[str, Any]:
@@ -61,9 +66,16 @@ def write_upload(preds: list[Prediction], data: VQAData, path: Path, id_field: s
     for p in by_qid.values():
         if qid_key(p.question_id) not in known:
             raise unknown_question(p, data.source)
-    rows = [{id_field: q, "answer": evalai_normalize(by_qid[qid_key(q)].text) if qid_key(q) in by_qid else ""} for q in data.ids]
+    rows = [
+        {id_field: q, "answer": evalai_normalize(by_qid[qid_key(q)].text) if qid_key(q) in by_qid else ""}
+        for q in data.ids
+    ]
     write_json(path, rows)
-    return {"submission": str(path), "submission_rows": len(rows), "submission_missing": len(rows) - len(by_qid)}
+    return {
+        "submission": str(path),
+        "submission_rows": len(rows),
+        "submission_missing": len(rows) - len(by_qid),
+    }
 
 
 class VQAv2Task(Task):
@@ -91,11 +103,18 @@ class VQAv2Task(Task):
                 # only with processPunctuation.
                 if len(set(gts)) > 1:
                     gts = [process_punctuation(g) for g in gts]
-                answers[qid_key(get_field(a, "question_id", where))] = (gts, str(a.get("answer_type", "other")))
+                answers[qid_key(get_field(a, "question_id", where))] = (
+                    gts,
+                    str(a.get("answer_type", "other")),
+                )
             return VQAData(path, [a["question_id"] for a in data["annotations"]], answers)
         if isinstance(data, dict) and isinstance(data.get("questions"), list):
-            return VQAData(path, [get_field(q, "question_id", f"{path}: questions") for q in data["questions"]], {})
-        raise DataError(f"{path}: neither a VQA annotations file ('annotations') nor a questions file ('questions')")
+            return VQAData(
+                path, [get_field(q, "question_id", f"{path}: questions") for q in data["questions"]], {}
+            )
+        raise DataError(
+            f"{path}: neither a VQA annotations file ('annotations') nor a questions file ('questions')"
+        )
 
     def questions(self, path: Path, split: str | None = None) -> list[Question]:
         self.check_split(split)
@@ -119,5 +138,7 @@ class VQAv2Task(Task):
     def score(self, predictions: list[Prediction], annotations: VQAData) -> dict[str, Any]:
         return soft_score(predictions, annotations)
 
-    def write_submission(self, predictions: list[Prediction], annotations: VQAData, path: Path) -> dict[str, Any]:
+    def write_submission(
+        self, predictions: list[Prediction], annotations: VQAData, path: Path
+    ) -> dict[str, Any]:
         return write_upload(predictions, annotations, path, "question_id")
