@@ -74,6 +74,14 @@ def ratio(num: float, den: float) -> float:
     return num / den if den else 0.0
 
 
+def mean_by(pairs: list[tuple[str, float]]) -> dict[str, float]:
+    """(group, score in [0, 1]) pairs -> {group: mean score in percent}, groups sorted by name."""
+    sums: dict[str, list[float]] = {}
+    for group, s in pairs:
+        sums.setdefault(group, []).append(s)
+    return {g: pct(sum(v) / len(v)) for g, v in sorted(sums.items())}
+
+
 # ---------------------------------------------------------------------------------------------- files
 def require_file(path: Path, what: str) -> Path:
     if not path.is_file():
@@ -107,14 +115,36 @@ def iter_jsonl(path: Path, what: str = "annotation file") -> Iterator[tuple[int,
             yield n, obj
 
 
+def find_one(folder: Path, patterns: tuple[str, ...], what: str) -> Path | None:
+    """The single file in ``folder`` matching one of ``patterns`` (None if none; an error if several)."""
+    hits = sorted({p for pat in patterns for p in folder.glob(pat) if p.is_file()})
+    if len(hits) > 1:
+        names = ", ".join(h.name for h in hits)
+        raise DataError(f"{folder}: several {what} files ({names}); pass the one you mean")
+    return hits[0] if hits else None
+
+
+def get_field(obj: Any, key: str, where: str) -> Any:
+    """``obj[key]``, or a DataError naming ``where`` and the missing key."""
+    if not isinstance(obj, dict) or key not in obj:
+        raise DataError(f"{where}: missing field {key!r}")
+    return obj[key]
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f)
+
+
 def read_predictions(path: str | Path) -> list[Prediction]:
     """Read a LLaVA answers JSONL file. Each line needs ``question_id`` and a string ``text``."""
     path = Path(path)
     preds = []
     for n, obj in iter_jsonl(path, "predictions file"):
         where = f"{path}:{n}"
-        if "question_id" not in obj:
-            raise DataError(f"{where}: no 'question_id'")
+        if not isinstance(obj.get("question_id"), (int, str)) or isinstance(obj["question_id"], bool):
+            raise DataError(f"{where}: 'question_id' must be an int or a string")
         if not isinstance(obj.get("text"), str):
             raise DataError(f"{where}: 'text' must be a string (question {obj['question_id']!r})")
         meta = obj.get("metadata") or {}
@@ -191,33 +221,3 @@ class Task(ABC):
     def check_split(self, split: str | None) -> None:
         if split is not None and not self.has_splits:
             raise ConfigError(f"task {self.name!r} takes no --split")
-
-
-def mean_by(pairs: list[tuple[str, float]]) -> dict[str, float]:
-    """(group, score in [0, 1]) pairs -> {group: mean score in percent}, groups sorted by name."""
-    sums: dict[str, list[float]] = {}
-    for group, s in pairs:
-        sums.setdefault(group, []).append(s)
-    return {g: pct(sum(v) / len(v)) for g, v in sorted(sums.items())}
-
-
-def find_one(folder: Path, patterns: tuple[str, ...], what: str) -> Path | None:
-    """The single file in ``folder`` matching one of ``patterns`` (None if none; an error if several)."""
-    hits = sorted({p for pat in patterns for p in folder.glob(pat) if p.is_file()})
-    if len(hits) > 1:
-        names = ", ".join(h.name for h in hits)
-        raise DataError(f"{folder}: several {what} files ({names}); pass the one you mean")
-    return hits[0] if hits else None
-
-
-def get_field(obj: Any, key: str, where: str) -> Any:
-    """``obj[key]``, or a DataError naming ``where`` and the missing key."""
-    if not isinstance(obj, dict) or key not in obj:
-        raise DataError(f"{where}: missing field {key!r}")
-    return obj[key]
-
-
-def write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 from collections.abc import Sequence
@@ -62,6 +63,7 @@ COMMA_STRIP = re.compile(r"(\d)(\,)(\d)")
 _OFFICIAL_PERIOD_COUNT = int(re.UNICODE)
 
 
+@functools.lru_cache(maxsize=1 << 18)  # human answers repeat a lot: VQAv2 val has 2M of them
 def process_punctuation(text: str) -> str:
     """Official ``processPunctuation``: drop a mark next to a space (or anywhere once "d,d" occurs, so
     "1,000" -> "1000"), otherwise turn it into a space ("black-white" -> "black white")."""

@@ -117,6 +117,7 @@ def resolve_checkpoint(path: str | Path, what: str = "checkpoint") -> Path:
     """The checkpoint directory ``path`` points at: itself, or a finished stage directory's ``final/``."""
     path = Path(path)
     for candidate in (path, path / FINAL):
+        _recover_interrupted_swap(candidate)
         if (candidate / WEIGHTS).is_file() and (candidate / "trainer_state.json").is_file():
             return candidate
     if not path.exists():
@@ -124,6 +125,14 @@ def resolve_checkpoint(path: str | Path, what: str = "checkpoint") -> Path:
     raise CheckpointError(
         f"{what} {path} holds no finished checkpoint (no {FINAL}/{WEIGHTS}); did its stage finish?"
     )
+
+
+def _recover_interrupted_swap(target: Path) -> None:
+    """A crash between the two renames of :func:`atomic_dir` leaves only ``.name.old-PID``: put it back."""
+    if not target.exists():
+        olds = sorted(target.parent.glob(f".{target.name}.old-*")) if target.parent.is_dir() else []
+        if olds:
+            os.replace(olds[-1], target)
 
 
 def read_model_config(ckpt: Path) -> ModelConfig:

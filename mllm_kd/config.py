@@ -42,7 +42,7 @@ class VisionConfig:
     checkpoint: str | None = (
         None  # take the vision tower (architecture + weights) of this mllm_kd checkpoint directory
     )
-    feature_layer: int = -2  # which hidden layer's output feeds the projector (-2: second to last, as LLaVA)
+    feature_layer: int = -2  # hidden state feeding the projector: 0 embeddings, k after block k, -1 last, -2 second to last (LLaVA)
     drop_cls: bool = True  # drop the class token from the features (CLIP has one, SigLIP does not)
     image_size: int | None = None  # input resolution; taken from the architecture when None
     image_mean: list[float] = field(

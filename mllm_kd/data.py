@@ -78,7 +78,10 @@ def validate_record(rec: Any, where: str) -> None:
     if conv[-1]["from"] != "gpt":
         raise DataError(f"{where}: sample {sid!r} ends with a human turn that has no answer")
     n_placeholders = sum(t["value"].count(IMAGE_TOKEN) for t in conv)
-    n_images = len(record_images(rec))
+    try:
+        n_images = len(record_images(rec))
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from e
     if n_placeholders != n_images:
         raise DataError(
             f"{where}: sample {sid!r} has {n_placeholders} {IMAGE_TOKEN} placeholders but {n_images} images"
@@ -88,10 +91,14 @@ def validate_record(rec: Any, where: str) -> None:
 
 
 def record_images(rec: dict) -> list[str]:
+    """The image names of a record: ``image`` as a string or a list of strings (none when absent)."""
     image = rec.get("image")
     if image is None:
         return list(rec.get("_image_keys", []))
-    return [image] if isinstance(image, str) else list(image)
+    images = [image] if isinstance(image, str) else image
+    if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
+        raise DataError(f"sample {rec.get('id', '<no id>')!r}: 'image' must be a path or a list of paths, got {image!r:.80}")
+    return images
 
 
 def load_llava_json(cfg: DataConfig) -> list[dict]:

@@ -8,12 +8,18 @@ end-of-turn token.
 
 from __future__ import annotations
 
+import json
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from mllm_kd.data import ConversationEncoder, ImageProcessor
+from mllm_kd.errors import DataError
 from mllm_kd.model import MultimodalLM
+from mllm_kd.tokenization import IMAGE_TOKEN
 
 
 @dataclass
@@ -71,3 +77,75 @@ class Generator:
             pad_token_id=tok.pad_token_id,
         )
         return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
+
+
+def read_questions(path: str | Path) -> list[dict]:
+    """A LLaVA question file (JSONL of ``question_id``, ``image``, ``text``); errors name the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"question file {path} does not exist")
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            q = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid JSON: {e}") from e
+        if not isinstance(q, dict) or "question_id" not in q or not isinstance(q.get("text"), str):
+            raise DataError(f"{path}:{n}: a question needs 'question_id' and 'text'")
+        out.append(q)
+    return out
+
+
+def answer_file(
+    generator: Generator,
+    questions: list[dict],
+    image_folder: str | Path,
+    out: str | Path,
+    model_id: str,
+    batch_size: int = 64,
+    chunk: tuple[int, int] = (0, 1),
+    progress: bool = True,
+) -> Path:
+    """Answer LLaVA questions into a LLaVA answer file, appending line by line and resuming a partial one.
+
+    Args:
+        questions: records with ``question_id``, ``text`` and optionally ``image`` (relative to
+            ``image_folder``); ``<image>\\n`` is put before the text of questions with an image, as LLaVA does.
+        chunk: ``(index, count)``: answer only every question whose position % count == index.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = set()
+    if out.exists():  # resume: keep complete lines, drop a torn last line
+        lines = out.read_text().splitlines(keepends=True)
+        good = []
+        for line in lines:
+            try:
+                done.add(str(json.loads(line)["question_id"]))
+                good.append(line)
+            except (json.JSONDecodeError, KeyError):
+                break
+        out.write_text("".join(l if l.endswith("\n") else l + "\n" for l in good))
+    index, count = chunk
+    todo = [q for i, q in enumerate(questions) if i % count == index and str(q["question_id"]) not in done]
+    folder = Path(image_folder)
+    with open(out, "a") as f, tqdm(total=len(todo), desc=f"answering ({model_id})", disable=not progress) as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            prompts, pixels = [], []
+            for q in batch:
+                if q.get("image"):
+                    prompts.append(f"{IMAGE_TOKEN}\n{q['text']}")
+                    pixels.append(generator.images.load(folder / q["image"], f"question {q['question_id']}")[None])
+                else:
+                    prompts.append(q["text"])
+                    pixels.append(None)
+            for q, prompt, text in zip(batch, prompts, generator(prompts, pixels)):
+                row = {"question_id": q["question_id"], "prompt": prompt, "text": text,
+                       "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}}
+                f.write(json.dumps(row) + "\n")
+            f.flush()
+            bar.update(len(batch))
+    return out

@@ -54,11 +54,16 @@ class OpenClipVisionTower(nn.Module):
         self.drop_cls = drop_cls
         size = visual.image_size
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        if feature_layer == 0:
+            raise ConfigError("model.vision.feature_layer=0 (the patch embeddings) is not available for open_clip towers")
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # feature_layer follows HF's hidden_states numbering (0 = embeddings, k = after block k, -1 = last
+        # block), so one value means the same layer on both back-ends; open_clip numbers blocks from 0.
+        index = self.feature_layer - 1 if self.feature_layer > 0 else self.feature_layer
         out = self.visual.forward_intermediates(
             pixel_values,
-            indices=[self.feature_layer],
+            indices=[index],
             output_fmt="NLC",
             intermediates_only=True,
             output_extra_tokens=not self.drop_cls,

@@ -213,13 +213,15 @@ def test_hf_drop_cls_drops_exactly_the_first_token():
     torch.testing.assert_close(drop, keep[:, 1:], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("feature_layer", [-1, -2])
+@pytest.mark.parametrize("feature_layer", [-1, -2, 1, 2])
 def test_open_clip_feature_layer_and_drop_cls(feature_layer):
     torch.manual_seed(0)
     tower = build_vision_tower(vision_cfg("open_clip", feature_layer=feature_layer, drop_cls=False)).eval()
     blocks = tower.visual.transformer.resblocks
     captured = []
-    hook = blocks[feature_layer].register_forward_hook(lambda m, i, o: captured.append(o))
+    # HF numbering on both back-ends: k >= 1 is the output of block k - 1 (0 would be the embeddings)
+    block = blocks[feature_layer - 1] if feature_layer > 0 else blocks[feature_layer]
+    hook = block.register_forward_hook(lambda m, i, o: captured.append(o))
     px = torch.randn(2, 3, 32, 32)
     try:
         with torch.no_grad():
@@ -455,7 +457,9 @@ def test_checkpoint_round_trip(tmp_path, tokenizer, vision, llm, extra):
             p.add_(0.01 * torch.randn_like(p))
     before = _logits(model, tokenizer)
     ckpt = _save(tmp_path / "ckpt", model, cfg, tokenizer, step=7)
-    assert {"model.yaml", "model.safetensors", "tokenizer", "trainer_state.json"} <= {p.name for p in ckpt.iterdir()}
+    assert {"model.yaml", "model.safetensors", "tokenizer", "trainer_state.json"} <= {
+        p.name for p in ckpt.iterdir()
+    }
 
     torch.manual_seed(123)  # a different init: only the loaded weights can reproduce the logits
     loaded, tok2, cfg2 = load_checkpoint_model(ckpt)
@@ -568,7 +572,7 @@ def test_build_from_config_reuses_checkpoint_vision(tmp_path, tokenizer, vision)
 
 def test_build_from_config_needs_vision_source(tokenizer):
     cfg = ModelConfig(vision=VisionConfig(), llm=LLMConfig(config=dict(LLMS["llama"])))
-    with pytest.raises(ConfigError, match="model.vision needs one of"):
+    with pytest.raises(ConfigError, match=r"model\.vision needs one of"):
         build_from_config(cfg, tokenizer)
 
 

@@ -128,6 +128,8 @@ class MMBenchTask(Task):
             seen[idx, rnd] = p.where
             shown = p.get("options") or row.options
             chars = p.get("option_char") or list(LETTERS[: len(shown)])
+            if len(chars) != len(shown):
+                raise DataError(f"{p.where}: 'options' and 'option_char' differ in length")
             letter = extract_letter(p.text, shown)
             unparsed += letter is None
             # The letter shown -> the option's letter in the TSV row, which ``answer`` refers to.

@@ -2,10 +2,11 @@
 the yes-ratio per split, in percent. The headline ``f1`` is the mean over the splits scored.
 
 ``--annotations``: a folder of the official ``coco_pope_{adversarial,popular,random}.json`` (JSONL of
-``{question_id, image, text, label}``) or one such file; ``--split`` keeps one split. A prediction names its
-split by ``question_id`` ``"{split}/{id}"`` (what :meth:`questions` emits) or ``metadata.category``; with a
-single split loaded a bare id is enough. LLaVA's renumbered ids work when the folder also holds LLaVA's
-``llava_pope_test.jsonl`` (``{question_id, image, text, category}``): they are matched on image and question.
+``{question_id, image, text, label}``) or one such file; ``--split`` keeps one split (answers to the others
+are skipped). A prediction names its split by ``question_id`` ``"{split}/{id}"`` (what :meth:`questions`
+emits) or ``metadata.category``; with a single split loaded a bare id is enough. LLaVA's renumbered ids work
+when the folder also holds LLaVA's ``llava_pope_test.jsonl`` (``{question_id, image, text, category}``):
+they are matched on image and question text.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from mllm_kd.eval.normalize import pope_yes_no
 @dataclass
 class POPEData:
     source: Path
+    split: str | None = None  # the --split kept (predictions of other splits are skipped)
+    all_splits: set[str] = field(default_factory=set)  # every coco_pope_<split>.json seen
     rows: dict[str, dict[str, dict]] = field(default_factory=dict)  # split -> question_id -> annotation line
     by_text: dict[tuple[str, Any, Any], dict] = field(default_factory=dict)  # (split, image, text) -> line
     llava: dict[str, dict] = field(default_factory=dict)  # LLaVA question_id -> {image, text, category}
@@ -54,9 +57,10 @@ class POPETask(Task):
         files = sorted(path.glob("coco_pope_*.json")) if path.is_dir() else [path]
         if not files:
             raise DataError(f"{path}: no coco_pope_*.json files")
-        data = POPEData(path)
+        data = POPEData(path, split)
         for f in files:
             name = f.stem.removeprefix("coco_pope_")
+            data.all_splits.add(name)
             if split is None or name == split:
                 rows = data.rows.setdefault(name, {})
                 for n, obj in iter_jsonl(f):
@@ -77,18 +81,20 @@ class POPETask(Task):
             for q, r in rows.items()
         ]
 
-    def _label(self, p: Prediction, data: POPEData) -> tuple[str, str, str]:
-        """(split, key, label) of a prediction; key identifies the annotation line within its split."""
+    def _label(self, p: Prediction, data: POPEData) -> tuple[str, str, str] | None:
+        """(split, split/question_id, label) of a prediction; None if its split was left out by --split."""
         qid, split = str(p.question_id), p.get("category") or p.get("split")
-        if split is None and "/" in qid and qid.split("/", 1)[0] in data.rows:
+        if split is None and qid.split("/", 1)[0] in data.all_splits:
             split, qid = qid.split("/", 1)
-        if split is None and len(data.rows) == 1:
-            split = next(iter(data.rows))
-        row = data.rows.get(str(split), {}).get(qid)
-        if row is None and qid in data.llava:  # LLaVA's merged file: match image and question text
+        if split is None and qid in data.llava:  # LLaVA's renumbered ids: match image and question text
             q = data.llava[qid]
-            split = q.get("category")
-            row = data.by_text.get((str(split), q.get("image"), str(q.get("text", "")).split("\n")[0]))
+            split, text = str(q.get("category")), str(q.get("text", "")).split("\n")[0]
+            row = data.by_text.get((split, q.get("image"), text))
+        else:
+            split = next(iter(data.rows)) if split is None and len(data.rows) == 1 else split
+            row = data.rows.get(str(split), {}).get(qid)
+        if data.split is not None and split != data.split:
+            return None
         if row is None:
             raise DataError(
                 f"{p.where}: question_id {p.question_id!r} (split {split}) is not in the annotations ({data.source})"
@@ -103,8 +109,13 @@ class POPETask(Task):
     def score(self, predictions: list[Prediction], annotations: POPEData) -> dict[str, Any]:
         pairs: dict[str, list[tuple[str, str]]] = {}
         seen: dict[str, str] = {}
+        skipped = 0
         for p in predictions:
-            split, key, label = self._label(p, annotations)
+            found = self._label(p, annotations)
+            if found is None:
+                skipped += 1
+                continue
+            split, key, label = found
             if key in seen:
                 raise DataError(f"{p.where}: answers POPE question {key} again (first at {seen[key]})")
             seen[key] = p.where
@@ -117,4 +128,5 @@ class POPETask(Task):
             "splits": splits,
             "n": len(seen),
             "missing": total - len(seen),
+            "skipped_other_splits": skipped,
         }

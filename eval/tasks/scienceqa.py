@@ -94,8 +94,8 @@ class ScienceQATask(Task):
             )
             subj.append((SUBJECTS.get(prob.get("subject", ""), "other"), ok))
             # A question can be both TXT and IMG (hint and image), as in the official breakdown.
-            ctx += [(c, ok) for c, has in (("TXT", prob.get("hint")), ("IMG", prob.get("image"))) if has]
-            ctx += [] if prob.get("hint") or prob.get("image") else [("NO", ok)]
+            contexts = [c for c, has in (("TXT", prob.get("hint")), ("IMG", prob.get("image"))) if has]
+            ctx += [(c, ok) for c in contexts or ["NO"]]
             g = re.search(r"\d+", str(prob.get("grade", "")))  # "grade7"
             grade.append(("G1-6" if g is None or int(g.group()) <= 6 else "G7-12", ok))
         by_ctx = mean_by(ctx)
