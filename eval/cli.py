@@ -1,11 +1,13 @@
 """Command line of the evaluation package: ``python -m mllm_kd.eval COMMAND ...``.
 
+* ``run --model CKPT --task TASK --questions FILE_OR_DIR --images DIR --out ANSWERS.jsonl [...]``: generate the
+  answers file with a checkpoint (batched greedy decoding, resumable, split over processes; see :mod:`.run`).
 * ``score --task TASK --predictions ANSWERS.jsonl --annotations FILE_OR_DIR [--split S] [--out SCORES.json]
   [--submission UPLOAD.json] [--model-id NAME]``: prints one JSON object of metrics (see each task's module
   for the annotation layout it reads); ``--out`` also writes it, by convention to ``RUN_DIR/eval/TASK.json``.
 * ``report RUN_DIR... [--out TABLE.md]``: the markdown table of the runs' scores (see :mod:`.report`).
 
-Each command is a :class:`Command` in :data:`COMMANDS`; another one (generation, ``run``) is added there.
+Each command is a :class:`Command` in :data:`COMMANDS`.
 Input errors (:class:`mllm_kd.errors.MllmKdError`) are printed without a traceback and exit with status 2.
 """
 
@@ -22,6 +24,7 @@ from typing import Any
 from mllm_kd.errors import DataError, MllmKdError
 from mllm_kd.eval.core import read_predictions
 from mllm_kd.eval.report import report
+from mllm_kd.eval.run import add_run_arguments, run_run
 from mllm_kd.eval.tasks import TASKS, get_task
 
 
@@ -103,6 +106,9 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Command] = {
+    "run": Command(
+        "answer a benchmark's questions with a checkpoint (LLaVA answers file)", add_run_arguments, run_run
+    ),
     "score": Command(
         "score an answers file against a benchmark's annotations", add_score_arguments, run_score
     ),

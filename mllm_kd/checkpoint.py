@@ -20,7 +20,7 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -28,10 +28,11 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 from safetensors import safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 
 from mllm_kd.config import ModelConfig, StageConfig, config_to_yaml, model_config_from_dict
 from mllm_kd.errors import CheckpointError, ConfigError
+from mllm_kd.hf_llava import is_hf_llava_dir, load_hf_llava
 from mllm_kd.model import HFVisionTower, MultimodalLM, build_model
 from mllm_kd.tokenization import image_token_id, load_tokenizer
 
@@ -47,16 +48,18 @@ def _fsync_tree(root: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
+def atomic_dir(target: Path, tmp: Path | None = None) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces ``target`` in one rename.
 
-    On any error the temporary directory is removed and ``target`` is left as it was.
+    On any error the temporary directory is removed and ``target`` is left as it was. ``tmp`` names
+    the temporary directory (already created) when several processes write into it.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    if tmp is None:
+        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -98,11 +101,36 @@ def save_checkpoint(
     stage_cfg: StageConfig | None,
     trainer_state: dict,
     extra: dict[str, Any] | None = None,
+    *,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    writer: Callable[[Path], None] | None = None,
+    is_main: bool = True,
+    barrier: Callable[[], None] = lambda: None,
 ) -> Path:
-    """Write a checkpoint directory atomically. ``extra``: name -> object saved with ``torch.save``."""
-    with atomic_dir(directory) as tmp:
+    """Write a checkpoint directory atomically. ``extra``: name -> object saved with ``torch.save``.
+
+    ``state_dict`` replaces ``model``'s own weights (e.g. gathered from FSDP2 shards). ``writer`` is
+    called by every process with the shared temporary directory (a sharded
+    ``torch.distributed.checkpoint`` save); then only ``is_main`` writes the rest and renames.
+    """
+    directory = Path(directory)
+    tmp = None
+    if writer is not None:  # every rank writes into one temporary directory with a shared name
+        tmp = directory.parent / f".{directory.name}.tmp-shared"
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        writer(tmp)
+        barrier()
+        if not is_main:
+            return directory
+    with atomic_dir(directory, tmp) as tmp:
         (tmp / "model.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(describe_model(model, model_cfg))))
-        save_model(model, str(tmp / WEIGHTS))
+        if state_dict is not None:
+            save_file(_drop_tied(model, state_dict), str(tmp / WEIGHTS))
+        elif writer is None:
+            save_model(model, str(tmp / WEIGHTS))
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         if stage_cfg is not None:
             (tmp / "config.yaml").write_text(config_to_yaml(stage_cfg))
@@ -110,7 +138,18 @@ def save_checkpoint(
             torch.save(obj, tmp / name)
         # Written last: a directory without it was never completed.
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-    return Path(directory)
+    return directory
+
+
+def _drop_tied(model: MultimodalLM, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors stores a tensor once: drop the LM head when it is tied to the input embeddings."""
+    sd = {k: v.contiguous() for k, v in sd.items()}
+    if getattr(model.llm.config, "tie_word_embeddings", False):
+        # the same name save_model() leaves out, so that both writers give the same file
+        embed = model.llm.get_input_embeddings().weight
+        names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is embed]
+        sd = {k: v for k, v in sd.items() if k not in names[:-1]}
+    return sd
 
 
 def resolve_checkpoint(path: str | Path, what: str = "checkpoint") -> Path:
@@ -140,7 +179,13 @@ def read_model_config(ckpt: Path) -> ModelConfig:
 
 
 def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu", what: str = "checkpoint"):
-    """Rebuild the model of a checkpoint directory. Returns ``(model, tokenizer, model_cfg)``."""
+    """Rebuild the model of a checkpoint directory. Returns ``(model, tokenizer, model_cfg)``.
+
+    ``path`` is an mllm_kd checkpoint (or a finished stage directory), or a Hugging Face LLaVA directory
+    (``config.json`` with ``model_type: llava``), converted at load time (:mod:`mllm_kd.hf_llava`).
+    """
+    if is_hf_llava_dir(path):
+        return load_hf_llava(path, device=device, what=what)
     ckpt = resolve_checkpoint(path, what)
     tokenizer = load_tokenizer(ckpt / "tokenizer")
     model_cfg = read_model_config(ckpt)
@@ -159,7 +204,13 @@ def _is_tied(model: MultimodalLM, key: str) -> bool:
 
 
 def vision_from_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The vision config (dict) and vision weights of another checkpoint (e.g. the teacher's)."""
+    """The vision config (dict) and vision weights of another checkpoint (e.g. the teacher's).
+
+    ``path`` may also be a Hugging Face LLaVA directory (its ``vision_tower``).
+    """
+    if is_hf_llava_dir(path):
+        model, _, model_cfg = load_hf_llava(path, what="model.vision.checkpoint")
+        return _jsonable(asdict(model_cfg.vision)), model.vision.state_dict()
     ckpt = resolve_checkpoint(path, "model.vision.checkpoint")
     vision_cfg = OmegaConf.to_container(OmegaConf.load(ckpt / "model.yaml"))["vision"]
     with safe_open(str(ckpt / WEIGHTS), framework="pt") as f:

@@ -42,7 +42,9 @@ class VisionConfig:
     checkpoint: str | None = (
         None  # take the vision tower (architecture + weights) of this mllm_kd checkpoint directory
     )
-    feature_layer: int = -2  # hidden state feeding the projector: 0 embeddings, k after block k, -1 last, -2 second to last (LLaVA)
+    feature_layer: int = (
+        -2
+    )  # hidden state fed to the projector: 0 embeddings, k after block k, -2 second to last
     drop_cls: bool = True  # drop the class token from the features (CLIP has one, SigLIP does not)
     image_size: int | None = None  # input resolution; taken from the architecture when None
     image_mean: list[float] = field(
@@ -167,6 +169,8 @@ class LossConfig:
     temperature: float = 1.0  # tau; divergences are scaled by tau^2
     beta: float = 0.5  # jsd mixture weight of the teacher
     alpha: float = 0.1  # skew of skl / srkl
+    fused: bool = True  # losses from hidden states + LM-head weights, chunked (false: the logits reference)
+    chunk_size: int = 1024  # positions per chunk of the fused losses (~5 x chunk_size x V floats at a time)
     on_nonfinite: str = (
         "raise"  # a NaN/inf loss: "raise" (stop, keep last checkpoint) or "skip" (drop the step, count it)
     )
@@ -211,12 +215,22 @@ class TrainConfig:
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32"
     device: str = "auto"  # "auto", "cpu", "cuda"
     seed: int = 0
+    strategy: str = (
+        "ddp"  # with several processes (torchrun): "ddp" (replicate) or "fsdp2" (shard the student)
+    )
+    teacher_strategy: str = "replicate"  # with several processes: "replicate" the teacher or "fsdp2" shard it
     deterministic: bool = False  # torch.use_deterministic_algorithms for bit-exact resumes
     progress: bool = True  # show a progress bar
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
+        if self.strategy not in ("ddp", "fsdp2"):
+            raise ConfigError(f"train.strategy must be ddp or fsdp2, got {self.strategy!r}")
+        if self.teacher_strategy not in ("replicate", "fsdp2"):
+            raise ConfigError(
+                f"train.teacher_strategy must be replicate or fsdp2, got {self.teacher_strategy!r}"
+            )
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.precision must be auto/bf16/fp32, got {self.precision!r}")
 
@@ -230,6 +244,9 @@ class StageConfig:
     )
     data_dir: str | None = None  # root of the prepared data set, for `${data_dir}` interpolation in paths
     teacher_dir: str | None = None  # the teacher's run directory, for `${teacher_dir}` interpolation
+    models_dir: str | None = (
+        None  # root of local pretrained weights, for `${models_dir}` interpolation in model paths
+    )
     stage: str = ""  # this stage's name (set by the entry point)
     output_dir: str = ""  # this stage's directory; defaults to ${run_dir}/<stage>
     init_from: str | None = (

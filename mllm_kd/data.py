@@ -97,7 +97,9 @@ def record_images(rec: dict) -> list[str]:
         return list(rec.get("_image_keys", []))
     images = [image] if isinstance(image, str) else image
     if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
-        raise DataError(f"sample {rec.get('id', '<no id>')!r}: 'image' must be a path or a list of paths, got {image!r:.80}")
+        raise DataError(
+            f"sample {rec.get('id', '<no id>')!r}: 'image' must be a path or a list of paths, got {image!r:.80}"
+        )
     return images
 
 
@@ -220,26 +222,26 @@ class ConversationEncoder:
             prev = full
         return out
 
+    def _bos(self) -> list[int]:
+        """The BOS the plain templates start with, when the tokenizer adds one (chat templates render it)."""
+        if self.template in ("plain", "caption") and getattr(self.tok, "add_bos_token", False):
+            return [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
+        return []
+
     def prompt_ids(self, question: str) -> list[int]:
         """Token ids of a one-turn prompt ending where the assistant's answer starts (for generation)."""
         if self.template == "caption":
-            return self._ids(IMAGE_TOKEN * question.count(IMAGE_TOKEN))
+            return self._bos() + self._ids(IMAGE_TOKEN * question.count(IMAGE_TOKEN))
         if self.template == "plain":
             system = self.system_prompt + "\n\n" if self.system_prompt else ""
-            return self._ids(f"{system}USER: {question}\nASSISTANT: ")
+            return self._bos() + self._ids(f"{system}USER: {question}\nASSISTANT: ")
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         messages.append({"role": "user", "content": question})
         return self._ids(self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 
     def __call__(self, conv: list[dict]) -> tuple[list[int], list[int]]:
-        ids: list[int] = []
-        labels: list[int] = []
-        if (
-            self.template in ("plain", "caption")
-            and getattr(self.tok, "add_bos_token", False)
-            and self.tok.bos_token_id is not None
-        ):
-            ids, labels = [self.tok.bos_token_id], [IGNORE_INDEX]
+        ids = self._bos()
+        labels = [IGNORE_INDEX] * len(ids)
         for text, is_label in self.segments(conv):
             piece = self._ids(text)
             ids += piece
@@ -300,29 +302,42 @@ class LlavaJsonDataset(Dataset):
 
 
 class WdsDataset(IterableDataset):
-    """WebDataset shards, split by rank and by data-loader worker (webdataset's own splitters)."""
+    """WebDataset shards read in order; sample ``n`` of the stream belongs to rank ``n % world_size``.
 
-    def __init__(self, cfg: DataConfig, encoder: ConversationEncoder, images: ImageProcessor, seed: int = 0):
+    Within a rank, whole batches go to the data-loader workers in turn (local batch ``k`` to worker
+    ``k % num_workers``), which is the order the DataLoader collects them in: any number of workers
+    yields exactly the sequence one process would, and every sample is seen once per epoch.
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        encoder: ConversationEncoder,
+        images: ImageProcessor,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.cfg, self.encoder, self.images, self.seed = cfg, encoder, images, seed
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
-        self.skip = 0  # samples of this epoch already consumed (resume)
+        self.skip = 0  # samples of this epoch already consumed, all ranks together (resume)
+        self.batch_size = 1  # set by the trainer: the unit handed to each data-loader worker
 
     def __iter__(self) -> Iterator[dict | SampleSkipped]:
         import webdataset as wds
 
-        pipeline = wds.WebDataset(
-            self.cfg.path,
-            shardshuffle=False,
-            nodesplitter=wds.split_by_node,
-            workersplitter=wds.split_by_worker,
-            empty_check=False,
-        )
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        pipeline = wds.WebDataset(self.cfg.path, shardshuffle=False, nodesplitter=None, empty_check=False)
         for n, sample in enumerate(pipeline):
             if self.cfg.max_samples is not None and n >= self.cfg.max_samples:
                 break
-            if n < self.skip:
+            if n < self.skip or n % self.world_size != self.rank:
                 continue
-            yield self._decode(sample)
+            local = (n - self.skip) // self.world_size
+            if (local // self.batch_size) % workers == worker:
+                yield self._decode(sample)
 
     def _decode(self, sample: dict) -> dict | SampleSkipped:
         where = f"{sample.get('__url__', self.cfg.path)} key {sample.get('__key__')!r}"
@@ -394,12 +409,16 @@ class Collator:
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):
-    """A seeded permutation per epoch that can start part-way (exact resume), optionally one rank's share."""
+    """A seeded permutation per epoch, dealt round-robin to the ranks, that can start part-way.
+
+    ``start`` counts the positions of the epoch's permutation already consumed by all ranks together,
+    so a run resumed on a different number of processes continues at the same place.
+    """
 
     def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
         self.n, self.seed, self.shuffle, self.rank, self.world_size = n, seed, shuffle, rank, world_size
         self.epoch = 0
-        self.start = 0  # indices of this rank's share already consumed
+        self.start = 0
 
     def indices(self) -> list[int]:
         if self.shuffle:
@@ -407,15 +426,16 @@ class EpochSampler(torch.utils.data.Sampler[int]):
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
-        per_rank = math.ceil(self.n / self.world_size)
-        order += order[: per_rank * self.world_size - self.n]  # pad so every rank gets the same count
-        return order[self.rank :: self.world_size]
+        rest = order[self.start :]
+        pad = (-len(rest)) % self.world_size  # every rank gets the same count (DDP steps in lockstep)
+        rest += (order * (pad // max(1, self.n) + 1))[:pad]
+        return rest[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.indices()[self.start :])
+        return iter(self.indices())
 
     def __len__(self) -> int:
-        return math.ceil(self.n / self.world_size) - self.start
+        return math.ceil((self.n - self.start) / self.world_size)
 
 
 @dataclass
@@ -452,4 +472,6 @@ def build_train_data(
     n = count_wds_samples(cfg.path)
     if cfg.max_samples is not None:
         n = min(n, cfg.max_samples)
-    return TrainData(WdsDataset(cfg, encoder, images, seed), None, math.ceil(n / world_size))
+    return TrainData(
+        WdsDataset(cfg, encoder, images, seed, rank, world_size), None, math.ceil(n / world_size)
+    )

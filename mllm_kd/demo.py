@@ -34,13 +34,21 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "easyvqa.yaml"
 NO_DISTILL = ["loss.w_resp=0", "loss.w_vis=0", "loss.w_rel=0"]
 QUICK = [  # the tests' variant: tiny models, short runs
-    "teacher.model.vision.config.hidden_size=32", "teacher.model.vision.config.intermediate_size=64",
-    "teacher.model.vision.config.num_hidden_layers=1", "teacher.model.vision.config.patch_size=16",
-    "teacher.model.llm.config.hidden_size=32", "teacher.model.llm.config.intermediate_size=64",
+    "teacher.model.vision.config.hidden_size=32",
+    "teacher.model.vision.config.intermediate_size=64",
+    "teacher.model.vision.config.num_hidden_layers=1",
+    "teacher.model.vision.config.patch_size=16",
+    "teacher.model.llm.config.hidden_size=32",
+    "teacher.model.llm.config.intermediate_size=64",
     "teacher.model.llm.config.num_hidden_layers=1",
-    "model.llm.config.hidden_size=16", "model.llm.config.intermediate_size=32", "model.llm.config.num_hidden_layers=1",
-    "model.llm.config.num_attention_heads=2", "model.llm.config.num_key_value_heads=1",
-    "stages.teacher_pt.train.epochs=1", "stages.teacher_sft.train.epochs=1", "train.progress=false",
+    "model.llm.config.hidden_size=16",
+    "model.llm.config.intermediate_size=32",
+    "model.llm.config.num_hidden_layers=1",
+    "model.llm.config.num_attention_heads=2",
+    "model.llm.config.num_key_value_heads=1",
+    "stages.teacher_pt.train.epochs=1",
+    "stages.teacher_sft.train.epochs=1",
+    "train.progress=false",
 ]
 
 # (name, run directory under RUN, stages, extra overrides, the model that gets evaluated)
@@ -56,7 +64,13 @@ def train_role(run: Path, role: str, overrides: list[str], redo: bool) -> tuple[
     from mllm_kd.stages import STAGES
 
     sub, stages, extra, _ = ROLES[role]
-    common = [f"run_dir={run / sub}", f"data_dir={run / 'data'}", f"teacher_dir={run / 'teacher'}", *extra, *overrides]
+    common = [
+        f"run_dir={run / sub}",
+        f"data_dir={run / 'data'}",
+        f"teacher_dir={run / 'teacher'}",
+        *extra,
+        *overrides,
+    ]
     if redo:
         common.append("overwrite=true")
     seconds = 0.0
@@ -72,15 +86,21 @@ def train_role(run: Path, role: str, overrides: list[str], redo: bool) -> tuple[
 
 def evaluate(run: Path, role: str, ckpt: Path, redo: bool, batch_size: int = 128) -> dict:
     """Answer the test split with greedy decoding and score it (exact match, per question type)."""
-    from mllm_kd.eval.tasks.easyvqa import EasyVQATask
     from mllm_kd.eval.core import read_predictions
+    from mllm_kd.eval.tasks.easyvqa import EasyVQATask
     from mllm_kd.generate import Generator, answer_file, read_questions
 
     answers = run / "eval" / f"{role}.answers.jsonl"
     if redo and answers.exists():
         answers.unlink()
     model, tok, model_cfg = load_checkpoint_model(ckpt)
-    gen = Generator.from_model(model, tok, image_mean=model_cfg.vision.image_mean, image_std=model_cfg.vision.image_std, max_new_tokens=4)
+    gen = Generator.from_model(
+        model,
+        tok,
+        image_mean=model_cfg.vision.image_mean,
+        image_std=model_cfg.vision.image_std,
+        max_new_tokens=4,
+    )
     questions = read_questions(run / "data" / "test_questions.jsonl")
     answer_file(gen, questions, run / "data" / "images", answers, model_id=role, batch_size=batch_size)
     task = EasyVQATask()
@@ -172,23 +192,36 @@ def write_report(run: Path, results: dict) -> None:
             + f" | {r['train_seconds']:.0f} | {' -> '.join(r['stages'])} |"
         )
     gain = 100 * (results["student_kd"]["accuracy"] - results["student_baseline"]["accuracy"])
-    lines += ["", f"LLaVA-KD gain over the plain student: {gain:+.2f} points.", "",
-              "![loss curves](loss_curves.png)", "", "![accuracy](accuracy.png)", ""]
+    lines += [
+        "",
+        f"LLaVA-KD gain over the plain student: {gain:+.2f} points.",
+        "",
+        "![loss curves](loss_curves.png)",
+        "",
+        "![accuracy](accuracy.png)",
+        "",
+    ]
     (run / "report.md").write_text("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mllm_kd.demo", description="easy-VQA: teacher -> plain and LLaVA-KD students")
+    p = argparse.ArgumentParser(
+        prog="python -m mllm_kd.demo", description="easy-VQA: teacher -> plain and LLaVA-KD students"
+    )
     p.add_argument("--run-dir", default="runs/demo")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage (train.seed)")
     p.add_argument("--redo", action="store_true", help="redo finished stages and evaluations")
-    p.add_argument("--quick", action="store_true", help="tiny models, a few hundred examples (the tests' variant)")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny models, a few hundred examples (the tests' variant)"
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     setup_logging()
     run = Path(args.run_dir)
     try:
-        results = run_demo(run, [f"train.seed={args.seed}", *args.overrides], redo=args.redo, quick=args.quick)
+        results = run_demo(
+            run, [f"train.seed={args.seed}", *args.overrides], redo=args.redo, quick=args.quick
+        )
     except MllmKdError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -199,4 +232,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-

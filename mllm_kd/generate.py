@@ -33,12 +33,28 @@ class Generator:
     max_new_tokens: int = 16
 
     @classmethod
-    def from_model(cls, model: MultimodalLM, tokenizer, template: str = "auto", system_prompt: str | None = None,
-                   image_mean=None, image_std=None, max_new_tokens: int = 16) -> Generator:
-        encoder = ConversationEncoder(tokenizer, template, model.num_visual_tokens, model.image_token_id, system_prompt)
+    def from_model(
+        cls,
+        model: MultimodalLM,
+        tokenizer,
+        template: str = "auto",
+        system_prompt: str | None = None,
+        image_mean=None,
+        image_std=None,
+        max_new_tokens: int = 16,
+    ) -> Generator:
+        encoder = ConversationEncoder(
+            tokenizer, template, model.num_visual_tokens, model.image_token_id, system_prompt
+        )
         mean = image_mean or [0.48145466, 0.4578275, 0.40821073]
         std = image_std or [0.26862954, 0.26130258, 0.27577711]
-        return cls(model, tokenizer, encoder, ImageProcessor(model.vision.image_size, list(mean), list(std)), max_new_tokens)
+        return cls(
+            model,
+            tokenizer,
+            encoder,
+            ImageProcessor(model.vision.image_size, list(mean), list(std)),
+            max_new_tokens,
+        )
 
     def stop_ids(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id}
@@ -127,24 +143,35 @@ def answer_file(
                 good.append(line)
             except (json.JSONDecodeError, KeyError):
                 break
-        out.write_text("".join(l if l.endswith("\n") else l + "\n" for l in good))
+        out.write_text("".join(line if line.endswith("\n") else line + "\n" for line in good))
     index, count = chunk
     todo = [q for i, q in enumerate(questions) if i % count == index and str(q["question_id"]) not in done]
     folder = Path(image_folder)
-    with open(out, "a") as f, tqdm(total=len(todo), desc=f"answering ({model_id})", disable=not progress) as bar:
+    with (
+        open(out, "a") as f,
+        tqdm(total=len(todo), desc=f"answering ({model_id})", disable=not progress) as bar,
+    ):
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             prompts, pixels = [], []
             for q in batch:
                 if q.get("image"):
                     prompts.append(f"{IMAGE_TOKEN}\n{q['text']}")
-                    pixels.append(generator.images.load(folder / q["image"], f"question {q['question_id']}")[None])
+                    pixels.append(
+                        generator.images.load(folder / q["image"], f"question {q['question_id']}")[None]
+                    )
                 else:
                     prompts.append(q["text"])
                     pixels.append(None)
             for q, prompt, text in zip(batch, prompts, generator(prompts, pixels)):
-                row = {"question_id": q["question_id"], "prompt": prompt, "text": text,
-                       "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}}
+                row = {
+                    "question_id": q["question_id"],
+                    "prompt": prompt,
+                    "text": text,
+                    "answer_id": uuid.uuid4().hex,
+                    "model_id": model_id,
+                    "metadata": {},
+                }
                 f.write(json.dumps(row) + "\n")
             f.flush()
             bar.update(len(batch))

@@ -55,7 +55,9 @@ class OpenClipVisionTower(nn.Module):
         size = visual.image_size
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         if feature_layer == 0:
-            raise ConfigError("model.vision.feature_layer=0 (the patch embeddings) is not available for open_clip towers")
+            raise ConfigError(
+                "model.vision.feature_layer=0 (the patch embeddings) is not available for open_clip towers"
+            )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # feature_layer follows HF's hidden_states numbering (0 = embeddings, k = after block k, -1 = last
@@ -304,15 +306,35 @@ def _vision_width(vision: nn.Module) -> int:
 
 
 def apply_trainable(model: MultimodalLM, trainable: TrainableConfig) -> dict[str, int]:
-    """The one place that decides which parameters train. Returns trainable parameter counts per part."""
+    """The one place that decides which parameters train. Returns trainable parameter counts per part.
+
+    A trained vision tower keeps frozen what cannot reach the selected features (the blocks after
+    ``feature_layer``, a final norm or pooling head): such parameters would get no gradient, which
+    DDP treats as an error.
+    """
     counts = {}
     for part in ("vision", "projector", "llm"):
         module: nn.Module = getattr(model, part)
         mode = getattr(trainable, part)
         for p in module.parameters():
             p.requires_grad_(mode == "full")
+        if part == "vision" and mode == "full":
+            _freeze_unreachable(module)
         counts[part] = sum(p.numel() for p in module.parameters() if p.requires_grad)
     return counts
+
+
+def _freeze_unreachable(vision: nn.Module) -> None:
+    size = vision.image_size
+    param = next(vision.parameters())
+    vision.zero_grad(set_to_none=True)
+    vision(
+        torch.randn(1, 3, size, size, device=param.device, dtype=param.dtype)
+    ).float().square().sum().backward()
+    for p in vision.parameters():
+        if p.grad is None:
+            p.requires_grad_(False)
+        p.grad = None
 
 
 def count_parameters(model: nn.Module) -> int:

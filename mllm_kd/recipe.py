@@ -8,6 +8,7 @@ on bad input runs before anything is written.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from mllm_kd.checkpoint import build_from_config, load_checkpoint_model, resolve_checkpoint
 from mllm_kd.config import ModelConfig, StageConfig
 from mllm_kd.data import ImageProcessor, build_train_data
+from mllm_kd.distributed import barrier, init_distributed
 from mllm_kd.engine import StepHook, Trainer, pick_device, seed_everything
 from mllm_kd.errors import CheckpointError, CompatibilityError, ConfigError
 from mllm_kd.model import MultimodalLM, apply_trainable, count_parameters
@@ -91,6 +93,7 @@ def run_stage(
     seed_everything(cfg.train.seed)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
+    dist_info = init_distributed(pick_device(cfg.train).type)
 
     student, tokenizer, model_cfg = init_model(cfg, model_cfg)
     teacher = load_teacher(cfg, student, tokenizer) if distill and cfg.loss.distills else None
@@ -98,7 +101,14 @@ def run_stage(
         student.vision.image_size, list(model_cfg.vision.image_mean), list(model_cfg.vision.image_std)
     )
     data = build_train_data(
-        cfg.data, tokenizer, student.num_visual_tokens, student.image_token_id, images, seed=cfg.train.seed
+        cfg.data,
+        tokenizer,
+        student.num_visual_tokens,
+        student.image_token_id,
+        images,
+        seed=cfg.train.seed,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
     )
     trainable = apply_trainable(student, cfg.trainable)
     log.info(
@@ -110,11 +120,11 @@ def run_stage(
         f"{count_parameters(teacher) / 1e6:.2f}M" if teacher is not None else "none",
         pick_device(cfg.train),
     )
-    if done is not None:  # overwrite=true, and every check passed: only now remove the old result
-        import shutil
-
+    if done is not None and dist_info.is_main:  # overwrite=true and every check passed: only now remove it
         shutil.rmtree(done)
-    return Trainer(cfg, student, teacher, data, tokenizer, model_cfg, on_step=on_step).train()
+    barrier(dist_info)
+    trainer = Trainer(cfg, student, teacher, data, tokenizer, model_cfg, on_step=on_step, dist_info=dist_info)
+    return trainer.train()
 
 
 StageRun = Callable[[StageConfig], Path]

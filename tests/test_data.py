@@ -529,10 +529,23 @@ def test_epoch_sampler_partition(n, world):
     shares = [list(EpochSampler(n, seed=0, rank=r, world_size=world)) for r in range(world)]
     assert all(len(s) == n // world for s in shares)
     assert sorted(i for s in shares for i in s) == list(range(n))
-    # Resuming one rank keeps the rank's own sequence.
+    # `start` counts positions consumed by all ranks: after one index per rank each rank goes on
     s = EpochSampler(n, seed=0, rank=world - 1, world_size=world)
-    s.start = 1
+    s.start = world
     assert list(s) == shares[-1][1:]
+
+
+def test_epoch_sampler_resume_on_another_world_size():
+    # 2 ranks consumed 4 positions each; 4 ranks go on with the rest of the same permutation
+    full = list(EpochSampler(16, seed=3))
+    before = [list(EpochSampler(16, seed=3, rank=r, world_size=2))[:4] for r in range(2)]
+    after = []
+    for r in range(4):
+        s = EpochSampler(16, seed=3, rank=r, world_size=4)
+        s.start = 8
+        after.append(list(s))
+    assert sorted(i for part in before + after for i in part) == list(range(16))
+    assert sorted(i for part in after for i in part) == sorted(full[8:])
 
 
 def test_epoch_sampler_uneven_split_pads():

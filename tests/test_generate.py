@@ -23,11 +23,15 @@ def _reference_greedy(model, ids, pixels, steps, stop):
 
 
 def test_batched_generation_equals_reference(smoke_teacher):
-    model, tok, cfg = load_checkpoint_model(smoke_teacher / "teacher_sft")
+    model, tok, _ = load_checkpoint_model(smoke_teacher / "teacher_sft")
     model.eval()
     gen = Generator.from_model(model, tok, max_new_tokens=6)
     img = gen.images.load(smoke_teacher / "data/images/00000.png", "test")[None]
-    prompts = ["<image>\nWhat shape is in the image?", "Name a colour.", "<image>\nWhat color is the shape? Be brief please."]
+    prompts = [
+        "<image>\nWhat shape is in the image?",
+        "Name a colour.",
+        "<image>\nWhat color is the shape? Be brief please.",
+    ]
     pixels = [img, None, img]
     stop = set(gen.stop_ids())
     with torch.no_grad():
@@ -45,13 +49,19 @@ def test_answer_file_writes_llava_format_and_resumes(smoke_teacher, tmp_path):
     model, tok, _ = load_checkpoint_model(smoke_teacher / "teacher_sft")
     gen = Generator.from_model(model, tok, max_new_tokens=3)
     qfile = tmp_path / "q.jsonl"
-    qs = [{"question_id": i, "image": f"{i:05d}.png", "text": "What shape is in the image?"} for i in range(5)]
+    qs = [
+        {"question_id": i, "image": f"{i:05d}.png", "text": "What shape is in the image?"} for i in range(5)
+    ]
     qfile.write_text("".join(json.dumps(q) + "\n" for q in qs))
     out = tmp_path / "answers.jsonl"
-    answer_file(gen, read_questions(qfile)[:3], smoke_teacher / "data/images", out, "m", batch_size=2, progress=False)
+    answer_file(
+        gen, read_questions(qfile)[:3], smoke_teacher / "data/images", out, "m", batch_size=2, progress=False
+    )
     with open(out, "a") as f:
         f.write('{"question_id": 3, "te')  # a torn last line, as after a crash
-    answer_file(gen, read_questions(qfile), smoke_teacher / "data/images", out, "m", batch_size=2, progress=False)
+    answer_file(
+        gen, read_questions(qfile), smoke_teacher / "data/images", out, "m", batch_size=2, progress=False
+    )
     rows = [json.loads(ln) for ln in out.read_text().splitlines()]
     assert [r["question_id"] for r in rows] == [0, 1, 2, 3, 4]
     for r in rows:

@@ -1,0 +1,517 @@
+"""Answer a benchmark's questions with a checkpoint: ``python -m mllm_kd.eval run``.
+
+::
+
+    python -m mllm_kd.eval run --model CKPT_DIR --task TASK --questions FILE_OR_DIR --images DIR
+        --out ANSWERS.jsonl [--split S] [--batch-size N] [--max-new-tokens N] [--chunk-index i --chunk-count n]
+        [--device auto|cpu|cuda|cuda:N] [--dtype auto|float32|bfloat16|float16] [--model-id NAME] [--limit N]
+
+``--questions`` is what the task's ``score --annotations`` reads (e.g. the VQAv2 questions JSON, the GQA
+questions JSON, the POPE folder, the MMBench TSV): prompts are built by the task's ``questions()`` with the
+LLaVA-1.5 conventions (e.g. "Answer the question using a single word or phrase."). For ``easyvqa`` a LLaVA
+question file (JSONL of ``question_id``, ``image``, ``text``, such as ``test_questions.jsonl`` from
+``python -m mllm_kd.data_prep.easyvqa``) is accepted too; its ``text`` is the prompt as is. Image paths are
+relative to ``--images``; MMBench's images are decoded from the TSV's base64 column.
+
+Generation is :class:`mllm_kd.generate.Generator`: batched greedy decoding, KV cache, left padding, stop at
+EOS or the chat template's end of turn; the chat template and system prompt are the ones the checkpoint was
+trained with (its ``config.yaml``) unless ``--template`` / ``--system-prompt`` say otherwise.
+
+Output: LLaVA answer lines ``{question_id, prompt, text, answer_id, model_id, metadata}`` (``prompt`` without
+the ``<image>`` token, as LLaVA writes it) plus the task's extra keys at top level (MMBench: ``round_id``,
+``options``, ``option_char``), appended one batch at a time. Re-running the same command resumes: complete
+lines are kept, a torn last line is dropped, and only unanswered questions are generated (a line is matched
+to its question by question id, MMBench round and prompt, so MME's several questions per image resume too).
+
+Splitting the work: ``--chunk-index i --chunk-count n``, or ``torchrun --nproc_per_node n -m mllm_kd.eval
+run ...`` (``RANK`` / ``WORLD_SIZE``, one GPU per process by ``LOCAL_RANK``; no process group is used). The
+questions are cut into n contiguous chunks; chunk i is written to ``ANSWERS.chunk{i}-of-{n}.jsonl`` next to
+``--out`` (and resumes like above). The process that finds every chunk file complete once its own chunk is
+done merges them, in question order, into ``--out`` (written atomically); re-running any chunk's command
+after all finished merges again. The chunk files are kept. Chunk processes on several machines need a
+shared file system for the merge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import json
+import os
+import socket
+import sys
+import uuid
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from mllm_kd.errors import ConfigError, DataError
+from mllm_kd.eval.core import Question, iter_jsonl, qid_key
+from mllm_kd.eval.tasks import TASKS, get_task
+
+IMAGE_TOKEN = "<image>"  # mllm_kd.tokenization.IMAGE_TOKEN (not imported: it pulls in transformers)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+AnswerKey = tuple[str, Any, str]
+
+
+# ------------------------------------------------------------------------------------------ arguments
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        metavar="CKPT_DIR",
+        required=True,
+        type=Path,
+        help="checkpoint directory (or a stage folder with final/)",
+    )
+    p.add_argument("--task", required=True, choices=list(TASKS), help="benchmark")
+    p.add_argument(
+        "--questions",
+        metavar="FILE_OR_DIR",
+        required=True,
+        type=Path,
+        help="the benchmark's question file or folder (what `score --annotations` takes; easyvqa: "
+        "also a LLaVA question JSONL)",
+    )
+    p.add_argument(
+        "--images",
+        metavar="DIR",
+        type=Path,
+        default=None,
+        help="folder the questions' image paths are relative to",
+    )
+    p.add_argument(
+        "--out",
+        metavar="ANSWERS.jsonl",
+        required=True,
+        type=Path,
+        help="answers file (LLaVA JSONL); resumed if it exists",
+    )
+    p.add_argument(
+        "--split",
+        metavar="S",
+        default=None,
+        help="split (scienceqa: default test; pope: one split, default all)",
+    )
+    p.add_argument(
+        "--batch-size", metavar="N", type=positive_int, default=16, help="questions per generate call (16)"
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        metavar="N",
+        type=positive_int,
+        default=16,
+        help="answer length cap in tokens (16)",
+    )
+    p.add_argument(
+        "--chunk-index", metavar="I", type=int, default=None, help="answer only chunk i of --chunk-count"
+    )
+    p.add_argument(
+        "--chunk-count", metavar="N", type=positive_int, default=None, help="number of chunks (processes)"
+    )
+    p.add_argument(
+        "--device", metavar="DEVICE", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N"
+    )
+    p.add_argument(
+        "--dtype", default="auto", choices=DTYPES, help="weights dtype (auto: bfloat16 on CUDA, else float32)"
+    )
+    p.add_argument(
+        "--model-id",
+        metavar="NAME",
+        default=None,
+        help="model_id of the answer lines (default: from --model)",
+    )
+    p.add_argument(
+        "--template",
+        default=None,
+        choices=("auto", "chat", "plain", "caption"),
+        help="prompt template (default: the checkpoint's data.template)",
+    )
+    p.add_argument(
+        "--system-prompt", metavar="TEXT", default=None, help="system message (default: the checkpoint's)"
+    )
+    p.add_argument(
+        "--limit",
+        metavar="N",
+        type=positive_int,
+        default=None,
+        help="only the first N questions (a quick trial)",
+    )
+    p.add_argument("--workers", metavar="N", type=int, default=4, help="image-decoding threads (4)")
+    p.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar"
+    )
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def chunk_of(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> tuple[int, int]:
+    """``(index, count)`` from the flags or, under torchrun, from ``RANK`` / ``WORLD_SIZE``."""
+    flags = args.chunk_index is not None or args.chunk_count is not None
+    world = int(env.get("WORLD_SIZE", "1") or 1)
+    if flags:
+        if args.chunk_index is None or args.chunk_count is None:
+            raise ConfigError("--chunk-index and --chunk-count go together")
+        if world > 1:
+            raise ConfigError("use either --chunk-index/--chunk-count or torchrun (WORLD_SIZE), not both")
+        index, count = args.chunk_index, args.chunk_count
+    else:
+        index, count = int(env.get("RANK", "0") or 0), world
+    if not 0 <= index < count:
+        raise ConfigError(f"chunk index {index} is not in 0..{count - 1}")
+    return index, count
+
+
+def chunk_bounds(n: int, index: int, count: int) -> tuple[int, int]:
+    """Positions ``[lo, hi)`` of contiguous chunk ``index`` of ``count`` over ``n`` questions."""
+    return n * index // count, n * (index + 1) // count
+
+
+def chunk_path(out: Path, index: int, count: int) -> Path:
+    return out.with_name(f"{out.stem}.chunk{index}-of-{count}{out.suffix or '.jsonl'}")
+
+
+# ------------------------------------------------------------------------------------------ questions
+def is_llava_question_file(path: Path) -> bool:
+    """Whether ``path`` is JSONL whose first record has ``question_id`` and ``text`` (LLaVA's format)."""
+    if not path.is_file():
+        return False
+    with open(path, encoding="utf-8") as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        obj = json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(obj, dict) and "question_id" in obj and isinstance(obj.get("text"), str)
+
+
+def read_llava_questions(path: Path) -> list[Question]:
+    out = []
+    for n, q in iter_jsonl(path, "question file"):
+        qid, text, image = q.get("question_id"), q.get("text"), q.get("image")
+        if not isinstance(qid, (int, str)) or isinstance(qid, bool) or not isinstance(text, str):
+            raise DataError(f"{path}:{n}: a question needs 'question_id' (int or str) and 'text' (str)")
+        if image is not None and not isinstance(image, str):
+            raise DataError(f"{path}:{n}: 'image' must be a path")
+        out.append(Question(qid, image or None, text))
+    return out
+
+
+def load_questions(task_name: str, path: Path, split: str | None) -> list[Question]:
+    task = get_task(task_name)
+    if not path.exists():
+        raise DataError(f"question file or folder {path} does not exist")
+    if task_name == "easyvqa" and is_llava_question_file(path):
+        task.check_split(split)
+        questions = read_llava_questions(path)
+    else:
+        questions = task.questions(path, split)
+    if not questions:
+        raise DataError(f"{path}: no questions")
+    return questions
+
+
+def question_key(q: Question) -> AnswerKey:
+    return (qid_key(q.question_id), q.extra.get("round_id"), q.prompt)
+
+
+def answer_key(row: dict) -> AnswerKey:
+    prompt = str(row.get("prompt") or "").removeprefix(f"{IMAGE_TOKEN}\n")
+    return (qid_key(row["question_id"]), row.get("round_id"), prompt)
+
+
+def check_images(questions: list[Question], images: Path | None) -> None:
+    """Fail before loading the model when the image folder or any image file is missing."""
+    named = [q for q in questions if q.image and not q.image_b64]
+    if not named:
+        return
+    if images is None:
+        raise ConfigError(f"--images is needed: the questions name image files (e.g. {named[0].image})")
+    if not images.is_dir():
+        raise DataError(f"image folder {images} does not exist")
+    missing = [q.image for q in named if not (images / q.image).is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} image(s) missing under {images}, e.g. {', '.join(missing[:3])}")
+
+
+# ---------------------------------------------------------------------------------------- answer file
+def read_answer_lines(path: Path) -> tuple[list[tuple[int, dict, str]], bool]:
+    """Complete answer lines ``(line number, object, text)`` and whether the file needs repair (a torn
+    last line, or no newline at the end). A bad line before the last is a DataError."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            obj = None
+        if not (isinstance(obj, dict) and "question_id" in obj and isinstance(obj.get("text"), str)):
+            if n == len(lines):  # cut off by an interrupted write
+                return rows, True
+            raise DataError(
+                f"{path}:{n}: not an answer line (JSON with 'question_id' and 'text'); fix or remove the file"
+            )
+        rows.append((n, obj, line))
+    return rows, bool(text) and not text.endswith("\n")
+
+
+def write_atomic(path: Path, lines: list[str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(line + "\n" for line in lines)
+    os.replace(tmp, path)
+
+
+def match_answers(path: Path, rows: list[tuple[int, dict, str]], questions: list[Question]) -> list[int]:
+    """The position in ``questions`` of each row; a row of no (or an already answered) question is an error."""
+    free: dict[AnswerKey, list[int]] = {}
+    for i, q in enumerate(questions):
+        free.setdefault(question_key(q), []).append(i)
+    out = []
+    for n, obj, _ in rows:
+        key = answer_key(obj)
+        if not free.get(key):
+            what = "answered twice" if key in free else "not among this run's questions"
+            raise DataError(
+                f"{path}:{n}: question_id {obj['question_id']!r} is {what} (another task, split, --limit or "
+                "chunk count?); remove the file or choose another --out"
+            )
+        out.append(free[key].pop(0))
+    return out
+
+
+def pending(path: Path, questions: list[Question]) -> list[Question]:
+    """The questions ``path`` does not answer yet; repairs a torn last line first."""
+    if not path.exists():
+        return list(questions)
+    rows, torn = read_answer_lines(path)
+    answered = set(match_answers(path, rows, questions))
+    if torn:
+        write_atomic(path, [line for _, _, line in rows])
+        print(f"run: {path}: dropped a torn last line", file=sys.stderr)
+    return [q for i, q in enumerate(questions) if i not in answered]
+
+
+def complete_lines(path: Path, questions: list[Question]) -> list[str] | None:
+    """``path``'s lines in question order if it answers every question exactly once, else None.
+
+    Only reads (another process may be appending): a torn or foreign line means "not complete".
+    """
+    if not path.is_file():
+        return [] if not questions else None  # an empty chunk (fewer questions than chunks)
+    try:
+        rows, torn = read_answer_lines(path)
+        order = match_answers(path, rows, questions)
+    except DataError:
+        return None
+    if torn or len(order) != len(questions):
+        return None
+    return [line for _, (_, _, line) in sorted(zip(order, rows), key=lambda x: x[0])]
+
+
+def merge_chunks(out: Path, questions: list[Question], count: int) -> bool:
+    """Write ``out`` from the ``count`` chunk files if all are complete; False (nothing written) if not."""
+    merged: list[str] = []
+    for i in range(count):
+        lo, hi = chunk_bounds(len(questions), i, count)
+        lines = complete_lines(chunk_path(out, i, count), questions[lo:hi])
+        if lines is None:
+            return False
+        merged += lines
+    write_atomic(out, merged)
+    return True
+
+
+# ----------------------------------------------------------------------------------------- generation
+def default_model_id(ckpt: Path) -> str:
+    """``runs/demo/stage3/final`` -> ``demo/stage3``; ``.../stage3/checkpoints/step-100`` -> ``stage3/step-100``."""
+    parts = [p for p in ckpt.resolve().parts if p not in ("final", "checkpoints")]
+    return "/".join(parts[-2:])
+
+
+def training_template(ckpt: Path) -> tuple[str, str | None]:
+    """The checkpoint's ``data.template`` and ``data.system_prompt`` (from its config.yaml), else defaults."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    cfg = ckpt / "config.yaml"
+    if not cfg.is_file():
+        return "auto", None
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(cfg), resolve=False).get("data") or {}
+    except (OmegaConfBaseException, OSError, AttributeError):
+        return "auto", None
+    template = data.get("template") if isinstance(data.get("template"), str) else "auto"
+    system = data.get("system_prompt") if isinstance(data.get("system_prompt"), str) else None
+    return template, system
+
+
+def pick_device(name: str, local_rank: int):
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: no CUDA device is visible")
+        return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+    raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+
+
+def pick_dtype(name: str, device):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def question_pixels(generator, q: Question, images: Path | None):
+    """``[1, 3, H, W]`` for a question with an image (a file or base64), else None."""
+    where = f"question {q.question_id}"
+    if q.image_b64:
+        try:
+            data = base64.b64decode(q.image_b64, validate=False)
+        except (binascii.Error, ValueError) as e:
+            raise DataError(f"{where}: the base64 image does not decode ({e})") from e
+        return generator.images.load(data, where)[None]
+    if q.image:
+        assert images is not None  # check_images ran
+        return generator.images.load(images / q.image, where)[None]
+    return None
+
+
+def answer_row(q: Question, text: str, model_id: str) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "question_id": q.question_id,
+        "prompt": q.prompt,
+        "text": text,
+        "answer_id": uuid.uuid4().hex,
+        "model_id": model_id,
+        "metadata": {},
+    }
+    for k, v in q.extra.items():
+        row.setdefault(k, v)
+    return row
+
+
+def generate_answers(
+    generator,
+    todo: list[Question],
+    images: Path | None,
+    path: Path,
+    model_id: str,
+    batch_size: int,
+    workers: int = 4,
+    progress: bool = True,
+    total: int | None = None,
+    desc: str = "answering",
+) -> None:
+    """Answer ``todo`` into ``path`` (appending a batch at a time); the next batch's images are decoded
+    on ``workers`` threads while the current one generates."""
+    from tqdm.auto import tqdm
+
+    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    total = len(todo) if total is None else total
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        ThreadPoolExecutor(max(1, workers)) as pool,
+        open(path, "a", encoding="utf-8") as f,
+        tqdm(total=total, initial=total - len(todo), desc=desc, disable=not progress, unit="q") as bar,
+    ):
+
+        def prepare(batch: list[Question]) -> list[Future]:
+            return [pool.submit(question_pixels, generator, q, images) for q in batch]
+
+        upcoming = prepare(batches[0]) if batches else []
+        for b, batch in enumerate(batches):
+            current, upcoming = upcoming, (prepare(batches[b + 1]) if b + 1 < len(batches) else [])
+            pixels = [fut.result() for fut in current]
+            prompts = [
+                q.prompt if px is None else f"{IMAGE_TOKEN}\n{q.prompt}" for q, px in zip(batch, pixels)
+            ]
+            texts = generator(prompts, pixels)
+            f.writelines(json.dumps(answer_row(q, t, model_id)) + "\n" for q, t in zip(batch, texts))
+            f.flush()
+            bar.update(len(batch))
+
+
+def load_generator(args: argparse.Namespace, ckpt: Path, local_rank: int):
+    from mllm_kd.checkpoint import load_checkpoint_model
+    from mllm_kd.generate import Generator
+
+    device = pick_device(args.device, local_rank)
+    model, tokenizer, model_cfg = load_checkpoint_model(ckpt, device=device)
+    model.to(pick_dtype(args.dtype, device)).eval()
+    template, system = training_template(ckpt)
+    return Generator.from_model(
+        model,
+        tokenizer,
+        template=args.template or template,
+        system_prompt=args.system_prompt if args.system_prompt is not None else system,
+        image_mean=model_cfg.vision.image_mean,
+        image_std=model_cfg.vision.image_std,
+        max_new_tokens=args.max_new_tokens,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ run
+def run_run(args: argparse.Namespace) -> int:
+    from mllm_kd.checkpoint import resolve_checkpoint
+
+    index, count = chunk_of(args)
+    if args.workers < 0:
+        raise ConfigError("--workers must be >= 0")
+    ckpt = resolve_checkpoint(args.model)
+    questions = load_questions(args.task, args.questions, args.split)
+    if args.limit is not None:
+        questions = questions[: args.limit]
+    out: Path = args.out
+    if count > 1 and complete_lines(out, questions) is not None:
+        print(f"run: {out} already answers all {len(questions)} questions", file=sys.stderr)
+        return 0
+    part = chunk_path(out, index, count) if count > 1 else out
+    lo, hi = chunk_bounds(len(questions), index, count)
+    mine = questions[lo:hi]
+    todo = pending(part, mine)
+    check_images(todo, args.images)
+    if todo:
+        model_id = args.model_id or default_model_id(ckpt)
+        generator = load_generator(args, ckpt, int(os.environ.get("LOCAL_RANK", "0") or 0))
+        chunk = f" chunk {index}/{count}" if count > 1 else ""
+        generate_answers(
+            generator,
+            todo,
+            args.images,
+            part,
+            model_id,
+            args.batch_size,
+            args.workers,
+            args.progress,
+            total=len(mine),
+            desc=f"{args.task}{chunk} ({model_id})",
+        )
+    print(
+        f"run: {part}: {len(mine)} answers ({len(mine) - len(todo)} resumed, {len(todo)} generated)",
+        file=sys.stderr,
+    )
+    if count > 1:
+        if merge_chunks(out, questions, count):
+            print(f"run: merged the {count} chunk files into {out}", file=sys.stderr)
+        else:
+            print(
+                f"run: {out} is written once every chunk is complete (by the process finishing last)",
+                file=sys.stderr,
+            )
+    return 0

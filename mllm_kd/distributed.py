@@ -1,0 +1,137 @@
+"""Multi-process training with PyTorch's own engine: torchrun + DDP or FSDP2 (``fully_shard``).
+
+Nothing here communicates by itself: process groups, gradient all-reduce, sharding and sharded
+checkpoints are ``torch.distributed``'s. This module only decides which of them to use.
+
+    torchrun --nproc-per-node 8 -m mllm_kd.stage3 --config FILE train.strategy=fsdp2
+
+A single process (no ``WORLD_SIZE`` in the environment, or 1) trains the plain model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    """Join the process group torchrun set up (NCCL on CUDA, gloo on CPU); a no-op for one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        if device_type == "cuda":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return DistInfo(rank, world, local)
+
+
+def device_for(info: DistInfo, device: torch.device) -> torch.device:
+    return torch.device("cuda", info.local_rank) if device.type == "cuda" and info.enabled else device
+
+
+def wrap_student(model: nn.Module, info: DistInfo, strategy: str, device: torch.device) -> nn.Module:
+    """DDP (replicate) or FSDP2 (shard each decoder layer, then the whole model)."""
+    if not info.enabled:
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [device.index] if device.type == "cuda" else None
+        return DDP(model, device_ids=ids)
+    if strategy == "fsdp2":
+        shard(model)
+        return model
+    raise ValueError(f"unknown strategy {strategy!r}")
+
+
+def shard(model: nn.Module) -> None:
+    """FSDP2: every decoder layer is one shard group, the rest of the model another."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.llm.get_decoder().layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and not is_sharded(model) else model
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of an optimizer step."""
+    if enabled:
+        yield
+    elif is_sharded(model):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    elif hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def broadcast_object(info: DistInfo, obj):
+    """Rank 0's value of ``obj`` on every rank (e.g. a path or an error message)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def mean_over_ranks(info: DistInfo, values: dict[str, float]) -> dict[str, float]:
+    if not info.enabled or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) / info.world_size for k, v in zip(keys, t.tolist())}
+
+
+def any_rank(info: DistInfo, flag: bool) -> bool:
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1 if flag else 0])
+    dist.all_reduce(t)
+    return bool(t.item())

@@ -1,0 +1,57 @@
+"""Export an mllm_kd checkpoint to the Hugging Face LLaVA layout.
+
+    python -m mllm_kd.export --checkpoint runs/x/stage3 --out exported/student
+
+The result loads with transformers alone::
+
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    model = LlavaForConditionalGeneration.from_pretrained("exported/student")
+    processor = AutoProcessor.from_pretrained("exported/student")
+
+See :mod:`mllm_kd.hf_llava` for the mapping and for what the layout cannot express (``linear`` and
+``mlp3x_gelu``+ projectors, open_clip towers), which export refuses with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mllm_kd.cli import setup_logging
+from mllm_kd.errors import MllmKdError
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Load an mllm_kd checkpoint (a stage directory or a checkpoint directory) and write it to ``out``."""
+    from mllm_kd.checkpoint import load_checkpoint_model
+    from mllm_kd.hf_llava import export_hf_llava
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise MllmKdError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+    model, tokenizer, model_cfg = load_checkpoint_model(checkpoint, what="--checkpoint")
+    return export_hf_llava(model.eval(), tokenizer, model_cfg, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m mllm_kd.export",
+        description="Write an mllm_kd checkpoint as a Hugging Face LLaVA model + processor directory.",
+    )
+    p.add_argument("--checkpoint", required=True, help="a stage directory (e.g. runs/x/stage3) or checkpoint")
+    p.add_argument("--out", required=True, help="the output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    args = p.parse_args(argv)
+    setup_logging()
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, args.overwrite)
+    except MllmKdError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
