@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from conftest import ROOT
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.distributed
 # Float32 all-reduce sums in another order than one process does; AdamW's normalisation magnifies the
