@@ -14,10 +14,13 @@ tensors), runs one untimed warm-up and then ``--repeats`` timed forward + backwa
 Peak memory is what the loss adds on top of its inputs:
 * CUDA: ``torch.cuda.max_memory_allocated()`` minus the memory allocated once the inputs exist
   (peak stats reset before each pass).
-* CPU: the process's resident-set high-water mark minus its resident set once the inputs exist. The
+* CPU: the process's resident-set high-water mark minus its resident set just before the pass (inputs
+  allocated, previous gradients dropped, freed heap memory returned with glibc's ``malloc_trim``). The
   high-water mark is reset before each pass by writing ``5`` to ``/proc/self/clear_refs`` and read from
   ``VmHWM`` in ``/proc/self/status``; where that is not possible, ``getrusage(RUSAGE_SELF).ru_maxrss``
-  over the whole worker (warm-up included) is used instead, and the table says so.
+  over the whole worker (warm-up included) minus the resident set once the inputs exist is used
+  instead, and the table says so. The resident set counts what torch allocates on the CPU, plus a little
+  allocator and thread-pool overhead that both variants pay.
 
 The table gives medians over the repeats and the spread (min-max); the LAST line printed is one JSON
 object with the settings, both variants' numbers, the agreement of their results and
@@ -89,6 +92,16 @@ def _rss_kib(field: str) -> int | None:
     except OSError:
         pass
     return None
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc keeps some), so the resident set is live data."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _reset_peak_rss() -> bool:
@@ -176,6 +189,8 @@ def run_worker(args) -> dict:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         elif per_pass_rss:
+            _trim_heap()
+            base_rss = _rss_kib("VmRSS")
             _reset_peak_rss()
         t0 = time.perf_counter()
         total, terms = step()

@@ -29,7 +29,9 @@ def smollm2_dir() -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mllm_kd.data_prep.smollm2", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m mllm_kd.data_prep.smollm2", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--print-path", action="store_true", help="print the directory holding the GGUF file")
     p.parse_args(argv)
     path = smollm2_dir()

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from mllm_kd.cli import setup_logging
-from mllm_kd.errors import MllmKdError
+from mllm_kd.errors import ConfigError, MllmKdError
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
@@ -29,7 +29,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool =
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise MllmKdError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+        raise ConfigError(f"{out} exists and is not empty (pass --overwrite to replace it)")
     model, tokenizer, model_cfg = load_checkpoint_model(checkpoint, what="--checkpoint")
     return export_hf_llava(model.eval(), tokenizer, model_cfg, out)
 

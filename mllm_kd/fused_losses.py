@@ -16,11 +16,14 @@ walks the positions ``chunk_size`` at a time: it computes the chunk's student an
 loss values and — in the forward pass already — the gradient of the (weighted) loss with respect to the
 chunk's student logits, in closed form. That ``[chunk, V]`` gradient is immediately pushed through the
 head (``grad_hidden[chunk] = G @ W``; ``grad_W += G^T @ hidden[chunk]``; ``grad_b += G.sum(0)``) and
-freed. Only ``grad_hidden [N, d]`` and ``grad_W [V, d]`` (the size of the head, float32) are kept for the
+freed. At most 3 float32 ``[chunk, V]`` buffers exist at a time (4 for jsd / skl, or CE with tau != 1).
+Only ``grad_hidden [N, d]`` and ``grad_W [V, d]`` (the size of the head, float32) are kept for the
 backward pass, which merely scales them by the incoming gradient. So forward + backward cost the same
 four ``N x V x d`` matmuls as the logits path (student and teacher logits, two gradient products) and
 never store logits. Several terms share one pass (and one ``grad_W``) when their weights are known, which
-is why :func:`fused_distill_loss` returns one differentiable ``total`` and detached per-term values.
+is why :func:`fused_distill_loss` returns one differentiable ``total`` and detached per-term values;
+there RDist's share of the head gradient, ``W (dG + dG^T)`` for ``G = W^T W``, is added to the same
+``grad_W`` in the forward pass too, so a step holds a single head-sized gradient.
 
 All loss math is float32. The logits matmuls run in the inputs' dtype — or the autocast dtype when
 autocast is on, exactly like the reference ``lm_head`` — and are cast to float32 before any softmax.
@@ -32,7 +35,7 @@ no gradient flows to ``teacher_*`` tensors.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -139,43 +142,52 @@ def _divergence_and_grad(
 
 
 def _chunk_losses(
-    zs: torch.Tensor,
-    zt: torch.Tensor | None,
+    student_logits: Callable[[], torch.Tensor],
+    teacher_logits: Callable[[], torch.Tensor] | None,
     targets: torch.Tensor | None,
     ce_w: torch.Tensor,
     kd_w: torch.Tensor,
     opts: dict,
     need_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
-    """CE and divergence per row of one chunk, and the gradient of ``sum(ce_w*CE + kd_w*D)`` wrt ``zs``.
+    """CE and divergence per row of one chunk, and the gradient of ``sum(ce_w*CE + kd_w*D)`` wrt the
+    student's logits.
 
-    ``zs``, ``zt``: fresh float32 ``[c, V]`` logits (consumed). Returns ``(ce [c], D [c], grad [c, V])``,
-    or None when a value is not finite (the caller then uses :func:`_chunk_reference`).
+    ``student_logits`` / ``teacher_logits`` return the chunk's fresh float32 ``[c, V]`` logits; they are
+    called here, one after the other, so that this function owns (and frees) every ``[c, V]`` buffer: at
+    most 3 (fkl, rkl, srkl) or 4 (jsd, skl; CE with tau != 1) exist at a time. Returns
+    ``(ce [c], D [c], grad [c, V])``, or None when a value is not finite (the caller then uses
+    :func:`_chunk_reference`).
     """
-    tau, c = opts["temperature"], zs.shape[0]
+    tau = opts["temperature"]
+    zs = student_logits()
+    c = zs.shape[0]
     valid = safe = None
     ce = zs.new_zeros(c)
     grad_ce = None
     if targets is not None:
         valid = targets != IGNORE_INDEX
         safe = targets.masked_fill(~valid, 0).unsqueeze(1)
-    if valid is not None and (zt is None or tau != 1.0):
+    if valid is not None and (teacher_logits is None or tau != 1.0):
         log_p1 = F.log_softmax(zs, dim=-1)
         ce = torch.where(valid, -log_p1.gather(1, safe).squeeze(1), 0.0)
         if need_grad:
             grad_ce = log_p1.exp_().mul_(ce_w[:, None])
         del log_p1
-    if zt is None:
+    if teacher_logits is None:
+        del zs
         if not torch.isfinite(ce).all():
             return None
         if grad_ce is not None:
             grad_ce.scatter_add_(1, safe, (-ce_w * valid).unsqueeze(1))
-        return ce, zs.new_zeros(c), grad_ce
+        return ce, torch.zeros_like(ce), grad_ce
     if tau != 1.0:
         zs.div_(tau)
-        zt.div_(tau)
     a = F.log_softmax(zs, dim=-1)
     del zs
+    zt = teacher_logits()
+    if tau != 1.0:
+        zt.div_(tau)
     b = F.log_softmax(zt, dim=-1)
     del zt
     if valid is not None and tau == 1.0:
@@ -203,8 +215,8 @@ def _chunk_losses(
 
 
 def _chunk_reference(
-    zs: torch.Tensor,
-    zt: torch.Tensor | None,
+    student_logits: Callable[[], torch.Tensor],
+    teacher_logits: Callable[[], torch.Tensor] | None,
     targets: torch.Tensor | None,
     ce_w: torch.Tensor,
     kd_w: torch.Tensor,
@@ -213,7 +225,8 @@ def _chunk_reference(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The same as :func:`_chunk_losses` with the reference functions and autograd (non-finite chunks)."""
     tau = opts["temperature"]
-    zs = zs.detach().requires_grad_(need_grad)
+    zs = student_logits().detach().requires_grad_(need_grad)
+    zt = None if teacher_logits is None else teacher_logits()
     with torch.enable_grad():
         ce = zs.new_zeros(zs.shape[0])
         if targets is not None:
@@ -261,8 +274,9 @@ class _FusedHeadLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, targets, ce_w, kd_w, opts):
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, targets, ce_w, kd_w, gram_grad, opts):
+        # needs_input_grad ignores torch.no_grad(); the wrapper records whether gradients are wanted at all.
+        need_h, need_w, need_b = (flag and opts["grad_enabled"] for flag in ctx.needs_input_grad[:3])
         need_grad = need_h or need_w or need_b
         n, v = h_s.shape[0], w_s.shape[0]
         chunk = max(1, int(opts["chunk_size"]))
@@ -277,22 +291,29 @@ class _FusedHeadLoss(torch.autograd.Function):
             ce_all = h_s.new_zeros(n, dtype=torch.float32)
             d_all = h_s.new_zeros(n, dtype=torch.float32)
             grad_h = h_s.new_zeros(n, h_s.shape[1], dtype=torch.float32) if need_h else None
-            grad_w = h_s.new_zeros(v, h_s.shape[1], dtype=torch.float32) if need_w and n else None
-            grad_b = h_s.new_zeros(v, dtype=torch.float32) if need_b and n else None
+            has_work = n > 0 or gram_grad is not None
+            grad_w = h_s.new_zeros(v, h_s.shape[1], dtype=torch.float32) if need_w and has_work else None
+            grad_b = h_s.new_zeros(v, dtype=torch.float32) if need_b and has_work else None
             for i0 in range(0, n, chunk):
                 i1 = min(n, i0 + chunk)
                 hs = h_s[i0:i1].to(cdtype)
                 tg = None if targets is None else targets[i0:i1]
                 args = (tg, ce_w[i0:i1], kd_w[i0:i1], opts, need_grad)
 
-                def logits_pair(hs=hs, i0=i0, i1=i1):
-                    zt = None if h_t is None else _logits(h_t[i0:i1].to(wt.dtype), wt, bt)
-                    return _logits(hs, ws, bs), zt
+                def student_logits(hs=hs):
+                    return _logits(hs, ws, bs)
 
-                out = _chunk_losses(*logits_pair(), *args)
+                teacher_logits = None
+                if h_t is not None:
+
+                    def teacher_logits(i0=i0, i1=i1):
+                        return _logits(h_t[i0:i1].to(wt.dtype), wt, bt)
+
+                out = _chunk_losses(student_logits, teacher_logits, *args)
                 if out is None:
-                    out = _chunk_reference(*logits_pair(), *args)
+                    out = _chunk_reference(student_logits, teacher_logits, *args)
                 ce, d, grad = out
+                del out  # the float32 gradient must not outlive its cast below
                 ce_all[i0:i1], d_all[i0:i1] = ce, d
                 if grad is None:
                     continue
@@ -304,9 +325,12 @@ class _FusedHeadLoss(torch.autograd.Function):
                 if grad_w is not None:
                     if cdtype == torch.float32:
                         grad_w.addmm_(grad.t(), hs)
-                    else:
-                        grad_w.add_(torch.mm(grad.t(), hs))
+                    else:  # a float32 accumulator: add V-blocks so no [V, d] low-precision temporary exists
+                        for v0 in range(0, v, _GRAM_ROWS):
+                            grad_w[v0 : v0 + _GRAM_ROWS].add_(torch.mm(grad[:, v0 : v0 + _GRAM_ROWS].t(), hs))
                 del grad
+            if gram_grad is not None:  # another term's gradient through W^T W: d/d[W|b] = [W|b] @ gram_grad
+                _add_gram_grad(w_s, b_s, gram_grad, grad_w, grad_b)
             total = (
                 torch.where(ce_w != 0, ce_all * ce_w, 0.0).sum()
                 + torch.where(kd_w != 0, d_all * kd_w, 0.0).sum()
@@ -330,7 +354,7 @@ class _FusedHeadLoss(torch.autograd.Function):
                 g = g.mul_(g_total) if not (g_total == 1).all() else g
                 g = g.to(dtype)
             out.append(g)
-        return (*out, None, None, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None, None, None)
 
 
 def _fused_head_loss(
@@ -348,6 +372,7 @@ def _fused_head_loss(
     beta: float = 0.5,
     alpha: float = 0.1,
     chunk_size: int = DEFAULT_CHUNK,
+    gram_grad: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if kind not in KD_KINDS:
         raise ValueError(f"unknown divergence kind {kind!r}; expected one of {KD_KINDS}")
@@ -364,6 +389,7 @@ def _fused_head_loss(
         "alpha": float(alpha),
         "chunk_size": chunk_size,
         "compute_dtype": _compute_dtype(h_s, w_s),
+        "grad_enabled": torch.is_grad_enabled(),
     }
     if h_t is not None:
         if w_t.shape[0] != w_s.shape[0]:
@@ -381,7 +407,7 @@ def _fused_head_loss(
         opts["teacher_dtype"] = _compute_dtype(h_t, w_t)
     ce_w = ce_w.to(device=h_s.device, dtype=torch.float32)
     kd_w = kd_w.to(device=h_s.device, dtype=torch.float32)
-    return _FusedHeadLoss.apply(h_s, w_s, b_s, h_t, w_t, b_t, targets, ce_w, kd_w, opts)
+    return _FusedHeadLoss.apply(h_s, w_s, b_s, h_t, w_t, b_t, targets, ce_w, kd_w, gram_grad, opts)
 
 
 # ----------------------------------------------------------------------------------- public: MDist/CE
@@ -527,21 +553,45 @@ def head_gram(weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.T
     return _HeadGram.apply(weight, bias)
 
 
-def _relation_grams(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor | None
+def _add_gram_grad(
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    s: torch.Tensor,
+    grad_w: torch.Tensor | None,
+    grad_b: torch.Tensor | None,
+) -> None:
+    """``grad_[W|b] += [W|b] @ s`` in float32 (``s``: ``[d', d']``), a block of vocabulary rows at a time."""
+    if b is None and w.dtype == torch.float32:
+        if grad_w is not None:
+            grad_w.addmm_(w, s)
+        return
+    d = w.shape[1]
+    for v0 in range(0, w.shape[0], _GRAM_ROWS):
+        v1 = min(w.shape[0], v0 + _GRAM_ROWS)
+        y = _augment(w[v0:v1], None if b is None else b[v0:v1]) @ s
+        if grad_w is not None:
+            grad_w[v0:v1] += y[:, :d]
+        if grad_b is not None:
+            grad_b[v0:v1] += y[:, d]
+
+
+def _rdist_from_grams(
+    hs: torch.Tensor, gram_s: torch.Tensor, s_bias: bool, ht: torch.Tensor, gram_t: torch.Tensor, t_bias: bool
 ) -> torch.Tensor:
-    """``Z Z^T`` per sample (``[B, n, n]``, float32) for ``Z = hidden @ W^T + b`` without forming ``Z``."""
-    with torch.autocast(hidden.device.type, enabled=False):
-        if gram is None:
-            gram = head_gram(weight, bias)
-        h = hidden.float()
-        if bias is not None:
+    """``1 - cos`` of ``H_S G_S H_S^T`` and ``H_T G_T H_T^T`` (``[B, n, d]`` hidden, float32 math)."""
+
+    def relation(h: torch.Tensor, gram: torch.Tensor, bias: bool) -> torch.Tensor:
+        h = h.float()
+        if bias:  # Z = [H 1] [W b]^T
             h = torch.cat([h, h.new_ones(*h.shape[:-1], 1)], dim=-1)
         if h.shape[-1] != gram.shape[0]:
             raise ValueError(
-                f"hidden {tuple(hidden.shape)} does not match the head's Gram {tuple(gram.shape)}"
+                f"hidden states {tuple(h.shape)} do not match the head's Gram {tuple(gram.shape)}"
             )
         return (h @ gram) @ h.transpose(1, 2)
+
+    with torch.autocast(hs.device.type, enabled=False):
+        return relation_loss_from_gram(relation(hs, gram_s, s_bias), relation(ht, gram_t, t_bias))
 
 
 def fused_relation_distill(
@@ -569,29 +619,38 @@ def fused_relation_distill(
     Returns:
         scalar float32 tensor; 0 (still attached to the graph) when no sample has an image.
     """
-    if student_vis_hidden.shape[:2] != teacher_vis_hidden.shape[:2]:
-        raise ValueError(
-            f"student visual hidden states {tuple(student_vis_hidden.shape)} and teacher visual hidden states "
-            f"{tuple(teacher_vis_hidden.shape)} have different visual-token counts"
-        )
-    if teacher_head_weight is not None and teacher_head_weight.shape[0] != student_head_weight.shape[0]:
-        raise ValueError(
-            f"student head {tuple(student_head_weight.shape)} and teacher head "
-            f"{tuple(teacher_head_weight.shape)} have different vocabularies"
-        )
-    hs, ht = student_vis_hidden, teacher_vis_hidden
-    if has_image is not None:
-        hs, ht = hs[has_image], ht[has_image]
+    hs, ht = _check_relation_inputs(
+        student_vis_hidden, student_head_weight, teacher_vis_hidden, teacher_head_weight, has_image
+    )
     if hs.shape[0] == 0:
         return student_vis_hidden.sum() * 0.0
-    gram_s = _relation_grams(hs, student_head_weight, student_bias, None)
+    gram_s = head_gram(student_head_weight, student_bias)
+    gram_t = _teacher_gram(teacher_head_weight, teacher_bias, teacher_gram)
+    return _rdist_from_grams(
+        hs, gram_s, student_bias is not None, ht.detach(), gram_t, teacher_bias is not None
+    )
+
+
+def _check_relation_inputs(hs, ws, ht, wt, has_image):
+    if hs.shape[:2] != ht.shape[:2]:
+        raise ValueError(
+            f"student visual hidden states {tuple(hs.shape)} and teacher visual hidden states "
+            f"{tuple(ht.shape)} have different visual-token counts"
+        )
+    if wt is not None and wt.shape[0] != ws.shape[0]:
+        raise ValueError(
+            f"student head {tuple(ws.shape)} and teacher head {tuple(wt.shape)} have different vocabularies"
+        )
+    if has_image is not None:
+        hs, ht = hs[has_image], ht[has_image]
+    return hs, ht
+
+
+def _teacher_gram(weight, bias, gram):
+    if gram is not None:
+        return gram.detach()
     with torch.no_grad():
-        if teacher_gram is None:
-            teacher_gram = head_gram(
-                teacher_head_weight.detach(), None if teacher_bias is None else teacher_bias.detach()
-            )
-        gram_t = _relation_grams(ht.detach(), None, teacher_bias, teacher_gram.detach())
-    return relation_loss_from_gram(gram_s, gram_t)
+        return head_gram(weight.detach(), None if bias is None else bias.detach())
 
 
 # ------------------------------------------------------------------------------- public: the objective
@@ -652,6 +711,17 @@ def fused_distill_loss(
         kd_w = kd_w + is_resp.float() * (w["mdist_resp"] * tau2 / max(n_resp, 1))
     if use_vis:
         kd_w = kd_w + is_vis.float() * (w["mdist_vis"] * tau2 / max(n_vis, 1))
+    rdist, gram_grad = None, None
+    if use_rel:
+        rdist, gram_grad = _objective_rdist(
+            student_hidden[vis_mask].view(-1, num_visual_tokens, student_hidden.shape[-1]),
+            student_head_weight,
+            student_bias,
+            teacher_hidden[vis_mask].view(-1, num_visual_tokens, teacher_hidden.shape[-1]),
+            _teacher_gram(teacher_head_weight, teacher_bias, teacher_gram),
+            teacher_bias is not None,
+            w["rdist"],
+        )
     total, ce, d = _fused_head_loss(
         student_hidden[rows],
         student_head_weight,
@@ -667,6 +737,7 @@ def fused_distill_loss(
         beta=settings.beta,
         alpha=settings.alpha,
         chunk_size=chunk_size,
+        gram_grad=gram_grad,
     )
     zero = total.detach() * 0.0
     terms: dict[str, torch.Tensor] = {}
@@ -676,21 +747,39 @@ def fused_distill_loss(
         terms["mdist_resp"] = d[is_resp].mean() * tau2 if n_resp else zero
     if use_vis:
         terms["mdist_vis"] = d[is_vis].mean() * tau2 if n_vis else zero
-    if use_rel:
-        dim_s, dim_t = student_hidden.shape[-1], teacher_hidden.shape[-1]
-        rdist = fused_relation_distill(
-            student_hidden[vis_mask].view(-1, num_visual_tokens, dim_s),
-            student_head_weight,
-            teacher_hidden[vis_mask].view(-1, num_visual_tokens, dim_t),
-            teacher_head_weight,
-            student_bias=student_bias,
-            teacher_bias=teacher_bias,
-            teacher_gram=teacher_gram,
-        )
+    if rdist is not None:
         terms["rdist"] = rdist.detach()
         if w["rdist"] != 0:
             total = total + w["rdist"] * rdist
     return total, terms
+
+
+def _objective_rdist(
+    hs: torch.Tensor,
+    ws: torch.Tensor,
+    bs: torch.Tensor | None,
+    ht: torch.Tensor,
+    gram_t: torch.Tensor,
+    t_bias: bool,
+    weight: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RDist for :func:`fused_distill_loss`, and ``weight * dRDist/d(W^T W)`` symmetrised when the head trains.
+
+    The head's share of the RDist gradient, ``[W|b] (dG + dG^T)``, is then added to the fused head loss's
+    own ``grad_W`` (so only one ``[V, d]`` gradient buffer exists); the returned RDist carries gradients
+    to the hidden states only.
+    """
+    head_trains = torch.is_grad_enabled() and (ws.requires_grad or (bs is not None and bs.requires_grad))
+    if not head_trains or weight == 0:
+        with torch.no_grad():
+            gram_s = head_gram(ws, bs)
+        return _rdist_from_grams(hs, gram_s, bs is not None, ht.detach(), gram_t, t_bias), None
+    with torch.no_grad():
+        gram_s = head_gram(ws, bs)
+    gram_s.requires_grad_()
+    rdist = _rdist_from_grams(hs, gram_s, bs is not None, ht.detach(), gram_t, t_bias)
+    (d_gram,) = torch.autograd.grad(rdist, gram_s, retain_graph=True)
+    return rdist, weight * (d_gram + d_gram.t())
 
 
 def fusable_head(model: nn.Module) -> nn.Linear | None:

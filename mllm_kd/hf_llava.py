@@ -5,8 +5,9 @@ read, with no mllm_kd code::
 
     config.json                 LlavaConfig: vision_config, text_config, image_token_index,
                                 image_seq_length, vision_feature_layer, vision_feature_select_strategy
-    model.safetensors           model.vision_tower.*, model.multi_modal_projector.linear_{1,2}.*,
-                                model.language_model.*, lm_head.weight
+    model.safetensors           vision_tower.*, multi_modal_projector.linear_{1,2}.*,
+                                language_model.model.*, language_model.lm_head.weight (the names
+                                transformers writes; it reads its newer in-memory names too)
     generation_config.json      greedy, stopping at EOS and the chat template's end-of-turn token
     processor_config.json       LlavaProcessor: patch_size, vision_feature_select_strategy,
                                 num_additional_image_tokens, image_token

@@ -85,9 +85,12 @@ def _inputs(model, tokenizer, seed=0):
     ("vision", "llm", "kw"),
     [
         ("clip", "qwen2", {"feature_layer": -2, "drop_cls": True}),
-        ("clip", "llama", {"feature_layer": 1, "drop_cls": False, "llm_extra": {"tie_word_embeddings": True}}),
-        ("siglip", "qwen2", {"feature_layer": -1, "drop_cls": False, "keep_layers": [0, 2]}),
-        ("siglip", "llama", {"feature_layer": 0, "drop_cls": True}),
+        (
+            "clip",
+            "llama",
+            {"feature_layer": 1, "drop_cls": False, "llm_extra": {"tie_word_embeddings": True}},
+        ),
+        ("siglip", "qwen2", {"feature_layer": 0, "drop_cls": True, "keep_layers": [0, 2]}),
     ],
 )
 def test_export_then_import_gives_identical_logits(tmp_path, tokenizer, vision, llm, kw):
@@ -127,6 +130,38 @@ def test_export_then_import_gives_identical_logits(tmp_path, tokenizer, vision, 
         torch.testing.assert_close(again.eval()(ids, mask, px).logits, want, rtol=0, atol=0)
 
 
+def test_import_reads_both_llava_key_layouts(tmp_path, tokenizer):
+    """transformers writes LLaVA weights under the long-standing names (``language_model.model.*``,
+    ``language_model.lm_head``, ``vision_tower.*``, ``multi_modal_projector.*``); its in-memory names
+    (``model.language_model.*``, ``lm_head``, ``model.vision_tower.*``, ...) load as well."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = _cfg("clip", "llama")
+    model = _model(cfg, tokenizer)
+    ids, mask, px = _inputs(model, tokenizer)
+    with torch.no_grad():
+        want = model(ids, mask, px).logits
+    out = export_hf_llava(model, tokenizer, cfg, tmp_path / "hf")
+    saved = load_file(out / "model.safetensors")
+    assert (
+        "language_model.model.embed_tokens.weight" in saved
+        and "multi_modal_projector.linear_1.weight" in saved
+    )
+    renamed = {}
+    for k, v in saved.items():
+        if k.startswith("language_model.model."):
+            k = "model.language_model." + k[len("language_model.model.") :]
+        elif k == "language_model.lm_head.weight":
+            k = "lm_head.weight"
+        else:
+            k = "model." + k
+        renamed[k] = v
+    save_file(renamed, out / "model.safetensors", metadata={"format": "pt"})
+    back, _, _ = load_checkpoint_model(out)
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(ids, mask, px).logits, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     ("vision", "projector", "match"),
     [
@@ -147,8 +182,9 @@ def test_export_refuses_what_hf_llava_cannot_express(tokenizer, vision, projecto
 def exported_teacher(smoke_teacher, tmp_path_factory):
     """configs/smoke.yaml's trained teacher, exported through the command line."""
     out = tmp_path_factory.mktemp("export") / "teacher_hf"
-    assert export_main(["--checkpoint", str(smoke_teacher / "teacher_sft"), "--out", str(out)]) == 0
-    assert export_main(["--checkpoint", str(smoke_teacher / "teacher_sft"), "--out", str(out)]) == 2  # no clobber
+    args = ["--checkpoint", str(smoke_teacher / "teacher_sft"), "--out", str(out)]
+    assert export_main(args) == 0
+    assert export_main(args) == 2  # an existing export is not overwritten without --overwrite
     return out
 
 
@@ -248,7 +284,9 @@ def test_hf_llava_as_teacher_vision_source_and_init_from(smoke_teacher, exported
     sv, tv = student.vision.state_dict(), teacher.vision.state_dict()
     assert sv.keys() == tv.keys() and all(torch.equal(sv[k], tv[k]) for k in sv)
     # stage 2 starting from the HF LLaVA directory itself
-    code = stage_main(["stage2"], "t", "t", ["--config", str(SMOKE), *common, f"init_from={exported_teacher}"])
+    code = stage_main(
+        ["stage2"], "t", "t", ["--config", str(SMOKE), *common, f"init_from={exported_teacher}"]
+    )
     assert code == 0, capsys.readouterr().err
     _, _, cfg = load_checkpoint_model(run / "stage2")
     assert cfg.llm.config["num_hidden_layers"] == teacher.llm.config.num_hidden_layers

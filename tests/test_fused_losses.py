@@ -271,24 +271,51 @@ def _objective_batch(seed=0):
     return hs, ws, ht, wt, labels, vis, n
 
 
-@pytest.mark.parametrize(("kind", "tau"), [("fkl", 1.0), ("jsd", 2.0), ("srkl", 0.5)])
-def test_fused_distill_loss_equals_reference_terms(kind, tau):
+@pytest.mark.parametrize(
+    ("kind", "tau", "head_trains"),
+    [("fkl", 1.0, True), ("jsd", 2.0, True), ("srkl", 0.5, True), ("fkl", 1.0, False)],
+)
+def test_fused_distill_loss_equals_reference_terms(kind, tau, head_trains):
     hs, ws, ht, wt, labels, vis, n = _objective_batch()
+    ws.requires_grad_(head_trains)  # stage 1 trains the projector only: no head gradient at all
+    params = [hs, ws] if head_trains else [hs]
     weights = {"ce": 0.7, "mdist_resp": 1.3, "mdist_vis": 0.5, "rdist": 2.0}
     settings = DistillSettings(kind=kind, temperature=tau, beta=0.3, alpha=0.2)
     zs, zt = hs @ ws.t(), ht @ wt.t()
     want_terms = {"ce": causal_lm_loss(zs, labels), **distill_terms(zs, zt, labels, vis, n, settings)}
     want = sum(weights[k] * v for k, v in want_terms.items())
-    want_grads = torch.autograd.grad(want, [hs, ws])
+    want_grads = torch.autograd.grad(want, params)
 
     got, terms = fused_distill_loss(hs, ws, labels, weights, ht, wt, vis, n, settings, chunk_size=5)
     assert set(terms) == set(want_terms)
     for k in terms:
         assert terms[k].item() == pytest.approx(want_terms[k].item(), rel=RTOL), k
     assert_rel(got, want)
-    for g, w in zip(torch.autograd.grad(got, [hs, ws]), want_grads):
+    for g, w in zip(torch.autograd.grad(got, params), want_grads):
         assert_rel(g, w)
     assert want_grads[0].abs().sum() > 0
+
+
+def test_fused_distill_loss_bf16_weights():
+    hs, ws, ht, wt, labels, vis, n = _objective_batch(seed=2)
+    hs16, ws16 = hs.detach().bfloat16().requires_grad_(), ws.detach().bfloat16().requires_grad_()
+    ht16, wt16 = ht.bfloat16(), wt.bfloat16()
+    weights = {"ce": 1.0, "mdist_resp": 1.0, "mdist_vis": 1.0, "rdist": 1.0}
+    got, terms = fused_distill_loss(hs16, ws16, labels, weights, ht16, wt16, vis, n, chunk_size=5)
+    got.backward()
+    # The reference on the same (bf16-rounded) values in float32.
+    h32, w32 = hs16.detach().float().requires_grad_(), ws16.detach().float().requires_grad_()
+    zs, zt = h32 @ w32.t(), ht16.float() @ wt16.float().t()
+    want_terms = {
+        "ce": causal_lm_loss(zs, labels),
+        **distill_terms(zs, zt, labels, vis, n, DistillSettings()),
+    }
+    sum(want_terms.values()).backward()
+    for k in want_terms:
+        assert terms[k].item() == pytest.approx(want_terms[k].item(), rel=2e-2), k
+    for g, w in ((hs16.grad, h32.grad), (ws16.grad, w32.grad)):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.float(), w, rtol=5e-2, atol=5e-2 * w.abs().max().item())
 
 
 def test_fused_distill_loss_respects_disabled_terms_and_ce_only():
@@ -444,3 +471,17 @@ def test_loss_computer_ce_only_and_fallback():
     assert hooked_total.item() != pytest.approx(r_total.item(), rel=1e-3)
     student.llm.config.final_logit_softcapping = 30.0
     assert fusable_head(student) is None
+
+
+def test_no_grad_computes_values_only(monkeypatch):
+    import mllm_kd.fused_losses as fl
+
+    seen = []
+    original = fl._chunk_losses
+    monkeypatch.setattr(fl, "_chunk_losses", lambda *a: seen.append(a[-1]) or original(*a))
+    hs, ws, _, ht, wt, _ = _head_problem(6, 40)
+    with torch.no_grad():
+        got = fused_kd_divergence(hs, ws, ht, wt, chunk_size=4)
+    want = kd_divergence((hs @ ws.t())[None], (ht @ wt.t())[None], torch.ones(1, 6, dtype=torch.bool))
+    assert not got.requires_grad and seen == [False, False]
+    assert got.item() == pytest.approx(want.item(), rel=RTOL)

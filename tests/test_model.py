@@ -337,7 +337,15 @@ def test_apply_trainable():
     assert not any(p.requires_grad for p in model.llm.parameters())
 
     counts = apply_trainable(model, TrainableConfig(vision="full", projector="frozen", llm="full"))
-    assert counts == {"vision": sizes["vision"], "projector": 0, "llm": sizes["llm"]}
+    # a trained tower keeps frozen what cannot reach the features: with feature_layer=-2 the last block
+    # and the final norm (DDP would otherwise fail on parameters without gradients)
+    unreachable = count_parameters(model.vision.model.encoder.layers[-1]) + count_parameters(
+        model.vision.model.post_layernorm
+    )
+    assert model.vision.feature_layer == -2
+    assert counts == {"vision": sizes["vision"] - unreachable, "projector": 0, "llm": sizes["llm"]}
+    assert not any(p.requires_grad for p in model.vision.model.post_layernorm.parameters())
+    assert all(p.requires_grad for p in model.vision.model.encoder.layers[0].parameters())
     assert not any(p.requires_grad for p in model.projector.parameters())
     assert all(p.requires_grad for p in model.llm.parameters())
 

@@ -9,6 +9,7 @@ Slow (minutes on 2 CPU cores) and skipped unless the wheel and the GGUF reader a
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 
 import pytest
@@ -54,7 +55,7 @@ def test_smollm2_recipe_runs_every_stage(smoke_data, tmp_path):
         rows = [json.loads(ln) for ln in (run / name / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [1, 2, 3]
         elapsed = [0.0] + [r["elapsed"] for r in rows]
-        times[name] = [round(b - a, 2) for a, b in zip(elapsed, elapsed[1:])]
+        times[name] = [round(b - a, 2) for a, b in itertools.pairwise(elapsed)]
         if name in ("stage1", "stage3"):
             assert all(r["mdist_vis"] > 0 and r["rdist"] >= 0 for r in rows)
     print("\nseconds per optimizer step (batch 4):", json.dumps(times))
