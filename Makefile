@@ -30,10 +30,14 @@ format: venv
 	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
 
 smoke: venv
+	$(BIN)/python -m mllm_kd.data_prep.synthetic --out runs/smoke/data
 	$(BIN)/python -m mllm_kd.pipeline --config configs/smoke.yaml run_dir=runs/smoke
 
 demo: venv
 	$(BIN)/python -m mllm_kd.demo --run-dir $(RUN_DIR)
+
+bench: venv
+	$(BIN)/python bench/kd_loss.py --device cpu --vocab 32000 --tokens 512 --visual 364 --chunk-size 256
 
 clean:
 	rm -rf runs/smoke

@@ -84,13 +84,12 @@ def train_role(run: Path, role: str, overrides: list[str], redo: bool) -> tuple[
     return ckpt, seconds, stages
 
 
-def evaluate(run: Path, role: str, ckpt: Path, redo: bool, batch_size: int = 128) -> dict:
-    """Answer the test split with greedy decoding and score it (exact match, per question type)."""
+def evaluate(data: Path, answers: Path, role: str, ckpt: Path, redo: bool, batch_size: int = 128) -> dict:
+    """Answer the test split of ``data`` into ``answers`` (greedy) and score it (exact match, per type)."""
     from mllm_kd.eval.core import read_predictions
     from mllm_kd.eval.tasks.easyvqa import EasyVQATask
     from mllm_kd.generate import Generator, answer_file, read_questions
 
-    answers = run / "eval" / f"{role}.answers.jsonl"
     if redo and answers.exists():
         answers.unlink()
     model, tok, model_cfg = load_checkpoint_model(ckpt)
@@ -101,10 +100,10 @@ def evaluate(run: Path, role: str, ckpt: Path, redo: bool, batch_size: int = 128
         image_std=model_cfg.vision.image_std,
         max_new_tokens=4,
     )
-    questions = read_questions(run / "data" / "test_questions.jsonl")
-    answer_file(gen, questions, run / "data" / "images", answers, model_id=role, batch_size=batch_size)
+    questions = read_questions(data / "test_questions.jsonl")
+    answer_file(gen, questions, data / "images", answers, model_id=role, batch_size=batch_size)
     task = EasyVQATask()
-    scores = task.score(read_predictions(answers), task.load(run / "data" / "test_answers.json"))
+    scores = task.score(read_predictions(answers), task.load(data / "test_answers.json"))
     return {"parameters": count_parameters(model), "llm_parameters": count_parameters(model.llm), **scores}
 
 
@@ -122,7 +121,8 @@ def run_demo(run: Path, overrides: list[str], redo: bool = False, quick: bool = 
         ckpt, seconds, stages = train_role(run, role, overrides, redo)
         results[role] = {"checkpoint": str(ckpt), "train_seconds": round(seconds, 1), "stages": stages}
     for role in ROLES:
-        results[role].update(evaluate(run, role, Path(results[role]["checkpoint"]), redo))
+        answers = run / "eval" / f"{role}.answers.jsonl"
+        results[role].update(evaluate(run / "data", answers, role, Path(results[role]["checkpoint"]), redo))
         results[role]["accuracy"] = results[role]["accuracy"] / 100.0
         log.info("%s: accuracy %.4f %s", role, results[role]["accuracy"], results[role]["by_type"])
     results["seconds"] = round(time.perf_counter() - started, 1)

@@ -34,6 +34,15 @@ from mllm_kd.model import build_model
 RTOL = 1e-5
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: one thread avoids thread-pool contention on busy 2-core machines."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def assert_rel(got: torch.Tensor, want: torch.Tensor, rtol: float = RTOL) -> None:
     """Equal within ``rtol`` relative to the reference's largest magnitude (float32 round-off only)."""
     assert got.shape == want.shape and got.dtype == want.dtype
