@@ -103,6 +103,22 @@ class TeacherConfig:
     model: ModelConfig = field(
         default_factory=ModelConfig
     )  # the teacher's architecture, for training it (teacher_pt/teacher_sft)
+    cache: str | None = None  # a cached teacher (python -m mllm_kd.cache_teacher): used instead of running it
+    cache_topk: int = (
+        32  # teacher log-probabilities kept per distilled position in the cache (+ a leftover bucket)
+    )
+    cache_relation_rank: int = 0  # RDist in the cache: 0 the exact relation matrix, r > 0 a rank-r factor
+    quantize: str | None = None  # load the teacher's LLM in "8bit" or "4bit" (bitsandbytes); None: as saved
+
+    def __post_init__(self) -> None:
+        if self.quantize in ("none", ""):
+            self.quantize = None
+        if self.quantize not in (None, "8bit", "4bit"):
+            raise ConfigError(f"teacher.quantize must be 8bit, 4bit or none, got {self.quantize!r}")
+        if self.cache_topk < 1:
+            raise ConfigError(f"teacher.cache_topk must be >= 1, got {self.cache_topk}")
+        if self.cache_relation_rank < 0:
+            raise ConfigError(f"teacher.cache_relation_rank must be >= 0, got {self.cache_relation_rank}")
 
 
 @dataclass
@@ -170,7 +186,7 @@ class LossConfig:
     beta: float = 0.5  # jsd mixture weight of the teacher
     alpha: float = 0.1  # skew of skl / srkl
     fused: bool = True  # losses from hidden states + LM-head weights, chunked (false: the logits reference)
-    chunk_size: int = 1024  # positions per chunk of the fused losses (~5 x chunk_size x V floats at a time)
+    chunk_size: int = 256  # positions per chunk of the fused losses (~5 x chunk_size x V floats at a time)
     on_nonfinite: str = (
         "raise"  # a NaN/inf loss: "raise" (stop, keep last checkpoint) or "skip" (drop the step, count it)
     )
@@ -199,6 +215,11 @@ class OptimConfig:
     warmup_ratio: float = 0.03  # fraction of the optimizer steps spent warming up
     min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio
     max_grad_norm: float = 1.0  # gradient clipping (0 disables)
+    name: str = "adamw"  # "adamw" (torch) or "adamw8bit" (bitsandbytes' 8-bit AdamW: 1/4 of the state memory)
+
+    def __post_init__(self) -> None:
+        if self.name not in ("adamw", "adamw8bit"):
+            raise ConfigError(f"optim.name must be adamw or adamw8bit, got {self.name!r}")
 
 
 @dataclass

@@ -44,7 +44,7 @@ from mllm_kd.distributed import (
     wrap_student,
 )
 from mllm_kd.errors import CheckpointError, TrainingError
-from mllm_kd.losses import DistillSettings, causal_lm_loss, distill_terms
+from mllm_kd.losses import DistillSettings, causal_lm_loss, distill_terms, response_mask
 from mllm_kd.model import MultimodalLM
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,8 @@ def seed_everything(seed: int) -> None:
 
 
 def build_optimizer(model: MultimodalLM, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW; the projector has its own learning rate; no weight decay on biases and norms."""
+    """AdamW (``optim.name``: torch's, or bitsandbytes' 8-bit ``adamw8bit``); the projector has its own
+    learning rate; no weight decay on biases and norms."""
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -104,7 +105,28 @@ def build_optimizer(model: MultimodalLM, cfg: OptimConfig) -> torch.optim.Optimi
         param_groups.append(
             {"params": params, "lr": lr, "weight_decay": cfg.weight_decay if decay else 0.0, "name": part}
         )
+    if cfg.name == "adamw8bit":
+        return _adamw8bit(param_groups, cfg)
     return torch.optim.AdamW(param_groups, betas=tuple(cfg.betas))
+
+
+def _adamw8bit(param_groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """bitsandbytes' AdamW8bit: both moments block-wise quantised to 8 bits (tensors of >= 4096 elements)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        raise TrainingError(
+            "optim.name=adamw8bit needs bitsandbytes: install the `gpu` extra (pip install -e '.[gpu]') "
+            "or just bitsandbytes (pip install bitsandbytes)"
+        ) from e
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) or isinstance(p.data, DTensor) for g in param_groups for p in g["params"]):
+        raise TrainingError(
+            "optim.name=adamw8bit does not support an FSDP2-sharded student; use optim.name=adamw or "
+            "train.strategy=ddp"
+        )
+    return bnb.optim.AdamW8bit(param_groups, lr=cfg.lr, betas=tuple(cfg.betas))
 
 
 def cosine_with_warmup(
@@ -130,11 +152,21 @@ class LossComputer:
     ``loss.chunk_size`` of positions at a time, so no ``[B, T, V]`` logits exist. Heads the fused path
     cannot reproduce exactly (see :func:`~mllm_kd.fused_losses.fusable_head`), and ``loss.fused=false``,
     use the logits reference (:func:`~mllm_kd.losses.causal_lm_loss` + :func:`~mllm_kd.losses.distill_terms`).
+
+    A :class:`~mllm_kd.teacher_cache.CachedTeacher` as ``teacher`` (``teacher.cache``): no teacher runs; its
+    stored outputs for the batch's samples (``batch["ids"]``) are looked up and the terms are those of
+    :func:`~mllm_kd.teacher_cache.cached_distill_loss` (fused) or
+    :func:`~mllm_kd.teacher_cache.cached_distill_loss_reference` (``loss.fused=false``).
     """
 
-    def __init__(self, cfg: StageConfig, teacher: MultimodalLM | None):
+    def __init__(self, cfg: StageConfig, teacher: nn.Module | None):
+        from mllm_kd.teacher_cache import CachedTeacher, check_loss_settings
+
         self.loss = cfg.loss
-        self.teacher = teacher
+        self.cache = teacher if isinstance(teacher, CachedTeacher) else None
+        self.teacher = None if self.cache is not None else teacher
+        if self.cache is not None:
+            check_loss_settings(cfg)
         self.settings = DistillSettings(
             kind=cfg.loss.kind,
             temperature=cfg.loss.temperature,
@@ -167,11 +199,45 @@ class LossComputer:
             head = fusable_head(student)
             t_head = None if self.teacher is None else fusable_head(self.teacher)
             if head is not None and (self.teacher is None or t_head is not None):
+                if self.cache is not None:
+                    return self._cached(student, batch, head)
                 return self._fused(student, batch, head, t_head)
             if not self._fallback_logged:
                 log.info("loss.fused: an LM head is not a plain, whole nn.Linear; using the logits reference")
                 self._fallback_logged = True
+        if self.cache is not None:
+            return self._cached(student, batch, None)
         return self._reference(student, batch)
+
+    def _cached(
+        self, student: nn.Module, batch: dict, head: nn.Linear | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The objective against the cached teacher; ``head`` None: from the student's full logits."""
+        from mllm_kd.teacher_cache import cached_distill_loss, cached_distill_loss_reference
+
+        inner = getattr(student, "module", student)  # DistributedDataParallel
+        ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        vis_mask = ids == inner.image_token_id
+        rows = response_mask(labels) | vis_mask
+        cached = self.cache.lookup(batch["ids"], ids, attn, labels, rows, ids.device)
+        if head is None:
+            logits = student(ids, attn, batch["pixel_values"]).logits
+            return cached_distill_loss_reference(
+                logits, labels, vis_mask, inner.num_visual_tokens, cached, self.weights, self.settings
+            )
+        hidden = student(ids, attn, batch["pixel_values"], return_logits=False).hidden
+        return cached_distill_loss(
+            hidden,
+            head.weight,
+            labels,
+            vis_mask,
+            inner.num_visual_tokens,
+            cached,
+            self.weights,
+            self.settings,
+            chunk_size=self.loss.chunk_size,
+            head_bias=head.bias,
+        )
 
     def _reference(self, student: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = student(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])

@@ -44,7 +44,12 @@ class HFVisionTower(nn.Module):
 
 
 class OpenClipVisionTower(nn.Module):
-    """An open_clip ``VisionTransformer``; features from one block via ``forward_intermediates``."""
+    """An open_clip vision tower; features from one block via ``forward_intermediates``.
+
+    ViTs give ``[N, tokens, width]`` (with the class token unless ``drop_cls``); convolutional towers
+    (``ModifiedResNet``, ``layers`` given as a tuple) give their feature map flattened row by row,
+    ``[N, H*W, channels]``, and have no class token to drop.
+    """
 
     def __init__(self, visual: nn.Module, feature_layer: int, drop_cls: bool, arch_config: dict):
         super().__init__()
@@ -52,14 +57,18 @@ class OpenClipVisionTower(nn.Module):
         self.arch_config = arch_config  # CLIPVisionCfg kwargs + embed_dim: rebuilds the architecture
         self.feature_layer = feature_layer
         self.drop_cls = drop_cls
+        self.is_vit = hasattr(visual, "transformer")
         size = visual.image_size
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
-        if feature_layer == 0:
-            raise ConfigError(
-                "model.vision.feature_layer=0 (the patch embeddings) is not available for open_clip towers"
-            )
+        if feature_layer == 0 and self.is_vit:
+            raise ConfigError("model.vision.feature_layer=0 (the patch embeddings) is not available for open_clip ViTs")
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if not self.is_vit:
+            out = self.visual.forward_intermediates(
+                pixel_values, indices=[self.feature_layer], output_fmt="NCHW", intermediates_only=True
+            )
+            return out["image_intermediates"][0].flatten(2).transpose(1, 2)
         # feature_layer follows HF's hidden_states numbering (0 = embeddings, k = after block k, -1 = last
         # block), so one value means the same layer on both back-ends; open_clip numbers blocks from 0.
         index = self.feature_layer - 1 if self.feature_layer > 0 else self.feature_layer

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,15 +47,119 @@ def init_model(cfg: StageConfig, model_cfg: ModelConfig) -> tuple[MultimodalLM, 
     return build_from_config(model_cfg, tokenizer), tokenizer, model_cfg
 
 
-def load_teacher(cfg: StageConfig, student: MultimodalLM, tokenizer) -> MultimodalLM:
-    """Load the frozen teacher and check it can teach this student (same vocabulary, same visual tokens)."""
+def load_teacher(
+    cfg: StageConfig, student: MultimodalLM, tokenizer, model_cfg: ModelConfig | None = None
+) -> torch.nn.Module:
+    """The frozen teacher, checked against the student (same vocabulary, same visual tokens).
+
+    With ``teacher.cache`` the teacher is not loaded: a :class:`~mllm_kd.teacher_cache.CachedTeacher`
+    stands in its place (checked against this stage's data, tokenizer and settings), and the loss reads
+    its stored outputs. With ``teacher.quantize`` the teacher's LLM runs in 8 or 4 bits (bitsandbytes).
+    """
+    if cfg.teacher.cache:
+        return load_cached_teacher(cfg, student, tokenizer, model_cfg or cfg.model)
+    return load_teacher_model(cfg, student, tokenizer)
+
+
+def load_teacher_model(cfg: StageConfig, student: MultimodalLM, tokenizer) -> MultimodalLM:
+    """Load ``teacher.checkpoint`` (quantised if ``teacher.quantize``) and check it against the student."""
     if not cfg.teacher.checkpoint:
         raise ConfigError(
-            f"{cfg.stage}: distillation needs teacher.checkpoint (or set loss.w_resp=loss.w_vis=loss.w_rel=0)"
+            f"{cfg.stage}: distillation needs teacher.checkpoint or teacher.cache "
+            "(or set loss.w_resp=loss.w_vis=loss.w_rel=0)"
+        )
+    if cfg.teacher.quantize and cfg.train.teacher_strategy == "fsdp2":
+        raise ConfigError(
+            "teacher.quantize cannot be combined with train.teacher_strategy=fsdp2 (bitsandbytes weights do "
+            "not shard); a quantised teacher is small enough to replicate: use train.teacher_strategy=replicate"
         )
     teacher, t_tok, _ = load_checkpoint_model(cfg.teacher.checkpoint, what="teacher.checkpoint")
     check_compatible(teacher, t_tok, student, tokenizer, cfg.teacher.checkpoint)
+    if cfg.teacher.quantize:
+        n = quantize_llm(teacher.llm, cfg.teacher.quantize)
+        log.info(
+            "teacher: %d linear layers of its LLM quantised to %s (LM head, embeddings, vision tower and "
+            "projector kept in full precision)",
+            n,
+            cfg.teacher.quantize,
+        )
     return teacher.eval().requires_grad_(False)
+
+
+def load_cached_teacher(cfg: StageConfig, student: MultimodalLM, tokenizer, model_cfg: ModelConfig):
+    """The teacher cache of ``teacher.cache``, refused unless it was built for this stage's inputs."""
+    from mllm_kd.teacher_cache import check_loss_settings, expected_record, open_cache
+
+    check_loss_settings(cfg)
+    cache = open_cache(cfg.teacher.cache)
+    images = ImageProcessor(
+        student.vision.image_size, list(model_cfg.vision.image_mean), list(model_cfg.vision.image_std)
+    )
+    expected = expected_record(
+        cfg, tokenizer, student.num_visual_tokens, student.image_token_id, student.vocab_size, images
+    )
+    cache.check(expected, cfg.teacher.checkpoint)
+    if cfg.train.teacher_strategy == "fsdp2":
+        log.info("train.teacher_strategy=fsdp2 does not apply to a cached teacher (no weights); replicating")
+        cfg.train.teacher_strategy = "replicate"
+    log.info(
+        "%s: teacher outputs read from the cache %s (%d samples, k=%d; built from %s)",
+        cfg.stage,
+        cache.directory,
+        len(cache),
+        cache.k,
+        cache.manifest.get("teacher", {}).get("path", "?"),
+    )
+    return cache.eval().requires_grad_(False)
+
+
+def quantize_llm(llm: torch.nn.Module, mode: str) -> int:
+    """Replace the ``nn.Linear`` layers of an LLM (not its LM head) with bitsandbytes 8-bit / 4-bit layers.
+
+    ``mode``: ``"8bit"`` (``Linear8bitLt``, LLM.int8 with outlier threshold 6) or ``"4bit"`` (``Linear4bit``,
+    NF4). The weights are quantised here, on the CPU; moving the model to a GPU moves the quantised
+    weights. The LM head stays a full-precision ``nn.Linear`` so the fused losses still apply. Returns the
+    number of layers replaced.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        raise ConfigError(
+            f"teacher.quantize={mode} needs bitsandbytes: install the `gpu` extra (pip install -e '.[gpu]') "
+            "or just bitsandbytes (pip install bitsandbytes)"
+        ) from e
+    if mode not in ("8bit", "4bit"):
+        raise ConfigError(f"teacher.quantize must be 8bit or 4bit, got {mode!r}")
+    # LLM.int8 casts float32 inputs to float16 inside every matmul (by design); say it once, not per call.
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast", category=UserWarning)
+    head = llm.get_output_embeddings()
+    replaced = 0
+    for parent in list(llm.modules()):
+        if parent is head:
+            continue
+        for name, child in list(parent.named_children()):
+            if type(child) is not torch.nn.Linear or child is head:
+                continue
+            w, b = child.weight.data, None if child.bias is None else child.bias.data
+            if mode == "8bit":
+                new = bnb.nn.Linear8bitLt(
+                    child.in_features,
+                    child.out_features,
+                    bias=b is not None,
+                    has_fp16_weights=False,
+                    threshold=6.0,
+                )
+                new.weight = bnb.nn.Int8Params(w.float().cpu(), requires_grad=False, has_fp16_weights=False)
+            else:
+                new = bnb.nn.Linear4bit(
+                    child.in_features, child.out_features, bias=b is not None, quant_type="nf4"
+                )
+                new.weight = bnb.nn.Params4bit(w.float().cpu(), requires_grad=False, quant_type="nf4")
+            if b is not None:
+                new.bias = torch.nn.Parameter(b.float().cpu(), requires_grad=False)
+            setattr(parent, name, new.to("cpu"))  # .to() quantises
+            replaced += 1
+    return replaced
 
 
 def check_compatible(teacher: MultimodalLM, t_tok, student: MultimodalLM, s_tok, where: str) -> None:
@@ -96,7 +201,7 @@ def run_stage(
     dist_info = init_distributed(pick_device(cfg.train).type)
 
     student, tokenizer, model_cfg = init_model(cfg, model_cfg)
-    teacher = load_teacher(cfg, student, tokenizer) if distill and cfg.loss.distills else None
+    teacher = load_teacher(cfg, student, tokenizer, model_cfg) if distill and cfg.loss.distills else None
     images = ImageProcessor(
         student.vision.image_size, list(model_cfg.vision.image_mean), list(model_cfg.vision.image_std)
     )

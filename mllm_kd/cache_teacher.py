@@ -1,0 +1,57 @@
+"""`python -m mllm_kd.cache_teacher --config FILE [--stage stage3] [key=value ...]`: cache a teacher's outputs.
+
+Runs the stage's frozen teacher once over the stage's data (index order) and writes what the distillation
+losses need to ``teacher.cache`` (or ``--out``); then run the stage with the same overrides plus
+``teacher.cache=DIR`` and no teacher is loaded:
+
+    python -m mllm_kd.cache_teacher --config configs/smoke.yaml --stage stage3 run_dir=runs/smoke \\
+        teacher.cache=runs/smoke/teacher_cache/stage3
+    python -m mllm_kd.stage3 --config configs/smoke.yaml run_dir=runs/smoke \\
+        teacher.cache=runs/smoke/teacher_cache/stage3
+
+See :mod:`mllm_kd.teacher_cache` for the format and the loss. Prints a JSON summary (sizes, bytes per
+distilled token) as its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mllm_kd.cli import setup_logging, stage_config
+from mllm_kd.errors import ConfigError, MllmKdError
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mllm_kd.cache_teacher", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="a YAML recipe (see configs/)")
+    p.add_argument("--stage", default="stage3", choices=("stage1", "stage3"), help="whose data to cache")
+    p.add_argument("--out", help="the cache directory (default: teacher.cache)")
+    p.add_argument("--batch-size", type=int, help="samples per teacher forward (default: train.batch_size)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: train.device)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing cache")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for the stage")
+    args = p.parse_args(argv)
+    setup_logging()
+    from mllm_kd.teacher_cache import MANIFEST, build_teacher_cache, describe
+
+    try:
+        cfg = stage_config(args.config, args.stage, args.overrides)
+        out = args.out or cfg.teacher.cache
+        if not out:
+            raise ConfigError("say where to write the cache: teacher.cache=DIR (or --out DIR)")
+        if (Path(out) / MANIFEST).exists() and not args.overwrite:
+            raise ConfigError(f"{out} already holds a teacher cache; --overwrite replaces it")
+        cfg.teacher.cache = None  # build from the teacher itself
+        manifest = build_teacher_cache(cfg, out, batch_size=args.batch_size, device=args.device)
+    except MllmKdError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"cache": str(out), **describe(manifest)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
