@@ -52,7 +52,9 @@ def add_size_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--student-layers", type=int, default=4)
     p.add_argument("--teacher-hidden", type=int, default=256)
     p.add_argument("--teacher-layers", type=int, default=None, help="default: from --compute-ratio")
-    p.add_argument("--compute-ratio", type=float, default=6.0, help="teacher / student forward FLOPs per token")
+    p.add_argument(
+        "--compute-ratio", type=float, default=6.0, help="teacher / student forward FLOPs per token"
+    )
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--patch", type=int, default=8, help="(image-size / patch)^2 visual tokens per image")
     p.add_argument("--vision-hidden", type=int, default=64)
@@ -62,6 +64,12 @@ def add_size_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--relation-rank", type=int, default=0, help="teacher.cache_relation_rank")
     p.add_argument("--chunk-size", type=int, default=256)
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    p.add_argument(
+        "--teacher-sharpen",
+        type=float,
+        default=12.0,
+        help="scale the random teacher's final norm (its logits) so its distributions are peaked like a trained one's",
+    )
     p.add_argument("--workdir", default=None, help="keep the fixtures here (default: a temporary directory)")
     p.add_argument("--seed", type=int, default=0)
 
@@ -69,7 +77,9 @@ def add_size_args(p: argparse.ArgumentParser) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_size_args(p)
-    p.add_argument("--steps", type=int, default=8, help="optimizer steps per variant (the first is a warm-up)")
+    p.add_argument(
+        "--steps", type=int, default=8, help="optimizer steps per variant (the first is a warm-up)"
+    )
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--fixture", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -122,7 +132,10 @@ def build_fixture(args, work: Path) -> dict:
     s_llm = _llm_config(args.student_hidden, args.student_layers, args.vocab)
     layers = args.teacher_layers
     if layers is None:  # the teacher depth that gives the requested compute ratio
-        one = _flops_per_token(_llm_config(args.teacher_hidden, 1, args.vocab)) - args.vocab * args.teacher_hidden
+        one = (
+            _flops_per_token(_llm_config(args.teacher_hidden, 1, args.vocab))
+            - args.vocab * args.teacher_hidden
+        )
         target = args.compute_ratio * _flops_per_token(s_llm) - args.vocab * args.teacher_hidden
         layers = max(1, round(target / one))
     t_llm = _llm_config(args.teacher_hidden, layers, args.vocab)
@@ -141,10 +154,15 @@ def build_fixture(args, work: Path) -> dict:
     teacher_dir, student_dir = work / "teacher", work / "stage2"
     if not (teacher_dir / "model.safetensors").is_file():
         t_cfg = ModelConfig(vision=vision, projector=ProjectorConfig(), llm=LLMConfig(config=t_llm))
-        save_checkpoint(teacher_dir, build_from_config(t_cfg, tok), t_cfg, tok, None, {"step": 0})
+        teacher = build_from_config(t_cfg, tok)
+        with torch.no_grad():
+            teacher.llm.get_decoder().norm.weight.mul_(args.teacher_sharpen)
+        save_checkpoint(teacher_dir, teacher, t_cfg, tok, None, {"step": 0})
     if not (student_dir / "model.safetensors").is_file():
         s_cfg = ModelConfig(
-            vision=VisionConfig(checkpoint=str(teacher_dir)), projector=ProjectorConfig(), llm=LLMConfig(config=s_llm)
+            vision=VisionConfig(checkpoint=str(teacher_dir)),
+            projector=ProjectorConfig(),
+            llm=LLMConfig(config=s_llm),
         )
         save_checkpoint(student_dir, build_from_config(s_cfg, tok), s_cfg, tok, None, {"step": 0})
     return {
@@ -189,7 +207,9 @@ def stage3_config(args, fx: dict, out_dir: str, steps: int, extra: list[str] = (
     from mllm_kd.config import resolve_stage_config
     from mllm_kd.stages import STAGES
 
-    return resolve_stage_config({}, "stage3", STAGES["stage3"].defaults, stage_overrides(args, fx, out_dir, steps, extra))
+    return resolve_stage_config(
+        {}, "stage3", STAGES["stage3"].defaults, stage_overrides(args, fx, out_dir, steps, extra)
+    )
 
 
 def build_cache(args, fx: dict) -> dict:
@@ -238,7 +258,9 @@ def _worker_main(args) -> int:
 
 
 def spawn(script: Path, argv: list[str], extra: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, str(script), *argv, *extra], capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(script), *argv, *extra], capture_output=True, text=True, check=False
+    )
     if proc.returncode != 0:
         return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-3:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -276,7 +298,8 @@ def main(argv=None) -> int:
     if "--device" not in argv:
         argv += ["--device", args.device]
     results = {
-        v: spawn(Path(__file__).resolve(), argv, ["--worker", v, "--fixture", json.dumps(fx)]) for v in VARIANTS
+        v: spawn(Path(__file__).resolve(), argv, ["--worker", v, "--fixture", json.dumps(fx)])
+        for v in VARIANTS
     }
     st = manifest["stats"]
     threads = os.environ.get("OMP_NUM_THREADS", "default")
@@ -286,7 +309,9 @@ def main(argv=None) -> int:
         f"{(args.image_size // args.patch) ** 2} visual tokens/image, batch {args.batch}, k={args.k}, device {args.device} "
         f"({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, OMP_NUM_THREADS={threads})\n"
     )
-    print("| variant | step time median (s) | spread (s) | steps timed | first-step MDist_resp | MDist_vis | RDist |")
+    print(
+        "| variant | step time median (s) | spread (s) | steps timed | first-step MDist_resp | MDist_vis | RDist |"
+    )
     print("|---|---|---|---|---|---|---|")
     summary: dict = {}
     for v, r in results.items():
@@ -317,6 +342,7 @@ def main(argv=None) -> int:
         "bytes_per_token": st["bytes_per_distilled_token"],
         "bytes_per_token_topk": st["bytes_per_row_topk"],
         "cache_build_seconds": st.get("wall_seconds", st["seconds"]),
+        "mean_leftover_mass": st["mean_leftover_mass"],
         "variants": summary,
     }
     if all("time_median_s" in summary.get(v, {}) for v in VARIANTS):
@@ -324,7 +350,8 @@ def main(argv=None) -> int:
         print(
             f"\ncached teacher: {out['speedup']:.2f}x faster per step; cache {st['total_bytes'] / 2**20:.2f} MiB, "
             f"{out['bytes_per_token']:.1f} bytes per distilled token ({out['bytes_per_token_topk']} of them the top-k "
-            f"part), built in {out['cache_build_seconds']:.1f} s (one teacher pass over {st['samples']} samples)"
+            f"part), built in {out['cache_build_seconds']:.1f} s (one teacher pass over {st['samples']} samples); "
+            f"the teacher's mass outside its top {args.k}: {st['mean_leftover_mass']:.3f} on average"
         )
     if not keep:
         shutil.rmtree(work, ignore_errors=True)

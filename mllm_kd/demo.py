@@ -34,10 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "easyvqa.yaml"
 NO_DISTILL = ["loss.w_resp=0", "loss.w_vis=0", "loss.w_rel=0"]
 QUICK = [  # the tests' variant: tiny models, short runs
-    "teacher.model.vision.config.hidden_size=32",
-    "teacher.model.vision.config.intermediate_size=64",
-    "teacher.model.vision.config.num_hidden_layers=1",
-    "teacher.model.vision.config.patch_size=16",
+    "teacher.model.vision.config.width=8",
+    "teacher.model.vision.config.head_width=8",
     "teacher.model.llm.config.hidden_size=32",
     "teacher.model.llm.config.intermediate_size=64",
     "teacher.model.llm.config.num_hidden_layers=1",
@@ -113,7 +111,7 @@ def run_demo(run: Path, overrides: list[str], redo: bool = False, quick: bool = 
     started = time.perf_counter()
     if quick:
         overrides = QUICK + overrides
-        prepare_easyvqa(run / "data", max_train_images=160, max_test_questions=300, log=log.info)
+        prepare_easyvqa(run / "data", max_train_images=64, max_test_questions=120, log=log.info)
     else:
         prepare_easyvqa(run / "data", log=log.info)
     results = {}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -113,6 +112,20 @@ def load_cached_teacher(cfg: StageConfig, student: MultimodalLM, tokenizer, mode
     return cache.eval().requires_grad_(False)
 
 
+class _OnceFilter(logging.Filter):
+    """Let a log message that starts with ``prefix`` through once per process."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix, self.seen = prefix, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        seen, self.seen = self.seen, True
+        return not seen
+
+
 def quantize_llm(llm: torch.nn.Module, mode: str) -> int:
     """Replace the ``nn.Linear`` layers of an LLM (not its LM head) with bitsandbytes 8-bit / 4-bit layers.
 
@@ -131,7 +144,9 @@ def quantize_llm(llm: torch.nn.Module, mode: str) -> int:
     if mode not in ("8bit", "4bit"):
         raise ConfigError(f"teacher.quantize must be 8bit or 4bit, got {mode!r}")
     # LLM.int8 casts float32 inputs to float16 inside every matmul (by design); say it once, not per call.
-    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast", category=UserWarning)
+    cast_warning = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _OnceFilter) for f in cast_warning.filters):
+        cast_warning.addFilter(_OnceFilter("MatMul8bitLt: inputs will be cast"))
     head = llm.get_output_embeddings()
     replaced = 0
     for parent in list(llm.modules()):

@@ -870,6 +870,7 @@ def build_teacher_cache(
         k: [] for k in ("ids", "hashes", "row_start", "n_rows", "n_images", "rel_start")
     }
     stats = {"samples": 0, "skipped": 0, "rows": 0, "response_rows": 0, "visual_rows": 0, "images": 0}
+    leftover = 0.0  # sum over rows of the teacher's mass outside the top k
     started = time.perf_counter()
     rel_n = 0
     with atomic_dir(out) as tmp:
@@ -879,7 +880,7 @@ def build_teacher_cache(
             bar = tqdm(total=data.num_samples, desc="cache_teacher", disable=not progress, dynamic_ncols=True)
 
             def flush() -> None:
-                nonlocal rel_n
+                nonlocal rel_n, leftover
                 if not pending:
                     return
                 batch = collate(pending)
@@ -898,6 +899,7 @@ def build_teacher_cache(
                     files["rest"].write(np.ascontiguousarray(s["rest"], dtype=np.float32).tobytes())
                     files["relation"].write(np.ascontiguousarray(s["relation"], dtype=np.float16).tobytes())
                     rel_n += len(s["relation"])
+                    leftover += float(np.exp(s["rest"].astype(np.float64)).sum())
                     stats["samples"] += 1
                     stats["rows"] += len(s["rest"])
                     stats["response_rows"] += s["n_resp"]
@@ -954,6 +956,7 @@ def build_teacher_cache(
                 "bytes_per_row_topk": row_bytes,
                 "bytes_per_distilled_token": total_bytes / max(stats["rows"], 1),
                 "bytes_per_image_relation": relation_size(record["num_visual_tokens"], rank) * 2,
+                "mean_leftover_mass": leftover / max(stats["rows"], 1),
                 "seconds": round(time.perf_counter() - started, 3),
             },
         }
@@ -986,5 +989,6 @@ def describe(manifest: dict) -> dict:
         "total_bytes": s["total_bytes"],
         "bytes_per_distilled_token": round(s["bytes_per_distilled_token"], 2),
         "bytes_per_row_topk": s["bytes_per_row_topk"],
+        "mean_leftover_mass": round(s["mean_leftover_mass"], 5),
         "seconds": s["seconds"],
     }

@@ -12,10 +12,10 @@ def test_quick_demo_writes_report(tmp_path):
     for role in ROLES:
         r = report[role]
         assert 0.0 <= r["accuracy"] <= 1.0
-        assert r["n"] == 300 and r["missing"] == 0  # the whole (quick) test split was answered
+        assert r["n"] == 120 and r["missing"] == 0  # the whole (quick) test split was answered
         assert set(r["by_type"]) == {"shape", "color", "yes/no"}
         answers = (run / "eval" / f"{role}.answers.jsonl").read_text().splitlines()
-        assert len(answers) == 300
+        assert len(answers) == 120
     assert report["student_kd"]["parameters"] < report["teacher"]["parameters"]
     assert report["seconds"] > 0
     md = (run / "report.md").read_text()

@@ -289,3 +289,24 @@ def test_samples_missing_from_the_cache_or_tokenised_differently_are_refused(run
     changed[0, -1] = -100 if changed[0, -1] != -100 else 1
     with pytest.raises(CompatibilityError, match="tokenised differently"):
         cache.lookup(batch["ids"], ids, attn, changed, rows, "cpu")
+
+
+def test_a_low_rank_relation_cache_approximates_rdist(run, tmp_path):
+    """teacher.cache_relation_rank=r stores an n x r factor: smaller, and RDist close to the exact one."""
+    _, common, exact = run
+    cfg = stage_config(SMOKE, "stage3", common)
+    batch, student = _batch(cfg, n=4)
+    ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    rows = response_mask(labels) | (ids == student.image_token_id)
+    rels = {}
+    for rank in (4, 16):
+        out = tmp_path / f"rank{rank}"
+        args = [*common, f"teacher.cache_relation_rank={rank}", f"teacher.cache={out}"]
+        assert cache_teacher.main(["--config", str(SMOKE), *args]) == 0
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["stats"]["bytes_per_image_relation"] == 2 * 16 * rank
+        rels[rank] = open_cache(out).lookup(batch["ids"], ids, attn, labels, rows, "cpu").relation
+    ref = open_cache(exact).lookup(batch["ids"], ids, attn, labels, rows, "cpu").relation
+    for rank, tol in ((4, 1e-3), (16, 1e-5)):  # rank 16 = n_vis: exact up to float16 (measured: 8e-6, 0)
+        cos = F.cosine_similarity(rels[rank].flatten(1), ref.flatten(1), dim=1)
+        assert (1 - cos).max() < tol, (rank, cos)
