@@ -593,3 +593,25 @@ def test_attention_implementation():
     assert llm.config._attn_implementation == "sdpa"
     eager = build_llm(LLMConfig(config=dict(LLMS["qwen2"], vocab_size=VOCAB), attn_implementation="eager"))
     assert eager.config._attn_implementation == "eager"
+
+
+def test_open_clip_convolutional_tower_gives_flattened_feature_map():
+    from mllm_kd.config import VisionConfig
+
+    cfg = VisionConfig(
+        backend="open_clip",
+        config={"layers": [1, 1, 1, 1], "width": 8, "head_width": 8, "image_size": 32, "embed_dim": 16},
+        feature_layer=-2,
+        drop_cls=False,
+    )
+    tower = build_vision_tower(cfg).eval()
+    px = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = tower(px)
+        fmap = tower.visual.forward_intermediates(px, indices=[-2], output_fmt="NCHW", intermediates_only=True)[
+            "image_intermediates"
+        ][0]
+    # the third stage's 2x2 map, row by row
+    assert feats.shape == (2, 4, fmap.shape[1])
+    torch.testing.assert_close(feats[:, 1], fmap[:, :, 0, 1])
+    torch.testing.assert_close(feats[:, 2], fmap[:, :, 1, 0])
