@@ -5,8 +5,8 @@
 The result loads with transformers alone::
 
     from transformers import AutoProcessor, LlavaForConditionalGeneration
-    model = LlavaForConditionalGeneration.from_pretrained("exported/student")
-    processor = AutoProcessor.from_pretrained("exported/student")
+    model = LlavaForConditionalGeneration.from_pretrained("./exported/student")
+    processor = AutoProcessor.from_pretrained("./exported/student")
 
 See :mod:`mllm_kd.hf_llava` for the mapping and for what the layout cannot express (``linear`` and
 ``mlp3x_gelu``+ projectors, open_clip towers), which export refuses with exit code 2.
