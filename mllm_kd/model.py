@@ -61,7 +61,9 @@ class OpenClipVisionTower(nn.Module):
         size = visual.image_size
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         if feature_layer == 0 and self.is_vit:
-            raise ConfigError("model.vision.feature_layer=0 (the patch embeddings) is not available for open_clip ViTs")
+            raise ConfigError(
+                "model.vision.feature_layer=0 (the patch embeddings) is not available for open_clip ViTs"
+            )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if not self.is_vit:

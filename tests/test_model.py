@@ -608,9 +608,9 @@ def test_open_clip_convolutional_tower_gives_flattened_feature_map():
     px = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         feats = tower(px)
-        fmap = tower.visual.forward_intermediates(px, indices=[-2], output_fmt="NCHW", intermediates_only=True)[
-            "image_intermediates"
-        ][0]
+        fmap = tower.visual.forward_intermediates(
+            px, indices=[-2], output_fmt="NCHW", intermediates_only=True
+        )["image_intermediates"][0]
     # the third stage's 2x2 map, row by row
     assert feats.shape == (2, 4, fmap.shape[1])
     torch.testing.assert_close(feats[:, 1], fmap[:, :, 0, 1])
