@@ -178,8 +178,16 @@ def read_model_config(ckpt: Path) -> ModelConfig:
     return model_config_from_dict(OmegaConf.to_container(OmegaConf.load(ckpt / "model.yaml")))
 
 
-def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu", what: str = "checkpoint"):
+def load_checkpoint_model(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    what: str = "checkpoint",
+    attn_device: str | torch.device | None = None,
+):
     """Rebuild the model of a checkpoint directory. Returns ``(model, tokenizer, model_cfg)``.
+
+    ``attn_device``: the device training will run on, when it differs from ``device`` (where the weights
+    are loaded): it decides ``attn_implementation="auto"`` (FlashAttention-2 on CUDA when installed).
 
     ``path`` is an mllm_kd checkpoint (or a finished stage directory), or a Hugging Face LLaVA directory
     (``config.json`` with ``model_type: llava``), converted at load time (:mod:`mllm_kd.hf_llava`).
@@ -189,7 +197,7 @@ def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu", 
     ckpt = resolve_checkpoint(path, what)
     tokenizer = load_tokenizer(ckpt / "tokenizer")
     model_cfg = read_model_config(ckpt)
-    model = build_model(model_cfg, image_token_id(tokenizer), len(tokenizer), device=device)
+    model = build_model(model_cfg, image_token_id(tokenizer), len(tokenizer), device=attn_device or device)
     missing, unexpected = load_model(model, str(ckpt / WEIGHTS), strict=False)
     if unexpected or [k for k in missing if not _is_tied(model, k)]:
         raise CheckpointError(

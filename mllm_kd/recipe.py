@@ -18,7 +18,7 @@ from mllm_kd.checkpoint import build_from_config, load_checkpoint_model, resolve
 from mllm_kd.config import ModelConfig, StageConfig
 from mllm_kd.data import ImageProcessor, build_train_data
 from mllm_kd.distributed import barrier, init_distributed
-from mllm_kd.engine import StepHook, Trainer, pick_device, seed_everything
+from mllm_kd.engine import StepHook, Trainer, autocast_dtype, pick_device, seed_everything
 from mllm_kd.errors import CheckpointError, CompatibilityError, ConfigError
 from mllm_kd.model import MultimodalLM, apply_trainable, count_parameters
 from mllm_kd.tokenization import load_tokenizer
@@ -33,17 +33,27 @@ def stage_finished(cfg: StageConfig) -> Path | None:
         return None
 
 
+def attention_device(train) -> torch.device:
+    """The device that picks ``attn_implementation="auto"``: the training device when it runs in bf16
+    (FlashAttention-2 needs half precision), else the CPU, which means SDPA. Weights load on the CPU."""
+    device = pick_device(train)
+    return device if autocast_dtype(train, device) is not None else torch.device("cpu")
+
+
 def init_model(cfg: StageConfig, model_cfg: ModelConfig) -> tuple[MultimodalLM, object, ModelConfig]:
     """The model a stage starts from: the previous stage's result (``init_from``) or built fresh."""
+    attn_device = attention_device(cfg.train)
     if cfg.init_from:
         return load_checkpoint_model(
-            cfg.init_from, what=f"{cfg.stage}: the previous stage's directory (init_from)"
+            cfg.init_from,
+            what=f"{cfg.stage}: the previous stage's directory (init_from)",
+            attn_device=attn_device,
         )
     tok_path = model_cfg.tokenizer or model_cfg.llm.path
     if not tok_path:
         raise ConfigError(f"{cfg.stage}: set model.tokenizer (a tokenizer directory) or model.llm.path")
     tokenizer = load_tokenizer(tok_path, model_cfg.llm.gguf_file if not model_cfg.tokenizer else None)
-    return build_from_config(model_cfg, tokenizer), tokenizer, model_cfg
+    return build_from_config(model_cfg, tokenizer, device=attn_device), tokenizer, model_cfg
 
 
 def load_teacher(
@@ -72,7 +82,9 @@ def load_teacher_model(cfg: StageConfig, student: MultimodalLM, tokenizer) -> Mu
             "teacher.quantize cannot be combined with train.teacher_strategy=fsdp2 (bitsandbytes weights do "
             "not shard); a quantised teacher is small enough to replicate: use train.teacher_strategy=replicate"
         )
-    teacher, t_tok, _ = load_checkpoint_model(cfg.teacher.checkpoint, what="teacher.checkpoint")
+    teacher, t_tok, _ = load_checkpoint_model(
+        cfg.teacher.checkpoint, what="teacher.checkpoint", attn_device=attention_device(cfg.train)
+    )
     check_compatible(teacher, t_tok, student, tokenizer, cfg.teacher.checkpoint)
     if cfg.teacher.quantize:
         n = quantize_llm(teacher.llm, cfg.teacher.quantize)

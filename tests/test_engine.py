@@ -133,3 +133,16 @@ def test_nonfinite_loss(smoke_teacher, tmp_path, monkeypatch, policy):
         final = STAGES["stage1"].run(cfg)
         state = json.loads((final / "trainer_state.json").read_text())
         assert state["skipped_steps"] == 1 and state["step"] == 4
+
+
+def test_attention_device_follows_training_device_and_precision(monkeypatch):
+    import mllm_kd.recipe as recipe
+    from mllm_kd.config import TrainConfig
+    from mllm_kd.model import attention_implementation
+
+    assert recipe.attention_device(TrainConfig()).type == "cpu"  # this machine: SDPA
+    monkeypatch.setattr(recipe, "pick_device", lambda t: torch.device("cuda"))
+    # bf16 autocast on CUDA: "auto" may pick FlashAttention-2; fp32 on CUDA must not (flash-attn needs half precision)
+    assert recipe.attention_device(TrainConfig(precision="auto")).type == "cuda"
+    assert recipe.attention_device(TrainConfig(precision="fp32")).type == "cpu"
+    assert attention_implementation("auto", recipe.attention_device(TrainConfig(precision="fp32"))) == "sdpa"
