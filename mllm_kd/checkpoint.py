@@ -234,7 +234,6 @@ def build_from_config(cfg: ModelConfig, tokenizer, device: str | torch.device = 
         cfg = ModelConfig(vision=inherited, projector=cfg.projector, llm=cfg.llm, tokenizer=cfg.tokenizer)
         model = build_model(cfg, image_token_id(tokenizer), len(tokenizer), device=device)
         model.vision.load_state_dict(weights)
-        model.num_visual_tokens = model._count_visual_tokens()
         return model
     if not (cfg.vision.path or cfg.vision.config or cfg.vision.open_clip_model):
         raise ConfigError("model.vision needs one of path / config / open_clip_model / checkpoint")

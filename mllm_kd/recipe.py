@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -258,5 +257,3 @@ def run_stage(
     trainer = Trainer(cfg, student, teacher, data, tokenizer, model_cfg, on_step=on_step, dist_info=dist_info)
     return trainer.train()
 
-
-StageRun = Callable[[StageConfig], Path]
