@@ -8,7 +8,7 @@ the questions as ``[question, answer, image_id]`` triples; nothing is downloaded
 Usage::
 
     python -m mllm_kd.data_prep.easyvqa --out DIR [--max-train-images N] [--max-test-questions N]
-        [--shard-size N] [--vocab-size N] [--force]
+        [--shard-size N] [--vocab-size N] [--questions-per-record N] [--balance-yes-no] [--force]
 
 or :func:`prepare_easyvqa` from Python. The subset options keep the first N train images by id and the
 first N test questions in (image id, file position) order, so a subset is deterministic.
@@ -23,10 +23,15 @@ Output under DIR (image paths in records are relative to ``DIR/images``):
     "value": "<caption>"}]}``; e.g. "The image shows a red circle on a plain background.". Instructions
     and caption templates vary, chosen per image with a seeded RNG.
 ``instruct.json``
-    LLaVA list, one multi-turn record per train image: ``{"id": "instruct-<id>", "image": ...,
-    "conversations": [...]}``, each of the image's questions (file order) a human turn
-    ``"<question>\\n" + SHORT_ANSWER_PROMPT`` (the first prefixed with ``"<image>\\n"``), each answer a gpt
-    turn.
+    LLaVA list of short-answer records: ``{"id": "instruct-<id>-<part>", "image": ...,
+    "conversations": [...]}``, each question a human turn ``"<question>\\n" + SHORT_ANSWER_PROMPT`` (the
+    first prefixed with ``"<image>\\n"``), each answer a gpt turn. ``--questions-per-record N`` (default 1)
+    puts N of an image's questions (file order) in one multi-turn record; 0 puts all of them in one
+    record ``instruct-<id>``. One question per record is the default because the test asks one question
+    at a time: in a multi-turn record the later answers can be read off the earlier ones, and a model
+    trained that way answers yes/no test questions from priors (measured: 66.7% on yes/no with whole-image
+    records, against the single-question recipe's figure in the README). ``--balance-yes-no`` keeps,
+    per yes/no question template, as many "yes" as "no" train questions (:func:`balanced_yes_no`).
 ``test_questions.jsonl``
     LLaVA question file: per line ``{"question_id": "<index in the package's test list>", "image":
     "test/<id>.png", "text": "<question>\\n" + SHORT_ANSWER_PROMPT, "category": <type>}``.
@@ -118,6 +123,10 @@ __all__ = [
 FORMAT_VERSION = 1
 DEFAULT_SHARD_SIZE = 1000
 DEFAULT_VOCAB_SIZE = 1024
+# One question per instruct record, as the test questions are asked: in a multi-turn record the later
+# answers can be read off the earlier ones ("what color is the shape?" -> "blue", then "is there not a
+# blue shape?"), a shortcut the model then leans on and that a single test question does not offer.
+DEFAULT_QUESTIONS_PER_RECORD: int | None = 1
 
 SHAPES = ("circle", "rectangle", "triangle")
 # easy-VQA paints shapes in these exact (CSS) colours; note "green" is CSS lime, not CSS green.
@@ -311,14 +320,58 @@ def caption_record(image_id: int, label: Label) -> Record:
     }
 
 
-def instruct_record(image_id: int, questions: list[Question]) -> Record:
-    """The multi-turn short-answer record of a train image, its questions in file order."""
+def instruct_record(image_id: int, questions: list[Question], part: int | None = None) -> Record:
+    """A short-answer record of a train image: its ``questions`` as turns, in file order.
+
+    ``part`` numbers the records of one image when its questions are split (id ``instruct-<id>-<part>``);
+    None gives the whole-image id ``instruct-<id>``.
+    """
     turns = [(short_answer_question(q.text), q.answer) for q in questions]
     return {
-        "id": f"instruct-{image_id}",
+        "id": f"instruct-{image_id}" if part is None else f"instruct-{image_id}-{part}",
         "image": f"train/{image_id}.png",
         "conversations": make_conversation(turns),
     }
+
+
+def question_template(text: str) -> str:
+    """The question with its colour and shape words replaced by ``{color}`` / ``{shape}``."""
+    text = re.sub(rf"\b({'|'.join(COLORS)})\b", "{color}", text)
+    return re.sub(rf"\b({'|'.join(SHAPES)})\b", "{shape}", text)
+
+
+def balanced_yes_no(questions: list[Question]) -> list[Question]:
+    """Keep, per yes/no question template, as many "yes" as "no" questions (file order kept).
+
+    The more frequent answer of each template is subsampled (seeded, so the result is stable); other
+    questions are all kept. easy-VQA's yes/no answers follow their template: "is there a red shape?"
+    is "no" for 7 colours in 8, "is there not a red shape?" is "yes" as often, so a model can score
+    82.5% on the test's yes/no questions without looking at the image. Balanced, it cannot.
+    """
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, q in enumerate(questions):
+        if q.answer in YES_NO:
+            groups.setdefault((question_template(q.text), q.answer), []).append(i)
+    rng = random.Random("easyvqa-balance-yes-no")
+    dropped: set[int] = set()
+    for template in sorted({t for t, _ in groups}):
+        yes, no = groups.get((template, "yes"), []), groups.get((template, "no"), [])
+        keep = min(len(yes), len(no))
+        for indices in (yes, no):
+            dropped.update(set(indices) - set(rng.sample(indices, keep)))
+    return [q for i, q in enumerate(questions) if i not in dropped]
+
+
+def instruct_records_of_image(
+    image_id: int, questions: list[Question], questions_per_record: int | None
+) -> list[Record]:
+    """The image's questions (file order) in records of ``questions_per_record`` turns (None: one record)."""
+    if questions_per_record is None:
+        return [instruct_record(image_id, questions)]
+    return [
+        instruct_record(image_id, questions[start : start + questions_per_record], part)
+        for part, start in enumerate(range(0, len(questions), questions_per_record))
+    ]
 
 
 def _load_split(split: str) -> tuple[list[Question], dict[int, Path]]:
@@ -361,6 +414,8 @@ class _Source:
 
     max_train_images: int | None
     max_test_questions: int | None
+    questions_per_record: int | None
+    balance: bool
     train_questions: list[Question] = field(init=False)
     train_images: dict[int, Path] = field(init=False)
     test_questions: list[Question] = field(init=False)
@@ -396,10 +451,15 @@ class _Source:
     @cached_property
     def instruct_records(self) -> list[Record]:
         by_image: dict[int, list[Question]] = {}
-        for q in self.train_questions:
+        for q in balanced_yes_no(self.train_questions) if self.balance else self.train_questions:
             by_image.setdefault(q.image_id, []).append(q)
         # An image without questions gets no instruct record (none in the package's data).
-        return [instruct_record(i, by_image[i]) for i in sorted(self.train_images) if i in by_image]
+        return [
+            record
+            for i in sorted(self.train_images)
+            if i in by_image
+            for record in instruct_records_of_image(i, by_image[i], self.questions_per_record)
+        ]
 
 
 @dataclass
@@ -486,6 +546,8 @@ def prepare_easyvqa(
     *,
     shard_size: int = DEFAULT_SHARD_SIZE,
     vocab_size: int = DEFAULT_VOCAB_SIZE,
+    questions_per_record: int | None = DEFAULT_QUESTIONS_PER_RECORD,
+    balance_yes_no: bool = False,
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
     """Write the easy-VQA outputs (module docstring) under ``out_dir``; skip what is up to date.
@@ -498,6 +560,8 @@ def prepare_easyvqa(
             raise ConfigError(f"{name} must be >= 1 (or None for all), got {value}")
     if shard_size < 1:
         raise ConfigError(f"shard_size must be >= 1, got {shard_size}")
+    if questions_per_record is not None and questions_per_record < 1:
+        raise ConfigError(f"questions_per_record must be >= 1 (or None for all), got {questions_per_record}")
     if vocab_size < 300:
         # 256 byte tokens + 4 special tokens leave no room for merges below this.
         raise ConfigError(f"vocab_size must be >= 300, got {vocab_size}")
@@ -508,7 +572,7 @@ def prepare_easyvqa(
     emit = log or (lambda _line: None)
     started = time.perf_counter()
 
-    source = _Source(max_train_images, max_test_questions)
+    source = _Source(max_train_images, max_test_questions, questions_per_record, balance_yes_no)
     images = out / "images"
     wds_dir = out / "wds"
     paths = {
@@ -559,6 +623,11 @@ def prepare_easyvqa(
         return {"shards": len(shards), "samples": len(records)}
 
     train_args = {"max_train_images": max_train_images, "source": "train"}
+    instruct_args = {
+        **train_args,
+        "questions_per_record": questions_per_record,
+        "balance_yes_no": balance_yes_no,
+    }
     test_args = {"max_test_questions": max_test_questions, "source": "test"}
     artifacts = [
         _Artifact(
@@ -576,7 +645,9 @@ def prepare_easyvqa(
             lambda: _copy_images(source.test_images, paths["images_test"]),
         ),
         _Artifact("captions", "captions.json", train_args, _files_named(paths["captions"]), build_captions),
-        _Artifact("instruct", "instruct.json", train_args, _files_named(paths["instruct"]), build_instruct),
+        _Artifact(
+            "instruct", "instruct.json", instruct_args, _files_named(paths["instruct"]), build_instruct
+        ),
         _Artifact(
             "test",
             "test_questions.jsonl + test_answers.json",
@@ -594,14 +665,14 @@ def prepare_easyvqa(
         _Artifact(
             "wds_instruct",
             "wds/instruct-*.tar",
-            {**train_args, "shard_size": shard_size},
+            {**instruct_args, "shard_size": shard_size},
             _files_under(wds_dir, "instruct-*.tar"),
             lambda: build_shards("instruct", source.instruct_records),
         ),
         _Artifact(
             "tokenizer",
             "tokenizer/",
-            {**train_args, "vocab_size": vocab_size},
+            {**instruct_args, "vocab_size": vocab_size},
             _files_under(paths["tokenizer"], "*"),
             lambda: _train_tokenizer(
                 source.caption_records + source.instruct_records, paths["tokenizer"], vocab_size
@@ -621,6 +692,8 @@ def prepare_easyvqa(
             "max_test_questions": max_test_questions,
             "shard_size": shard_size,
             "vocab_size": vocab_size,
+            "questions_per_record": questions_per_record,
+            "balance_yes_no": balance_yes_no,
         },
         "source": {"package": "easy-vqa", "package_version": _package_version()},
         "counts": {},
@@ -720,6 +793,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="BPE tokenizer vocabulary size"
     )
+    parser.add_argument(
+        "--questions-per-record",
+        type=int,
+        default=DEFAULT_QUESTIONS_PER_RECORD,
+        help="questions of one image per instruct record (default 1, as the test asks them); 0: all of them",
+    )
+    parser.add_argument(
+        "--balance-yes-no",
+        action="store_true",
+        help="subsample train yes/no questions to as many yes as no per question template",
+    )
     parser.add_argument("--force", action="store_true", help="rebuild everything even if up to date")
     args = parser.parse_args(argv)
     try:
@@ -730,6 +814,8 @@ def main(argv: list[str] | None = None) -> int:
             force=args.force,
             shard_size=args.shard_size,
             vocab_size=args.vocab_size,
+            questions_per_record=args.questions_per_record or None,
+            balance_yes_no=args.balance_yes_no,
         )
     except MllmKdError as exc:
         print(f"error: {exc}", file=sys.stderr)

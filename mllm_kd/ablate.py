@@ -1,6 +1,6 @@
 """Ablations of the easy-VQA demo: what each LLaVA-KD ingredient contributes.
 
-    python -m mllm_kd.ablate [--run-dir runs/demo] [--only NAME ...] [key=value ...]
+    python -m mllm_kd.ablate [--run-dir runs/demo] [--only NAME ...] [--jobs N] [key=value ...]
 
 Reuses the demo's data and teacher (``RUN/data``, ``RUN/teacher``; run ``python -m mllm_kd.demo`` first)
 and trains one student per variant under ``RUN/ablation/<name>``:
@@ -13,7 +13,11 @@ and trains one student per variant under ``RUN/ablation/<name>``:
 * ``baseline_matched``: plain pre-training -> SFT for as many steps as SFT + DFT together, so that a gain
   of ``kd`` over it is not just more training.
 
-Finished variants are skipped. Writes ``RUN/ablation/report.md`` and ``report.json``.
+Finished variants are skipped; ``kd`` and ``baseline`` reuse the demo's students (``RUN/kd``,
+``RUN/baseline``) when no ``key=value`` override is given, since they are the same runs. ``--jobs N``
+trains N variants at a time in separate processes, the CPU threads split between them (small models
+do not use two cores well, so two jobs on a 2-core machine take about half the time). Writes
+``RUN/ablation/report.md`` and ``report.json``.
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 from mllm_kd.cli import setup_logging, stage_config
-from mllm_kd.demo import NO_DISTILL, RECIPE, evaluate
+from mllm_kd.demo import NO_DISTILL, QUICK, RECIPE, evaluate
 from mllm_kd.errors import MllmKdError
 
 log = logging.getLogger("mllm_kd.ablate")
@@ -56,10 +62,21 @@ VARIANTS: dict[str, tuple[list[str], dict[str, list[str]], str]] = {
 }
 
 
-def train_variant(run: Path, name: str, overrides: list[str]) -> Path:
+# Variants that are runs of the demo itself: (sub-directory of RUN, its last stage).
+DEMO_RUNS = {"kd": ("kd", DFT), "baseline": ("baseline", SFT)}
+
+
+def train_variant(run: Path, name: str, overrides: list[str], quick: bool = False) -> Path:
+    """Train one variant (``quick``: the demo's tiny ``--quick`` sizes); returns its final checkpoint."""
     from mllm_kd.stages import STAGES
 
     stages, per_stage, _ = VARIANTS[name]
+    if name in DEMO_RUNS and not overrides:
+        sub, last = DEMO_RUNS[name]
+        demo_ckpt = run / sub / last / "final"
+        if demo_ckpt.is_dir():
+            log.info("== ablation %s: the demo's run %s", name, demo_ckpt)
+            return demo_ckpt
     base = [
         f"run_dir={run / 'ablation' / name}",
         f"data_dir={run / 'data'}",
@@ -67,17 +84,43 @@ def train_variant(run: Path, name: str, overrides: list[str]) -> Path:
     ]
     ckpt = None
     for stage in stages:
-        cfg = stage_config(RECIPE, stage, [*base, *per_stage.get(stage, []), *overrides])
+        extra = [*(QUICK if quick else []), *per_stage.get(stage, []), *overrides]
+        cfg = stage_config(RECIPE, stage, [*base, *extra])
         log.info("== ablation %s: %s", name, stage)
         ckpt = STAGES[stage].run(cfg)
     assert ckpt is not None
     return ckpt
 
 
+def _train_in_parallel(run: Path, names: list[str], jobs: int, overrides: list[str], quick: bool) -> None:
+    """Train and answer ``names`` in ``jobs`` child processes (round-robin), threads split evenly."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    logs = run / "ablation" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for k in range(jobs):
+        group = names[k::jobs]
+        if not group:
+            continue
+        cmd = [sys.executable, "-m", "mllm_kd.ablate", "--run-dir", str(run), "--only", *group]
+        cmd += ["--quick"] if quick else []
+        cmd += overrides
+        log_path = logs / f"job{k}.log"
+        log.info("job %d (%d threads): %s -> %s", k, threads, " ".join(group), log_path)
+        with log_path.open("w") as out:
+            procs.append((subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT), log_path))
+    failed = [str(path) for proc, path in procs if proc.wait() != 0]
+    if failed:
+        raise MllmKdError(f"ablation jobs failed; see {', '.join(failed)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mllm_kd.ablate", description=__doc__.splitlines()[0])
     p.add_argument("--run-dir", default="runs/demo")
     p.add_argument("--only", nargs="*", choices=list(VARIANTS), help="run only these variants")
+    p.add_argument("--jobs", type=int, default=1, help="variants trained at a time (separate processes)")
+    p.add_argument("--quick", action="store_true", help="the tiny sizes of `mllm_kd.demo --quick`")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     setup_logging()
@@ -89,8 +132,10 @@ def main(argv: list[str] | None = None) -> int:
             raise MllmKdError(
                 f"no teacher in {run}/teacher: run `python -m mllm_kd.demo --run-dir {run}` first"
             )
-        for name in names:
-            ckpt = train_variant(run, name, args.overrides)
+        if args.jobs > 1:
+            _train_in_parallel(run, names, args.jobs, args.overrides, args.quick)
+        for name in names:  # finished variants and answer files are reused: this only collects
+            ckpt = train_variant(run, name, args.overrides, args.quick)
             answers = run / "ablation" / "eval" / f"{name}.answers.jsonl"
             scores = evaluate(run / "data", answers, name, ckpt, redo=False)
             results[name] = {

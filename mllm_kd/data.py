@@ -119,9 +119,13 @@ def load_llava_json(cfg: DataConfig) -> list[dict]:
     if cfg.max_samples is not None:
         records = records[: cfg.max_samples]
     folder = Path(cfg.image_folder) if cfg.image_folder else path.parent
+    checked: set[str] = set()  # images shared by several samples are checked once
     for i, rec in enumerate(records):
         validate_record(rec, f"{path} sample #{i}")
         for name in record_images(rec):
+            if name in checked:
+                continue
+            checked.add(name)
             image_path = folder / name
             if not image_path.is_file():
                 raise DataError(f"{path}: sample {rec.get('id')!r}: image {image_path} does not exist")

@@ -1,8 +1,8 @@
 """The main job: easy-VQA, from teacher to distilled student, in one command.
 
-    python -m mllm_kd.demo [--run-dir runs/demo] [--seed 0] [--redo] [--quick] [key=value ...]
+    python -m mllm_kd.demo [--run-dir runs/demo] [--seed 0] [--teacher-dir DIR] [--redo] [--quick] [key=value ...]
 
-1. prepares easy-VQA (``RUN/data``: captions, multi-turn instructions, test questions, a BPE tokenizer);
+1. prepares easy-VQA (``RUN/data``: captions, one record per train question, test questions, a BPE tokenizer);
 2. trains the teacher: caption pre-training with its vision tower trained from scratch, then SFT
    (``RUN/teacher``);
 3. trains the student the plain way: caption pre-training (CE only) then SFT (``RUN/baseline``);
@@ -57,15 +57,21 @@ ROLES = {
 }
 
 
-def train_role(run: Path, role: str, overrides: list[str], redo: bool) -> tuple[Path, float, list[str]]:
-    """Train one model's stages; returns its final checkpoint, the training seconds, and the stages."""
+def train_role(
+    run: Path, role: str, overrides: list[str], redo: bool, teacher_dir: Path | None = None
+) -> tuple[Path, float, list[str]]:
+    """Train one model's stages; returns its final checkpoint, the training seconds, and the stages.
+
+    ``teacher_dir`` (default ``run/teacher``) holds the teacher's stages, trained there if missing.
+    """
     from mllm_kd.stages import STAGES
 
     sub, stages, extra, _ = ROLES[role]
+    teacher_dir = teacher_dir or run / "teacher"
     common = [
-        f"run_dir={run / sub}",
+        f"run_dir={teacher_dir if role == 'teacher' else run / sub}",
         f"data_dir={run / 'data'}",
-        f"teacher_dir={run / 'teacher'}",
+        f"teacher_dir={teacher_dir}",
         *extra,
         *overrides,
     ]
@@ -105,7 +111,18 @@ def evaluate(data: Path, answers: Path, role: str, ckpt: Path, redo: bool, batch
     return {"parameters": count_parameters(model), "llm_parameters": count_parameters(model.llm), **scores}
 
 
-def run_demo(run: Path, overrides: list[str], redo: bool = False, quick: bool = False) -> dict:
+def run_demo(
+    run: Path,
+    overrides: list[str],
+    redo: bool = False,
+    quick: bool = False,
+    teacher_dir: Path | None = None,
+    teacher_overrides: list[str] | None = None,
+) -> dict:
+    """The whole demo into ``run``; ``teacher_dir`` reuses (or trains into) a teacher elsewhere.
+
+    ``overrides`` apply to every stage, ``teacher_overrides`` to the teacher's stages only (after them).
+    """
     from mllm_kd.data_prep.easyvqa import prepare_easyvqa
 
     started = time.perf_counter()
@@ -116,7 +133,8 @@ def run_demo(run: Path, overrides: list[str], redo: bool = False, quick: bool = 
         prepare_easyvqa(run / "data", log=log.info)
     results = {}
     for role in ROLES:
-        ckpt, seconds, stages = train_role(run, role, overrides, redo)
+        role_overrides = overrides + (teacher_overrides or []) if role == "teacher" else overrides
+        ckpt, seconds, stages = train_role(run, role, role_overrides, redo, teacher_dir)
         results[role] = {"checkpoint": str(ckpt), "train_seconds": round(seconds, 1), "stages": stages}
     for role in ROLES:
         answers = run / "eval" / f"{role}.answers.jsonl"
@@ -207,7 +225,15 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m mllm_kd.demo", description="easy-VQA: teacher -> plain and LLaVA-KD students"
     )
     p.add_argument("--run-dir", default="runs/demo")
-    p.add_argument("--seed", type=int, default=0, help="seed of every stage (train.seed)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the students' stages (train.seed)")
+    p.add_argument("--teacher-seed", type=int, default=0, help="seed of the teacher's stages")
+    p.add_argument(
+        "--teacher-dir",
+        type=Path,
+        default=None,
+        help="where the teacher's stages live (default RUN/teacher); a finished teacher there is reused, "
+        "so several student seeds can share one teacher",
+    )
     p.add_argument("--redo", action="store_true", help="redo finished stages and evaluations")
     p.add_argument(
         "--quick", action="store_true", help="tiny models, a few hundred examples (the tests' variant)"
@@ -218,7 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     run = Path(args.run_dir)
     try:
         results = run_demo(
-            run, [f"train.seed={args.seed}", *args.overrides], redo=args.redo, quick=args.quick
+            run,
+            [f"train.seed={args.seed}", *args.overrides],
+            redo=args.redo,
+            quick=args.quick,
+            teacher_dir=args.teacher_dir,
+            teacher_overrides=[f"train.seed={args.teacher_seed}"],
         )
     except MllmKdError as e:
         print(f"error: {e}", file=sys.stderr)

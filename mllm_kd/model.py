@@ -64,6 +64,35 @@ class OpenClipVisionTower(nn.Module):
             raise ConfigError(
                 "model.vision.feature_layer=0 (the patch embeddings) is not available for open_clip ViTs"
             )
+        self._pruned: list[str] = []
+        if not self.is_vit:
+            self._prune_unused_stages()
+
+    _RESNET_STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
+
+    def _prune_unused_stages(self) -> None:
+        """Drop the ResNet stages after ``feature_layer`` and the attention pool: they never run.
+
+        Parameter counts then state the tower that is used, and checkpoints do not carry dead weights
+        (a checkpoint saved with them still loads: their keys are ignored).
+        """
+        n = len(self._RESNET_STAGES)
+        if not -n <= self.feature_layer < n:
+            raise ConfigError(
+                f"model.vision.feature_layer={self.feature_layer} is out of range for a ModifiedResNet "
+                f"(stages 0..{n - 1}: stem, layer1..layer4; negative counts from the end)"
+            )
+        last = self.feature_layer % n
+        for name in (*self._RESNET_STAGES[last + 1 :], "attnpool"):
+            if isinstance(getattr(self.visual, name, None), nn.Module):
+                setattr(self.visual, name, nn.Identity())
+                self._pruned.append(f"visual.{name}.")
+        self._register_load_state_dict_pre_hook(self._drop_pruned_keys)
+
+    def _drop_pruned_keys(self, state_dict, prefix, *_args) -> None:
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            if any(key[len(prefix) :].startswith(p) for p in self._pruned):
+                del state_dict[key]
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if not self.is_vit:

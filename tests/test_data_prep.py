@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,10 @@ from mllm_kd.data_prep.easyvqa import (
     classify_image_pixels,
     main,
     prepare_easyvqa,
+    question_template,
     recover_labels,
 )
-from mllm_kd.errors import DataError
+from mllm_kd.errors import ConfigError, DataError
 from mllm_kd.tokenization import IMAGE_TOKEN
 
 N_TRAIN = 120
@@ -79,14 +80,15 @@ def test_files_and_counts(converted: tuple[Path, dict[str, Any]]) -> None:
     out, result = converted
     assert set(result["actions"].values()) == {"wrote"}
     assert len(_load(out, "captions.json")) == N_TRAIN
-    assert len(_load(out, "instruct.json")) == N_TRAIN
+    kept = _first_train_ids()
+    n_questions = sum(image_id in kept for image_id in easy_vqa.get_train_questions()[2])
+    assert len(_load(out, "instruct.json")) == n_questions  # one question per record by default
     assert len(list((out / "images/train").glob("*.png"))) == N_TRAIN
     lines = (out / "test_questions.jsonl").read_text("utf-8").splitlines()
     assert len(lines) == N_TEST
     assert len(json.loads((out / "test_answers.json").read_text("utf-8"))) == N_TEST
-    n_shards = -(-N_TRAIN // SHARD_SIZE)
-    assert len(list((out / "wds").glob("captions-*.tar"))) == n_shards
-    assert len(list((out / "wds").glob("instruct-*.tar"))) == n_shards
+    assert len(list((out / "wds").glob("captions-*.tar"))) == -(-N_TRAIN // SHARD_SIZE)
+    assert len(list((out / "wds").glob("instruct-*.tar"))) == -(-n_questions // SHARD_SIZE)
     manifest = json.loads((out / "manifest.json").read_text("utf-8"))
     assert manifest["args"]["max_train_images"] == N_TRAIN
     assert manifest["counts"]["captions.records"] == N_TRAIN
@@ -120,20 +122,79 @@ def test_conversations_are_llava_format(converted: tuple[Path, dict[str, Any]], 
         llava_format.validate_record(record)  # the shared validator agrees
 
 
-def test_instruct_turns_are_the_image_questions(converted: tuple[Path, dict[str, Any]]) -> None:
-    out, _ = converted
+def _first_train_ids() -> set[int]:
+    return set(sorted(easy_vqa.get_train_image_paths())[:N_TRAIN])
+
+
+def _check_instruct_turns(records: list[dict[str, Any]], per_record: int | None) -> None:
+    """Records hold each kept image's questions in file order, ``per_record`` at a time (None: all)."""
     texts, answers, image_ids = easy_vqa.get_train_questions()
-    by_image: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    expected: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    kept = _first_train_ids()
     for text, answer, image_id in zip(texts, answers, image_ids, strict=True):
-        by_image[f"train/{image_id}.png"].append((text, answer))
-    for record in _load(out, "instruct.json"):
+        if image_id in kept:
+            expected[f"train/{image_id}.png"].append((f"{text}\n{SHORT_ANSWER_PROMPT}", answer))
+    got: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for record in records:
         turns = record["conversations"]
+        assert turns[0]["value"].startswith("<image>\n")
         humans = [t["value"].removeprefix("<image>\n") for t in turns[::2]]
         gpts = [t["value"] for t in turns[1::2]]
-        assert all(h.endswith("?\n" + SHORT_ANSWER_PROMPT) for h in humans)
-        assert list(zip(humans, gpts, strict=True)) == [
-            (f"{q}\n{SHORT_ANSWER_PROMPT}", a) for q, a in by_image[record["image"]]
-        ]
+        if per_record is None:
+            assert record["id"] == f"instruct-{Path(record['image']).stem}"
+        else:
+            assert record["id"].startswith(f"instruct-{Path(record['image']).stem}-")
+            assert len(humans) <= per_record
+        got[record["image"]].extend(zip(humans, gpts, strict=True))
+    assert got == expected
+    if per_record is None:
+        assert len(records) == len(expected)
+
+
+def test_instruct_turns_are_the_image_questions(converted: tuple[Path, dict[str, Any]]) -> None:
+    out, _ = converted
+    records = _load(out, "instruct.json")
+    assert all(len(r["conversations"]) == 2 for r in records)
+    _check_instruct_turns(records, 1)
+
+
+@pytest.mark.parametrize("per_record", [3, None])
+def test_multi_turn_instruct_records(tmp_path: Path, per_record: int | None) -> None:
+    out = tmp_path / "multi"
+    _convert(out, questions_per_record=per_record)
+    records = _load(out, "instruct.json")
+    _check_instruct_turns(records, per_record)
+    assert any(len(r["conversations"]) > 2 for r in records)
+    for record in records:
+        llava_format.validate_record(record)
+
+
+def test_balance_yes_no(tmp_path: Path) -> None:
+    out = tmp_path / "balanced"
+    result = _convert(out, balance_yes_no=True)
+    records = _load(out, "instruct.json")
+    per_template: dict[str, Counter] = defaultdict(Counter)
+    for record in records:
+        question = record["conversations"][0]["value"].removeprefix("<image>\n").split("\n")[0]
+        answer = record["conversations"][1]["value"]
+        if answer in ("yes", "no"):
+            per_template[question_template(question)][answer] += 1
+    assert per_template and all(c["yes"] == c["no"] for c in per_template.values())
+    assert "{color}" in next(iter(per_template)) or "{shape}" in next(iter(per_template))
+    kept = _first_train_ids()
+    _, answers, image_ids = easy_vqa.get_train_questions()
+    others = sum(a not in ("yes", "no") and i in kept for a, i in zip(answers, image_ids, strict=True))
+    n_yes_no = sum(sum(c.values()) for c in per_template.values())
+    assert len(records) == others + n_yes_no  # every colour and shape question is kept
+    assert result["args"]["balance_yes_no"] is True
+    again = tmp_path / "again"
+    _convert(again, balance_yes_no=True)
+    assert _load(again, "instruct.json") == records  # seeded: the same subsample every time
+
+
+def test_questions_per_record_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="questions_per_record"):
+        _convert(tmp_path / "bad", questions_per_record=0)
 
 
 def test_captions_match_labelled_shape_and_colour(converted: tuple[Path, dict[str, Any]]) -> None:

@@ -213,6 +213,53 @@ def test_hf_drop_cls_drops_exactly_the_first_token():
     torch.testing.assert_close(drop, keep[:, 1:], rtol=0, atol=0)
 
 
+RESNET = {"layers": [1, 1, 1, 1], "width": 8, "head_width": 8, "image_size": 32, "embed_dim": 16}
+
+
+@pytest.mark.parametrize("feature_layer", [-2, 2, -1])
+def test_open_clip_resnet_drops_unused_stages(feature_layer):
+    """Stages after feature_layer and the attention pool are removed; features and old checkpoints agree."""
+    import open_clip.modified_resnet
+
+    torch.manual_seed(0)
+    full = open_clip.modified_resnet.ModifiedResNet(
+        layers=[1, 1, 1, 1], output_dim=16, heads=1, image_size=32, width=8
+    ).eval()
+    cfg = VisionConfig(backend="open_clip", config=dict(RESNET), feature_layer=feature_layer, drop_cls=False)
+    tower = build_vision_tower(cfg).eval()
+    missing, unexpected = tower.load_state_dict({f"visual.{k}": v for k, v in full.state_dict().items()})
+    assert not missing and not unexpected  # a checkpoint holding the dead stages loads
+    stage = feature_layer % 5
+    kept = sum(
+        p.numel()
+        for name, p in full.named_parameters()
+        if name.split(".")[0]
+        in (
+            "stem",
+            "conv1",
+            "bn1",
+            "conv2",
+            "bn2",
+            "conv3",
+            "bn3",
+            *[f"layer{i}" for i in range(1, stage + 1)],
+        )
+    )
+    assert count_parameters(tower) == kept < count_parameters(full)
+    assert not any(k.startswith("visual.attnpool.") for k in tower.state_dict())
+    px = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = full.forward_intermediates(px, indices=[feature_layer], intermediates_only=True)
+        got = tower(px)
+    ref = want["image_intermediates"][0].flatten(2).transpose(1, 2)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_open_clip_resnet_feature_layer_out_of_range():
+    with pytest.raises(ConfigError, match="feature_layer=5"):
+        build_vision_tower(VisionConfig(backend="open_clip", config=dict(RESNET), feature_layer=5))
+
+
 @pytest.mark.parametrize("feature_layer", [-1, -2, 1, 2])
 def test_open_clip_feature_layer_and_drop_cls(feature_layer):
     torch.manual_seed(0)
