@@ -8,7 +8,9 @@ and trains one student per variant under ``RUN/ablation/<name>``:
 * ``kd``: DPT -> SFT -> DFT with every term (the demo's LLaVA-KD student);
 * ``no_dpt``: plain caption pre-training (CE) -> SFT -> DFT;
 * ``no_resp`` / ``no_vis`` / ``no_rel``: one distillation term switched off in DPT and DFT;
-* ``vis_only``: only the visual-position terms (MDist_vis + RDist);
+* ``dft_ce_only``: DPT -> SFT -> stage 3 with every distillation term off, i.e. one more SFT epoch on
+  the LLaVA-KD student's own schedule: what stage 3 adds beyond the extra training (``no_resp`` is the
+  visual-terms-only variant: MDist_vis + RDist);
 * ``baseline``: plain pre-training -> SFT (the demo's baseline);
 * ``baseline_matched``: plain pre-training -> SFT for as many steps as SFT + DFT together, so that a gain
   of ``kd`` over it is not just more training.
@@ -52,7 +54,7 @@ VARIANTS: dict[str, tuple[list[str], dict[str, list[str]], str]] = {
         "without MDist at visual positions",
     ),
     "no_rel": ([PT, SFT, DFT], {PT: ["loss.w_rel=0"], DFT: ["loss.w_rel=0"]}, "without RDist"),
-    "vis_only": ([PT, SFT, DFT], {PT: ["loss.w_resp=0"], DFT: ["loss.w_resp=0"]}, "MDist_vis + RDist only"),
+    "dft_ce_only": ([PT, SFT, DFT], {DFT: NO_DISTILL}, "DPT -> SFT -> stage 3 with CE only (no teacher)"),
     "baseline": ([PT, SFT], {PT: NO_DISTILL}, "plain PT -> SFT"),
     "baseline_matched": (
         [PT, SFT],
@@ -62,8 +64,15 @@ VARIANTS: dict[str, tuple[list[str], dict[str, list[str]], str]] = {
 }
 
 
-# Variants that are runs of the demo itself: (sub-directory of RUN, its last stage).
-DEMO_RUNS = {"kd": ("kd", DFT), "baseline": ("baseline", SFT)}
+# Variants that are runs of the demo itself: (sub-directory of RUN, its last stage, the demo's role).
+DEMO_RUNS = {"kd": ("kd", DFT, "student_kd"), "baseline": ("baseline", SFT, "student_baseline")}
+
+
+def _demo_checkpoint(run: Path, name: str) -> Path | None:
+    """The demo's finished student that is variant ``name``, if there is one."""
+    sub, last, _ = DEMO_RUNS[name]
+    ckpt = run / sub / last / "final"
+    return ckpt if ckpt.is_dir() else None
 
 
 def train_variant(run: Path, name: str, overrides: list[str], quick: bool = False) -> Path:
@@ -71,12 +80,9 @@ def train_variant(run: Path, name: str, overrides: list[str], quick: bool = Fals
     from mllm_kd.stages import STAGES
 
     stages, per_stage, _ = VARIANTS[name]
-    if name in DEMO_RUNS and not overrides:
-        sub, last = DEMO_RUNS[name]
-        demo_ckpt = run / sub / last / "final"
-        if demo_ckpt.is_dir():
-            log.info("== ablation %s: the demo's run %s", name, demo_ckpt)
-            return demo_ckpt
+    if name in DEMO_RUNS and not overrides and (demo_ckpt := _demo_checkpoint(run, name)):
+        log.info("== ablation %s: the demo's run %s", name, demo_ckpt)
+        return demo_ckpt
     base = [
         f"run_dir={run / 'ablation' / name}",
         f"data_dir={run / 'data'}",
@@ -98,9 +104,11 @@ def _train_in_parallel(run: Path, names: list[str], jobs: int, overrides: list[s
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     logs = run / "ablation" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    # The variants the demo already trained cost nothing: deal out only the others.
+    todo = [n for n in names if not (n in DEMO_RUNS and not overrides and _demo_checkpoint(run, n))]
     procs = []
     for k in range(jobs):
-        group = names[k::jobs]
+        group = todo[k::jobs]
         if not group:
             continue
         cmd = [sys.executable, "-m", "mllm_kd.ablate", "--run-dir", str(run), "--only", *group]
@@ -137,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:  # finished variants and answer files are reused: this only collects
             ckpt = train_variant(run, name, args.overrides, args.quick)
             answers = run / "ablation" / "eval" / f"{name}.answers.jsonl"
+            demo_answers = run / "eval" / f"{DEMO_RUNS[name][2]}.answers.jsonl" if name in DEMO_RUNS else None
+            if demo_answers and ckpt == _demo_checkpoint(run, name) and demo_answers.is_file():
+                answers = demo_answers  # the demo answered the test split with this very checkpoint
             scores = evaluate(run / "data", answers, name, ckpt, redo=False)
             results[name] = {
                 "accuracy": scores["accuracy"] / 100.0,
