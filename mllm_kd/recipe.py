@@ -256,4 +256,3 @@ def run_stage(
     barrier(dist_info)
     trainer = Trainer(cfg, student, teacher, data, tokenizer, model_cfg, on_step=on_step, dist_info=dist_info)
     return trainer.train()
-
