@@ -143,7 +143,8 @@ def answer_file(
                 good.append(line)
             except (json.JSONDecodeError, KeyError):
                 break
-        out.write_text("".join(line if line.endswith("\n") else line + "\n" for line in good))
+        if len(good) < len(lines) or (good and not good[-1].endswith("\n")):  # only a torn file is rewritten
+            out.write_text("".join(line if line.endswith("\n") else line + "\n" for line in good))
     index, count = chunk
     todo = [q for i, q in enumerate(questions) if i % count == index and str(q["question_id"]) not in done]
     folder = Path(image_folder)

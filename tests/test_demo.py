@@ -31,6 +31,9 @@ def test_quick_demo_writes_report(tmp_path):
     before = (run / "kd/stage3/final/model.safetensors").stat().st_mtime_ns
     assert main(["--run-dir", str(run), "--quick"]) == 0
     assert (run / "kd/stage3/final/model.safetensors").stat().st_mtime_ns == before
+    rerun = json.loads((run / "report.json").read_text())
+    assert rerun["seconds"] == report["seconds"]  # nothing was redone: the total stays that of the work
+    assert rerun["wall_seconds"] < report["seconds"]
     # the ablation reuses the demo's students and trains the others, two at a time
     assert (
         ablate.main(["--run-dir", str(run), "--quick", "--jobs", "2", "--only", "kd", "baseline", "no_rel"])
