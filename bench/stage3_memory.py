@@ -150,7 +150,7 @@ def main(argv=None) -> int:
             print(f"| {v} | failed: {' '.join(r['error'])} | | | | |")
             summary[v] = r
             continue
-        t = sorted(r["times_s"][1:])[len(r["times_s"][1:]) // 2]
+        t = tc._stats(r["times_s"])["time_median_s"]  # the same median as bench/teacher_cache.py
         summary[v] = {**r, "time_median_s": t}
         print(
             f"| {v} | {r['base_bytes'] / mib:,.0f} MiB | {r['peak_bytes'] / mib:,.0f} MiB | "
