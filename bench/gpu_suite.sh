@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Everything in this repository that needs a CUDA GPU, in one run (each step has a time limit; about 9 minutes at most):
+#
+#   bash bench/gpu_suite.sh OUT_DIR [DEMO_DIR]
+#
+# 1. the GPU tests (python -m pytest -m gpu): fused losses on CUDA, quantised teacher on CUDA under bf16
+#    autocast, bitsandbytes' CUDA 8-bit AdamW, attention implementation logged;
+# 2. bench/kd_loss.py at full size (V=151,936, d=896, 2 x 1024 tokens, 728 visual): float32 and bfloat16;
+# 3. bench/teacher_cache.py at GPU sizes, 729 visual tokens per image, rank-32 relation factor;
+# 4. with DEMO_DIR (a finished `make demo` run: data/, teacher/teacher_sft, kd/stage2): stage 3 of the
+#    easy-VQA KD student with the float, 8-bit and 4-bit teacher and with adamw8bit, side by side on the
+#    GPU, each evaluated on the full test split;
+# 5. bench/stage3_memory.py at V=151,936.
+# Each step has its own time limit; a step that fails does not stop the others. Everything printed goes
+# to OUT_DIR/suite.log; each benchmark's JSON line and the quantisation table go to OUT_DIR/results.jsonl.
+# For a trial elsewhere: SKIP (a regex of step names to leave out), QUANT_ARGS (extra stage-3 overrides,
+# e.g. "train.device=cpu train.max_steps=3"), EVAL_ARGS (extra eval options, e.g. "--device cpu --limit 50").
+set -u
+OUT=${1:?usage: bash bench/gpu_suite.sh OUT_DIR [DEMO_DIR]}
+DEMO=${2:-}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+exec > >(tee -a "$OUT/suite.log") 2>&1
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+RES="$OUT/results.jsonl"
+LAST=$(mktemp)
+
+step() {  # step NAME SECONDS CMD...: run with a limit, keep the JSON last line of a benchmark
+    local name=$1 limit=$2 t0=$SECONDS rc
+    shift 2
+    if [[ -n ${SKIP:-} && $name =~ $SKIP ]]; then echo "=== $name: skipped"; return; fi
+    echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s): $*"
+    timeout "$limit" "$@" 2>&1 | tee "$LAST"
+    rc=${PIPESTATUS[0]}
+    echo "=== $name: exit $rc after $((SECONDS - t0)) s"
+    if [[ $name == bench_* ]] && tail -n 1 "$LAST" | grep -q '^{'; then
+        tail -n 1 "$LAST" | "$PY" -c "import json,sys; d=json.load(sys.stdin); d['step']='$name'; print(json.dumps(d))" >>"$RES"
+    fi
+}
+
+echo "=== environment"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+"$PY" - <<'EOF'
+import importlib, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO CUDA DEVICE")
+for m in ("transformers", "open_clip", "bitsandbytes", "flash_attn", "omegaconf", "webdataset"):
+    try:
+        print(m, getattr(importlib.import_module(m), "__version__", "?"))
+    except Exception as e:  # noqa: BLE001
+        print(m, "MISSING:", type(e).__name__, e)
+EOF
+
+step tests_gpu 120 "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
+step bench_kd_loss_fp32 60 "$PY" bench/kd_loss.py --device cuda --dtype float32 --chunk-size 1024 --repeats 5
+step bench_kd_loss_fp32_c256 60 "$PY" bench/kd_loss.py --device cuda --dtype float32 --chunk-size 256 --repeats 5
+step bench_kd_loss_bf16 60 "$PY" bench/kd_loss.py --device cuda --dtype bfloat16 --chunk-size 1024 --repeats 5
+step bench_teacher_cache 120 "$PY" bench/teacher_cache.py --device cuda --vocab 32000 --student-hidden 896 \
+    --student-layers 8 --teacher-hidden 2048 --image-size 378 --patch 14 --relation-rank 32 --samples 128 \
+    --batch 8 --steps 10
+
+if [[ -n $DEMO && ! ${SKIP:-} =~ quant ]]; then
+    W=${WORK:-$OUT/quant}
+    mkdir -p "$W"
+    common=(--config configs/easyvqa.yaml "run_dir=$DEMO/kd" "data_dir=$DEMO/data" "teacher_dir=$DEMO/teacher"
+        train.progress=false)
+    declare -A extra=([float]="" [q8]="teacher.quantize=8bit" [q4]="teacher.quantize=4bit" [a8]="optim.name=adamw8bit")
+    t0=$SECONDS
+    echo "=== quant: stage 3 x 4 side by side ($(date -u +%H:%M:%S))"
+    pids=()
+    for v in float q8 q4 a8; do
+        # shellcheck disable=SC2086
+        OMP_NUM_THREADS=3 timeout 180 "$PY" -m mllm_kd.stage3 "${common[@]}" "output_dir=$W/stage3_$v" \
+            ${extra[$v]} ${QUANT_ARGS:-} >"$W/$v.train.log" 2>&1 &
+        pids+=($!)
+    done
+    wait "${pids[@]}"  # (a bare `wait` would also wait for the log's tee)
+    echo "=== quant: training took $((SECONDS - t0)) s"
+    t1=$SECONDS
+    pids=()
+    for v in float q8 q4 a8; do
+        # shellcheck disable=SC2086
+        (OMP_NUM_THREADS=3 timeout 90 "$PY" -m mllm_kd.eval run --model "$W/stage3_$v" --task easyvqa \
+            --questions "$DEMO/data/test_questions.jsonl" --images "$DEMO/data/images" \
+            --out "$W/$v.answers.jsonl" --batch-size 512 --no-progress ${EVAL_ARGS:-} >"$W/$v.eval.log" 2>&1 &&
+            "$PY" -m mllm_kd.eval score --task easyvqa --predictions "$W/$v.answers.jsonl" \
+                --annotations "$DEMO/data/test_answers.json" --out "$W/$v.score.json" >>"$W/$v.eval.log" 2>&1) &
+        pids+=($!)
+    done
+    wait "${pids[@]}"
+    echo "=== quant: evaluation took $((SECONDS - t1)) s"
+    "$PY" - "$W" "$RES" <<'EOF'
+import json, sys
+from pathlib import Path
+w, res = Path(sys.argv[1]), sys.argv[2]
+rows, ref = [], None
+for v, name in (("float", "float teacher, AdamW"), ("q8", "8-bit teacher"), ("q4", "4-bit teacher"),
+                ("a8", "float teacher, adamw8bit")):
+    log = w / f"{v}.train.log"
+    print(f"--- {v}: last lines of {log.name}")
+    print("\n".join(log.read_text().splitlines()[-4:]) if log.exists() else "(none)")
+    mpath = w / f"stage3_{v}" / "metrics.jsonl"
+    lines = [json.loads(x) for x in mpath.read_text().splitlines() if x.strip()] if mpath.exists() else []
+    steps = [m for m in lines if "mdist_resp" in m]
+    score = w / f"{v}.score.json"
+    acc = json.loads(score.read_text()) if score.exists() else {}
+    answers = w / f"{v}.answers.jsonl"
+    ans = {}
+    if answers.exists():
+        for x in answers.read_text().splitlines():
+            a = json.loads(x)
+            ans[a["question_id"]] = a["text"]
+    if v == "float":
+        ref = ans
+    same = sum(ans.get(k) == t for k, t in ref.items()) if ref and ans else None
+    row = {"variant": v, "name": name, "steps": len(steps),
+           "first": {k: steps[0][k] for k in ("mdist_resp", "mdist_vis", "rdist", "loss") if steps and k in steps[0]},
+           "last_loss": steps[-1].get("loss") if steps else None,
+           "train_seconds": round(sum(m.get("elapsed", 0.0) for m in steps), 1),
+           "score": acc, "answers": len(ans), "same_as_float": same}
+    rows.append(row)
+    print(json.dumps(row))
+with open(res, "a") as f:
+    f.write(json.dumps({"step": "quant_easyvqa", "rows": rows}) + "\n")
+EOF
+fi
+
+step bench_stage3_memory 120 "$PY" bench/stage3_memory.py --device cuda --vocab 151936 --student-hidden 896 \
+    --teacher-hidden 2048
+echo "=== done ($(date -u +%H:%M:%S))"
