@@ -86,7 +86,7 @@ def load_teacher_model(cfg: StageConfig, student: MultimodalLM, tokenizer) -> Mu
     )
     check_compatible(teacher, t_tok, student, tokenizer, cfg.teacher.checkpoint)
     if cfg.teacher.quantize:
-        n = quantize_llm(teacher.llm, cfg.teacher.quantize)
+        n = quantize_llm(teacher.llm, cfg.teacher.quantize, teacher_device(cfg.train))
         log.info(
             "teacher: %d linear layers of its LLM quantised to %s (LM head, embeddings, vision tower and "
             "projector kept in full precision)",
@@ -137,13 +137,23 @@ class _OnceFilter(logging.Filter):
         return not seen
 
 
-def quantize_llm(llm: torch.nn.Module, mode: str) -> int:
+def teacher_device(train) -> torch.device:
+    """Where the teacher will run: the training device (this process's GPU under torchrun)."""
+    device = pick_device(train)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def quantize_llm(llm: torch.nn.Module, mode: str, device: torch.device | str = "cpu") -> int:
     """Replace the ``nn.Linear`` layers of an LLM (not its LM head) with bitsandbytes 8-bit / 4-bit layers.
 
     ``mode``: ``"8bit"`` (``Linear8bitLt``, LLM.int8 with outlier threshold 6) or ``"4bit"`` (``Linear4bit``,
-    NF4). The weights are quantised here, on the CPU; moving the model to a GPU moves the quantised
-    weights. The LM head stays a full-precision ``nn.Linear`` so the fused losses still apply. Returns the
-    number of layers replaced.
+    NF4). The weights are quantised on ``device``, the device the teacher runs on, and the quantised layers
+    stay there: 8-bit layers quantised on the CPU and then moved with ``Module.to`` keep their int8 state
+    on the CPU (``Module.to`` replaces each parameter's ``.data`` only), and bitsandbytes' CUDA matmul then
+    stops with "Expected a cuda device, but got: cpu". The LM head stays a full-precision ``nn.Linear`` so the fused losses still
+    apply. Returns the number of layers replaced.
     """
     try:
         import bitsandbytes as bnb
@@ -183,7 +193,7 @@ def quantize_llm(llm: torch.nn.Module, mode: str) -> int:
                 new.weight = bnb.nn.Params4bit(w.float().cpu(), requires_grad=False, quant_type="nf4")
             if b is not None:
                 new.bias = torch.nn.Parameter(b.float().cpu(), requires_grad=False)
-            setattr(parent, name, new.to("cpu"))  # .to() quantises
+            setattr(parent, name, new.to(device))  # .to() quantises
             replaced += 1
     return replaced
 
