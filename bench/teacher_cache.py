@@ -65,6 +65,13 @@ def add_size_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=int, default=256)
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="data.num_workers (default: 8 on CUDA, 0 on a CPU; on a GPU, decoding images in the main process "
+        "can take longer than the step itself)",
+    )
+    p.add_argument(
         "--teacher-sharpen",
         type=float,
         default=12.0,
@@ -178,6 +185,12 @@ def build_fixture(args, work: Path) -> dict:
     }
 
 
+def num_workers(args) -> int:
+    if args.num_workers is not None:
+        return args.num_workers
+    return 8 if str(args.device).startswith("cuda") else 0
+
+
 def stage_overrides(args, fx: dict, out_dir: str, steps: int, extra: list[str] = ()) -> list[str]:
     return [
         f"run_dir={fx['work']}",
@@ -187,6 +200,7 @@ def stage_overrides(args, fx: dict, out_dir: str, steps: int, extra: list[str] =
         f"data.path={fx['data']}/instruct.json",
         f"data.image_folder={fx['data']}/images",
         "data.max_length=4096",
+        f"data.num_workers={num_workers(args)}",
         f"train.batch_size={args.batch}",
         f"train.max_steps={steps}",
         f"train.device={args.device}",
@@ -306,7 +320,8 @@ def main(argv=None) -> int:
     print(
         f"# stage-3 step: online vs cached teacher. Student {args.student_layers} x {args.student_hidden}, teacher "
         f"{fx['teacher_layers']} x {args.teacher_hidden} (forward FLOPs/token ratio {fx['compute_ratio']:.2f}), V={args.vocab}, "
-        f"{(args.image_size // args.patch) ** 2} visual tokens/image, batch {args.batch}, k={args.k}, device {args.device} "
+        f"{(args.image_size // args.patch) ** 2} visual tokens/image, batch {args.batch}, k={args.k}, "
+        f"{num_workers(args)} data workers, device {args.device} "
         f"({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, OMP_NUM_THREADS={threads})\n"
     )
     print(
@@ -335,6 +350,7 @@ def main(argv=None) -> int:
         "batch": args.batch,
         "k": args.k,
         "relation_rank": args.relation_rank,
+        "num_workers": num_workers(args),
         "visual_tokens": (args.image_size // args.patch) ** 2,
         "samples": st["samples"],
         "distilled_tokens": st["rows"],

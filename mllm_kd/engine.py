@@ -503,6 +503,7 @@ class Trainer:
             sampler=self.data.sampler,
             collate_fn=Collator(self.tokenizer.pad_token_id),
             num_workers=self.cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda",
         )
 
     def _micro_batches(self):
