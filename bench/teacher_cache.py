@@ -2,7 +2,7 @@
 
     python bench/teacher_cache.py                              # tiny sizes, a few minutes at most on 2 CPU cores
     python bench/teacher_cache.py --device cuda --vocab 32000 --student-hidden 896 --student-layers 8 \\
-        --teacher-hidden 2048 --teacher-layers 12 --image-size 336 --patch 14 --samples 256 --batch 8
+        --teacher-hidden 2048 --image-size 378 --patch 14 --relation-rank 32 --samples 256 --batch 32
 
 The parent builds, in a work directory: the synthetic smoke data (``--samples`` images, multi-turn
 questions), a random teacher and a random student (Qwen2 LLMs; the student reuses the teacher's CLIP
