@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Everything in this repository that needs a CUDA GPU, in one run (each step has a time limit; about 9 minutes at most):
+# Everything in this repository that needs a CUDA GPU, in one run (each step has a time limit; about 8 minutes on one H200):
 #
 #   bash bench/gpu_suite.sh OUT_DIR [DEMO_DIR]
 #
 # 1. the GPU tests (python -m pytest -m gpu): fused losses on CUDA, quantised teacher on CUDA under bf16
 #    autocast, bitsandbytes' CUDA 8-bit AdamW, attention implementation logged;
 # 2. bench/kd_loss.py at full size (V=151,936, d=896, 2 x 1024 tokens, 728 visual): float32 and bfloat16;
-# 3. bench/teacher_cache.py at GPU sizes, 729 visual tokens per image, rank-32 relation factor;
+# 3. bench/teacher_cache.py at GPU sizes, 729 visual tokens per image, rank-32 relation factor, batch 32,
+#    then again under torch.profiler (where the step's time goes);
 # 4. with DEMO_DIR (a finished `make demo` run: data/, teacher/teacher_sft, kd/stage2): stage 3 of the
 #    easy-VQA KD student with the float, 8-bit and 4-bit teacher and with adamw8bit, side by side on the
 #    GPU, each evaluated on the full test split;
@@ -55,9 +56,11 @@ step tests_gpu 120 "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovid
 step bench_kd_loss_fp32 60 "$PY" bench/kd_loss.py --device cuda --dtype float32 --chunk-size 1024 --repeats 5
 step bench_kd_loss_fp32_c256 60 "$PY" bench/kd_loss.py --device cuda --dtype float32 --chunk-size 256 --repeats 5
 step bench_kd_loss_bf16 60 "$PY" bench/kd_loss.py --device cuda --dtype bfloat16 --chunk-size 1024 --repeats 5
-step bench_teacher_cache 120 "$PY" bench/teacher_cache.py --device cuda --vocab 32000 --student-hidden 896 \
-    --student-layers 8 --teacher-hidden 2048 --image-size 378 --patch 14 --relation-rank 32 --samples 128 \
-    --batch 8 --steps 10
+TC=(bench/teacher_cache.py --device cuda --vocab 32000 --student-hidden 896 --student-layers 8 --teacher-hidden 2048
+    --image-size 378 --patch 14 --relation-rank 32 --samples 256 --batch 32 --workdir /tmp/gpu_suite_tc)
+step bench_teacher_cache 150 "$PY" "${TC[@]}" --steps 8
+# the same fixtures and cache again, with torch.profiler over steps 2-4 (kernels by self CUDA time)
+step profile_teacher_cache 90 "$PY" "${TC[@]}" --steps 4 --profile
 
 if [[ -n $DEMO && ! ${SKIP:-} =~ quant ]]; then
     W=${WORK:-$OUT/quant}
@@ -125,6 +128,6 @@ with open(res, "a") as f:
 EOF
 fi
 
-step bench_stage3_memory 120 "$PY" bench/stage3_memory.py --device cuda --vocab 151936 --student-hidden 896 \
+step bench_stage3_memory 240 "$PY" bench/stage3_memory.py --device cuda --vocab 151936 --student-hidden 896 \
     --teacher-hidden 2048
 echo "=== done ($(date -u +%H:%M:%S))"

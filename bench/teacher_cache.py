@@ -87,6 +87,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--steps", type=int, default=8, help="optimizer steps per variant (the first is a warm-up)"
     )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print, per variant, torch.profiler's operators by self time over the steps after the first",
+    )
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--fixture", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -267,7 +272,27 @@ def _worker_main(args) -> int:
 
     logging.disable(logging.INFO)
     fx = json.loads(args.fixture)
-    print(json.dumps(run_variant(args, fx, args.worker, args.steps)))
+    if not args.profile:
+        print(json.dumps(run_variant(args, fx, args.worker, args.steps)))
+        return 0
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = str(args.device).startswith("cuda")
+    prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+
+    def start_after_first(step, _metrics):
+        if step == 1:  # the first step is a warm-up, as in the timings
+            prof.start()
+
+    result = run_variant(args, fx, args.worker, args.steps, on_step=start_after_first)
+    prof.stop()
+    if cuda:
+        torch.cuda.synchronize()
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    path = Path(fx["work"]) / f"profile-{args.worker}.txt"
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=20))
+    print(json.dumps({**result, "profile": str(path)}))
     return 0
 
 
@@ -315,6 +340,9 @@ def main(argv=None) -> int:
         v: spawn(Path(__file__).resolve(), argv, ["--worker", v, "--fixture", json.dumps(fx)])
         for v in VARIANTS
     }
+    for v, r in results.items():
+        if "profile" in r:
+            print(f"## profile of the {v} variant (steps 2-{args.steps})\n{Path(r['profile']).read_text()}")
     st = manifest["stats"]
     threads = os.environ.get("OMP_NUM_THREADS", "default")
     print(
