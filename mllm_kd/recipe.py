@@ -198,6 +198,14 @@ def quantize_llm(llm: torch.nn.Module, mode: str, device: torch.device | str = "
     return replaced
 
 
+def _teacher_words(stage: str, teacher) -> str:
+    if teacher is None:
+        return "trained from its labels" if stage.startswith("teacher") else "no teacher"
+    if getattr(teacher, "directory", None) is not None:  # a CachedTeacher: stored outputs, no weights
+        return f"distilling from the teacher cache {teacher.directory}"
+    return f"distilling from a teacher of {count_parameters(teacher) / 1e6:.2f}M parameters"
+
+
 def check_compatible(teacher: MultimodalLM, t_tok, student: MultimodalLM, s_tok, where: str) -> None:
     """Teacher and student must see the same input ids: same vocabulary and visual-token layout."""
     t_vocab, s_vocab = t_tok.get_vocab(), s_tok.get_vocab()
@@ -253,12 +261,15 @@ def run_stage(
     )
     trainable = apply_trainable(student, cfg.trainable)
     log.info(
-        "%s: %d samples, student %.2fM parameters (trainable: %s), teacher %s, device %s",
+        "%s: %d samples, %s %.2fM parameters (trainable: %s), %s, device %s",
         cfg.stage,
         data.num_samples,
+        "teacher"
+        if cfg.stage.startswith("teacher")
+        else "student",  # teacher_pt / teacher_sft train the teacher
         count_parameters(student) / 1e6,
         ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in trainable.items()),
-        f"{count_parameters(teacher) / 1e6:.2f}M" if teacher is not None else "none",
+        _teacher_words(cfg.stage, teacher),
         pick_device(cfg.train),
     )
     if done is not None and dist_info.is_main:  # overwrite=true and every check passed: only now remove it

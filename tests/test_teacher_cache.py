@@ -1,6 +1,7 @@
 """The cached (offline) teacher: values against the online teacher, the loss, the stage run, refusals."""
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -221,14 +222,17 @@ def test_stage3_with_a_cached_teacher_matches_the_online_teacher(run, tmp_path):
         assert ref[key] == pytest.approx(cached[key], rel=1e-4, abs=1e-6)
 
 
-def test_stage3_with_the_default_k_trains(run, tmp_path):
+def test_stage3_with_the_default_k_trains(run, tmp_path, caplog):
     """k=32 of a 352-token vocabulary: the run works and MDist is the bucketed (lower-bound) value."""
     _, common, out = run
     cfg = stage_config(
         SMOKE, "stage3", [*common, "train.max_steps=3", f"output_dir={tmp_path}/s3", f"teacher.cache={out}"]
     )
     steps = {}
-    final = STAGES["stage3"].run(cfg, on_step=lambda s, m: steps.setdefault(s, m))
+    with caplog.at_level(logging.INFO, logger="mllm_kd.recipe"):
+        final = STAGES["stage3"].run(cfg, on_step=lambda s, m: steps.setdefault(s, m))
+    assert "student 0.05M parameters (trainable: vision 0.00M" in caplog.text
+    assert f"distilling from the teacher cache {out}, device cpu" in caplog.text
     assert (final / "model.safetensors").is_file() and sorted(steps) == [1, 2, 3]
     assert all(steps[1][k] >= 0 for k in ("mdist_resp", "mdist_vis", "rdist"))
 
