@@ -151,9 +151,9 @@ def quantize_llm(llm: torch.nn.Module, mode: str, device: torch.device | str = "
     ``mode``: ``"8bit"`` (``Linear8bitLt``, LLM.int8 with outlier threshold 6) or ``"4bit"`` (``Linear4bit``,
     NF4). The weights are quantised on ``device``, the device the teacher runs on, and the quantised layers
     stay there: 8-bit layers quantised on the CPU and then moved with ``Module.to`` keep their int8 state
-    on the CPU (``Module.to`` replaces each parameter's ``.data`` only), and bitsandbytes' CUDA matmul then
-    stops with "Expected a cuda device, but got: cpu". The LM head stays a full-precision ``nn.Linear`` so the fused losses still
-    apply. Returns the number of layers replaced.
+    on the CPU (``Module.to`` replaces each parameter's ``.data`` only), and bitsandbytes' CUDA matmul
+    then stops with "Expected a cuda device, but got: cpu". The LM head stays a full-precision
+    ``nn.Linear`` so the fused losses still apply. Returns the number of layers replaced.
     """
     try:
         import bitsandbytes as bnb
@@ -260,13 +260,14 @@ def run_stage(
         world_size=dist_info.world_size,
     )
     trainable = apply_trainable(student, cfg.trainable)
+    role = (
+        "teacher" if cfg.stage.startswith("teacher") else "student"
+    )  # teacher_pt / teacher_sft train the teacher
     log.info(
         "%s: %d samples, %s %.2fM parameters (trainable: %s), %s, device %s",
         cfg.stage,
         data.num_samples,
-        "teacher"
-        if cfg.stage.startswith("teacher")
-        else "student",  # teacher_pt / teacher_sft train the teacher
+        role,
         count_parameters(student) / 1e6,
         ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in trainable.items()),
         _teacher_words(cfg.stage, teacher),
