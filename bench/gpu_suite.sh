@@ -128,6 +128,6 @@ with open(res, "a") as f:
 EOF
 fi
 
-step bench_stage3_memory 240 "$PY" bench/stage3_memory.py --device cuda --vocab 151936 --student-hidden 896 \
+step bench_stage3_memory 420 "$PY" bench/stage3_memory.py --device cuda --vocab 151936 --student-hidden 896 \
     --teacher-hidden 2048
 echo "=== done ($(date -u +%H:%M:%S))"
