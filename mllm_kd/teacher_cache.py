@@ -572,19 +572,31 @@ def cached_distill_loss_reference(
 def _chunk_grad(z, t_logp, t_idx, t_rest, targets, ce_w, kd_w, opts, need_grad):
     """CE and bucketed divergence per row of one chunk, and the gradient wrt the chunk's logits ``z``.
 
-    ``z`` ``[c, V]`` float32 is consumed. With ``g = d(sum kd_w D)/d(bucket log-probs)`` (``[c, k + 1]``,
-    autograd on the small bucket tensor) and ``S = sum(g)``, the gradient wrt ``z_j`` is
-    ``g_j - q_j S`` for a stored token ``j`` and ``g_rest q_j / q_rest - q_j S`` for the others; CE adds
-    ``ce_w (q - onehot)``. Returns None when a value is not finite.
+    ``z`` ``[c, V]`` float32 is consumed: it becomes ``e = exp(z - max)``, the only exponential taken over
+    the vocabulary. With ``Z = sum(e)`` and ``R`` the sum of ``e`` outside the stored tokens (summed
+    directly, so a small leftover mass keeps its precision), the bucket log-probabilities are
+    ``z_j - lse`` for the stored tokens and ``log(R / Z)`` for the rest. With
+    ``g = d(sum kd_w D)/d(bucket log-probs)`` (``[c, k + 1]``, autograd on the small bucket tensor) and
+    ``S = sum(g)``, the gradient wrt ``z_j`` is ``g_j - q_j S`` for a stored token ``j`` and
+    ``g_rest q_j / q_rest - q_j S`` for the others, i.e. ``e_j (g_rest / R - S / Z)``; CE adds
+    ``ce_w (q - onehot)``. Returns None when a value is not finite (also when the leftover mass
+    underflows), and the caller falls back to :func:`_chunk_grad_reference`.
     """
-    lse = torch.logsumexp(z, dim=-1)
     valid = targets != IGNORE_INDEX
     safe = targets.masked_fill(~valid, 0).unsqueeze(1)
-    ce = torch.where(valid, lse - z.gather(1, safe).squeeze(1), 0.0)
-    top = z.gather(1, t_idx) - lse[:, None]
-    zr = z.scatter(1, t_idx, float("-inf"))
-    lse_rest = torch.logsumexp(zr, dim=-1)
-    s = torch.cat([top, (lse_rest - lse)[:, None]], dim=1).requires_grad_(need_grad)
+    m = z.amax(dim=1, keepdim=True)
+    z_top = z.gather(1, t_idx)
+    z_tgt = z.gather(1, safe).squeeze(1)
+    e = z.sub_(m).exp_()
+    total = e.sum(1)
+    e_top = e.gather(1, t_idx)
+    e.scatter_(1, t_idx, 0.0)
+    rest = e.sum(1)
+    lse = m.squeeze(1) + total.log()
+    ce = torch.where(valid, lse - z_tgt, 0.0)
+    s = torch.cat([z_top - lse[:, None], (rest.log() - total.log())[:, None]], dim=1).requires_grad_(
+        need_grad
+    )
     t = torch.cat([t_logp, t_rest[:, None]], dim=1)
     with torch.enable_grad():
         d = divergence_from_logprobs(s, t, kind=opts["kind"], beta=opts["beta"], alpha=opts["alpha"])
@@ -596,13 +608,9 @@ def _chunk_grad(z, t_logp, t_idx, t_rest, targets, ce_w, kd_w, opts, need_grad):
         return ce, d, None
     if not torch.isfinite(g).all():
         return None
-    total_g = g.sum(1)
-    # zr := exp(z - lse_rest) * g_rest   (q_j / q_rest for the other tokens, 0 at the stored ones)
-    grad = zr.sub_(lse_rest[:, None]).exp_().mul_(g[:, -1:])
-    q = z.sub_(lse[:, None]).exp_()
-    grad.add_(q.mul_((ce_w - total_g)[:, None]))
-    del q
-    grad.scatter_add_(1, t_idx, g[:, :-1])
+    scale = (ce_w - g.sum(1)) / total  # (ce_w - S) / Z: the q-proportional part, per row
+    grad = e.mul_((g[:, -1] / rest + scale)[:, None])  # the other tokens; the stored ones are 0 here
+    grad.scatter_(1, t_idx, g[:, :-1] + e_top * scale[:, None])
     grad.scatter_add_(1, safe, (-ce_w * valid).unsqueeze(1))
     if not torch.isfinite(grad).all():
         return None

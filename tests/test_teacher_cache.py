@@ -169,6 +169,41 @@ def test_chunked_cached_loss_equals_its_reference(kind, bias):
         torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["fkl", "rkl"])
+def test_chunked_cached_loss_when_the_leftover_mass_underflows(kind):
+    """A student so sure of the stored tokens that its leftover mass underflows float32 (exp(-150)): the
+    closed form's direct sum of the rest is 0, and the chunk falls back to the reference's log-sum-exp."""
+    torch.manual_seed(2)
+    B, T, d, V, n, k = 2, 10, 8, 40, 3, 5
+    h = torch.randn(B, T, d, requires_grad=True)
+    w = (torch.randn(V, d) * 0.1).requires_grad_()
+    b = torch.zeros(V)
+    b[:k] = 150.0
+    b.requires_grad_()
+    labels = torch.full((B, T), -100)
+    labels[:, 6:9] = torch.randint(0, k, (B, 3))
+    vis = torch.zeros(B, T, dtype=torch.bool)
+    vis[:, 1 : 1 + n] = True
+    rows = int((response_mask(labels) | vis).sum())
+    lt = F.log_softmax(torch.randn(rows, V), -1)
+    idx = torch.arange(k).expand(rows, k).contiguous()
+    rest = torch.logsumexp(lt[:, k:], -1)
+    cached = CachedBatch(lt[:, :k], idx, rest, None)
+    weights = {"ce": 1.0, "mdist_resp": 1.0, "mdist_vis": 1.0}
+    settings = DistillSettings(kind=kind, rel=False)
+    total, terms = cached_distill_loss(
+        h, w, labels, vis, n, cached, weights, settings, chunk_size=4, head_bias=b
+    )
+    ref_total, ref_terms = cached_distill_loss_reference(
+        F.linear(h, w, b), labels, vis, n, cached, weights, settings
+    )
+    assert torch.isfinite(ref_total) and ref_terms["mdist_vis"] > 1.0  # the leftover bucket dominates
+    torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(total, [h, w, b])
+    for g, rg in zip(grads, torch.autograd.grad(ref_total, [h, w, b])):
+        torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-6)
+
+
 def test_relation_representations():
     torch.manual_seed(0)
     z = torch.randn(10, 30)
