@@ -199,6 +199,8 @@ def test_chunked_cached_loss_when_the_leftover_mass_underflows(kind):
     )
     assert torch.isfinite(ref_total) and ref_terms["mdist_vis"] > 1.0  # the leftover bucket dominates
     torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=1e-6)
+    for key in ("ce", "mdist_resp", "mdist_vis"):
+        torch.testing.assert_close(terms[key], ref_terms[key], rtol=1e-5, atol=1e-6)
     grads = torch.autograd.grad(total, [h, w, b])
     for g, rg in zip(grads, torch.autograd.grad(ref_total, [h, w, b])):
         torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-6)
