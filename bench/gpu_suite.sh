@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything in this repository that needs a CUDA GPU, in one run (each step has a time limit; about 8 minutes on one H200):
+# Everything in this repository that needs a CUDA GPU, in one run (each step has a time limit; about 7 minutes on one H200):
 #
 #   bash bench/gpu_suite.sh OUT_DIR [DEMO_DIR]
 #
@@ -7,11 +7,12 @@
 #    autocast, bitsandbytes' CUDA 8-bit AdamW, attention implementation logged;
 # 2. bench/kd_loss.py at full size (V=151,936, d=896, 2 x 1024 tokens, 728 visual): float32 and bfloat16;
 # 3. bench/teacher_cache.py at GPU sizes, 729 visual tokens per image, rank-32 relation factor, batch 32,
-#    then again under torch.profiler (where the step's time goes);
+#    then with --chunk-size 2048, then under torch.profiler (where the step's time goes);
 # 4. with DEMO_DIR (a finished `make demo` run: data/, teacher/teacher_sft, kd/stage2): stage 3 of the
 #    easy-VQA KD student with the float, 8-bit and 4-bit teacher and with adamw8bit, side by side on the
 #    GPU, each evaluated on the full test split;
-# 5. bench/stage3_memory.py at V=151,936.
+# 5. with STAGE3_MEMORY=1: bench/stage3_memory.py at V=151,936 (its fixtures alone take minutes; alone:
+#    STAGE3_MEMORY=1 SKIP='tests|bench_kd|bench_teacher|profile|quant' bash bench/gpu_suite.sh OUT_DIR).
 # Each step has its own time limit; a step that fails does not stop the others. Everything printed goes
 # to OUT_DIR/suite.log; each benchmark's JSON line and the quantisation table go to OUT_DIR/results.jsonl.
 # For a trial elsewhere: SKIP (a regex of step names to leave out), QUANT_ARGS (extra stage-3 overrides,
@@ -59,6 +60,8 @@ step bench_kd_loss_bf16 60 "$PY" bench/kd_loss.py --device cuda --dtype bfloat16
 TC=(bench/teacher_cache.py --device cuda --vocab 32000 --student-hidden 896 --student-layers 8 --teacher-hidden 2048
     --image-size 378 --patch 14 --relation-rank 32 --samples 256 --batch 32 --workdir /tmp/gpu_suite_tc)
 step bench_teacher_cache 150 "$PY" "${TC[@]}" --steps 8
+# the same fixtures and cache with 8x larger loss chunks (fewer, larger kernels per step)
+step bench_teacher_cache_chunk2048 90 "$PY" "${TC[@]}" --steps 8 --chunk-size 2048
 # the same fixtures and cache again, with torch.profiler over steps 2-4 (kernels by self CUDA time)
 step profile_teacher_cache 90 "$PY" "${TC[@]}" --steps 4 --profile
 
@@ -128,6 +131,7 @@ with open(res, "a") as f:
 EOF
 fi
 
+[[ ${STAGE3_MEMORY:-0} == 1 ]] || SKIP="${SKIP:+$SKIP|}bench_stage3_memory"
 step bench_stage3_memory 420 "$PY" bench/stage3_memory.py --device cuda --vocab 151936 --student-hidden 896 \
     --teacher-hidden 2048
 echo "=== done ($(date -u +%H:%M:%S))"
