@@ -26,8 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-COLOURS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
-SHAPES = ("circle", "rectangle", "triangle")
+from mllm_kd.data_prep.easyvqa import COLORS, SHAPES  # noqa: E402
+
+COLOURS = tuple(COLORS)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

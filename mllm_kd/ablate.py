@@ -68,8 +68,10 @@ VARIANTS: dict[str, tuple[list[str], dict[str, list[str]], str]] = {
 DEMO_RUNS = {"kd": ("kd", DFT, "student_kd"), "baseline": ("baseline", SFT, "student_baseline")}
 
 
-def _demo_checkpoint(run: Path, name: str) -> Path | None:
-    """The demo's finished student that is variant ``name``, if there is one."""
+def _demo_checkpoint(run: Path, name: str, overrides: list[str]) -> Path | None:
+    """The demo's finished student that is variant ``name``, if there is one (none with overrides)."""
+    if name not in DEMO_RUNS or overrides:
+        return None
     sub, last, _ = DEMO_RUNS[name]
     ckpt = run / sub / last / "final"
     return ckpt if ckpt.is_dir() else None
@@ -80,7 +82,7 @@ def train_variant(run: Path, name: str, overrides: list[str], quick: bool = Fals
     from mllm_kd.stages import STAGES
 
     stages, per_stage, _ = VARIANTS[name]
-    if name in DEMO_RUNS and not overrides and (demo_ckpt := _demo_checkpoint(run, name)):
+    if demo_ckpt := _demo_checkpoint(run, name, overrides):
         log.info("== ablation %s: the demo's run %s", name, demo_ckpt)
         return demo_ckpt
     base = [
@@ -105,7 +107,7 @@ def _train_in_parallel(run: Path, names: list[str], jobs: int, overrides: list[s
     logs = run / "ablation" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     # The variants the demo already trained cost nothing: deal out only the others.
-    todo = [n for n in names if not (n in DEMO_RUNS and not overrides and _demo_checkpoint(run, n))]
+    todo = [n for n in names if not _demo_checkpoint(run, n, overrides)]
     procs = []
     for k in range(jobs):
         group = todo[k::jobs]
@@ -145,9 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:  # finished variants and answer files are reused: this only collects
             ckpt = train_variant(run, name, args.overrides, args.quick)
             answers = run / "ablation" / "eval" / f"{name}.answers.jsonl"
-            demo_answers = run / "eval" / f"{DEMO_RUNS[name][2]}.answers.jsonl" if name in DEMO_RUNS else None
-            if demo_answers and ckpt == _demo_checkpoint(run, name) and demo_answers.is_file():
-                answers = demo_answers  # the demo answered the test split with this very checkpoint
+            if ckpt == _demo_checkpoint(run, name, args.overrides):
+                demo_answers = run / "eval" / f"{DEMO_RUNS[name][2]}.answers.jsonl"
+                if demo_answers.is_file():
+                    answers = demo_answers  # the demo answered the test split with this very checkpoint
             scores = evaluate(run / "data", answers, name, ckpt, redo=False)
             results[name] = {
                 "accuracy": scores["accuracy"] / 100.0,

@@ -37,17 +37,22 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device_type: str) -> DistInfo:
-    """Join the process group torchrun set up (NCCL on CUDA, gloo on CPU); a no-op for one process."""
+def dist_info_from_env() -> DistInfo:
+    """This process's place among torchrun's (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``), joining nothing."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
+    return DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    """Join the process group torchrun set up (NCCL on CUDA, gloo on CPU); a no-op for one process."""
+    info = dist_info_from_env()
+    if info.enabled and not dist.is_initialized():
         if device_type == "cuda":
-            torch.cuda.set_device(local)
+            torch.cuda.set_device(info.local_rank)
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    return DistInfo(rank, world, local)
+    return info
 
 
 def device_for(info: DistInfo, device: torch.device) -> torch.device:

@@ -16,7 +16,7 @@ import torch
 from mllm_kd.checkpoint import build_from_config, load_checkpoint_model, resolve_checkpoint
 from mllm_kd.config import ModelConfig, StageConfig
 from mllm_kd.data import ImageProcessor, build_train_data
-from mllm_kd.distributed import barrier, init_distributed
+from mllm_kd.distributed import barrier, device_for, dist_info_from_env, init_distributed
 from mllm_kd.engine import StepHook, Trainer, autocast_dtype, pick_device, seed_everything
 from mllm_kd.errors import CheckpointError, CompatibilityError, ConfigError
 from mllm_kd.model import MultimodalLM, apply_trainable, count_parameters
@@ -138,11 +138,8 @@ class _OnceFilter(logging.Filter):
 
 
 def teacher_device(train) -> torch.device:
-    """Where the teacher will run: the training device (this process's GPU under torchrun)."""
-    device = pick_device(train)
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
+    """Where the teacher will run: the trainer's device (this process's GPU under torchrun)."""
+    return device_for(dist_info_from_env(), pick_device(train))
 
 
 def quantize_llm(llm: torch.nn.Module, mode: str, device: torch.device | str = "cpu") -> int:
@@ -201,7 +198,9 @@ def quantize_llm(llm: torch.nn.Module, mode: str, device: torch.device | str = "
 def _teacher_words(stage: str, teacher) -> str:
     if teacher is None:
         return "trained from its labels" if stage.startswith("teacher") else "no teacher"
-    if getattr(teacher, "directory", None) is not None:  # a CachedTeacher: stored outputs, no weights
+    from mllm_kd.teacher_cache import CachedTeacher
+
+    if isinstance(teacher, CachedTeacher):  # stored outputs, no weights
         return f"distilling from the teacher cache {teacher.directory}"
     return f"distilling from a teacher of {count_parameters(teacher) / 1e6:.2f}M parameters"
 

@@ -16,6 +16,7 @@ from mllm_kd.checkpoint import resolve_checkpoint
 from mllm_kd.cli import stage_config
 from mllm_kd.fused_losses import fused_kd_divergence, fused_relation_distill
 from mllm_kd.losses import KD_KINDS, kd_divergence, relation_distill
+from mllm_kd.model import attention_implementation
 from mllm_kd.stages import STAGES
 
 pytestmark = [
@@ -110,14 +111,8 @@ def test_stage3_on_cuda_bf16_with_a_quantized_teacher(smoke_teacher, tmp_path, m
     assert sorted(metrics) == [1, 2, 3]
     for m in metrics.values():
         assert all(torch.isfinite(torch.tensor(m[k])) for k in ("mdist_resp", "mdist_vis", "rdist"))
-    impl = "flash_attention_2" if _has_flash_attn() else "sdpa"
+    impl = attention_implementation("auto", CUDA)  # flash_attention_2 with flash-attn installed, else sdpa
     assert f"with {impl} attention" in caplog.text
-
-
-def _has_flash_attn() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("flash_attn") is not None
 
 
 def test_quantized_teacher_logits_on_cuda(smoke_teacher, tmp_path):
