@@ -176,7 +176,7 @@ def _chunk_losses(
         del log_p1
     if teacher_logits is None:
         del zs
-        if not torch.isfinite(ce).all():
+        if not all_finite(ce):
             return None
         if grad_ce is not None:
             grad_ce.scatter_add_(1, safe, (-ce_w * valid).unsqueeze(1))
@@ -194,12 +194,10 @@ def _chunk_losses(
         ce = torch.where(valid, -a.gather(1, safe).squeeze(1), 0.0)
     d, g, sum_g, p = _divergence_and_grad(a, b, opts["kind"], opts["beta"], opts["alpha"], need_grad)
     del a, b
-    if not (torch.isfinite(d).all() and torch.isfinite(ce).all()):
+    if not all_finite(d, ce, *([sum_g] if need_grad else [])):  # sum_g: non-finite if any of g is
         return None
     if not need_grad:
         return ce, d, None
-    if not torch.isfinite(sum_g).all():
-        return None
     coef = kd_w / tau  # d(kd_w * D)/dz = kd_w / tau * dD/ds
     grad = g.mul_(coef[:, None])
     row = coef * sum_g
@@ -266,6 +264,41 @@ def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.T
     return z.float()
 
 
+def push_through_head(
+    grad: torch.Tensor,
+    hs: torch.Tensor,
+    ws: torch.Tensor,
+    rows: slice,
+    grad_h: torch.Tensor | None,
+    grad_w: torch.Tensor | None,
+    grad_b: torch.Tensor | None,
+) -> None:
+    """Accumulate a chunk's float32 logits gradient ``grad [c, V]`` into the head's float32 gradients.
+
+    ``grad_h[rows] = G @ W``, ``grad_W += G^T @ H``, ``grad_b += G.sum(0)``; the two matmuls run in the
+    dtype of ``hs`` / ``ws`` (the compute dtype: bf16 under autocast, as the logits' backward would), with
+    ``grad_W`` accumulated in float32 a block of vocabulary rows at a time, so no ``[V, d]`` low-precision
+    temporary exists. ``grad`` is consumed.
+    """
+    if grad_b is not None:
+        grad_b.add_(grad.sum(0))
+    cdtype = ws.dtype
+    grad = grad.to(cdtype)
+    if grad_h is not None:
+        grad_h[rows] = torch.mm(grad, ws)
+    if grad_w is not None:
+        if cdtype == torch.float32:
+            grad_w.addmm_(grad.t(), hs)
+        else:
+            for v0 in range(0, grad.shape[1], _GRAM_ROWS):
+                grad_w[v0 : v0 + _GRAM_ROWS].add_(torch.mm(grad[:, v0 : v0 + _GRAM_ROWS].t(), hs))
+
+
+def all_finite(*tensors: torch.Tensor) -> bool:
+    """Whether every element of the (small) tensors is finite: one host synchronisation for all of them."""
+    return bool(torch.isfinite(torch.cat([t.reshape(-1) for t in tensors])).all())
+
+
 class _FusedHeadLoss(torch.autograd.Function):
     """``total = sum_i ce_w[i] CE_i + kd_w[i] D_i`` from hidden states and head weights, chunk by chunk.
 
@@ -315,20 +348,9 @@ class _FusedHeadLoss(torch.autograd.Function):
                 ce, d, grad = out
                 del out  # the float32 gradient must not outlive its cast below
                 ce_all[i0:i1], d_all[i0:i1] = ce, d
-                if grad is None:
-                    continue
-                if grad_b is not None:
-                    grad_b.add_(grad.sum(0))
-                grad = grad.to(cdtype)
-                if grad_h is not None:
-                    grad_h[i0:i1] = torch.mm(grad, ws)
-                if grad_w is not None:
-                    if cdtype == torch.float32:
-                        grad_w.addmm_(grad.t(), hs)
-                    else:  # a float32 accumulator: add V-blocks so no [V, d] low-precision temporary exists
-                        for v0 in range(0, v, _GRAM_ROWS):
-                            grad_w[v0 : v0 + _GRAM_ROWS].add_(torch.mm(grad[:, v0 : v0 + _GRAM_ROWS].t(), hs))
-                del grad
+                if grad is not None:
+                    push_through_head(grad, hs, ws, slice(i0, i1), grad_h, grad_w, grad_b)
+                    del grad
             if gram_grad is not None:  # another term's gradient through W^T W: d/d[W|b] = [W|b] @ gram_grad
                 _add_gram_grad(w_s, b_s, gram_grad, grad_w, grad_b)
             total = (

@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllm_kd.errors import CompatibilityError, ConfigError
+from mllm_kd.fused_losses import _compute_dtype, _logits, all_finite, head_gram, push_through_head
 from mllm_kd.losses import IGNORE_INDEX, KD_KINDS, DistillSettings, divergence_from_logprobs, response_mask
 
 log = logging.getLogger(__name__)
@@ -602,18 +603,17 @@ def _chunk_grad(z, t_logp, t_idx, t_rest, targets, ce_w, kd_w, opts, need_grad):
         d = divergence_from_logprobs(s, t, kind=opts["kind"], beta=opts["beta"], alpha=opts["alpha"])
         g = torch.autograd.grad((d * kd_w).sum(), s)[0] if need_grad else None
     d = d.detach()
-    if not (torch.isfinite(d).all() and torch.isfinite(ce).all()):
-        return None
     if not need_grad:
-        return ce, d, None
-    if not torch.isfinite(g).all():
-        return None
+        return (ce, d, None) if all_finite(d, ce) else None
     scale = (ce_w - g.sum(1)) / total  # (ce_w - S) / Z: the q-proportional part, per row
-    grad = e.mul_((g[:, -1] / rest + scale)[:, None])  # the other tokens; the stored ones are 0 here
+    factor = g[:, -1] / rest + scale
+    # One check of the small tensors stands for the [c, V] gradient: e is in [0, 1] when z is finite (a
+    # non-finite z makes lse, hence ce, non-finite), so the gradient is finite when these are.
+    if not all_finite(d, ce, g, scale, factor):
+        return None
+    grad = e.mul_(factor[:, None])  # the other tokens; the stored ones are 0 here
     grad.scatter_(1, t_idx, g[:, :-1] + e_top * scale[:, None])
     grad.scatter_add_(1, safe, (-ce_w * valid).unsqueeze(1))
-    if not torch.isfinite(grad).all():
-        return None
     return ce, d, grad
 
 
@@ -638,8 +638,6 @@ class _CachedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, b, t_logp, t_idx, t_rest, targets, ce_w, kd_w, opts):
-        from mllm_kd.fused_losses import _logits
-
         need_h, need_w, need_b = (f and opts["grad_enabled"] for f in ctx.needs_input_grad[:3])
         need_grad = need_h or need_w or need_b
         n, v = h.shape[0], w.shape[0]
@@ -648,7 +646,6 @@ class _CachedHeadLoss(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):
             ws = w.to(cdtype)
             bs = None if b is None else b.to(cdtype)
-            w32 = w.float() if need_h else None
             ce_all = h.new_zeros(n, dtype=torch.float32)
             d_all = h.new_zeros(n, dtype=torch.float32)
             grad_h = h.new_zeros(n, h.shape[1], dtype=torch.float32) if need_h else None
@@ -663,15 +660,9 @@ class _CachedHeadLoss(torch.autograd.Function):
                     out = _chunk_grad_reference(_logits(hs, ws, bs), *args, opts, need_grad)
                 ce, d, grad = out
                 ce_all[i0:i1], d_all[i0:i1] = ce, d
-                if grad is None:
-                    continue
-                if grad_b is not None:
-                    grad_b.add_(grad.sum(0))
-                if grad_h is not None:
-                    grad_h[i0:i1] = grad @ w32
-                if grad_w is not None:
-                    grad_w.addmm_(grad.t(), hs.float())
-                del grad
+                if grad is not None:
+                    push_through_head(grad, hs, ws, slice(i0, i1), grad_h, grad_w, grad_b)
+                    del grad
             total = (ce_all * ce_w).sum() + torch.where(kd_w != 0, d_all * kd_w, 0.0).sum()
         ctx.grads = (grad_h, grad_w, grad_b)
         ctx.dtypes = (h.dtype, w.dtype, None if b is None else b.dtype)
@@ -706,8 +697,6 @@ def cached_distill_loss(
     ``chunk x V`` buffers); RDist uses ``Z Z^T = H (W^T W) H^T``. ``total`` is differentiable, the terms
     are detached values.
     """
-    from mllm_kd.fused_losses import _compute_dtype, head_gram
-
     if settings.kind not in KD_KINDS:
         raise ValueError(f"unknown divergence kind {settings.kind!r}; expected one of {KD_KINDS}")
     rows = response_mask(labels) | vis_mask
@@ -762,7 +751,6 @@ def teacher_rows(
     chunk_size: int = 256,
 ) -> list[dict]:
     """Run the teacher on one batch; per sample, what the cache stores (numpy arrays, in row order)."""
-    from mllm_kd.fused_losses import _logits
 
     ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     hidden = teacher(ids, attn, batch["pixel_values"], return_logits=False).hidden
@@ -846,7 +834,6 @@ def build_teacher_cache(
     from mllm_kd.checkpoint import atomic_dir
     from mllm_kd.data import Collator, ImageProcessor, build_train_data
     from mllm_kd.engine import autocast_dtype, pick_device
-    from mllm_kd.fused_losses import head_gram
     from mllm_kd.recipe import init_model, load_teacher_model
 
     out = Path(out)

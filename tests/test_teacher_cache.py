@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import SMOKE
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mllm_kd import cache_teacher
 from mllm_kd.checkpoint import load_checkpoint_model
@@ -204,6 +205,55 @@ def test_chunked_cached_loss_when_the_leftover_mass_underflows(kind):
     grads = torch.autograd.grad(total, [h, w, b])
     for g, rg in zip(grads, torch.autograd.grad(ref_total, [h, w, b])):
         torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-6)
+
+
+class _MatmulDtypes(TorchDispatchMode):
+    """Records (operand shapes, dtype) of every matmul that runs inside the mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default):
+            a, b = args[-2:] if func == torch.ops.aten.mm.default else args[1:3]
+            self.seen.append((tuple(a.shape) + tuple(b.shape), a.dtype))
+        return func(*args, **(kwargs or {}))
+
+
+def test_chunked_cached_loss_under_bf16_autocast():
+    """Under autocast every head matmul of the cached loss (logits and both gradient products) runs in
+    bf16, like the logits path's lm_head and its backward; values and gradients match that reference."""
+    torch.manual_seed(3)
+    B, T, d, V, n, k = 2, 12, 16, 64, 4, 6
+    h = torch.randn(B, T, d, requires_grad=True)
+    w = (torch.randn(V, d) * 0.3).requires_grad_()
+    labels = torch.full((B, T), -100)
+    labels[:, 7:11] = torch.randint(0, V, (B, 4))
+    vis = torch.zeros(B, T, dtype=torch.bool)
+    vis[:, 1 : 1 + n] = True
+    rows = int((response_mask(labels) | vis).sum())
+    lt = F.log_softmax(torch.randn(rows, V) * 3, -1)
+    top, idx = lt.topk(k, -1)
+    rest = torch.logsumexp(lt.scatter(1, idx, float("-inf")), -1)
+    cached = CachedBatch(top, idx, rest, None)
+    weights = {"ce": 1.0, "mdist_resp": 1.0, "mdist_vis": 1.0}
+    settings = DistillSettings(rel=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with _MatmulDtypes() as mode:
+            total, terms = cached_distill_loss(h, w, labels, vis, n, cached, weights, settings, chunk_size=5)
+        ref_total, ref_terms = cached_distill_loss_reference(
+            F.linear(h, w), labels, vis, n, cached, weights, settings
+        )
+    head_matmuls = [dt for shape, dt in mode.seen if V in shape]
+    assert len(head_matmuls) == 3 * -(-rows // 5)  # logits, grad_h, grad_W per chunk of 5 rows
+    assert set(head_matmuls) == {torch.bfloat16}
+    torch.testing.assert_close(total, ref_total, rtol=1e-2, atol=1e-3)
+    for key in terms:
+        torch.testing.assert_close(terms[key], ref_terms[key], rtol=1e-2, atol=1e-3)
+    for g, rg in zip(torch.autograd.grad(total, [h, w]), torch.autograd.grad(ref_total, [h, w])):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, rg, rtol=5e-2, atol=5e-2 * rg.abs().max().item())
 
 
 def test_relation_representations():
