@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything in this repository that needs a CUDA GPU, in one run (each step has a time limit; about 7 minutes on one H200):
+# Everything in this repository that needs a CUDA GPU, in one run (each step has a time limit; about 8 minutes on one H200):
 #
 #   bash bench/gpu_suite.sh OUT_DIR [DEMO_DIR]
 #
@@ -7,7 +7,8 @@
 #    autocast, bitsandbytes' CUDA 8-bit AdamW, attention implementation logged;
 # 2. bench/kd_loss.py at full size (V=151,936, d=896, 2 x 1024 tokens, 728 visual): float32 and bfloat16;
 # 3. bench/teacher_cache.py at GPU sizes, 729 visual tokens per image, rank-32 relation factor, batch 32,
-#    then with --chunk-size 2048, then under torch.profiler (where the step's time goes);
+#    then with --chunk-size 2048, then under torch.profiler (where the step's time goes); bench/optimizer_step.py
+#    (foreach vs fused vs 8-bit AdamW over Qwen2.5-0.5B's shapes);
 # 4. with DEMO_DIR (a finished `make demo` run: data/, teacher/teacher_sft, kd/stage2): stage 3 of the
 #    easy-VQA KD student with the float, 8-bit and 4-bit teacher and with adamw8bit, side by side on the
 #    GPU, each evaluated on the full test split;
@@ -59,9 +60,12 @@ step bench_kd_loss_fp32_c256 60 "$PY" bench/kd_loss.py --device cuda --dtype flo
 step bench_kd_loss_bf16 60 "$PY" bench/kd_loss.py --device cuda --dtype bfloat16 --chunk-size 1024 --repeats 5
 TC=(bench/teacher_cache.py --device cuda --vocab 32000 --student-hidden 896 --student-layers 8 --teacher-hidden 2048
     --image-size 378 --patch 14 --relation-rank 32 --samples 256 --batch 32 --workdir /tmp/gpu_suite_tc)
-step bench_teacher_cache 150 "$PY" "${TC[@]}" --steps 8
+step bench_teacher_cache 210 "$PY" "${TC[@]}" --steps 8 --repeats 2
 # the same fixtures and cache with 8x larger loss chunks (fewer, larger kernels per step)
-step bench_teacher_cache_chunk2048 90 "$PY" "${TC[@]}" --steps 8 --chunk-size 2048
+step bench_teacher_cache_chunk2048 90 "$PY" "${TC[@]}" --steps 8 --repeats 1 --chunk-size 2048
+# AdamW over Qwen2.5-0.5B's shapes (494M parameters): foreach, the fused kernel (the default on CUDA), 8-bit
+step bench_optimizer_step 90 "$PY" bench/optimizer_step.py --device cuda --hidden 896 --intermediate 4864 \
+    --layers 24 --heads 14 --kv-heads 2 --vocab 151936 --with-8bit
 # the same fixtures and cache again, with torch.profiler over steps 2-4 (kernels by self CUDA time)
 step profile_teacher_cache 90 "$PY" "${TC[@]}" --steps 4 --profile
 

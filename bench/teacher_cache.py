@@ -9,9 +9,10 @@ questions), a random teacher and a random student (Qwen2 LLMs; the student reuse
 vision tower, as in the recipes) saved as mllm_kd checkpoints, and the teacher cache of the stage-3 data
 (``python -m mllm_kd.cache_teacher``'s :func:`~mllm_kd.teacher_cache.build_teacher_cache`). Then each variant
 runs the real stage 3 (:func:`mllm_kd.stages.stage3.run`: data loading, student forward/backward, the loss,
-AdamW) for ``--steps`` optimizer steps in a fresh subprocess; step times come from the stage's own
-``metrics.jsonl`` (``elapsed``, which covers data loading, forward, backward and the optimizer step). The first
-step is a warm-up and is left out; the table gives the median of the others and their spread (min-max).
+AdamW) for ``--steps`` optimizer steps in a fresh subprocess, ``--repeats`` times, alternating the order of
+the variants; step times come from the stage's own ``metrics.jsonl`` (``elapsed``, which covers data loading,
+forward, backward and the optimizer step). The first step of each run is a warm-up and is left out; the
+table gives the median of the runs' medians, the spread of those medians and the spread of all steps.
 
 The sizes are chosen so that the teacher's LLM (head included) costs about ``--compute-ratio`` times the
 student's per token in forward FLOPs (6 by default, like 3B vs 0.5B): the teacher's layer count is derived
@@ -20,7 +21,8 @@ forward passes) and, online, the teacher forward too; the cached step leaves the
 speedup is about ``(3 + ratio) / 3`` when the LLMs dominate (3.0 at ratio 6).
 
 The LAST line printed is one JSON object with both variants' times, ``speedup`` (online / cached median
-step time), ``bytes_per_token`` (cache bytes per distilled position, relation matrices included) and
+step time of a pair of adjacent runs; the median over the pairs), ``speedups_per_run`` (each pair),
+``speedup_ceiling`` ((3 + ratio) / 3), ``bytes_per_token`` (cache bytes per distilled position, relation matrices included) and
 ``bytes_per_token_topk`` (the top-k part alone), and the first-step loss terms of both variants.
 """
 
@@ -79,6 +81,13 @@ def add_size_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--workdir", default=None, help="keep the fixtures here (default: a temporary directory)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one more stage-3 config override for every variant (repeatable), e.g. --set optim.fused=true",
+    )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,6 +95,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_size_args(p)
     p.add_argument(
         "--steps", type=int, default=8, help="optimizer steps per variant (the first is a warm-up)"
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="fresh processes per variant, run in alternating order (online, cached, cached, online, ...) so "
+        "that a drift of the machine's speed hits both; the table gives the median of the runs' medians",
     )
     p.add_argument(
         "--profile",
@@ -218,6 +234,7 @@ def stage_overrides(args, fx: dict, out_dir: str, steps: int, extra: list[str] =
         f"teacher.cache_topk={args.k}",
         f"teacher.cache_relation_rank={args.relation_rank}",
         "overwrite=true",
+        *args.set,
         *extra,
     ]
 
@@ -336,13 +353,19 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:]) if argv is None else list(argv)
     if "--device" not in argv:
         argv += ["--device", args.device]
-    results = {
-        v: spawn(Path(__file__).resolve(), argv, ["--worker", v, "--fixture", json.dumps(fx)])
-        for v in VARIANTS
-    }
-    for v, r in results.items():
-        if "profile" in r:
-            print(f"## profile of the {v} variant (steps 2-{args.steps})\n{Path(r['profile']).read_text()}")
+    repeats = 1 if args.profile else max(1, args.repeats)
+    order = [VARIANTS if i % 2 == 0 else VARIANTS[::-1] for i in range(repeats)]
+    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    for variants in order:
+        for v in variants:
+            runs[v].append(
+                spawn(Path(__file__).resolve(), argv, ["--worker", v, "--fixture", json.dumps(fx)])
+            )
+    for v, rs in runs.items():
+        if "profile" in rs[0]:
+            print(
+                f"## profile of the {v} variant (steps 2-{args.steps})\n{Path(rs[0]['profile']).read_text()}"
+            )
     st = manifest["stats"]
     threads = os.environ.get("OMP_NUM_THREADS", "default")
     print(
@@ -350,23 +373,36 @@ def main(argv=None) -> int:
         f"{fx['teacher_layers']} x {args.teacher_hidden} (forward FLOPs/token ratio {fx['compute_ratio']:.2f}), V={args.vocab}, "
         f"{(args.image_size // args.patch) ** 2} visual tokens/image, batch {args.batch}, k={args.k}, "
         f"{num_workers(args)} data workers, device {args.device} "
-        f"({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, OMP_NUM_THREADS={threads})\n"
+        f"({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, OMP_NUM_THREADS={threads})"
+        + (f", overrides {' '.join(args.set)}" if args.set else "")
+        + f"; {repeats} run(s) per variant of {args.steps} steps, the first step of each left out\n"
     )
     print(
-        "| variant | step time median (s) | spread (s) | steps timed | first-step MDist_resp | MDist_vis | RDist |"
+        "| variant | step time: median of the runs' medians (s) | runs' medians: min-max (s) | all steps: min-max (s) "
+        "| first-step MDist_resp | MDist_vis | RDist |"
     )
     print("|---|---|---|---|---|---|---|")
     summary: dict = {}
-    for v, r in results.items():
-        if "error" in r:
-            print(f"| {v} | failed: {' '.join(r['error'])} | | | | | |")
-            summary[v] = r
+    for v, rs in runs.items():
+        failed = [r for r in rs if "error" in r]
+        if failed:
+            print(f"| {v} | failed: {' '.join(failed[0]['error'])} | | | | | |")
+            summary[v] = failed[0]
             continue
-        s = _stats(r["times_s"])
-        f = r["first_step"]
-        summary[v] = {**s, "first_step": f}
+        per_run = [_stats(r["times_s"]) for r in rs]
+        medians = [x["time_median_s"] for x in per_run]
+        f = rs[0]["first_step"]
+        summary[v] = {
+            "time_median_s": statistics.median(medians),
+            "run_medians_s": medians,
+            "time_min_s": min(x["time_min_s"] for x in per_run),
+            "time_max_s": max(x["time_max_s"] for x in per_run),
+            "times_s": [r["times_s"] for r in rs],
+            "first_step": f,
+        }
         print(
-            f"| {v} | {s['time_median_s']:.3f} | {s['time_min_s']:.3f}-{s['time_max_s']:.3f} | {len(r['times_s']) - 1} "
+            f"| {v} | {summary[v]['time_median_s']:.3f} | {min(medians):.3f}-{max(medians):.3f} "
+            f"| {summary[v]['time_min_s']:.3f}-{summary[v]['time_max_s']:.3f} "
             f"| {f.get('mdist_resp', float('nan')):.4g} | {f.get('mdist_vis', float('nan')):.4g} | {f.get('rdist', float('nan')):.4g} |"
         )
     out = {
@@ -390,9 +426,18 @@ def main(argv=None) -> int:
         "variants": summary,
     }
     if all("time_median_s" in summary.get(v, {}) for v in VARIANTS):
-        out["speedup"] = summary["online"]["time_median_s"] / summary["cached"]["time_median_s"]
+        # per repeat: online / cached of the same pair of adjacent runs (a drift of the machine hits both)
+        out["speedups_per_run"] = [
+            a / b for a, b in zip(summary["online"]["run_medians_s"], summary["cached"]["run_medians_s"])
+        ]
+        out["speedup"] = statistics.median(out["speedups_per_run"])
+        out["speedup_ceiling"] = (
+            3 + fx["compute_ratio"]
+        ) / 3  # student fwd + bwd ~ 3 forwards; + the teacher's
         print(
-            f"\ncached teacher: {out['speedup']:.2f}x faster per step; cache {st['total_bytes'] / 2**20:.2f} MiB, "
+            f"\ncached teacher: {out['speedup']:.2f}x faster per step (per run: "
+            f"{', '.join(f'{x:.2f}' for x in out['speedups_per_run'])}; the FLOP count's ceiling "
+            f"(3 + {fx['compute_ratio']:.2f}) / 3 = {out['speedup_ceiling']:.2f}); cache {st['total_bytes'] / 2**20:.2f} MiB, "
             f"{out['bytes_per_token']:.1f} bytes per distilled token ({out['bytes_per_token_topk']} of them the top-k "
             f"part), built in {out['cache_build_seconds']:.1f} s (one teacher pass over {st['samples']} samples); "
             f"the teacher's mass outside its top {args.k}: {st['mean_leftover_mass']:.3f} on average"
@@ -400,7 +445,7 @@ def main(argv=None) -> int:
     if not keep:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(out))
-    return 0 if all("error" not in r for r in results.values()) else 1
+    return 0 if all("error" not in r for rs in runs.values() for r in rs) else 1
 
 
 if __name__ == "__main__":

@@ -216,10 +216,17 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio
     max_grad_norm: float = 1.0  # gradient clipping (0 disables)
     name: str = "adamw"  # "adamw" (torch) or "adamw8bit" (bitsandbytes' 8-bit AdamW: 1/4 of the state memory)
+    # torch's fused AdamW kernel (one kernel per step instead of a dozen per parameter group); null: on CUDA
+    # (not for an FSDP2-sharded student), else the foreach implementation; true also on a CPU.
+    fused: bool | None = None
 
     def __post_init__(self) -> None:
         if self.name not in ("adamw", "adamw8bit"):
             raise ConfigError(f"optim.name must be adamw or adamw8bit, got {self.name!r}")
+        if self.fused and self.name != "adamw":
+            raise ConfigError(
+                f"optim.fused=true is torch's AdamW kernel; it does not apply to optim.name={self.name}"
+            )
 
 
 @dataclass

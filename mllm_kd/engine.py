@@ -107,7 +107,26 @@ def build_optimizer(model: MultimodalLM, cfg: OptimConfig) -> torch.optim.Optimi
         )
     if cfg.name == "adamw8bit":
         return _adamw8bit(param_groups, cfg)
+    if _fused_adamw(param_groups, cfg.fused):
+        return torch.optim.AdamW(param_groups, betas=tuple(cfg.betas), fused=True)
     return torch.optim.AdamW(param_groups, betas=tuple(cfg.betas))
+
+
+def _fused_adamw(param_groups: list[dict], requested: bool | None) -> bool:
+    """``optim.fused``: None picks the fused kernel for a student wholly on CUDA that is not FSDP2-sharded."""
+    if requested is False:
+        return False
+    from torch.distributed.tensor import DTensor
+
+    params = [p for g in param_groups for p in g["params"]]
+    sharded = any(isinstance(p, DTensor) or isinstance(p.data, DTensor) for p in params)
+    if requested is None:
+        return not sharded and {p.device.type for p in params} == {"cuda"}
+    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    bad = next((p for p in params if p.dtype not in floats), None)
+    if bad is not None:
+        raise TrainingError(f"optim.fused=true: torch's fused AdamW does not take {bad.dtype} parameters")
+    return True
 
 
 def _adamw8bit(param_groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:

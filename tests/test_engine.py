@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from mllm_kd.cli import stage_config
 from mllm_kd.engine import LossComputer, build_optimizer, cosine_with_warmup
-from mllm_kd.errors import TrainingError
+from mllm_kd.errors import ConfigError, TrainingError
 from mllm_kd.stages import STAGES
 
 
@@ -23,8 +23,10 @@ def _cfg(run_dir, stage, *extra):
     return stage_config(SMOKE, stage, [f"run_dir={run_dir}", "train.batch_size=2", *extra])
 
 
-def test_resume_gives_the_same_next_step_loss_and_weights(smoke_teacher, tmp_path):
+@pytest.mark.parametrize("fused", ["null", "true"])  # the default (foreach on a CPU), the fused kernel
+def test_resume_gives_the_same_next_step_loss_and_weights(smoke_teacher, tmp_path, fused):
     common = [
+        f"optim.fused={fused}",
         "train.max_steps=6",
         "train.save_every=2",
         f"teacher.checkpoint={smoke_teacher}/teacher_sft",
@@ -81,6 +83,35 @@ def test_cosine_with_warmup_values():
     assert lrs[2] == pytest.approx(1.0)
     assert lrs[6] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))
     assert all(a >= b for a, b in itertools.pairwise(lrs[1:]))
+
+
+def test_fused_adamw_choice_and_values(smoke_teacher):
+    """optim.fused: null keeps foreach on a CPU, true takes torch's fused kernel, which gives the same
+    parameters as foreach after a few steps (float32 rounding apart); not with the 8-bit AdamW."""
+    from mllm_kd.checkpoint import load_checkpoint_model
+    from mllm_kd.model import apply_trainable
+
+    params = {}
+    for fused in ("null", "true"):
+        model, _, _ = load_checkpoint_model(smoke_teacher / "teacher_sft")
+        cfg = _cfg(smoke_teacher, "stage2", "optim.lr=0.01", "optim.weight_decay=0.1", f"optim.fused={fused}")
+        apply_trainable(model, cfg.trainable)
+        opt = build_optimizer(model, cfg.optim)
+        assert bool(opt.defaults["fused"]) == (fused == "true")
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(4):
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        params[fused] = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
+    model, _, _ = load_checkpoint_model(smoke_teacher / "teacher_sft")
+    apply_trainable(model, cfg.trainable)
+    start = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
+    assert (params["true"] - start).abs().mean() > 1e-3  # the parameters moved (4 steps of lr 0.01)
+    torch.testing.assert_close(params["true"], params["null"], rtol=0, atol=1e-6)
+    with pytest.raises(ConfigError, match=r"optim\.fused"):
+        _cfg(smoke_teacher, "stage2", "optim.name=adamw8bit", "optim.fused=true")
 
 
 def test_projector_has_its_own_learning_rate(smoke_teacher):

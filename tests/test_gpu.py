@@ -165,3 +165,23 @@ def test_adamw8bit_on_cuda_follows_adamw():
     start = (y**2).mean().item()
     assert finals["adamw8bit"] < 0.05 * start, finals
     assert finals["adamw8bit"] < 3 * finals["adamw"] + 1e-3 * start, finals
+
+
+def test_adamw_is_fused_on_cuda_by_default():
+    """optim.fused unset: a student on CUDA gets torch's fused AdamW, with the foreach path's values."""
+    from mllm_kd.config import OptimConfig
+    from mllm_kd.engine import build_optimizer
+
+    finals = {}
+    for fused in (None, False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64)).to(CUDA)
+        opt = build_optimizer(model, OptimConfig(lr=1e-2, weight_decay=0.1, fused=fused))
+        assert bool(opt.defaults["fused"]) == (fused is None)
+        g = torch.Generator(device=CUDA).manual_seed(1)
+        for _ in range(5):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, device=CUDA, generator=g)
+            opt.step()
+        finals[fused] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.testing.assert_close(finals[None], finals[False], rtol=0, atol=1e-5)
