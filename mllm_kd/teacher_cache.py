@@ -62,7 +62,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllm_kd.errors import CompatibilityError, ConfigError
-from mllm_kd.fused_losses import _compute_dtype, _logits, all_finite, head_gram, push_through_head
+from mllm_kd.fused_losses import (
+    _add_gram_grad,
+    _compute_dtype,
+    _logits,
+    all_finite,
+    head_gram,
+    push_through_head,
+)
 from mllm_kd.losses import IGNORE_INDEX, KD_KINDS, DistillSettings, divergence_from_logprobs, response_mask
 
 log = logging.getLogger(__name__)
@@ -492,6 +499,25 @@ def _relation(h: torch.Tensor, gram: torch.Tensor, bias: bool) -> torch.Tensor:
     return (h @ gram) @ h.transpose(1, 2)
 
 
+def _cached_objective_rdist(
+    hs: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, rel_t: torch.Tensor | None, weight: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RDist against the cached relation matrices, and ``weight * dRDist/d(W^T W)`` symmetrised when the
+    head trains: :class:`_CachedHeadLoss` adds that share, ``[W|b] (dG + dG^T)``, to its own head gradient,
+    so a step holds one ``[V, d]`` gradient (as :func:`mllm_kd.fused_losses.fused_distill_loss` does). The
+    returned RDist carries gradients to the hidden states only."""
+    head_trains = torch.is_grad_enabled() and (w.requires_grad or (b is not None and b.requires_grad))
+    with torch.autocast(hs.device.type, enabled=False):
+        with torch.no_grad():
+            gram = head_gram(w, b)
+        if not head_trains or weight == 0 or rel_t is None:
+            return _cached_rdist(_relation(hs, gram, b is not None), rel_t), None
+        gram.requires_grad_()
+        rdist = _cached_rdist(_relation(hs, gram, b is not None), rel_t)
+        (d_gram,) = torch.autograd.grad(rdist, gram, retain_graph=True)
+    return rdist, weight * (d_gram + d_gram.t())
+
+
 def _cached_rdist(rel_s: torch.Tensor, rel_t: torch.Tensor | None) -> torch.Tensor:
     from mllm_kd.losses import relation_loss_from_gram
 
@@ -637,7 +663,7 @@ class _CachedHeadLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, w, b, t_logp, t_idx, t_rest, targets, ce_w, kd_w, opts):
+    def forward(ctx, h, w, b, t_logp, t_idx, t_rest, targets, ce_w, kd_w, gram_grad, opts):
         need_h, need_w, need_b = (f and opts["grad_enabled"] for f in ctx.needs_input_grad[:3])
         need_grad = need_h or need_w or need_b
         n, v = h.shape[0], w.shape[0]
@@ -649,8 +675,9 @@ class _CachedHeadLoss(torch.autograd.Function):
             ce_all = h.new_zeros(n, dtype=torch.float32)
             d_all = h.new_zeros(n, dtype=torch.float32)
             grad_h = h.new_zeros(n, h.shape[1], dtype=torch.float32) if need_h else None
-            grad_w = h.new_zeros(v, h.shape[1], dtype=torch.float32) if need_w and n else None
-            grad_b = h.new_zeros(v, dtype=torch.float32) if need_b and n else None
+            has_work = n > 0 or gram_grad is not None
+            grad_w = h.new_zeros(v, h.shape[1], dtype=torch.float32) if need_w and has_work else None
+            grad_b = h.new_zeros(v, dtype=torch.float32) if need_b and has_work else None
             for i0 in range(0, n, chunk):
                 i1 = min(n, i0 + chunk)
                 hs = h[i0:i1].to(cdtype)
@@ -663,6 +690,8 @@ class _CachedHeadLoss(torch.autograd.Function):
                 if grad is not None:
                     push_through_head(grad, hs, ws, slice(i0, i1), grad_h, grad_w, grad_b)
                     del grad
+            if gram_grad is not None:  # RDist's share: d/d[W|b] = [W|b] @ gram_grad, into the same buffers
+                _add_gram_grad(w, b, gram_grad, grad_w, grad_b)
             total = (ce_all * ce_w).sum() + torch.where(kd_w != 0, d_all * kd_w, 0.0).sum()
         ctx.grads = (grad_h, grad_w, grad_b)
         ctx.dtypes = (h.dtype, w.dtype, None if b is None else b.dtype)
@@ -674,8 +703,12 @@ class _CachedHeadLoss(torch.autograd.Function):
         if ctx.grads is None:
             raise RuntimeError("the cached-teacher head loss was already backpropagated once")
         grads, ctx.grads = ctx.grads, None
-        out = [None if g is None else (g * g_total).to(dt) for g, dt in zip(grads, ctx.dtypes)]
-        return (*out, None, None, None, None, None, None, None)
+        scale = not bool((g_total == 1).all())
+        out = [
+            None if g is None else (g.mul_(g_total) if scale else g).to(dt)
+            for g, dt in zip(grads, ctx.dtypes)
+        ]
+        return (*out, None, None, None, None, None, None, None, None)
 
 
 def cached_distill_loss(
@@ -714,6 +747,12 @@ def cached_distill_loss(
         "grad_enabled": torch.is_grad_enabled(),
     }
     dev = student_hidden.device
+    rdist, gram_grad = None, None
+    if settings.rel:
+        hs = student_hidden[vis_mask].view(-1, num_visual_tokens, student_hidden.shape[-1])
+        rdist, gram_grad = _cached_objective_rdist(
+            hs, head_weight, head_bias, cached.relation, weights.get("rdist", 0.0)
+        )
     total, ce, d = _CachedHeadLoss.apply(
         student_hidden[rows],
         head_weight,
@@ -724,15 +763,9 @@ def cached_distill_loss(
         targets,
         ce_w.to(dev),
         kd_w.to(dev),
+        gram_grad,
         opts,
     )
-    rdist = None
-    if settings.rel:
-        hs = student_hidden[vis_mask].view(-1, num_visual_tokens, student_hidden.shape[-1])
-        with torch.autocast(dev.type, enabled=False):
-            rdist = _cached_rdist(
-                _relation(hs, head_gram(head_weight, head_bias), head_bias is not None), cached.relation
-            )
     return _terms(total, ce, d, is_resp, is_vis, settings, rdist, weights.get("rdist", 0.0), with_ce)
 
 

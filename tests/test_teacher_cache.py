@@ -221,6 +221,56 @@ class _MatmulDtypes(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class _HeadSizedResults(TorchDispatchMode):
+    """Names the ops that return a new tensor of ``numel`` elements (in-place ops, views and aliases aside)."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.ops = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [a for a in [*args, *(kwargs or {}).values()] if isinstance(a, torch.Tensor)]
+        storages = {a.untyped_storage().data_ptr() for a in inputs}
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            new = isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in storages
+            if new and t.numel() == self.numel:
+                self.ops.append(func.overloadpacket.__name__)
+        return out
+
+
+def test_chunked_cached_loss_holds_one_head_sized_gradient():
+    """With RDist on and the head training, forward + backward create one [V, d] tensor: the float32
+    gradient that the chunks and RDist's share (through W^T W) accumulate into, handed to autograd as is."""
+    torch.manual_seed(4)
+    B, T, d, V, n, k = 2, 12, 8, 97, 4, 6
+    h = torch.randn(B, T, d, requires_grad=True)
+    w = (torch.randn(V, d) * 0.5).requires_grad_()
+    labels = torch.full((B, T), -100)
+    labels[:, 7:10] = torch.randint(0, V, (B, 3))
+    vis = torch.zeros(B, T, dtype=torch.bool)
+    vis[:, 1 : 1 + n] = True
+    rows = int((response_mask(labels) | vis).sum())
+    lt = F.log_softmax(torch.randn(rows, V) * 3, -1)
+    top, idx = lt.topk(k, -1)
+    rest = torch.logsumexp(lt.scatter(1, idx, float("-inf")), -1)
+    rel = torch.randn(B, n, n)
+    cached = CachedBatch(top, idx, rest, rel @ rel.transpose(1, 2))
+    weights = {"ce": 1.0, "mdist_resp": 1.0, "mdist_vis": 1.0, "rdist": 3.0}
+    with _HeadSizedResults(V * d) as mode:
+        total, terms = cached_distill_loss(
+            h, w, labels, vis, n, cached, weights, DistillSettings(), chunk_size=5
+        )
+        total.backward()
+    assert terms["rdist"] > 0 and w.grad is not None
+    assert mode.ops == ["new_zeros"], mode.ops
+    ref_total, _ = cached_distill_loss_reference(
+        F.linear(h, w), labels, vis, n, cached, weights, DistillSettings()
+    )
+    ref_grad = torch.autograd.grad(ref_total, w)[0]
+    torch.testing.assert_close(w.grad, ref_grad, rtol=1e-4, atol=1e-6)
+
+
 def test_chunked_cached_loss_under_bf16_autocast():
     """Under autocast every head matmul of the cached loss (logits and both gradient products) runs in
     bf16, like the logits path's lm_head and its backward; values and gradients match that reference."""
