@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
 import os
 from pathlib import Path
 
@@ -640,6 +641,36 @@ def test_attention_implementation():
     assert llm.config._attn_implementation == "sdpa"
     eager = build_llm(LLMConfig(config=dict(LLMS["qwen2"], vocab_size=VOCAB), attn_implementation="eager"))
     assert eager.config._attn_implementation == "eager"
+
+
+def test_attention_implementation_picks_flash_attention_2_only_on_cuda_with_flash_attn(monkeypatch, caplog):
+    """With the flash-attn package importable, "auto" is flash_attention_2 on CUDA and still sdpa on a CPU;
+    without it, sdpa on CUDA too. build_llm logs the choice it passes to transformers."""
+    import importlib.util
+
+    import mllm_kd.model as model_mod
+
+    real = importlib.util.find_spec
+
+    def fake_find_spec(installed: bool):
+        def find_spec(name, *args):
+            if name == "flash_attn":
+                return object() if installed else None
+            return real(name, *args)
+
+        return find_spec
+
+    for installed in (True, False):
+        monkeypatch.setattr(model_mod.importlib.util, "find_spec", fake_find_spec(installed))
+        want = "flash_attention_2" if installed else "sdpa"
+        assert attention_implementation("auto", "cuda") == want
+        assert attention_implementation("auto", torch.device("cuda", 0)) == want
+        assert attention_implementation("auto", "cpu") == "sdpa"
+        assert attention_implementation("sdpa", "cuda") == "sdpa"  # an explicit choice is kept
+    monkeypatch.setattr(model_mod.importlib.util, "find_spec", real)
+    with caplog.at_level(logging.INFO, logger="mllm_kd.model"):
+        build_llm(LLMConfig(config=dict(LLMS["qwen2"], vocab_size=VOCAB)), device="cpu")
+    assert "with sdpa attention" in caplog.text
 
 
 def test_open_clip_convolutional_tower_gives_flattened_feature_map():
