@@ -22,8 +22,9 @@ speedup is about ``(3 + ratio) / 3`` when the LLMs dominate (3.0 at ratio 6).
 
 The LAST line printed is one JSON object with both variants' times, ``speedup`` (online / cached median
 step time of a pair of adjacent runs; the median over the pairs), ``speedups_per_run`` (each pair),
-``speedup_ceiling`` ((3 + ratio) / 3), ``bytes_per_token`` (cache bytes per distilled position, relation matrices included) and
-``bytes_per_token_topk`` (the top-k part alone), and the first-step loss terms of both variants.
+``speedup_ceiling`` ((3 + ratio) / 3), ``bytes_per_token`` (cache bytes per distilled position, relation
+matrices included) and ``bytes_per_token_topk`` (the top-k part alone), and the first-step loss terms of
+both variants.
 """
 
 from __future__ import annotations
@@ -431,9 +432,8 @@ def main(argv=None) -> int:
             a / b for a, b in zip(summary["online"]["run_medians_s"], summary["cached"]["run_medians_s"])
         ]
         out["speedup"] = statistics.median(out["speedups_per_run"])
-        out["speedup_ceiling"] = (
-            3 + fx["compute_ratio"]
-        ) / 3  # student fwd + bwd ~ 3 forwards; + the teacher's
+        # the student's forward + backward ~ 3 forward passes; online, plus the teacher's forward
+        out["speedup_ceiling"] = (3 + fx["compute_ratio"]) / 3
         print(
             f"\ncached teacher: {out['speedup']:.2f}x faster per step (per run: "
             f"{', '.join(f'{x:.2f}' for x in out['speedups_per_run'])}; the FLOP count's ceiling "

@@ -221,6 +221,31 @@ class _MatmulDtypes(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _cached_problem(seed, d, V, n_resp, w_scale, relation, B=2, T=12, n=4, k=6):
+    """Hidden states, head, labels (``n_resp`` response tokens from position 7), visual mask (``n`` tokens
+    from position 1) and a random top-``k`` cached batch (+ relation matrices when ``relation``)."""
+    torch.manual_seed(seed)
+    h = torch.randn(B, T, d, requires_grad=True)
+    w = (torch.randn(V, d) * w_scale).requires_grad_()
+    labels = torch.full((B, T), -100)
+    labels[:, 7 : 7 + n_resp] = torch.randint(0, V, (B, n_resp))
+    vis = torch.zeros(B, T, dtype=torch.bool)
+    vis[:, 1 : 1 + n] = True
+    rows = int((response_mask(labels) | vis).sum())
+    lt = F.log_softmax(torch.randn(rows, V) * 3, -1)
+    top, idx = lt.topk(k, -1)
+    rest = torch.logsumexp(lt.scatter(1, idx, float("-inf")), -1)
+    rel = torch.randn(B, n, n) if relation else None
+    return (
+        h,
+        w,
+        labels,
+        vis,
+        n,
+        CachedBatch(top, idx, rest, None if rel is None else rel @ rel.transpose(1, 2)),
+    )
+
+
 class _HeadSizedResults(TorchDispatchMode):
     """Names the ops that return a new tensor of ``numel`` elements (in-place ops, views and aliases aside)."""
 
@@ -242,20 +267,8 @@ class _HeadSizedResults(TorchDispatchMode):
 def test_chunked_cached_loss_holds_one_head_sized_gradient():
     """With RDist on and the head training, forward + backward create one [V, d] tensor: the float32
     gradient that the chunks and RDist's share (through W^T W) accumulate into, handed to autograd as is."""
-    torch.manual_seed(4)
-    B, T, d, V, n, k = 2, 12, 8, 97, 4, 6
-    h = torch.randn(B, T, d, requires_grad=True)
-    w = (torch.randn(V, d) * 0.5).requires_grad_()
-    labels = torch.full((B, T), -100)
-    labels[:, 7:10] = torch.randint(0, V, (B, 3))
-    vis = torch.zeros(B, T, dtype=torch.bool)
-    vis[:, 1 : 1 + n] = True
-    rows = int((response_mask(labels) | vis).sum())
-    lt = F.log_softmax(torch.randn(rows, V) * 3, -1)
-    top, idx = lt.topk(k, -1)
-    rest = torch.logsumexp(lt.scatter(1, idx, float("-inf")), -1)
-    rel = torch.randn(B, n, n)
-    cached = CachedBatch(top, idx, rest, rel @ rel.transpose(1, 2))
+    d, V = 8, 97
+    h, w, labels, vis, n, cached = _cached_problem(4, d, V, 3, w_scale=0.5, relation=True)
     weights = {"ce": 1.0, "mdist_resp": 1.0, "mdist_vis": 1.0, "rdist": 3.0}
     with _HeadSizedResults(V * d) as mode:
         total, terms = cached_distill_loss(
@@ -274,19 +287,9 @@ def test_chunked_cached_loss_holds_one_head_sized_gradient():
 def test_chunked_cached_loss_under_bf16_autocast():
     """Under autocast every head matmul of the cached loss (logits and both gradient products) runs in
     bf16, like the logits path's lm_head and its backward; values and gradients match that reference."""
-    torch.manual_seed(3)
-    B, T, d, V, n, k = 2, 12, 16, 64, 4, 6
-    h = torch.randn(B, T, d, requires_grad=True)
-    w = (torch.randn(V, d) * 0.3).requires_grad_()
-    labels = torch.full((B, T), -100)
-    labels[:, 7:11] = torch.randint(0, V, (B, 4))
-    vis = torch.zeros(B, T, dtype=torch.bool)
-    vis[:, 1 : 1 + n] = True
-    rows = int((response_mask(labels) | vis).sum())
-    lt = F.log_softmax(torch.randn(rows, V) * 3, -1)
-    top, idx = lt.topk(k, -1)
-    rest = torch.logsumexp(lt.scatter(1, idx, float("-inf")), -1)
-    cached = CachedBatch(top, idx, rest, None)
+    V = 64
+    h, w, labels, vis, n, cached = _cached_problem(3, 16, V, 4, w_scale=0.3, relation=False)
+    rows = cached.logprobs.shape[0]
     weights = {"ce": 1.0, "mdist_resp": 1.0, "mdist_vis": 1.0}
     settings = DistillSettings(rel=False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
