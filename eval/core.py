@@ -14,6 +14,7 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -65,8 +66,24 @@ def qid_key(qid: Any) -> str:
 
 
 def pct(x: float) -> float:
-    """A fraction as a percentage rounded to 2 decimals, as the official VQA evaluation reports it."""
+    """A fraction as a percentage rounded to 2 decimals (half to even on the exact binary value: what
+    Python 3's ``round`` and ``"{:.2f}".format`` do, as in LLaVA's, ScienceQA's and GQA's scripts)."""
     return round(100.0 * x, 2)
+
+
+def round_half_away(x: float, digits: int = 2) -> float:
+    """Python 2's ``round``: the exact binary value rounded, ties away from zero (0.125 -> 0.13, where
+    Python 3 gives 0.12). The VQA evaluation (GT-Vision-Lab/VQA) is Python 2 code."""
+    return float(Decimal(x).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP))
+
+
+def official_pct(total: float, n: int, py2: bool = False) -> float:
+    """``round(100 * float(total) / n, 2)`` as vqaEval.py writes it (multiplied before dividing, which can
+    differ from 100 * (total / n) in the last bit); ``py2`` for Python 2's rounding. 0 for n = 0."""
+    if not n:
+        return 0.0
+    x = 100 * float(total) / n
+    return round_half_away(x) if py2 else round(x, 2)
 
 
 def ratio(num: float, den: float) -> float:

@@ -1,12 +1,18 @@
-"""Answer normalisation and answer parsing shared by the benchmark tasks.
+"""Answer normalisation and answer parsing shared by the benchmark tasks, each a port of an official scorer.
 
-* :func:`process_punctuation` / :func:`process_digit_article`: a line-by-line port of the official VQA
-  evaluation (GT-Vision-Lab/VQA ``vqaEval.py``, latest version), quirks included.
-* :func:`evalai_normalize`: the EvalAI/MMF answer processor that LLaVA applies before uploading VQAv2 and
-  VizWiz answers and that the TextVQA (M4C) evaluator applies to both sides.
-* :func:`soft_accuracy`: VQA accuracy, min(1, #matching humans / 3) averaged over the leave-one-out subsets.
+* :func:`process_punctuation` / :func:`process_digit_article`: the official VQA evaluation's answer processing
+  (GT-Vision-Lab/VQA ``PythonEvaluationTools/vqaEvaluation/vqaEval.py``), quirks included; VizWiz's own
+  evaluation runs the same steps with its own contraction table (:data:`VIZWIZ_CONTRACTIONS`).
+* :func:`vqa_accuracy`: the accuracy of one answer in the current (2021) ``vqaEval.py``: answers are
+  normalised only when the human answers disagree. :func:`vqa_accuracy_2017` is the 2017 code.
+* :func:`evalai_normalize`: the EvalAI answer processor (MMF, as LLaVA's ``llava/eval/m4c_evaluator.py``
+  ships it) that LLaVA applies before uploading VQAv2 and VizWiz answers and that the TextVQA evaluator
+  applies to both sides.
+* :func:`soft_accuracy`: VQA accuracy with leave-one-out by position, min(1, #matching others / 3) averaged.
 * :func:`pope_yes_no`, :func:`mme_yes_no`: yes/no parsing of LLaVA's eval_pope.py and MME's calculation.py.
-* :func:`extract_letter`: a multiple-choice option letter from free text (MMBench).
+* :func:`can_infer`: VLMEvalKit's option-letter matching (MMBench), without its ChatGPT fallback.
+
+The tables below are the official ones (rules, not code), kept as the official files spell them.
 """
 
 from __future__ import annotations
@@ -14,8 +20,10 @@ from __future__ import annotations
 import functools
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
+# From GT-Vision-Lab/VQA vqaEval.py (identical in EvalAIAnswerProcessor): contractions, number words,
+# articles, punctuation.
 # fmt: off
 CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
@@ -55,12 +63,28 @@ NUMBER_WORDS = {
 ARTICLES = ("a", "an", "the")
 PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
 # fmt: on
+# VizWiz's vqaEval.py (the VizWiz-VQA API, vizwiz.org) has the same keys but writes most of them, and most
+# expansions, with a curly apostrophe (U+2019): "dont" -> "don’t", "couldnt’ve" -> "couldn’t’ve". Its table
+# is VQA's with every "'" made "’" except these entries, which it keeps straight.
+_VIZWIZ_STRAIGHT_VALUES = {"aint", "arent", "cant", "couldve", "couldnt", "weve", "wheres", "whove"}
+_VIZWIZ_STRAIGHT_KEYS = {"couldn'tve", "hadn'tve"}
+VIZWIZ_CONTRACTIONS = {
+    (k if k in _VIZWIZ_STRAIGHT_KEYS else k.replace("'", "\u2019")): (
+        v if k in _VIZWIZ_STRAIGHT_VALUES else v.replace("'", "\u2019")
+    )
+    for k, v in CONTRACTIONS.items()
+}
 # The official look-behind is mistyped ("(?!<=\d)" is a look-*ahead* for "<="+digit), so in effect a
 # period is dropped unless a digit follows it ("3.5" stays, "two." -> "two"). Kept as is for fidelity.
 PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
 COMMA_STRIP = re.compile(r"(\d)(\,)(\d)")
 # vqaEval.py calls periodStrip.sub("", text, re.UNICODE): the flag lands in `count`, so at most 32 periods go.
 _OFFICIAL_PERIOD_COUNT = int(re.UNICODE)
+
+
+def strip_whitespace(text: str) -> str:
+    """vqaEval.py's first step on every answer: newlines and tabs -> spaces, then ``strip()``."""
+    return text.replace("\n", " ").replace("\t", " ").strip()
 
 
 @functools.lru_cache(maxsize=1 << 18)  # human answers repeat a lot: VQAv2 val has 2M of them
@@ -77,30 +101,69 @@ def process_punctuation(text: str) -> str:
     return PERIOD_STRIP.sub("", out, count=_OFFICIAL_PERIOD_COUNT)
 
 
-def process_digit_article(text: str) -> str:
-    """Official ``processDigitArticle``: lower-case, number words -> digits, drop articles, fix contractions."""
+def process_digit_article(text: str, contractions: Mapping[str, str] = CONTRACTIONS) -> str:
+    """Official ``processDigitArticle``: lower-case, number words -> digits, drop articles, fix contractions
+    (with VQA's table unless another is given: VizWiz passes :data:`VIZWIZ_CONTRACTIONS`)."""
     words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
     words = [w for w in words if w not in ARTICLES]
-    return " ".join(CONTRACTIONS.get(w, w) for w in words)
+    return " ".join(contractions.get(w, w) for w in words)
 
 
+@functools.lru_cache(maxsize=1 << 18)
 def vqa_normalize(text: str) -> str:
-    """What the official evaluation does to a predicted answer before comparing it to the human answers."""
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    return process_digit_article(process_punctuation(text))
+    """What vqaEval.py does to an answer it normalises: whitespace, punctuation, digits/articles/contractions."""
+    return process_digit_article(process_punctuation(strip_whitespace(text)))
+
+
+def vizwiz_normalize(text: str) -> str:
+    """What VizWiz's vqaEval.py does to every prediction (never to the human answers): as
+    :func:`vqa_normalize` but with VizWiz's curly-apostrophe contraction table."""
+    return process_digit_article(process_punctuation(strip_whitespace(text)), VIZWIZ_CONTRACTIONS)
 
 
 def evalai_normalize(text: str) -> str:
-    """EvalAIAnswerProcessor (MMF/M4C): lower-case, drop "," and "?", split "'s", then as :func:`vqa_normalize`.
+    """EvalAIAnswerProcessor: lower-case, drop "," and "?", "'s" -> " 's", strip; then the VQA steps
+    (whitespace, punctuation, digits/articles/contractions). "red,blue" -> "redblue", "dog's" -> "dog 's".
 
-    (EvalAI's comma regex differs from the official one, but commas are gone by then, so it cannot matter.)
+    (EvalAI's comma regex differs from vqaEval.py's, but commas are gone by then, so it cannot matter.)
     """
     text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
     return vqa_normalize(text)
 
 
+def vqa_accuracy(pred: str, gts: Sequence[str], identity: Sequence[Hashable] | None = None) -> float:
+    """Accuracy of one raw answer against the raw human answers in the current vqaEval.py (2021 fix).
+
+    Both sides lose newlines/tabs and outer spaces; only when the (stripped) human answers are not all
+    equal are both sides normalised (:func:`vqa_normalize`), so a unanimous "2" does not match "two".
+    Human i's share is min(1, #{other humans j: gts[j] == pred} / 3). vqaEval.py finds "other" humans by
+    comparing the whole answer records (``item != gtAnsDatum``): ``identity[i]`` stands for human i's record
+    without its answer text; None means all records differ (VQAv2's answer_id 1..10), i.e. by position.
+    """
+    if not gts:
+        return 0.0
+    gts = [strip_whitespace(g) for g in gts]
+    pred = strip_whitespace(pred)
+    if len(set(gts)) > 1:
+        gts = [vqa_normalize(g) for g in gts]
+        pred = vqa_normalize(pred)
+    if identity is None:
+        return soft_accuracy(pred, gts)
+    records = list(zip(identity, gts, strict=True))
+    accs = [min(1.0, sum(r != rec and r[1] == pred for r in records) / 3) for rec in records]
+    return sum(accs) / len(accs)
+
+
+def vqa_accuracy_2017(pred: str, gts: Sequence[str]) -> float:
+    """The 2017 vqaEval.py: the prediction is always normalised; the raw human answers get
+    ``processPunctuation`` only, and only when they disagree (leave-one-out by position)."""
+    if len(set(gts)) > 1:
+        gts = [process_punctuation(g) for g in gts]
+    return soft_accuracy(vqa_normalize(pred), gts)
+
+
 def soft_accuracy(pred: str, gts: Sequence[str]) -> float:
-    """VQA accuracy of a normalised answer against the human answers (normally 10).
+    """VQA accuracy of an already processed answer against processed human answers (normally 10).
 
     For each human i, acc_i = min(1, #{j != i: gts[j] == pred} / 3); the result is the mean of acc_i.
     With 10 humans and k of them matching: k=0 -> 0, 1 -> 0.3, 2 -> 0.6, 3 -> 0.9, >=4 -> 1.
@@ -145,37 +208,59 @@ def mme_yes_no(text: str) -> str:
 
 
 # --------------------------------------------------------------------------------------- option letters
-_LETTER_ALONE = re.compile(r"^\(?([A-Za-z])\)?[.:)]?$")  # "B", "b", "B.", "(B)", "B)"
-_LETTER_LEAD = re.compile(r"^\(?([A-Z])(?:\)|[.:])(?:\s|$)")  # "B. cat", "(B) cat", "B: cat"
-# "The answer is B", "answer: (C)", "Answer is option D"; the letter itself must be upper-case so that
-# "the answer is a dog" does not read as option A.
-_ANSWER_IS = re.compile(r"(?i:answer)(?:\s+(?i:is))?\s*:?\s*(?:(?i:option)\s*)?\(?([A-Z])\b(?![a-z'])")
-_PAREN_LETTER = re.compile(r"\(([A-Z])\)")
+# VLMEvalKit vlmeval/utils/matching_util.py (can_infer_option / can_infer_text / can_infer).
+_REFUSALS = (
+    "Sorry, I can't help with images of people yet.",
+    "I can't process this file.",
+    "I'm sorry, but without the image provided",
+    "Cannot determine the answer",
+)
+_OPTION_SEPARATORS = ".()[],:;!*#{}"
+# "(?i)" applies to the letter too: "the answer is a dog" reads as option A there, and so here.
+_VERBOSE_ANSWER = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")
 
 
-def extract_letter(text: str, options: Sequence[str], letters: str = "ABCDEFGHIJ") -> str | None:
-    """The option letter a free-text answer picks, or None when it cannot be told.
+def can_infer_option(answer: str, choices: Mapping[str, str]) -> str | None:
+    """VLMEvalKit ``can_infer_option``: the option letter an answer names, "Z" for a refusal, else None.
 
-    Tried in order: a bare letter ("B", "B.", "(B)"); a leading "B." / "(B)"; "the answer is B"; a single
-    distinct "(B)" in the text; the answer equal to one option's text; one option's text occurring in the
-    answer. ``options`` are the option texts in letter order; letters beyond them never match.
+    The marks ``.()[],:;!*#{}`` become spaces and the answer is split on whitespace. If exactly one option
+    letter of ``choices`` is a token, it is taken when its first occurrence is among the last 4 tokens; with no letter token but a "Z" token, "Z". Otherwise "answer is X" / "correct answer is **X**"
+    (X in A-D, any case) anywhere in the text. (VLMEvalKit's VERBOSE=1 debugging switch is not reproduced.)
     """
-    valid = letters[: len(options)]
-    s = text.strip()
-    for pat in (_LETTER_ALONE, _LETTER_LEAD):
-        m = pat.match(s)
-        if m and m.group(1).upper() in valid:
-            return m.group(1).upper()
-    m = _ANSWER_IS.search(s)
-    if m and m.group(1).upper() in valid:
+    if "Failed to obtain answer via API" in answer:
+        return None
+    if any(r in answer for r in _REFUSALS):
+        return "Z"
+    mod = answer
+    for c in _OPTION_SEPARATORS:
+        mod = mod.replace(c, " ")
+    splits = mod.split()
+    count = sum(c in splits for c in choices)
+    if count == 1:
+        for ch in choices:
+            if ch in splits and splits.index(ch) > len(splits) - 5:
+                return ch
+    elif count == 0 and "Z" in splits:
+        return "Z"
+    m = _VERBOSE_ANSWER.search(answer)
+    if m and m.group(1).upper() in choices:
         return m.group(1).upper()
-    found = {c for c in _PAREN_LETTER.findall(s) if c in valid}
-    if len(found) == 1:
-        return found.pop()
-    norm = simple_normalize(s)
-    texts = [simple_normalize(o) for o in options]
-    exact = [valid[i] for i, t in enumerate(texts) if t and t == norm]
-    if len(exact) == 1:
-        return exact[0]
-    contained = [valid[i] for i, t in enumerate(texts) if t and re.search(rf"\b{re.escape(t)}\b", norm)]
-    return contained[0] if len(contained) == 1 else None
+    return None
+
+
+def can_infer_text(answer: str, choices: Mapping[str, str]) -> str | None:
+    """VLMEvalKit ``can_infer_text``: the one option whose lower-cased text occurs in the lower-cased answer
+    (a substring test, so "cat" is found in "cats"), unless the answer is longer than twice all options'
+    text together."""
+    answer = answer.lower()
+    if len(answer) > 2 * sum(len(str(v)) for v in choices.values()):
+        return None
+    cands = [k for k, v in choices.items() if str(v).lower() in answer]
+    return cands[0] if len(cands) == 1 else None
+
+
+def can_infer(answer: str, choices: Mapping[str, str]) -> str | None:
+    """VLMEvalKit ``can_infer`` (its exact-matching policy): the option letter, "Z" (a refusal, always
+    wrong) or None (not parsed; VLMEvalKit would then ask a ChatGPT judge, which is not reproduced)."""
+    answer = str(answer)
+    return can_infer_option(answer, choices) or can_infer_text(answer, choices)

@@ -177,10 +177,8 @@ def test_mmbench_circular_rows_in_file(tmp_path):
         {"question_id": 5, "text": "B"},
         {"question_id": 1000005, "text": "A"},  # group 5: both right
         {"question_id": 6, "text": "A"},
-        {
-            "question_id": 1000006,
-            "text": "I pick A",
-        },  # unparsed (no letter pattern, no option text): group 6 wrong
+        # no option letter among the tokens, no "answer is", no option text: unparsed, group 6 wrong
+        {"question_id": 1000006, "text": "I have no idea"},
     ]
     task = get_task("mmbench")
     scores = task.score(read_predictions(write_answers(tmp_path / "a.jsonl", rows)), task.load(tsv))

@@ -37,7 +37,9 @@ def test_gqa_score(tmp_path):
             "question": "q?",
             "answer": answer,
             "isBalanced": balanced,
-            "types": {"structural": structural, "semantic": "attr"},
+            "types": {"structural": structural, "semantic": "attr", "detailed": "attr"},
+            "semantic": [],
+            "groups": {"global": None},
         }
 
     questions = {
@@ -52,7 +54,7 @@ def test_gqa_score(tmp_path):
     ann = tmp_path / "testdev_balanced_questions.json"
     ann.write_text(json.dumps(questions))
     rows = [
-        ("201", "Yes."),  # "yes": right
+        ("201", "Yes."),  # rstrip('.').lower(): "yes", right
         (202, "Left"),  # int id, "left": right
         ("203", "The white one"),  # GQA keeps articles: wrong
         ("204", "yes"),  # wrong
@@ -61,12 +63,17 @@ def test_gqa_score(tmp_path):
     ]
     task = get_task("gqa")
     scores = task.score(read_predictions(write_answers(tmp_path / "a.jsonl", rows)), task.load(ann))
-    # balanced: 201 202 203 204 206 -> 3/5; binary (verify, logical): 201 204 -> 1/2; open (query): 202 203 206 -> 2/3
-    assert scores["accuracy"] == pytest.approx(60.0)
+    # balanced: 201 202 203 204 206 207 (unanswered: wrong) -> 3/6; binary (verify, logical): 201 204 -> 1/2;
+    # open (query): 202 203 206 207 -> 2/4
+    assert scores["accuracy"] == pytest.approx(50.0)
     assert scores["binary"] == pytest.approx(50.0)
-    assert scores["open"] == pytest.approx(66.67)
-    assert scores["by_structural_type"] == pytest.approx({"logical": 0.0, "query": 66.67, "verify": 100.0})
-    assert (scores["n"], scores["missing"]) == (5, 1)
+    assert scores["open"] == pytest.approx(50.0)
+    assert scores["by_structural_type"] == {
+        "logical": {"accuracy": 0.0, "n": 1},
+        "query": {"accuracy": 50.0, "n": 4},
+        "verify": {"accuracy": 100.0, "n": 1},
+    }
+    assert (scores["n"], scores["missing"]) == (6, 1)
     first = task.questions(ann)[0]
     assert (first.question_id, first.image, first.prompt) == ("201", "n1.jpg", f"q?\n{SHORT_ANSWER}")
 

@@ -57,19 +57,22 @@ def test_vqav2_score(vqav2_dir, tmp_path):
     preds = write_answers(
         tmp_path / "answers.jsonl",
         [
-            {"question_id": 1, "text": "Two."},  # -> "2", 10 humans agree: 1.0
-            {"question_id": 2, "text": "1,000"},  # -> "1000"; humans "1000", "1,000"->"1000": k=2: 0.6
+            # EvalAI first ("two." -> "2"), then vqaEval.py: unanimous humans compare raw, "2" == "2": 1.0
+            {"question_id": 1, "text": "Two."},
+            # humans disagree, so both sides are normalised: "1000", "1,000" -> "1000", "many"; k=2: 0.6
+            {"question_id": 2, "text": "1,000"},
             {"question_id": 3, "text": "Yes."},  # -> "yes", k=3: 0.9
             {"question_id": 4, "text": "The dog"},  # -> "dog", k=1: 0.3
-            {"question_id": 5, "text": "it's"},  # stays "it's" != "its": 0.0
+            {"question_id": 5, "text": "it's"},  # EvalAI -> "it 's" != "its": 0.0
         ],
     )
     task = get_task("vqav2")
     scores = task.score(read_predictions(preds), task.load(vqav2_dir))
-    # overall (1 + 0.6 + 0.9 + 0.3 + 0) / 5 = 0.56; number (1 + 0.6) / 2; yes/no 0.9; other (0.3 + 0) / 2
-    assert scores["accuracy"] == pytest.approx(56.0)
-    assert scores["by_answer_type"] == pytest.approx({"number": 80.0, "yes/no": 90.0, "other": 15.0})
-    assert (scores["n"], scores["missing"]) == (5, 1)
+    # question 6 is unanswered: uploaded as "", 0.0. Overall (1 + 0.6 + 0.9 + 0.3 + 0 + 0) / 6 = 0.46666..
+    # number (1 + 0.6) / 2; yes/no 0.9; other (0.3 + 0 + 0) / 3
+    assert scores["accuracy"] == pytest.approx(46.67)
+    assert scores["by_answer_type"] == pytest.approx({"number": 80.0, "yes/no": 90.0, "other": 10.0})
+    assert (scores["n"], scores["missing"]) == (6, 1)
 
 
 def test_vqav2_questions(vqav2_dir):

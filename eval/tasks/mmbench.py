@@ -1,13 +1,19 @@
-"""MMBench: option-letter matching with circular evaluation.
+"""MMBench: circular evaluation with OpenCompass VLMEvalKit's answer matching, without its ChatGPT judge.
 
 ``--annotations``: the MMBench TSV (``index, question, hint, A, B, C, D, answer, category, l2-category,
 image`` (base64), ...; the dev split has answers). A question and its circular variants form one group: rows
 whose ``index`` agree modulo 1,000,000 (MMBench stores shifted copies at index + k*1e6) and LLaVA's
 ``--all-rounds`` answers to one row (same ``question_id``, ``round_id`` 0..n-1, the shown ``options`` and
-their original letters ``option_char``). A group is right only if every answered variant is right; the
-headline ``accuracy`` is over groups. ``incomplete`` counts groups with fewer variants answered than exist
-(then the result is not fully circular). The letter is read from free text by :func:`extract_letter`
-(MMBench's official fallback to a ChatGPT judge is not reproduced).
+their original letters ``option_char``). As VLMEvalKit's ``mcq_circular_eval`` (exact-matching policy):
+a group is scored when its original question (index below 1,000,000) is answered, and is right only if every
+answered variant is; the headline ``accuracy`` is over groups, ``by_category`` / ``by_l2_category`` as its
+``report_acc`` (by the original row's categories). ``incomplete`` counts groups with fewer variants answered
+than exist (then the result is not fully circular). The letter is read from free text by :func:`can_infer`
+(VLMEvalKit's ``can_infer`` on the options as shown); "Z" (a refusal) and an unparsed answer are wrong.
+VLMEvalKit then asks a ChatGPT judge about the unparsed ones; that is not reproduced, so ``unparsed``
+says how many answers a judge could still have turned right. ``single_pass_accuracy`` is VLMEvalKit's
+vanilla accuracy on the original questions only (its ``vanilla_0``). VLMEvalKit writes fractions unrounded;
+here percentages rounded to 2 decimals.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import Any
 
 from mllm_kd.errors import DataError
 from mllm_kd.eval.core import OPTION_LETTER, Prediction, Question, Task, mean_by, pct, require_file
-from mllm_kd.eval.normalize import extract_letter
+from mllm_kd.eval.normalize import can_infer
 
 LETTERS = "ABCDEFGHI"
 CIRCULAR_STRIDE = 1_000_000
@@ -128,20 +134,28 @@ class MMBenchTask(Task):
             seen[idx, rnd] = p.where
             shown = p.get("options") or row.options
             chars = p.get("option_char") or list(LETTERS[: len(shown)])
-            if len(chars) != len(shown):
-                raise DataError(f"{p.where}: 'options' and 'option_char' differ in length")
-            letter = extract_letter(p.text, shown)
+            if len(chars) != len(shown) or row.answer not in chars:
+                raise DataError(
+                    f"{p.where}: 'options'/'option_char' do not match row {idx} (answer {row.answer!r})"
+                )
+            # the answer in the letters shown: where the TSV row's answer option was put
+            gt = LETTERS[list(chars).index(row.answer)]
+            letter = can_infer(p.text, dict(zip(LETTERS, (str(o) for o in shown))))
             unparsed += letter is None
-            # The letter shown -> the option's letter in the TSV row, which ``answer`` refers to.
-            ok = letter is not None and chars[LETTERS.index(letter)] == row.answer
+            ok = letter == gt
             groups.setdefault(idx % CIRCULAR_STRIDE, []).append(ok)
             if idx < CIRCULAR_STRIDE and rnd == 0:
                 single.append(ok)
         rows = annotations.groups()
-        main = {g: rows[g][0] for g in groups}
+        originals = {i % CIRCULAR_STRIDE for i, _ in seen if i < CIRCULAR_STRIDE}
+        # VLMEvalKit scores a group only through its original row; copies answered without it are left out
+        scored = {g: v for g, v in groups.items() if g in originals}
+        main = {g: rows[g][0] for g in scored}
         # variants of a group: its copies in the file, else (LLaVA rounds) one per option
-        variants = {g: len(rows[g]) if len(rows[g]) > 1 else len(main[g].options) for g in groups}
-        results = [(g, float(all(v))) for g, v in groups.items()]
+        variants = {g: len(rows[g]) if len(rows[g]) > 1 else len(main[g].options) for g in scored}
+        results = [(g, float(all(v))) for g, v in scored.items()]
+        if not results:
+            raise DataError(f"{annotations.source}: no original question (index < 1e6) is answered")
         return {
             "accuracy": pct(sum(s for _, s in results) / len(results)),
             "single_pass_accuracy": pct(sum(single) / len(single)) if single else None,
@@ -150,6 +164,6 @@ class MMBenchTask(Task):
             "n": len(results),
             "n_answers": len(seen),
             "unparsed": unparsed,
-            "incomplete": sum(len(groups[g]) < variants[g] for g in groups),
+            "incomplete": sum(len(scored[g]) < variants[g] for g in scored),
             "missing": len(rows) - len(results),
         }

@@ -1,10 +1,22 @@
-"""ScienceQA: the option letter parsed as LLaVA's eval_science_qa.py does; accuracy overall and on the IMG
-subset (questions with an image: LLaVA's "SQA-IMG", the headline), plus the official ScienceQA breakdowns by
-subject (NAT/SOC/LAN), context (TXT/IMG/NO) and grade (G1-6/G7-12).
+"""ScienceQA: the option letter parsed and scored as LLaVA's ``llava/eval/eval_science_qa.py`` does
+(accuracy over every problem of the split and "IMG-Accuracy", LLaVA's SQA-IMG, the headline), plus the
+breakdowns of ScienceQA's ``tools/evaluate_acc.py`` (subject, context, grade, topic).
+
+Parsing (:func:`parse_letter`), exactly as eval_science_qa.py: the whole answer equal to one of "A".."E"
+(no stripping: " A" or "C\n" fail); else "X. " at its very start; else ``The answer is ([A-Z]).`` (the
+final "." matches any character but a newline) must match exactly once. A letter beyond the problem's
+choices, or a failed parse, is wrong.
+
+Scoring: every problem of the split counts; one without an answer is wrong ("FAILED" there).
+``img_accuracy`` is LLaVA's: over the answered problems whose prompt carried the image (the answers'
+``prompt`` has ``<image>`` exactly for the problems with an image), so an unanswered image problem is left
+out of it, as there; ``by_context["IMG"]`` is evaluate_acc.py's ``acc_has_image``, over all image problems
+of the split (an unanswered one wrong). With a complete answers file the two are equal.
 
 ``--annotations``: the ScienceQA folder holding ``problems.json`` (pid -> {question, choices, answer (index),
-hint, image, subject, grade, ...}) and ``pid_splits.json``; ``--split`` picks the split (default ``test``).
-Question ids are the problem ids. Prompts follow LLaVA-1.5's ``llava_test_CQM-A.json`` + single-pred prompt.
+hint, image, subject, grade, topic, ...}) and ``pid_splits.json``; ``--split`` picks the split (default
+``test``, the only one evaluate_acc.py accepts). Question ids are the problem ids. Prompts follow LLaVA-1.5's
+``llava_test_CQM-A.json`` + single-pred prompt.
 """
 
 from __future__ import annotations
@@ -24,26 +36,26 @@ from mllm_kd.eval.core import (
     mean_by,
     pct,
     qid_key,
+    ratio,
     read_json,
     unique_by_qid,
     unknown_question,
 )
 
-OPTIONS = ("A", "B", "C", "D", "E")
+OPTIONS = ("A", "B", "C", "D", "E")  # eval_science_qa.py's --options
 SUBJECTS = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}
+GRADES = {**{f"grade{g}": "G1-6" for g in range(1, 7)}, **{f"grade{g}": "G7-12" for g in range(7, 13)}}
+_ANSWER_IS = re.compile(r"The answer is ([A-Z]).")  # the "." unescaped, as in eval_science_qa.py
 
 
 def parse_letter(text: str) -> str | None:
-    """eval_science_qa.py: a bare letter; "X. " at the start; "The answer is X." / "The answer is X"."""
-    text = text.replace("\n", ". ")
-    if text.strip() in OPTIONS:
-        return text.strip()
+    """eval_science_qa.py's parse: the letter, or None where it records "FAILED"."""
+    if text in OPTIONS:
+        return text
     if len(text) >= 3 and text[0] in OPTIONS and text[1:3] == ". ":
         return text[0]
-    if "The answer is " in text:
-        m = re.search(r"The answer is ([A-E])\.", text) or re.search(r"The answer is ([A-E])", text)
-        return m.group(1) if m else None
-    return None
+    found = _ANSWER_IS.findall(text)
+    return found[0] if len(found) == 1 else None
 
 
 @dataclass
@@ -80,32 +92,39 @@ class ScienceQATask(Task):
         return out
 
     def score(self, predictions: list[Prediction], annotations: SQAData) -> dict[str, Any]:
-        subj, ctx, grade = [], [], []
-        for p in unique_by_qid(predictions).values():
-            prob = annotations.problems.get(qid_key(p.question_id))
-            if prob is None:
+        by_qid = unique_by_qid(predictions)
+        for k, p in by_qid.items():
+            if k not in annotations.problems:
                 raise unknown_question(p, f"{annotations.source}, split {annotations.split}")
-            letter = parse_letter(p.text)
-            n_choices = len(get_field(prob, "choices", f"problem {p.question_id}"))
-            ok = float(
-                letter is not None
-                and OPTIONS.index(letter) < n_choices
-                and OPTIONS.index(letter) == prob["answer"]
-            )
+        subj, ctx, grade, topic, img = [], [], [], [], []
+        n_correct = 0
+        for pid, prob in annotations.problems.items():
+            where = f"{annotations.source / 'problems.json'}: problem {pid}"
+            choices, answer = get_field(prob, "choices", where), get_field(prob, "answer", where)
+            pred = by_qid.get(pid)
+            letter = parse_letter(pred.text) if pred is not None else None
+            # get_pred_idx: a letter beyond the choices is -1, never the answer
+            ok = letter in OPTIONS[: len(choices)] and OPTIONS.index(letter) == answer
+            n_correct += ok
+            if pred is not None and prob.get("image"):
+                img.append(ok)
             subj.append((SUBJECTS.get(prob.get("subject", ""), "other"), ok))
-            # A question can be both TXT and IMG (hint and image), as in the official breakdown.
+            # A problem can be both TXT and IMG (hint and image), as in the official breakdown.
             contexts = [c for c, has in (("TXT", prob.get("hint")), ("IMG", prob.get("image"))) if has]
             ctx += [(c, ok) for c in contexts or ["NO"]]
-            g = re.search(r"\d+", str(prob.get("grade", "")))  # "grade7"
-            grade.append(("G1-6" if g is None or int(g.group()) <= 6 else "G7-12", ok))
-        by_ctx = mean_by(ctx)
+            if prob.get("grade") in GRADES:
+                grade.append((GRADES[prob["grade"]], ok))
+            if prob.get("topic"):
+                topic.append((str(prob["topic"]), ok))
+        n = len(annotations.problems)
         return {
-            "accuracy": pct(sum(ok for _, ok in subj) / len(subj)),
-            "img_accuracy": by_ctx.get("IMG", 0.0),
+            "accuracy": pct(ratio(n_correct, n)),
+            "img_accuracy": pct(ratio(sum(img), len(img))),
             "by_subject": mean_by(subj),
-            "by_context": by_ctx,
+            "by_context": mean_by(ctx),
             "by_grade": mean_by(grade),
-            "n": len(subj),
-            "n_img": sum(c == "IMG" for c, _ in ctx),
-            "missing": len(annotations.problems) - len(subj),
+            "by_topic": mean_by(topic),
+            "n": n,
+            "n_img": len(img),
+            "missing": n - len(by_qid),
         }

@@ -1,11 +1,22 @@
-"""VizWiz-VQA: the official VizWiz accuracy, by answer type, and the upload file (``--submission``).
+"""VizWiz-VQA: the accuracy the VizWiz evaluation server gives, by answer type, and the upload file.
+
+Which "official" (see docs/evaluation.md): LLaVA's VizWiz number is a test-dev server number; its upload
+(``scripts/convert_vizwiz_for_submission.py``) passes every answer through the EvalAI answer processor
+(:func:`evalai_normalize`: "red,blue" -> "redblue", "dog's" -> "dog 's"), and the server scores it with
+VizWiz's own ``vqaEval.py`` (VizWiz-VQA API, vizwiz.org): the prediction is normalised again with VizWiz's
+contraction table, whose expansions mostly use a curly apostrophe (``dont`` -> ``don’t``), and compared with
+the *raw* human answers (no processing at all, unlike VQAv2), ten-choose-nine by position. ``accuracy`` and
+``by_answer_type`` follow that path on the val annotations, rounded as that Python 3 code rounds;
+``variants`` also gives VizWiz's ``vqaEval.py`` on the raw answers (no EvalAI step). Every question of the
+file is scored; a missing answer counts as "" (LLaVA's converter refuses such a file, VizWiz's code too).
+The unanswerability metrics (they need an answerability score per question) and caption metrics that
+VizWiz's script can also compute are not produced.
 
 ``--annotations``: the official ``val.json`` or ``test.json``, a list of ``{image, question, answers:
 [{answer, answer_confidence}], answer_type, answerable}`` (test has no answers: ``--submission`` only).
 A prediction's ``question_id`` is the image file name (``VizWiz_val_00000000.jpg``, what :meth:`questions`
-emits; ``.jpg`` may be left off) or, as an int, the 0-based position in the file. Note: VizWiz's own
-evaluation compares the processed prediction with the *raw* human answers (no processPunctuation on them,
-unlike vqaEval.py), and its upload rows are ``{"image", "answer"}``.
+emits; ``.jpg`` may be left off) or, as an int, the 0-based position in the file. Upload rows are
+``{"image", "answer"}``.
 """
 
 from __future__ import annotations
@@ -15,8 +26,42 @@ from pathlib import Path
 from typing import Any
 
 from mllm_kd.errors import DataError
-from mllm_kd.eval.core import SHORT_ANSWER, Prediction, Question, Task, get_field, read_json, unknown_question
-from mllm_kd.eval.tasks.vqav2 import VQAData, soft_score, write_upload
+from mllm_kd.eval.core import (
+    SHORT_ANSWER,
+    Prediction,
+    Question,
+    Task,
+    get_field,
+    official_pct,
+    read_json,
+    unknown_question,
+)
+from mllm_kd.eval.normalize import evalai_normalize, soft_accuracy, vizwiz_normalize
+from mllm_kd.eval.tasks.vqav2 import VQAData, VQAItem, answered, by_type, write_upload
+
+
+def vizwiz_accuracy(pred: str, gts: list[str]) -> float:
+    """VizWiz vqaEval.py on one answer: the normalised prediction against the raw human answers."""
+    return soft_accuracy(vizwiz_normalize(pred), gts)
+
+
+def vizwiz_score(preds: list[Prediction], data: VQAData) -> dict[str, Any]:
+    by_qid = answered(preds, data)
+    keys = [k for k in data.ids if k in data.items]
+    texts = [by_qid[k].text if k in by_qid else "" for k in keys]
+    server = [vizwiz_accuracy(evalai_normalize(t), data.items[k].answers) for k, t in zip(keys, texts)]
+    raw = [vizwiz_accuracy(t, data.items[k].answers) for k, t in zip(keys, texts)]
+    return {
+        "accuracy": official_pct(sum(server), len(server)),
+        "by_answer_type": by_type([(data.items[k].answer_type, a) for k, a in zip(keys, server)], py2=False),
+        "variants": {
+            "evalai+vizwiz": official_pct(sum(server), len(server)),
+            "vizwiz": official_pct(sum(raw), len(raw)),
+        },
+        "n": len(keys),
+        "missing": len(keys) - len(by_qid),
+    }
+
 
 UNANSWERABLE = "When the provided information is insufficient, respond with 'Unanswerable'."
 
@@ -32,15 +77,17 @@ class VizWizTask(Task):
 
     def load(self, path: Path, split: str | None = None) -> VQAData:
         self.check_split(split)
-        ids, answers = [], {}
+        ids, items = [], {}
         for i, item in enumerate(self._items(path)):
             where = f"{path}: item {i}"
             image = str(get_field(item, "image", where))
             ids.append(image)
             if item.get("answers"):
-                gts = [str(get_field(a, "answer", where)) for a in item["answers"]]
-                answers[image] = (gts, str(item.get("answer_type", "other")))
-        return VQAData(path, ids, answers)
+                gts = [get_field(a, "answer", f"{where}.answers") for a in item["answers"]]
+                if not all(isinstance(g, str) for g in gts):
+                    raise DataError(f"{where}: every human answer must be a string")
+                items[image] = VQAItem(gts, str(get_field(item, "answer_type", where)))
+        return VQAData(path, ids, items)
 
     def questions(self, path: Path, split: str | None = None) -> list[Question]:
         self.check_split(split)
@@ -71,10 +118,10 @@ class VizWizTask(Task):
         return out
 
     def has_answers(self, annotations: VQAData) -> bool:
-        return bool(annotations.answers)
+        return bool(annotations.items)
 
     def score(self, predictions: list[Prediction], annotations: VQAData) -> dict[str, Any]:
-        return soft_score(self._resolve(predictions, annotations), annotations)
+        return vizwiz_score(self._resolve(predictions, annotations), annotations)
 
     def write_submission(
         self, predictions: list[Prediction], annotations: VQAData, path: Path

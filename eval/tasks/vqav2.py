@@ -1,4 +1,15 @@
-"""VQAv2: the official VQA accuracy (GT-Vision-Lab ``vqaEval.py``) and the EvalAI test-dev upload file.
+"""VQAv2: the accuracy the VQA evaluation server gives, by answer type and question type, and the EvalAI
+test-dev upload file.
+
+Which "official" (see docs/evaluation.md): the published VQAv2 numbers (LLaVA's among them) are test-dev
+numbers from the EvalAI server, whose upload LLaVA writes with ``scripts/convert_vqav2_for_submission.py``:
+every answer goes through the EvalAI answer processor first (:func:`evalai_normalize`), and an unanswered
+question is uploaded as "". The server scores that with the current GT-Vision-Lab/VQA ``vqaEval.py`` (2021
+fix: answers are normalised only when the ten human answers disagree). ``accuracy`` and its breakdowns are
+that path on the val annotations: every question of the file is scored, a missing answer as "". ``variants``
+adds the two other versions a reader may meet: the current ``vqaEval.py`` run locally on the raw answers
+(its demo script refuses a file that misses questions; here they count as "") and the 2017 ``vqaEval.py``
+(always normalises the answer, the human answers only by punctuation). Percentages are rounded as that Python 2 code rounds (ties away from zero).
 
 ``--annotations``: the official ``v2_mscoco_val2014_annotations.json`` (scored), a questions file
 ``v2_OpenEnded_mscoco_{val2014,test-dev2015,test2015}_questions.json`` (no answers: ``--submission`` only),
@@ -8,6 +19,7 @@ are ``COCO_{val2014|test2015}_{image_id:012d}.jpg`` in the COCO folder of that n
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,40 +33,79 @@ from mllm_kd.eval.core import (
     Task,
     find_one,
     get_field,
-    mean_by,
-    pct,
+    official_pct,
     qid_key,
     read_json,
     unique_by_qid,
     unknown_question,
     write_json,
 )
-from mllm_kd.eval.normalize import evalai_normalize, process_punctuation, soft_accuracy, vqa_normalize
+from mllm_kd.eval.normalize import evalai_normalize, vqa_accuracy, vqa_accuracy_2017
+
+
+@dataclass
+class VQAItem:
+    """One question's human answers as the file has them (raw), its types, and ``identity``: what tells
+    the answer records apart besides their text (None: all differ, as VQAv2's answer_id 1..10 do)."""
+
+    answers: list[str]
+    answer_type: str
+    question_type: str = ""
+    identity: list[Hashable] | None = None
 
 
 @dataclass
 class VQAData:
-    """``ids``: every question in file order (the upload's rows); ``answers``: qid -> (humans, answer type)."""
+    """``ids``: every question in file order (the upload's rows, the scoring order); ``items``: qid -> item
+    (empty for a questions file or a test split)."""
 
     source: Path
     ids: list[QuestionId]
-    answers: dict[str, tuple[list[str], str]]
+    items: dict[str, VQAItem]
 
 
-def soft_score(preds: list[Prediction], data: VQAData) -> dict[str, Any]:
-    """Official VQA accuracy of each prediction, overall and by answer type (VQAv2 and VizWiz)."""
-    pairs = []
-    for p in unique_by_qid(preds).values():
-        item = data.answers.get(qid_key(p.question_id))
-        if item is None:
+def answered(preds: list[Prediction], data: VQAData) -> dict[str, Prediction]:
+    """Predictions by question id; an unknown id is an error naming the answer line."""
+    by_qid = unique_by_qid(preds)
+    for k, p in by_qid.items():
+        if k not in data.items:
             raise unknown_question(p, data.source)
-        pairs.append((item[1], soft_accuracy(vqa_normalize(p.text), item[0])))
-    overall = pct(sum(s for _, s in pairs) / len(pairs))
+    return by_qid
+
+
+def by_type(rows: list[tuple[str, float]], py2: bool) -> dict[str, float]:
+    """(type, accuracy) in scoring order -> {type: percent}, summed in that order as the official code does."""
+    groups: dict[str, list[float]] = {}
+    for t, acc in rows:
+        groups.setdefault(t, []).append(acc)
+    return {t: official_pct(sum(v), len(v), py2) for t, v in sorted(groups.items())}
+
+
+VQAV2_VARIANTS: dict[str, Callable[[str, VQAItem], float]] = {
+    # LLaVA's upload (EvalAI answer processor) scored by the current vqaEval.py: the default
+    "evalai+vqaeval_2021": lambda text, it: vqa_accuracy(evalai_normalize(text), it.answers, it.identity),
+    "vqaeval_2021": lambda text, it: vqa_accuracy(text, it.answers, it.identity),
+    "vqaeval_2017": lambda text, it: vqa_accuracy_2017(text, it.answers),
+}
+
+
+def vqav2_score(preds: list[Prediction], data: VQAData) -> dict[str, Any]:
+    by_qid = answered(preds, data)
+    keys = [qid_key(q) for q in data.ids if qid_key(q) in data.items]
+    texts = [by_qid[k].text if k in by_qid else "" for k in keys]
+    variants = {}
+    for name, acc_fn in VQAV2_VARIANTS.items():
+        accs = [acc_fn(t, data.items[k]) for k, t in zip(keys, texts, strict=True)]
+        variants[name] = official_pct(sum(accs), len(accs), py2=True)
+        if name == "evalai+vqaeval_2021":
+            main = accs
     return {
-        "accuracy": overall,
-        "by_answer_type": mean_by(pairs),
-        "n": len(pairs),
-        "missing": len(data.answers) - len(pairs),
+        "accuracy": variants["evalai+vqaeval_2021"],
+        "by_answer_type": by_type([(data.items[k].answer_type, a) for k, a in zip(keys, main)], py2=True),
+        "by_question_type": by_type([(data.items[k].question_type, a) for k, a in zip(keys, main)], py2=True),
+        "variants": variants,
+        "n": len(keys),
+        "missing": len(keys) - len(by_qid),
     }
 
 
@@ -78,6 +129,13 @@ def write_upload(preds: list[Prediction], data: VQAData, path: Path, id_field: s
     }
 
 
+def record_identity(records: list[dict]) -> list[Hashable] | None:
+    """What vqaEval.py's ``item != gtAnsDatum`` sees of each answer record besides its text; None when
+    the records all differ anyway (then leave-one-out is by position)."""
+    rest = [tuple(sorted((str(k), repr(v)) for k, v in r.items() if k != "answer")) for r in records]
+    return None if len(set(rest)) == len(rest) else rest
+
+
 class VQAv2Task(Task):
     name = "vqav2"
 
@@ -95,19 +153,22 @@ class VQAv2Task(Task):
         path = self._file(path)
         data = read_json(path)
         if isinstance(data, dict) and isinstance(data.get("annotations"), list):
-            answers: dict[str, tuple[list[str], str]] = {}
+            items: dict[str, VQAItem] = {}
             for i, a in enumerate(data["annotations"]):
                 where = f"{path}: annotations[{i}]"
-                gts = [get_field(x, "answer", where) for x in get_field(a, "answers", where)]
-                # vqaEval.py touches the (already clean) human answers only when they disagree, and then
-                # only with processPunctuation.
-                if len(set(gts)) > 1:
-                    gts = [process_punctuation(g) for g in gts]
-                answers[qid_key(get_field(a, "question_id", where))] = (
+                records = get_field(a, "answers", where)
+                if not isinstance(records, list) or not records:
+                    raise DataError(f"{where}: 'answers' must be a non-empty list")
+                gts = [get_field(x, "answer", f"{where}.answers") for x in records]
+                if not all(isinstance(g, str) for g in gts):
+                    raise DataError(f"{where}: every human answer must be a string")
+                items[qid_key(get_field(a, "question_id", where))] = VQAItem(
                     gts,
-                    str(a.get("answer_type", "other")),
+                    str(get_field(a, "answer_type", where)),
+                    str(get_field(a, "question_type", where)),
+                    record_identity(records),
                 )
-            return VQAData(path, [a["question_id"] for a in data["annotations"]], answers)
+            return VQAData(path, [a["question_id"] for a in data["annotations"]], items)
         if isinstance(data, dict) and isinstance(data.get("questions"), list):
             return VQAData(
                 path, [get_field(q, "question_id", f"{path}: questions") for q in data["questions"]], {}
@@ -133,10 +194,10 @@ class VQAv2Task(Task):
         return out
 
     def has_answers(self, annotations: VQAData) -> bool:
-        return bool(annotations.answers)
+        return bool(annotations.items)
 
     def score(self, predictions: list[Prediction], annotations: VQAData) -> dict[str, Any]:
-        return soft_score(predictions, annotations)
+        return vqav2_score(predictions, annotations)
 
     def write_submission(
         self, predictions: list[Prediction], annotations: VQAData, path: Path
