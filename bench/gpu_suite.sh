@@ -72,7 +72,8 @@ step profile_teacher_cache 90 "$PY" "${TC[@]}" --steps 4 --profile
 if [[ -n $DEMO && ! ${SKIP:-} =~ quant ]]; then
     W=${WORK:-$OUT/quant}
     mkdir -p "$W"
-    common=(--config configs/easyvqa.yaml "run_dir=$DEMO/kd" "data_dir=$DEMO/data" "teacher_dir=$DEMO/teacher"
+    # the scratch demo's KD student (make demo-scratch: runs/demo_scratch), stage 3 from its stage 2
+    common=(--config configs/easyvqa_scratch.yaml "run_dir=$DEMO/seed0/kd" "data_dir=$DEMO/data" "teacher_dir=$DEMO/teacher"
         train.progress=false)
     declare -A extra=([float]="" [q8]="teacher.quantize=8bit" [q4]="teacher.quantize=4bit" [a8]="optim.name=adamw8bit")
     t0=$SECONDS

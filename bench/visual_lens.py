@@ -6,8 +6,8 @@ position, averaged per image, and how much of it lies on the image's own colour 
 other colour and shape words. If the teacher's visual-position outputs say nothing about the image, the
 right word gets no more than its share (1/8 of the colour mass, 1/3 of the shape mass).
 
-    python bench/visual_lens.py --data runs/demo/data teacher=runs/demo/teacher/teacher_sft \\
-        student_kd=runs/demo/kd/stage3 student_baseline=runs/demo/baseline/stage2
+    python bench/visual_lens.py --data runs/demo_scratch/data teacher=runs/demo_scratch/teacher/teacher_sft \\
+        student_kd=runs/demo_scratch/seed0/kd/stage3 student_baseline=runs/demo_scratch/seed0/baseline/stage2
 
 The last line printed is one JSON object, one entry per model.
 """

@@ -6,7 +6,7 @@ The demo's teacher answers easy-VQA's yes/no questions ("is there a red shape?")
 question template, not by looking. This probe removes the image: each sample states the colour in text
 ("what color is the shape?" -> "blue") and then asks "is there a {colour} shape?", yes and no equally
 often, so the only way above 50% is to compare the two colour words. It trains the teacher's LLM
-(configs/easyvqa.yaml: Qwen2, hidden 128, 3 layers, 4 heads) from scratch with AdamW on the answer token
+(configs/easyvqa_scratch.yaml: Qwen2, hidden 128, 3 layers, 4 heads) from scratch with AdamW on the answer token
 only, batch 64, and prints held-out accuracy (512 fresh samples) every 100 steps; the last line is one
 JSON object. Needs the demo's tokenizer (``python -m mllm_kd.data_prep.easyvqa --out DIR``).
 """

@@ -32,6 +32,8 @@ Output under DIR (image paths in records are relative to ``DIR/images``):
     trained that way answers yes/no test questions from priors (measured: 66.7% on yes/no with whole-image
     records, against the single-question recipe's figure in the README). ``--balance-yes-no`` keeps,
     per yes/no question template, as many "yes" as "no" train questions (:func:`balanced_yes_no`).
+    ``--shuffle`` writes the records in a seeded random order (the same on every machine) instead of by
+    image id, so that any prefix (``data.max_samples``) is a uniform sample of the questions and images.
 ``test_questions.jsonl``
     LLaVA question file: per line ``{"question_id": "<index in the package's test list>", "image":
     "test/<id>.png", "text": "<question>\\n" + SHORT_ANSWER_PROMPT, "category": <type>}``.
@@ -120,7 +122,7 @@ __all__ = [
 ]
 
 # Bump when the output for the same inputs changes; reruns then rebuild instead of skipping.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: validation split (val_images) and the stratified test sample
 DEFAULT_SHARD_SIZE = 1000
 DEFAULT_VOCAB_SIZE = 1024
 # One question per instruct record, as the test questions are asked: in a multi-turn record the later
@@ -362,6 +364,45 @@ def balanced_yes_no(questions: list[Question]) -> list[Question]:
     return [q for i, q in enumerate(questions) if i not in dropped]
 
 
+def template_prior(questions: list[Question]) -> dict[str, str]:
+    """Per yes/no question template (:func:`question_template`), its majority answer in ``questions``.
+
+    What a model that reads only the wording would answer; on the package's train questions this prior
+    scores about 82.5% of the test's yes/no questions.
+    """
+    counts: dict[str, Counter] = {}
+    for q in questions:
+        if q.answer in YES_NO:
+            counts.setdefault(question_template(q.text), Counter())[q.answer] += 1
+    # ties (none in the package's data) go to "no", the more frequent answer overall
+    return {t: max(YES_NO, key=lambda a: (c[a], a == "no")) for t, c in counts.items()}
+
+
+def train_template_prior() -> dict[str, str]:
+    """:func:`template_prior` of the package's whole train split (whatever subset a run trains on)."""
+    return template_prior(_load_split("train")[0])
+
+
+def stratified_sample(questions: list[Question], n: int) -> list[Question]:
+    """A fixed sample of ``n`` questions with each answer type in its share of ``questions``.
+
+    Per type, ``n * share`` rounded by largest remainder, drawn with a seeded RNG (the same sample on
+    every machine); returned in (image id, index) order.
+    """
+    if not 1 <= n <= len(questions):
+        raise ConfigError(f"test_sample={n} must be between 1 and the {len(questions)} test questions")
+    by_type: dict[str, list[Question]] = {}
+    for q in questions:
+        by_type.setdefault(question_type(q.answer), []).append(q)
+    quotas = {t: n * len(qs) / len(questions) for t, qs in by_type.items()}
+    counts = {t: int(v) for t, v in quotas.items()}
+    for t in sorted(quotas, key=lambda t: (counts[t] - quotas[t], t))[: n - sum(counts.values())]:
+        counts[t] += 1
+    rng = random.Random("easyvqa-test-sample")
+    picked = [q for t in sorted(by_type) for q in rng.sample(by_type[t], counts[t])]
+    return sorted(picked, key=lambda q: (q.image_id, q.index))
+
+
 def instruct_records_of_image(
     image_id: int, questions: list[Question], questions_per_record: int | None
 ) -> list[Record]:
@@ -416,18 +457,34 @@ class _Source:
     max_test_questions: int | None
     questions_per_record: int | None
     balance: bool
+    val_images: int = 0
+    shuffle: bool = False
+    test_sample: int | None = None
     train_questions: list[Question] = field(init=False)
     train_images: dict[int, Path] = field(init=False)
     test_questions: list[Question] = field(init=False)
     test_images: dict[int, Path] = field(init=False)
+    val_questions: list[Question] = field(init=False)
+    val_image_paths: dict[int, Path] = field(init=False)
 
     def __post_init__(self) -> None:
         questions, paths = _load_split("train")
         kept_ids = sorted(paths)[: self.max_train_images]
-        self.train_images = {i: paths[i] for i in kept_ids}
+        if self.val_images >= len(kept_ids):
+            raise ConfigError(
+                f"val_images={self.val_images} leaves no train images (of {len(kept_ids)} kept)"
+            )
+        val_ids = set(kept_ids[len(kept_ids) - self.val_images :])
+        self.train_images = {i: paths[i] for i in kept_ids if i not in val_ids}
         self.train_questions = [q for q in questions if q.image_id in self.train_images]
+        self.val_image_paths = {i: paths[i] for i in sorted(val_ids)}
+        self.val_questions = sorted(
+            (q for q in questions if q.image_id in val_ids), key=lambda q: (q.image_id, q.index)
+        )
         questions, paths = _load_split("test")
         questions = sorted(questions, key=lambda q: (q.image_id, q.index))[: self.max_test_questions]
+        if self.test_sample is not None:
+            questions = stratified_sample(questions, self.test_sample)
         self.test_questions = questions
         self.test_images = {i: paths[i] for i in sorted({q.image_id for q in questions})}
 
@@ -454,12 +511,15 @@ class _Source:
         for q in balanced_yes_no(self.train_questions) if self.balance else self.train_questions:
             by_image.setdefault(q.image_id, []).append(q)
         # An image without questions gets no instruct record (none in the package's data).
-        return [
+        records = [
             record
             for i in sorted(self.train_images)
             if i in by_image
             for record in instruct_records_of_image(i, by_image[i], self.questions_per_record)
         ]
+        if self.shuffle:
+            random.Random("easyvqa-instruct-order").shuffle(records)
+        return records
 
 
 @dataclass
@@ -548,6 +608,9 @@ def prepare_easyvqa(
     vocab_size: int = DEFAULT_VOCAB_SIZE,
     questions_per_record: int | None = DEFAULT_QUESTIONS_PER_RECORD,
     balance_yes_no: bool = False,
+    val_images: int = 0,
+    test_sample: int | None = None,
+    shuffle: bool = False,
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
     """Write the easy-VQA outputs (module docstring) under ``out_dir``; skip what is up to date.
@@ -572,7 +635,17 @@ def prepare_easyvqa(
     emit = log or (lambda _line: None)
     started = time.perf_counter()
 
-    source = _Source(max_train_images, max_test_questions, questions_per_record, balance_yes_no)
+    if val_images < 0:
+        raise ConfigError(f"val_images must be >= 0, got {val_images}")
+    source = _Source(
+        max_train_images,
+        max_test_questions,
+        questions_per_record,
+        balance_yes_no,
+        val_images=val_images,
+        test_sample=test_sample,
+        shuffle=shuffle,
+    )
     images = out / "images"
     wds_dir = out / "wds"
     paths = {
@@ -582,6 +655,8 @@ def prepare_easyvqa(
         "instruct": out / "instruct.json",
         "test_questions": out / "test_questions.jsonl",
         "test_answers": out / "test_answers.json",
+        "val_questions": out / "val_questions.jsonl",
+        "val_answers": out / "val_answers.json",
         "wds_captions": wds_dir / "captions-%05d.tar",
         "wds_instruct": wds_dir / "instruct-%05d.tar",
         "tokenizer": out / "tokenizer",
@@ -598,23 +673,23 @@ def prepare_easyvqa(
         _write_records(paths["instruct"], records)
         return {"records": len(records), "turns": sum(len(r["conversations"]) // 2 for r in records)}
 
-    def build_test() -> dict[str, Any]:
+    def build_questions(split: str, questions: list[Question], folder: str) -> dict[str, Any]:
         lines, answers = [], {}
-        for q in source.test_questions:
+        for q in questions:
             qid, kind = str(q.index), question_type(q.answer)
             lines.append(
                 json_bytes(
                     {
                         "question_id": qid,
-                        "image": f"test/{q.image_id}.png",
+                        "image": f"{folder}/{q.image_id}.png",
                         "text": short_answer_question(q.text),
                         "category": kind,
                     }
                 )
             )
             answers[qid] = {"answer": q.answer, "type": kind}
-        atomic_write_bytes(paths["test_questions"], b"".join(line + b"\n" for line in lines))
-        atomic_write_bytes(paths["test_answers"], json_bytes(answers))
+        atomic_write_bytes(paths[f"{split}_questions"], b"".join(line + b"\n" for line in lines))
+        atomic_write_bytes(paths[f"{split}_answers"], json_bytes(answers))
         types = Counter(a["type"] for a in answers.values())
         return {"questions": len(answers), **{f"type_{t}": types[t] for t in ANSWER_TYPES}}
 
@@ -622,20 +697,21 @@ def prepare_easyvqa(
         shards = write_wds_shards(_shard_samples(records, images), paths[f"wds_{kind}"], shard_size)
         return {"shards": len(shards), "samples": len(records)}
 
-    train_args = {"max_train_images": max_train_images, "source": "train"}
+    train_args = {"max_train_images": max_train_images, "val_images": val_images, "source": "train"}
     instruct_args = {
         **train_args,
         "questions_per_record": questions_per_record,
         "balance_yes_no": balance_yes_no,
+        "shuffle": shuffle,
     }
-    test_args = {"max_test_questions": max_test_questions, "source": "test"}
+    test_args = {"max_test_questions": max_test_questions, "test_sample": test_sample, "source": "test"}
     artifacts = [
         _Artifact(
             "images_train",
             "images/train/",
             train_args,
             _files_under(paths["images_train"], "*.png"),
-            lambda: _copy_images(source.train_images, paths["images_train"]),
+            lambda: _copy_images({**source.train_images, **source.val_image_paths}, paths["images_train"]),
         ),
         _Artifact(
             "images_test",
@@ -653,7 +729,14 @@ def prepare_easyvqa(
             "test_questions.jsonl + test_answers.json",
             test_args,
             _files_named(paths["test_questions"], paths["test_answers"]),
-            build_test,
+            lambda: build_questions("test", source.test_questions, "test"),
+        ),
+        _Artifact(
+            "val",
+            "val_questions.jsonl + val_answers.json (held-out train images)",
+            train_args,
+            _files_named(paths["val_questions"], paths["val_answers"]),
+            lambda: build_questions("val", source.val_questions, "train"),
         ),
         _Artifact(
             "wds_captions",
@@ -694,6 +777,9 @@ def prepare_easyvqa(
             "vocab_size": vocab_size,
             "questions_per_record": questions_per_record,
             "balance_yes_no": balance_yes_no,
+            "val_images": val_images,
+            "test_sample": test_sample,
+            "shuffle": shuffle,
         },
         "source": {"package": "easy-vqa", "package_version": _package_version()},
         "counts": {},
@@ -804,6 +890,23 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="subsample train yes/no questions to as many yes as no per question template",
     )
+    parser.add_argument(
+        "--val-images",
+        type=int,
+        default=0,
+        help="hold out the last N kept train images as a validation split (val_questions.jsonl)",
+    )
+    parser.add_argument(
+        "--test-sample",
+        type=int,
+        default=None,
+        help="score a fixed stratified sample of N test questions (each answer type in its share)",
+    )
+    parser.add_argument(
+        "--shuffle",
+        action="store_true",
+        help="instruct records in a seeded random order (any prefix is a uniform sample) instead of by image",
+    )
     parser.add_argument("--force", action="store_true", help="rebuild everything even if up to date")
     args = parser.parse_args(argv)
     try:
@@ -816,6 +919,9 @@ def main(argv: list[str] | None = None) -> int:
             vocab_size=args.vocab_size,
             questions_per_record=args.questions_per_record or None,
             balance_yes_no=args.balance_yes_no,
+            val_images=args.val_images,
+            test_sample=args.test_sample,
+            shuffle=args.shuffle,
         )
     except MllmKdError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,9 +1,10 @@
 """Ablations of the easy-VQA demo: what each LLaVA-KD ingredient contributes.
 
-    python -m mllm_kd.ablate [--run-dir runs/demo] [--only NAME ...] [--jobs N] [key=value ...]
+    python -m mllm_kd.ablate [--run-dir runs/demo] [--recipe pretrained|scratch] [--seed S] [--only NAME ...]
+                             [--jobs N] [key=value ...]
 
-Reuses the demo's data and teacher (``RUN/data``, ``RUN/teacher``; run ``python -m mllm_kd.demo`` first)
-and trains one student per variant under ``RUN/ablation/<name>``:
+Reuses the demo's data and teacher (``RUN/data``, ``RUN/teacher``; run ``python -m mllm_kd.demo`` with the
+same ``--recipe`` first) and trains one student per variant under ``RUN/ablation/seed<S>/<name>``:
 
 * ``kd``: DPT -> SFT -> DFT with every term (the demo's LLaVA-KD student);
 * ``no_dpt``: plain caption pre-training (CE) -> SFT -> DFT;
@@ -15,8 +16,8 @@ and trains one student per variant under ``RUN/ablation/<name>``:
 * ``baseline_matched``: plain pre-training -> SFT for as many steps as SFT + DFT together, so that a gain
   of ``kd`` over it is not just more training.
 
-Finished variants are skipped; ``kd`` and ``baseline`` reuse the demo's students (``RUN/kd``,
-``RUN/baseline``) when no ``key=value`` override is given, since they are the same runs. ``--jobs N``
+Finished variants are skipped; ``kd``, ``baseline`` and ``baseline_matched`` reuse the demo's students of
+the same seed (``RUN/seed<S>/kd``, ...) when no ``key=value`` override is given, since they are the same runs. ``--jobs N``
 trains N variants at a time in separate processes, the CPU threads split between them (small models
 do not use two cores well, so two jobs on a 2-core machine take about half the time). Writes
 ``RUN/ablation/report.md`` and ``report.json``.
@@ -33,7 +34,7 @@ import sys
 from pathlib import Path
 
 from mllm_kd.cli import setup_logging, stage_config
-from mllm_kd.demo import NO_DISTILL, QUICK, RECIPE, evaluate
+from mllm_kd.demo import NO_DISTILL, RECIPES, evaluate
 from mllm_kd.errors import MllmKdError
 
 log = logging.getLogger("mllm_kd.ablate")
@@ -65,55 +66,67 @@ VARIANTS: dict[str, tuple[list[str], dict[str, list[str]], str]] = {
 
 
 # Variants that are runs of the demo itself: (sub-directory of RUN, its last stage, the demo's role).
-DEMO_RUNS = {"kd": ("kd", DFT, "student_kd"), "baseline": ("baseline", SFT, "student_baseline")}
+DEMO_RUNS = {
+    "kd": ("kd", DFT, "student_kd"),
+    "baseline": ("baseline", SFT, "student_baseline"),
+    "baseline_matched": ("matched", SFT, "student_matched"),
+}
 
 
-def _demo_checkpoint(run: Path, name: str, overrides: list[str]) -> Path | None:
+def _demo_checkpoint(run: Path, name: str, overrides: list[str], seed: int) -> Path | None:
     """The demo's finished student that is variant ``name``, if there is one (none with overrides)."""
     if name not in DEMO_RUNS or overrides:
         return None
     sub, last, _ = DEMO_RUNS[name]
-    ckpt = run / sub / last / "final"
+    ckpt = run / f"seed{seed}" / sub / last / "final"
     return ckpt if ckpt.is_dir() else None
 
 
-def train_variant(run: Path, name: str, overrides: list[str], quick: bool = False) -> Path:
+def train_variant(
+    run: Path, name: str, overrides: list[str], recipe: str, seed: int, quick: bool = False
+) -> Path:
     """Train one variant (``quick``: the demo's tiny ``--quick`` sizes); returns its final checkpoint."""
     from mllm_kd.stages import STAGES
 
     stages, per_stage, _ = VARIANTS[name]
-    if demo_ckpt := _demo_checkpoint(run, name, overrides):
+    if demo_ckpt := _demo_checkpoint(run, name, overrides, seed):
         log.info("== ablation %s: the demo's run %s", name, demo_ckpt)
         return demo_ckpt
+    spec = RECIPES[recipe]
     base = [
-        f"run_dir={run / 'ablation' / name}",
+        f"run_dir={run / 'ablation' / f'seed{seed}' / name}",
         f"data_dir={run / 'data'}",
         f"teacher_dir={run / 'teacher'}",
+        f"train.seed={seed}",
     ]
     ckpt = None
     for stage in stages:
-        extra = [*(QUICK if quick else []), *per_stage.get(stage, []), *overrides]
-        cfg = stage_config(RECIPE, stage, [*base, *extra])
+        quick_overrides = [*spec.quick, "train.progress=false"] if quick else []
+        extra = [*quick_overrides, *per_stage.get(stage, []), *overrides]
+        cfg = stage_config(spec.config, stage, [*base, *extra])
         log.info("== ablation %s: %s", name, stage)
         ckpt = STAGES[stage].run(cfg)
     assert ckpt is not None
     return ckpt
 
 
-def _train_in_parallel(run: Path, names: list[str], jobs: int, overrides: list[str], quick: bool) -> None:
+def _train_in_parallel(
+    run: Path, names: list[str], jobs: int, overrides: list[str], recipe: str, seed: int, quick: bool
+) -> None:
     """Train and answer ``names`` in ``jobs`` child processes (round-robin), threads split evenly."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     logs = run / "ablation" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     # The variants the demo already trained cost nothing: deal out only the others.
-    todo = [n for n in names if not _demo_checkpoint(run, n, overrides)]
+    todo = [n for n in names if not _demo_checkpoint(run, n, overrides, seed)]
     procs = []
     for k in range(jobs):
         group = todo[k::jobs]
         if not group:
             continue
         cmd = [sys.executable, "-m", "mllm_kd.ablate", "--run-dir", str(run), "--only", *group]
+        cmd += ["--recipe", recipe, "--seed", str(seed)]
         cmd += ["--quick"] if quick else []
         cmd += overrides
         log_path = logs / f"job{k}.log"
@@ -130,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", default="runs/demo")
     p.add_argument("--only", nargs="*", choices=list(VARIANTS), help="run only these variants")
     p.add_argument("--jobs", type=int, default=1, help="variants trained at a time (separate processes)")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="pretrained", help="the demo's recipe")
+    p.add_argument("--seed", type=int, default=0, help="the students' seed (the demo's seed<S> runs)")
+    p.add_argument("--split", choices=("test", "val"), default="test", help="the questions scored")
     p.add_argument("--quick", action="store_true", help="the tiny sizes of `mllm_kd.demo --quick`")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
@@ -143,15 +159,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"no teacher in {run}/teacher: run `python -m mllm_kd.demo --run-dir {run}` first"
             )
         if args.jobs > 1:
-            _train_in_parallel(run, names, args.jobs, args.overrides, args.quick)
+            _train_in_parallel(run, names, args.jobs, args.overrides, args.recipe, args.seed, args.quick)
         for name in names:  # finished variants and answer files are reused: this only collects
-            ckpt = train_variant(run, name, args.overrides, args.quick)
-            answers = run / "ablation" / "eval" / f"{name}.answers.jsonl"
-            if ckpt == _demo_checkpoint(run, name, args.overrides):
-                demo_answers = run / "eval" / f"{DEMO_RUNS[name][2]}.answers.jsonl"
+            ckpt = train_variant(run, name, args.overrides, args.recipe, args.seed, args.quick)
+            answers = run / "ablation" / "eval" / args.split / f"{name}-seed{args.seed}.answers.jsonl"
+            if ckpt == _demo_checkpoint(run, name, args.overrides, args.seed):
+                role = DEMO_RUNS[name][2]
+                demo_answers = run / "eval" / args.split / f"{role}-seed{args.seed}.answers.jsonl"
                 if demo_answers.is_file():
-                    answers = demo_answers  # the demo answered the test split with this very checkpoint
-            scores = evaluate(run / "data", answers, name, ckpt, redo=False)
+                    answers = demo_answers  # the demo answered these questions with this very checkpoint
+            scores = evaluate(run / "data", args.split, answers, name, ckpt, redo=False)
             results[name] = {
                 "accuracy": scores["accuracy"] / 100.0,
                 "by_type": scores["by_type"],

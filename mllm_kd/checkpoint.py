@@ -33,7 +33,7 @@ from safetensors.torch import load_model, save_file, save_model
 from mllm_kd.config import ModelConfig, StageConfig, config_to_yaml, model_config_from_dict
 from mllm_kd.errors import CheckpointError, ConfigError
 from mllm_kd.hf_llava import is_hf_llava_dir, load_hf_llava
-from mllm_kd.model import HFVisionTower, MultimodalLM, build_model
+from mllm_kd.model import HFVisionTower, MultimodalLM, TorchvisionVisionTower, build_model
 from mllm_kd.tokenization import image_token_id, load_tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -81,9 +81,16 @@ def describe_model(model: MultimodalLM, cfg: ModelConfig) -> dict:
     vision = d["vision"]
     if isinstance(model.vision, HFVisionTower):
         vision.update(backend="hf", config=model.vision.model.config.to_dict())
+    elif isinstance(model.vision, TorchvisionVisionTower):
+        vision.update(
+            backend="torchvision",
+            torchvision_model=model.vision.model_name,
+            feature_node=model.vision.feature_node,
+            image_size=model.vision.image_size,
+        )
     else:
         vision.update(backend="open_clip", config=model.vision.arch_config)
-    vision.update(path=None, checkpoint=None, open_clip_model=None)
+    vision.update(path=None, checkpoint=None, open_clip_model=None, weights=None)
     d["llm"].update(path=None, gguf_file=None, keep_layers=None, config=model.llm.config.to_dict())
     d["tokenizer"] = None
     return _jsonable(d)
@@ -235,8 +242,12 @@ def build_from_config(cfg: ModelConfig, tokenizer, device: str | torch.device = 
         model = build_model(cfg, image_token_id(tokenizer), len(tokenizer), device=device)
         model.vision.load_state_dict(weights)
         return model
-    if not (cfg.vision.path or cfg.vision.config or cfg.vision.open_clip_model):
-        raise ConfigError("model.vision needs one of path / config / open_clip_model / checkpoint")
+    if not (
+        cfg.vision.path or cfg.vision.config or cfg.vision.open_clip_model or cfg.vision.torchvision_model
+    ):
+        raise ConfigError(
+            "model.vision needs one of path / config / open_clip_model / torchvision_model / checkpoint"
+        )
     return build_model(cfg, image_token_id(tokenizer), len(tokenizer), device=device)
 
 

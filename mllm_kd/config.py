@@ -31,8 +31,12 @@ STAGE_NAMES = ("teacher_pt", "teacher_sft", "stage1", "stage2", "stage3")
 class VisionConfig:
     """The vision tower. Exactly one of ``path``, ``config`` or ``checkpoint`` gives its weights."""
 
-    backend: str = "hf"  # "hf" (transformers CLIP / SigLIP vision model) or "open_clip"
-    path: str | None = None  # local weights: an HF model directory, or an open_clip checkpoint file
+    backend: str = (
+        "hf"  # "hf" (transformers CLIP / SigLIP), "open_clip" or "torchvision" (a classification CNN)
+    )
+    path: str | None = (
+        None  # local weights: an HF model directory, an open_clip or torchvision checkpoint file
+    )
     config: dict[str, Any] | None = (
         None  # random init from this architecture (HF config kwargs incl. model_type, or open_clip CLIPVisionCfg kwargs)
     )
@@ -41,6 +45,13 @@ class VisionConfig:
     )
     checkpoint: str | None = (
         None  # take the vision tower (architecture + weights) of this mllm_kd checkpoint directory
+    )
+    torchvision_model: str | None = None  # torchvision classification model name (e.g. "mobilenet_v2")
+    weights: str | None = (
+        None  # torchvision weights enum name (e.g. "IMAGENET1K_V1"; torchvision downloads it)
+    )
+    feature_node: str | None = (
+        None  # torchvision: the feature map that becomes the visual tokens (e.g. "features.16")
     )
     feature_layer: int = (
         -2
@@ -53,8 +64,22 @@ class VisionConfig:
     image_std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
 
     def __post_init__(self) -> None:
-        if self.backend not in ("hf", "open_clip"):
-            raise ConfigError(f"model.vision.backend must be 'hf' or 'open_clip', got {self.backend!r}")
+        if self.backend not in ("hf", "open_clip", "torchvision"):
+            raise ConfigError(
+                f"model.vision.backend must be 'hf', 'open_clip' or 'torchvision', got {self.backend!r}"
+            )
+        if self.backend == "torchvision" and not self.checkpoint:
+            if not self.torchvision_model or not self.feature_node:
+                raise ConfigError(
+                    "model.vision (torchvision): set torchvision_model (e.g. mobilenet_v2) and feature_node "
+                    "(the feature map that becomes the visual tokens, e.g. features.16)"
+                )
+            if self.path and self.weights:
+                raise ConfigError("model.vision: give `path` (a local weights file) or `weights`, not both")
+        elif (self.weights or self.feature_node or self.torchvision_model) and not self.checkpoint:
+            raise ConfigError(
+                "model.vision.torchvision_model / weights / feature_node apply to backend: torchvision only"
+            )
 
 
 @dataclass
@@ -149,7 +174,9 @@ class DataConfig:
     template: str = (
         "auto"  # "auto" (the tokenizer's chat template, else "plain"), "chat", "plain" or "caption"
     )
-    system_prompt: str | None = None  # optional system message for chat templates
+    system_prompt: str | None = (
+        None  # system message for chat templates; "" an empty one (no template default)
+    )
     max_length: int = 2048  # longest sequence in tokens, visual tokens included
     on_overflow: str = "skip"  # a sample longer than max_length: "skip" (reported) or "raise"
     on_error: str = "raise"  # an unreadable sample met during training: "raise" or "skip" (logged)

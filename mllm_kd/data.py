@@ -208,7 +208,9 @@ class ConversationEncoder:
                     ("\n", False),
                 ]
             return out
-        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        messages = (
+            [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []
+        )
         out, prev = [], ""
         for turn in conv:
             if turn["from"] == "human":
@@ -239,7 +241,9 @@ class ConversationEncoder:
         if self.template == "plain":
             system = self.system_prompt + "\n\n" if self.system_prompt else ""
             return self._bos() + self._ids(f"{system}USER: {question}\nASSISTANT: ")
-        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        messages = (
+            [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []
+        )
         messages.append({"role": "user", "content": question})
         return self._ids(self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 

@@ -1,18 +1,27 @@
 """The main job: easy-VQA, from teacher to distilled student, in one command.
 
-    python -m mllm_kd.demo [--run-dir runs/demo] [--seed 0] [--teacher-dir DIR] [--redo] [--quick] [key=value ...]
+    python -m mllm_kd.demo [--run-dir runs/demo] [--recipe pretrained|scratch] [--seeds 0,1]
+                           [--split test|val] [--questions N] [--captions N] [--teacher-dir DIR]
+                           [--redo] [--quick] [key=value ...]
 
-1. prepares easy-VQA (``RUN/data``: captions, one record per train question, test questions, a BPE tokenizer);
-2. trains the teacher: caption pre-training with its vision tower trained from scratch, then SFT
-   (``RUN/teacher``);
-3. trains the student the plain way: caption pre-training (CE only) then SFT (``RUN/baseline``);
-4. trains the student the LLaVA-KD way: DPT -> SFT -> DFT (``RUN/kd``);
-5. answers the whole test split with each model (``RUN/eval/*.answers.jsonl``) and scores them;
-6. writes ``RUN/report.md``, ``RUN/report.json`` and PNG plots.
+1. prepares easy-VQA (``RUN/data``) and, for the pretrained recipe, the offline weights (``RUN/models``:
+   SmolLM2-135M-Instruct dequantised once from its GGUF file, torchvision's MobileNetV2 file);
+2. trains the teacher (``RUN/teacher``: ``teacher_pt`` -> ``teacher_sft``);
+3. per student seed (``RUN/seed<s>/``), the three students of the comparison fixed in advance:
+   ``baseline`` (plain PT -> SFT), ``matched`` (the same PT, then SFT for as many optimizer steps as
+   SFT + DFT: the compute-matched plain student) and ``kd`` (LLaVA-KD: DPT -> SFT -> DFT);
+4. answers the evaluation questions with every model (``RUN/eval/<split>/*.answers.jsonl``) and scores
+   them: exact match overall and per question type, yes/no also against the template prior;
+5. writes ``RUN/report.md``, ``RUN/report.json`` (per role: the mean over seeds, each seed, the spread)
+   and PNG plots.
 
-Every step is skipped when its result exists (``--redo`` redoes them). ``key=value`` overrides apply to
-every stage (e.g. ``loss.w_rel=0``, ``stages.stage3.train.epochs=2``); see configs/easyvqa.yaml.
-``--quick`` is the tests' variant: a few hundred examples and tiny models.
+Recipes: ``pretrained`` (configs/easyvqa.yaml, the default: frozen ImageNet MobileNetV2, SmolLM2-135M
+teacher, a 10-of-30-layer SmolLM2 student) and ``scratch`` (configs/easyvqa_scratch.yaml: every LLM
+random, the teacher's vision tower trained from scratch; the control where distillation does not win).
+``--split val`` scores the validation split carved from the training images (for choosing
+hyper-parameters) instead of the test questions. Every step is skipped when its result exists
+(``--redo`` redoes them). ``key=value`` overrides apply to every stage. ``--quick`` is the tests'
+variant: a few hundred examples and tiny random models.
 """
 
 from __future__ import annotations
@@ -20,20 +29,29 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from mllm_kd.checkpoint import load_checkpoint_model
 from mllm_kd.cli import setup_logging, stage_config
-from mllm_kd.errors import MllmKdError
-from mllm_kd.model import count_parameters
+from mllm_kd.errors import ConfigError, MllmKdError
 
 log = logging.getLogger("mllm_kd.demo")
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "configs" / "easyvqa.yaml"
 NO_DISTILL = ["loss.w_resp=0", "loss.w_vis=0", "loss.w_rel=0"]
-QUICK = [  # the tests' variant: tiny models, short runs
+
+
+@dataclass(frozen=True)
+class Recipe:
+    config: Path
+    prepare: dict  # prepare_easyvqa keyword arguments (quick runs shrink them)
+    pretrained_weights: bool  # needs RUN/models (SmolLM2 + MobileNetV2)
+    quick: tuple[str, ...]  # overrides of the tests' tiny variant
+
+
+QUICK_SCRATCH = (
     "teacher.model.vision.config.width=8",
     "teacher.model.vision.config.head_width=8",
     "teacher.model.llm.config.hidden_size=32",
@@ -46,74 +64,206 @@ QUICK = [  # the tests' variant: tiny models, short runs
     "model.llm.config.num_key_value_heads=1",
     "stages.teacher_pt.train.epochs=1",
     "stages.teacher_sft.train.epochs=1",
-    "train.progress=false",
-]
-
-# (name, run directory under RUN, stages, extra overrides, the model that gets evaluated)
-ROLES = {
-    "teacher": ("teacher", ["teacher_pt", "teacher_sft"], [], "teacher_sft"),
-    "student_baseline": ("baseline", ["stage1", "stage2"], NO_DISTILL, "stage2"),
-    "student_kd": ("kd", ["stage1", "stage2", "stage3"], [], "stage3"),
+)
+# The pretrained recipe's shape with tiny random parts: a random MobileNetV2 and a 3-layer Llama whose
+# layers 0 and 2 make the student (the real weights are not needed to test the pipeline).
+_TINY_LLAMA = (
+    "{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 3, "
+    "num_attention_heads: 2, num_key_value_heads: 1, max_position_embeddings: 256, tie_word_embeddings: true}"
+)
+QUICK_PRETRAINED = (
+    "teacher.model.vision.path=null",
+    f"teacher.model.llm={{path: null, config: {_TINY_LLAMA}}}",
+    f"model.llm={{path: null, keep_layers: [0, 2], config: {_TINY_LLAMA}}}",
+    "teacher.model.tokenizer=${data_dir}/tokenizer",
+    "model.tokenizer=${data_dir}/tokenizer",
+    "train.batch_size=8",
+    *(f"stages.{s}.data.max_samples=48" for s in ("teacher_pt", "teacher_sft", "stage1", "stage2", "stage3")),
+)
+RECIPES = {
+    "pretrained": Recipe(
+        ROOT / "configs" / "easyvqa.yaml",
+        # a validation split for choosing hyper-parameters; records in a seeded random order, so the
+        # recipe's first N questions cover ~N images (in image order they cover N / 9.6)
+        {"val_images": 200, "test_sample": 3000, "shuffle": True},
+        True,
+        QUICK_PRETRAINED,
+    ),
+    "scratch": Recipe(ROOT / "configs" / "easyvqa_scratch.yaml", {}, False, QUICK_SCRATCH),
 }
+QUICK_PREPARE = {"max_train_images": 64, "max_test_questions": 120}
+
+
+@dataclass(frozen=True)
+class Role:
+    sub: str  # run directory under RUN (students: under RUN/seed<s>)
+    stages: tuple[str, ...]
+    overrides: tuple[str, ...]
+    pt_from: str | None = None  # reuse this role's stage1 (same config and seed) instead of training one
+
+
+ROLES = {
+    "teacher": Role("teacher", ("teacher_pt", "teacher_sft"), ()),
+    "student_baseline": Role("baseline", ("stage1", "stage2"), tuple(NO_DISTILL)),
+    "student_matched": Role("matched", ("stage2",), tuple(NO_DISTILL), pt_from="student_baseline"),
+    "student_kd": Role("kd", ("stage1", "stage2", "stage3"), ()),
+}
+STUDENTS = [r for r in ROLES if r != "teacher"]
+
+
+def prepare_weights(models: Path) -> None:
+    """``models/smollm2-135m-instruct`` (dequantised once) and a link to the MobileNetV2 weights file."""
+    from mllm_kd.data_prep.weights import export_smollm2, require_file
+
+    models.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    export_smollm2(models / "smollm2-135m-instruct")
+    source = require_file("mobilenet_v2")
+    link = models / source.name
+    if not link.exists():
+        link.symlink_to(source)
+    log.info("weights ready in %s (%.1f s)", models, time.perf_counter() - started)
+
+
+def matched_overrides(recipe: Recipe, common: list[str]) -> list[str]:
+    """stage2 for as many optimizer steps as stage2 + stage3 (same data and batch), from the baseline's PT."""
+    sft, dft = (stage_config(recipe.config, s, common) for s in ("stage2", "stage3"))
+    for what, a, b in (
+        ("batch", sft.train.batch_size * sft.train.grad_accum, dft.train.batch_size * dft.train.grad_accum),
+        ("data", (sft.data.path, sft.data.max_samples), (dft.data.path, dft.data.max_samples)),
+    ):
+        if a != b:
+            raise ConfigError(
+                f"the compute-matched student needs stage2 and stage3 with the same {what}: {a} vs {b}"
+            )
+    if sft.train.max_steps is not None or dft.train.max_steps is not None:
+        raise ConfigError("the compute-matched student counts epochs; unset train.max_steps of stage2/stage3")
+    return [f"stages.stage2.train.epochs={sft.train.epochs + dft.train.epochs}"]
 
 
 def train_role(
-    run: Path, role: str, overrides: list[str], redo: bool, teacher_dir: Path | None = None
+    run: Path, recipe: Recipe, role: str, overrides: list[str], redo: bool, teacher_dir: Path, seed: int
 ) -> tuple[Path, float, list[str]]:
-    """Train one model's stages; returns its final checkpoint, the training seconds, and the stages.
-
-    ``teacher_dir`` (default ``run/teacher``) holds the teacher's stages, trained there if missing.
-    """
+    """Train one model's stages; returns its final checkpoint, the training seconds, and the stages."""
     from mllm_kd.stages import STAGES
 
-    sub, stages, extra, _ = ROLES[role]
-    teacher_dir = teacher_dir or run / "teacher"
+    spec = ROLES[role]
+    run_dir = teacher_dir if role == "teacher" else run / f"seed{seed}" / spec.sub
     common = [
-        f"run_dir={teacher_dir if role == 'teacher' else run / sub}",
+        f"run_dir={run_dir}",
         f"data_dir={run / 'data'}",
         f"teacher_dir={teacher_dir}",
-        *extra,
+        *spec.overrides,
         *overrides,
     ]
+    seconds, stages = 0.0, list(spec.stages)
+    if spec.pt_from is not None:
+        pt = run / f"seed{seed}" / ROLES[spec.pt_from].sub / "stage1" / "final"
+        seconds += json.loads((pt / "trainer_state.json").read_text())["elapsed"]
+        common += [f"stages.stage2.init_from={pt}", *matched_overrides(recipe, common)]
+        stages = [f"stage1 (of {ROLES[spec.pt_from].sub})", *stages]
     if redo:
         common.append("overwrite=true")
-    seconds = 0.0
     ckpt = None
-    for stage in stages:
-        cfg = stage_config(RECIPE, stage, common)
-        log.info("== %s: %s -> %s", role, stage, cfg.output_dir)
+    for stage in spec.stages:
+        cfg = stage_config(recipe.config, stage, common)
+        log.info("== %s (seed %d): %s -> %s", role, seed, stage, cfg.output_dir)
         ckpt = STAGES[stage].run(cfg)
         seconds += json.loads((ckpt / "trainer_state.json").read_text())["elapsed"]
     assert ckpt is not None
     return ckpt, seconds, stages
 
 
-def evaluate(data: Path, answers: Path, role: str, ckpt: Path, redo: bool, batch_size: int = 128) -> dict:
-    """Answer the test split of ``data`` into ``answers`` (greedy) and score it (exact match, per type)."""
+def evaluate(data: Path, split: str, answers: Path, model_id: str, ckpt: Path, redo: bool) -> dict:
+    """Answer ``data/<split>_questions.jsonl`` into ``answers`` (greedy) and score it.
+
+    Exact match overall and per type, plus the yes/no template prior (:func:`yes_no_prior`): its own
+    accuracy on these questions and how often the model's yes/no answers agree with it.
+    """
+    import torch
+
+    from mllm_kd.checkpoint import load_checkpoint_model
+    from mllm_kd.data_prep.easyvqa import train_template_prior
     from mllm_kd.eval.core import read_predictions
+    from mllm_kd.eval.run import training_template
     from mllm_kd.eval.tasks.easyvqa import EasyVQATask
     from mllm_kd.generate import Generator, answer_file, read_questions
+    from mllm_kd.model import count_parameters
 
     if redo and answers.exists():
         answers.unlink()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tok, model_cfg = load_checkpoint_model(ckpt)
+    template, system_prompt = training_template(ckpt)
     gen = Generator.from_model(
-        model,
+        model.to(device),
         tok,
+        template=template,
+        system_prompt=system_prompt,
         image_mean=model_cfg.vision.image_mean,
         image_std=model_cfg.vision.image_std,
         max_new_tokens=4,
     )
-    questions = read_questions(data / "test_questions.jsonl")
-    answer_file(gen, questions, data / "images", answers, model_id=role, batch_size=batch_size)
+    questions = read_questions(data / f"{split}_questions.jsonl")
+    answer_file(gen, questions, data / "images", answers, model_id=model_id, batch_size=128)
     task = EasyVQATask()
-    scores = task.score(read_predictions(answers), task.load(data / "test_answers.json"))
-    return {"parameters": count_parameters(model), "llm_parameters": count_parameters(model.llm), **scores}
+    predictions = read_predictions(answers)
+    scores = task.score(predictions, task.load(data / f"{split}_answers.json"))
+    return {
+        "parameters": count_parameters(model),
+        "llm_parameters": count_parameters(model.llm),
+        **scores,
+        "yes_no_prior": yes_no_prior(
+            train_template_prior(),
+            json.loads((data / f"{split}_answers.json").read_text()),
+            questions,
+            predictions,
+        ),
+    }
+
+
+def yes_no_prior(prior: dict[str, str], truth: dict, questions: list[dict], predictions) -> dict:
+    """How a model's yes/no answers relate to the template prior (``prior``: template -> the answer its
+    wording predicts, :func:`~mllm_kd.data_prep.easyvqa.template_prior`).
+
+    ``accuracy``: the prior's own accuracy on these yes/no questions; ``agreement``: the share of the
+    model's yes/no answers equal to the prior's; ``accuracy_where_prior_wrong``: the model's accuracy on
+    the questions the prior gets wrong (a model that only learned the wording scores 0 there).
+    ``truth``: question id -> ``{"answer": ...}``; ``questions``: the question file's records.
+    """
+    from mllm_kd.data_prep.easyvqa import YES_NO, question_template
+    from mllm_kd.eval.normalize import simple_normalize
+
+    said = {str(p.question_id): simple_normalize(p.text) for p in predictions}
+    rows = []
+    for q in questions:
+        answer = truth[str(q["question_id"])]["answer"]
+        if answer not in YES_NO:
+            continue
+        template = question_template(q["text"].split("\n")[0])
+        rows.append((prior.get(template, "no"), answer, said.get(str(q["question_id"]))))
+    if not rows:
+        return {}
+    wrong = [r for r in rows if r[0] != r[1]]
+    return {
+        "n": len(rows),
+        "accuracy": _pct(sum(p == a for p, a, _ in rows), len(rows)),
+        "agreement": _pct(sum(p == s for p, _, s in rows), len(rows)),
+        "accuracy_where_prior_wrong": _pct(sum(a == s for _, a, s in wrong), len(wrong)),
+    }
+
+
+def _pct(k: int, n: int) -> float | None:
+    return round(100 * k / n, 2) if n else None
 
 
 def run_demo(
     run: Path,
     overrides: list[str],
+    *,
+    recipe: str = "pretrained",
+    seeds: tuple[int, ...] = (0,),
+    split: str = "test",
     redo: bool = False,
     quick: bool = False,
     teacher_dir: Path | None = None,
@@ -125,23 +275,39 @@ def run_demo(
     """
     from mllm_kd.data_prep.easyvqa import prepare_easyvqa
 
+    spec = RECIPES[recipe]
     started = time.perf_counter()
+    teacher_dir = teacher_dir or run / "teacher"
     marks_before = _work_marks(run, teacher_dir)
-    if quick:
-        overrides = QUICK + overrides
-        prepare_easyvqa(run / "data", max_train_images=64, max_test_questions=120, log=log.info)
-    else:
-        prepare_easyvqa(run / "data", log=log.info)
-    results = {}
-    for role in ROLES:
-        role_overrides = overrides + (teacher_overrides or []) if role == "teacher" else overrides
-        ckpt, seconds, stages = train_role(run, role, role_overrides, redo, teacher_dir)
-        results[role] = {"checkpoint": str(ckpt), "train_seconds": round(seconds, 1), "stages": stages}
-    for role in ROLES:
-        answers = run / "eval" / f"{role}.answers.jsonl"
-        results[role].update(evaluate(run / "data", answers, role, Path(results[role]["checkpoint"]), redo))
-        results[role]["accuracy"] = results[role]["accuracy"] / 100.0
-        log.info("%s: accuracy %.4f %s", role, results[role]["accuracy"], results[role]["by_type"])
+    prepare = {**spec.prepare, **(QUICK_PREPARE if quick else {})}
+    if quick and "val_images" in prepare:
+        prepare["val_images"], prepare["test_sample"] = 8, None
+    prepare_easyvqa(run / "data", log=log.info, **prepare)
+    if spec.pretrained_weights and not quick:
+        prepare_weights(run / "models")
+    overrides = [*(spec.quick if quick else ()), *(["train.progress=false"] if quick else []), *overrides]
+    models: dict[str, dict] = {}  # "<role>" or "<role>/seed<s>" -> result
+    ckpt, seconds, stages = train_role(
+        run, spec, "teacher", overrides + (teacher_overrides or []), redo, teacher_dir, seed=0
+    )
+    models["teacher"] = {"checkpoint": str(ckpt), "train_seconds": round(seconds, 1), "stages": stages}
+    for seed in seeds:
+        for role in STUDENTS:
+            seeded = [*overrides, f"train.seed={seed}"]
+            ckpt, seconds, stages = train_role(run, spec, role, seeded, redo, teacher_dir, seed)
+            models[f"{role}/seed{seed}"] = {
+                "checkpoint": str(ckpt),
+                "train_seconds": round(seconds, 1),
+                "stages": stages,
+            }
+    for key, result in models.items():
+        answers = run / "eval" / split / f"{key.replace('/', '-')}.answers.jsonl"
+        result.update(evaluate(run / "data", split, answers, key, Path(result["checkpoint"]), redo))
+        result["accuracy"] = result["accuracy"] / 100.0
+        log.info("%s: accuracy %.4f %s", key, result["accuracy"], result["by_type"])
+    results: dict = {"teacher": models["teacher"]}
+    for role in STUDENTS:
+        results[role] = summarise({s: models[f"{role}/seed{s}"] for s in seeds})
     wall = time.perf_counter() - started
     # "seconds": the time spent producing these results, over every invocation that did some of the
     # work; a re-run that only finds finished stages and answers keeps the earlier total.
@@ -149,15 +315,56 @@ def run_demo(
     did_work = _work_marks(run, teacher_dir) != marks_before or previous is None
     results["seconds"] = round((previous or 0.0) + wall if did_work else previous, 1)
     results["wall_seconds"] = round(wall, 1)
-    results["overrides"] = overrides
+    results.update(recipe=recipe, split=split, seeds=list(seeds), overrides=overrides)
+    results["gaps"] = gaps(results)
     write_report(run, results)
     return results
 
 
-def _work_marks(run: Path, teacher_dir: Path | None) -> list[tuple[str, int]]:
+def summarise(per_seed: dict[int, dict]) -> dict:
+    """One student role over its seeds: means of the scores, the spread (max - min), and every seed."""
+    runs = list(per_seed.values())
+    first = runs[0]
+    out = {
+        "accuracy": statistics.fmean(r["accuracy"] for r in runs),
+        "by_type": {t: round(statistics.fmean(r["by_type"][t] for r in runs), 2) for t in first["by_type"]},
+        "train_seconds": round(statistics.fmean(r["train_seconds"] for r in runs), 1),
+        "parameters": first["parameters"],
+        "llm_parameters": first["llm_parameters"],
+        "n": first["n"],
+        "stages": first["stages"],
+        "spread": max(r["accuracy"] for r in runs) - min(r["accuracy"] for r in runs),
+        "yes_no_prior": {
+            k: round(statistics.fmean(r["yes_no_prior"][k] for r in runs), 2)
+            for k, v in first["yes_no_prior"].items()
+            if v is not None and all(r["yes_no_prior"].get(k) is not None for r in runs)
+        },
+        "seeds": {str(s): r for s, r in per_seed.items()},
+    }
+    return out
+
+
+def gaps(results: dict) -> dict:
+    """The comparison fixed in advance, in accuracy points (means over seeds)."""
+    acc = {r: 100 * results[r]["accuracy"] for r in ROLES}
+    teacher_gap = acc["teacher"] - acc["student_baseline"]
+    return {
+        "kd_minus_baseline": round(acc["student_kd"] - acc["student_baseline"], 2),
+        "kd_minus_matched": round(acc["student_kd"] - acc["student_matched"], 2),
+        "matched_minus_baseline": round(acc["student_matched"] - acc["student_baseline"], 2),
+        # share of the teacher-to-plain-student gap the distilled student closes
+        "gap_closed": round((acc["student_kd"] - acc["student_baseline"]) / teacher_gap, 3)
+        if teacher_gap > 0
+        else None,
+        "spread_kd": round(100 * results["student_kd"]["spread"], 2),
+        "spread_matched": round(100 * results["student_matched"]["spread"], 2),
+    }
+
+
+def _work_marks(run: Path, teacher_dir: Path) -> list[tuple[str, int]]:
     """(path, mtime) of everything the demo writes as a result: changes iff some work was done."""
-    paths = [run / "data" / "manifest.json", *(run / "eval").glob("*.answers.jsonl")]
-    for root in {run, teacher_dir or run / "teacher"}:
+    paths = [run / "data" / "manifest.json", *(run / "eval").glob("*/*.answers.jsonl")]
+    for root in {run, teacher_dir}:
         paths += root.glob("**/final/trainer_state.json")
     return sorted((str(p), p.stat().st_mtime_ns) for p in paths if p.is_file())
 
@@ -171,9 +378,11 @@ def _previous_seconds(run: Path) -> float | None:
 
 def _loss_curves(run: Path, results: dict) -> dict[str, list[dict]]:
     curves = {}
-    for role, (sub, stages, _, _) in ROLES.items():
-        for stage in stages:
-            path = run / sub / stage / "metrics.jsonl"
+    seed = results["seeds"][0]
+    for role, spec in ROLES.items():
+        base = run / "teacher" if role == "teacher" else run / f"seed{seed}" / spec.sub
+        for stage in spec.stages:
+            path = base / stage / "metrics.jsonl"
             if path.exists():
                 curves[f"{role}/{stage}"] = [json.loads(ln) for ln in path.read_text().splitlines() if ln]
     return curves
@@ -202,38 +411,56 @@ def write_report(run: Path, results: dict) -> None:
     fig.savefig(run / "loss_curves.png", dpi=110)
     plt.close(fig)
     types = sorted(results["teacher"]["by_type"])
-    fig, ax = plt.subplots(figsize=(6, 3))
+    fig, ax = plt.subplots(figsize=(7, 3))
     width = 0.8 / len(roles)
     for i, role in enumerate(roles):
-        vals = [results[role]["accuracy"] * 100] + [results[role]["by_type"][t] for t in types]
-        ax.bar([x + i * width for x in range(len(vals))], vals, width, label=role)
-    ax.set_xticks([x + width for x in range(len(types) + 1)], ["overall", *types])
+        r = results[role]
+        vals = [r["accuracy"] * 100] + [r["by_type"][t] for t in types]
+        xs = [x + i * width for x in range(len(vals))]
+        ax.bar(xs, vals, width, label=role)
+        for seed_result in r.get("seeds", {}).values():  # each seed as a dot over the mean's bar
+            pts = [seed_result["accuracy"] * 100] + [seed_result["by_type"][t] for t in types]
+            ax.plot(xs, pts, "k.", markersize=3)
+    ax.set_xticks([x + 1.5 * width for x in range(len(types) + 1)], ["overall", *types])
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(run / "accuracy.png", dpi=110)
     plt.close(fig)
+    g = results["gaps"]
     lines = [
-        "# easy-VQA: teacher, plain student, LLaVA-KD student",
+        f"# easy-VQA ({results['recipe']} recipe): teacher, plain students, LLaVA-KD student",
         "",
-        f"Test split: {results['teacher']['n']} questions. Total time {results['seconds']:.0f} s "
-        f"(this invocation {results['wall_seconds']:.0f} s).",
+        f"{results['split']} questions: {results['teacher']['n']}; student seeds {results['seeds']} "
+        "(students: mean over seeds, spread = max - min). "
+        f"Total time {results['seconds']:.0f} s (this invocation {results['wall_seconds']:.0f} s).",
         "",
-        "| model | parameters (LLM) | accuracy | " + " | ".join(types) + " | training time (s) | stages |",
-        "|---|---|---|" + "---|" * len(types) + "---|---|",
+        "| model | parameters (LLM) | accuracy | spread | "
+        + " | ".join(types)
+        + " | yes/no = prior | training time (s) | stages |",
+        "|---|---|---|---|" + "---|" * len(types) + "---|---|---|",
     ]
     for role in roles:
         r = results[role]
+        spread = f"{100 * r['spread']:.2f}" if "spread" in r else ""
         lines.append(
             f"| {role} | {r['parameters'] / 1e6:.2f}M ({r['llm_parameters'] / 1e6:.2f}M) | {100 * r['accuracy']:.2f} | "
+            + f"{spread} | "
             + " | ".join(f"{r['by_type'][t]:.2f}" for t in types)
-            + f" | {r['train_seconds']:.0f} | {' -> '.join(r['stages'])} |"
+            + f" | {r['yes_no_prior'].get('agreement', float('nan')):.2f} | {r['train_seconds']:.0f} | "
+            + f"{' -> '.join(r['stages'])} |"
         )
-    gain = 100 * (results["student_kd"]["accuracy"] - results["student_baseline"]["accuracy"])
+    prior = results["teacher"]["yes_no_prior"]
     lines += [
         "",
-        f"LLaVA-KD gain over the plain student: {gain:+.2f} points.",
+        f"yes/no template prior (each question's wording -> its template's majority train answer): "
+        f"{prior.get('accuracy', float('nan')):.2f}% of the yes/no questions; 'yes/no = prior' is the share of a "
+        "model's yes/no answers equal to it.",
+        "",
+        f"LLaVA-KD minus plain student: {g['kd_minus_baseline']:+.2f} points; minus the compute-matched plain "
+        f"student: {g['kd_minus_matched']:+.2f} (spreads: kd {g['spread_kd']:.2f}, matched "
+        f"{g['spread_matched']:.2f}); share of the teacher-to-plain-student gap closed: {g['gap_closed']}.",
         "",
         "![loss curves](loss_curves.png)",
         "",
@@ -243,32 +470,74 @@ def write_report(run: Path, results: dict) -> None:
     (run / "report.md").write_text("\n".join(lines))
 
 
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds needs distinct seeds, got {text!r}")
+    return seeds
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m mllm_kd.demo", description="easy-VQA: teacher -> plain and LLaVA-KD students"
+        prog="python -m mllm_kd.demo",
+        description="easy-VQA: teacher -> plain, compute-matched and LLaVA-KD students",
     )
     p.add_argument("--run-dir", default="runs/demo")
-    p.add_argument("--seed", type=int, default=0, help="seed of the students' stages (train.seed)")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="pretrained")
+    p.add_argument("--seeds", type=_seeds, default=(0, 1), help="the students' seeds (train.seed), e.g. 0,1")
     p.add_argument("--teacher-seed", type=int, default=0, help="seed of the teacher's stages")
+    p.add_argument(
+        "--split",
+        choices=("test", "val"),
+        default="test",
+        help="score the test questions, or the validation split held out from the train images "
+        "(for choosing hyper-parameters)",
+    )
     p.add_argument(
         "--teacher-dir",
         type=Path,
         default=None,
-        help="where the teacher's stages live (default RUN/teacher); a finished teacher there is reused, "
-        "so several student seeds can share one teacher",
+        help="where the teacher's stages live (default RUN/teacher); a finished teacher there is reused",
+    )
+    p.add_argument(
+        "--questions",
+        type=int,
+        default=None,
+        help="training questions of every model's SFT/DFT stages (default: the recipe's); a size option",
+    )
+    p.add_argument(
+        "--captions",
+        type=int,
+        default=None,
+        help="captions of the pre-training stages (default: the recipe's)",
     )
     p.add_argument("--redo", action="store_true", help="redo finished stages and evaluations")
     p.add_argument(
-        "--quick", action="store_true", help="tiny models, a few hundred examples (the tests' variant)"
+        "--quick", action="store_true", help="tiny random models, a few hundred examples (the tests' variant)"
     )
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     setup_logging()
     run = Path(args.run_dir)
+    sizes = [
+        f"stages.{stage}.data.max_samples={n}"
+        for n, stages in (
+            (args.questions, ("teacher_sft", "stage2", "stage3")),
+            (args.captions, ("teacher_pt", "stage1")),
+        )
+        if n is not None
+        for stage in stages
+    ]
     try:
         results = run_demo(
             run,
-            [f"train.seed={args.seed}", *args.overrides],
+            [*sizes, *args.overrides],
+            recipe=args.recipe,
+            seeds=args.seeds,
+            split=args.split,
             redo=args.redo,
             quick=args.quick,
             teacher_dir=args.teacher_dir,

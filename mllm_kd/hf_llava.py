@@ -93,7 +93,8 @@ def _check_exportable(model: MultimodalLM, model_cfg: ModelConfig) -> None:
     """Refuse what HF LLaVA cannot express, naming it and what would work."""
     if not isinstance(model.vision, HFVisionTower):
         raise ConfigError(
-            "cannot export to the Hugging Face LLaVA layout: the vision tower is an open_clip ViT; HF LLaVA "
+            f"cannot export to the Hugging Face LLaVA layout: the vision tower is {type(model.vision).__name__} "
+            "(open_clip or torchvision); HF LLaVA "
             "builds its vision_tower from a transformers config (CLIP / SigLIP vision models). Use "
             "model.vision.backend=hf for a model you want to export."
         )

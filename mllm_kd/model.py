@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import pickle
 import re
 from dataclasses import dataclass
 
@@ -116,6 +117,82 @@ class OpenClipVisionTower(nn.Module):
         return feats
 
 
+class TorchvisionVisionTower(nn.Module):
+    """A torchvision classification backbone; one feature map flattened row by row, ``[N, H*W, C]``.
+
+    ``feature_node`` names the map: a submodule's output (``features.16`` of ``mobilenet_v2``, ``layer3``
+    of ``resnet50``) or any torch.fx node name of the model. torchvision's ``create_feature_extractor``
+    keeps only the layers that produce it, so the classifier and later stages are not part of the tower.
+    A frozen tower keeps its batch-norm layers in eval mode (ImageNet statistics) even when the model is
+    put in training mode.
+    """
+
+    def __init__(self, backbone: nn.Module, model_name: str, feature_node: str, image_size: int):
+        super().__init__()
+        from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+        tracer_kwargs = None
+        _, nodes = get_graph_node_names(backbone)
+        if feature_node not in nodes:
+            try:  # a submodule: trace modules of its type as leaves, so its output is one node
+                leaf = type(backbone.get_submodule(feature_node))
+            except AttributeError:
+                names = [n for n, _ in backbone.named_children()]
+                raise ConfigError(
+                    f"model.vision.feature_node={feature_node!r} is neither a submodule nor a torch.fx node of "
+                    f"torchvision's {model_name} (its top-level modules: {names})"
+                ) from None
+            tracer_kwargs = {"leaf_modules": [leaf]}
+        self.body = create_feature_extractor(
+            backbone.eval(), return_nodes={feature_node: "features"}, tracer_kwargs=tracer_kwargs
+        )
+        self.model_name, self.feature_node, self.image_size = model_name, feature_node, int(image_size)
+        self.eval()  # no batch statistics while the model is assembled (its shape probes run the tower)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[N, 3, H, W]`` -> ``[N, h*w, channels]``."""
+        feats = self.body(pixel_values)["features"]
+        if feats.ndim != 4:
+            raise ConfigError(
+                f"model.vision.feature_node={self.feature_node!r} gives a {feats.ndim}-d tensor; pick a "
+                "convolutional feature map [N, C, H, W]"
+            )
+        return feats.flatten(2).transpose(1, 2)
+
+    def train(self, mode: bool = True) -> TorchvisionVisionTower:
+        super().train(mode)
+        if mode and not any(p.requires_grad for p in self.parameters()):
+            self.body.eval()
+        return self
+
+
+def build_torchvision_backbone(cfg: VisionConfig) -> nn.Module:
+    """The torchvision model ``cfg.torchvision_model`` with weights from ``path``, ``weights`` or random."""
+    import torchvision
+
+    name = cfg.torchvision_model
+    if name not in torchvision.models.list_models(torchvision.models):
+        raise ConfigError(
+            f"model.vision.torchvision_model={name!r} is not a torchvision classification model "
+            "(torchvision.models.list_models() lists them)"
+        )
+    model = torchvision.models.get_model(name, weights=cfg.weights)  # weights=None: random init
+    if cfg.path:
+        try:
+            state = torch.load(cfg.path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, pickle.UnpicklingError) as e:
+            raise ConfigError(
+                f"model.vision.path={cfg.path}: cannot read a torchvision state dict ({e})"
+            ) from e
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ConfigError(
+                f"model.vision.path={cfg.path} does not fit torchvision's {name}: missing keys {missing[:5]}, "
+                f"unexpected keys {unexpected[:5]}"
+            )
+    return model
+
+
 def build_hf_vision(cfg: VisionConfig) -> nn.Module:
     from transformers import AutoConfig, AutoModel, CLIPVisionModel, SiglipVisionModel
 
@@ -164,6 +241,10 @@ def build_open_clip_vision(cfg: VisionConfig) -> tuple[nn.Module, dict]:
 def build_vision_tower(cfg: VisionConfig) -> nn.Module:
     if cfg.backend == "hf":
         tower: nn.Module = HFVisionTower(build_hf_vision(cfg), cfg.feature_layer, cfg.drop_cls)
+    elif cfg.backend == "torchvision":
+        tower = TorchvisionVisionTower(
+            build_torchvision_backbone(cfg), cfg.torchvision_model, cfg.feature_node, cfg.image_size or 224
+        )
     else:
         visual, arch = build_open_clip_vision(cfg)
         tower = OpenClipVisionTower(visual, cfg.feature_layer, cfg.drop_cls, arch)

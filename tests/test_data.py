@@ -100,7 +100,7 @@ MULTI_IMAGE = [
 
 
 # ------------------------------------------------------------------------------------ templates
-@pytest.mark.parametrize("system_prompt", [None, "Be brief."])
+@pytest.mark.parametrize("system_prompt", [None, "Be brief.", ""])
 def test_chat_template_labels(tok, instruct, system_prompt):
     enc = encoder(tok, "chat", system_prompt=system_prompt)
     assert enc.template == "chat"
@@ -112,7 +112,9 @@ def test_chat_template_labels(tok, instruct, system_prompt):
         spans = label_spans(ids, labels)
         assert [tok.decode(s) for s in spans] == [a + "<|im_end|>\n" for a in answers]
         # The whole sequence is the chat template's rendering with each <image> expanded.
-        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        # "" is an empty system turn (it replaces a template's default system prompt); None is none
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+        assert (tok.decode(ids).count("<|im_start|>system") == 1) == (system_prompt is not None)
         messages += [
             {"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]} for t in conv
         ]

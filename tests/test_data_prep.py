@@ -44,6 +44,7 @@ ARTIFACTS = (
     "captions",
     "instruct",
     "test",
+    "val",
     "wds_captions",
     "wds_instruct",
     "tokenizer",
@@ -190,6 +191,56 @@ def test_balance_yes_no(tmp_path: Path) -> None:
     again = tmp_path / "again"
     _convert(again, balance_yes_no=True)
     assert _load(again, "instruct.json") == records  # seeded: the same subsample every time
+
+
+def test_validation_split_is_held_out_of_training(tmp_path: Path) -> None:
+    out = tmp_path / "val"
+    result = _convert(out, val_images=5)
+    val_ids = sorted(_first_train_ids())[-5:]
+    used = {r["image"] for name in ("captions.json", "instruct.json") for r in _load(out, name)}
+    assert used and not used & {f"train/{i}.png" for i in val_ids}  # no record of a held-out image
+    assert len(_load(out, "captions.json")) == N_TRAIN - 5
+    questions = [json.loads(ln) for ln in (out / "val_questions.jsonl").read_text().splitlines()]
+    answers = json.loads((out / "val_answers.json").read_text())
+    texts, truth, image_ids = easy_vqa.get_train_questions()
+    expected = [i for i, image in enumerate(image_ids) if image in val_ids]  # every question of those images
+    assert sorted(int(q["question_id"]) for q in questions) == expected
+    for q in questions:
+        i = int(q["question_id"])
+        assert q["image"] == f"train/{image_ids[i]}.png" and (out / "images" / q["image"]).is_file()
+        assert q["text"].split("\n")[0] == texts[i] and answers[q["question_id"]]["answer"] == truth[i]
+    assert result["counts"]["val.questions"] == len(expected)
+    with pytest.raises(ConfigError, match="val_images=120 leaves no train images"):
+        _convert(tmp_path / "bad", val_images=N_TRAIN)
+
+
+def test_stratified_test_sample_keeps_each_type_share() -> None:
+    from mllm_kd.data_prep.easyvqa import Question, question_type, stratified_sample
+
+    # 10 questions: 6 yes/no, 3 colour, 1 shape. A sample of 5: quotas 3.0, 1.5, 0.5 -> floors 3, 1, 0
+    # with 1 left over; the largest remainders (0.5, 0.5) tie and are broken by type name: "color" < "shape".
+    answers = ["yes", "no"] * 3 + ["red", "blue", "teal", "circle"]
+    questions = [Question(i, f"q{i}", a, image_id=i // 2) for i, a in enumerate(answers)]
+    sample = stratified_sample(questions, 5)
+    kinds = Counter(question_type(q.answer) for q in sample)
+    assert kinds == {"yes/no": 3, "color": 2}
+    assert [(q.image_id, q.index) for q in sample] == sorted((q.image_id, q.index) for q in sample)
+    assert stratified_sample(questions, 5) == sample  # the same sample every time
+    assert stratified_sample(questions, 10) == questions
+    with pytest.raises(ConfigError, match="test_sample=11"):
+        stratified_sample(questions, 11)
+
+
+def test_shuffle_orders_records_randomly_and_stably(tmp_path: Path, converted) -> None:
+    out, _ = converted
+    plain = _load(out, "instruct.json")
+    shuffled = _load(_convert(tmp_path / "a", shuffle=True) and tmp_path / "a", "instruct.json")
+    assert sorted(r["id"] for r in shuffled) == sorted(r["id"] for r in plain)  # the same records
+    assert [r["id"] for r in shuffled] != [r["id"] for r in plain]
+    # a prefix covers many images, where the image-ordered file's prefix covers a few
+    n = len(plain) // 4
+    assert len({r["image"] for r in shuffled[:n]}) > 2 * len({r["image"] for r in plain[:n]})
+    assert _load(_convert(tmp_path / "b", shuffle=True) and tmp_path / "b", "instruct.json") == shuffled
 
 
 def test_questions_per_record_must_be_positive(tmp_path: Path) -> None:

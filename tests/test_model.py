@@ -25,6 +25,7 @@ from mllm_kd.model import (
     HFVisionTower,
     MultimodalLM,
     OpenClipVisionTower,
+    TorchvisionVisionTower,
     apply_trainable,
     attention_implementation,
     build_llm,
@@ -81,6 +82,10 @@ def vision_cfg(kind: str, **kw) -> VisionConfig:
         return VisionConfig(backend="hf", config=dict(SIGLIP), **{"drop_cls": False, **kw})
     if kind == "open_clip":
         return VisionConfig(backend="open_clip", config=dict(OPEN_CLIP), **kw)
+    if kind == "torchvision":  # MobileNetV2's stride-8 map: 4x4 tokens of 32 channels at 32 px
+        return VisionConfig(
+            backend="torchvision", torchvision_model="mobilenet_v2", feature_node="features.6", image_size=32
+        )
     raise AssertionError(kind)
 
 
@@ -123,6 +128,7 @@ def batch_with_images(model: MultimodalLM, seed: int = 0):
         ("siglip", False, GRID_TOKENS, HFVisionTower),
         ("open_clip", True, GRID_TOKENS, OpenClipVisionTower),
         ("open_clip", False, GRID_TOKENS + 1, OpenClipVisionTower),
+        ("torchvision", False, GRID_TOKENS, TorchvisionVisionTower),
     ],
 )
 def test_build_model_families(llm, vision, drop_cls, n_tokens, tower_cls):
@@ -501,10 +507,11 @@ def _save(directory: Path, model: MultimodalLM, cfg: ModelConfig, tokenizer, ste
         ("clip", "qwen2", {}),
         ("open_clip", "llama", {}),
         ("siglip", "llama", {"tie_word_embeddings": True}),
+        ("torchvision", "llama", {}),
     ],
 )
 def test_checkpoint_round_trip(tmp_path, tokenizer, vision, llm, extra):
-    cfg = model_cfg(vision, llm, feature_layer=-1)
+    cfg = model_cfg(vision, llm, **({} if vision == "torchvision" else {"feature_layer": -1}))
     cfg.llm.config.update(extra)
     torch.manual_seed(0)
     model = build_from_config(cfg, tokenizer)
@@ -522,7 +529,7 @@ def test_checkpoint_round_trip(tmp_path, tokenizer, vision, llm, extra):
     assert type(loaded.vision) is type(model.vision)
     assert type(loaded.llm) is type(model.llm)
     assert loaded.num_visual_tokens == model.num_visual_tokens
-    assert cfg2.vision.feature_layer == -1
+    assert cfg2.vision.feature_layer == cfg.vision.feature_layer
     assert cfg2.vision.path is None and cfg2.llm.path is None
     assert len(tok2) == len(tokenizer)
     assert image_token_id(tok2) == image_token_id(tokenizer)
@@ -693,3 +700,100 @@ def test_open_clip_convolutional_tower_gives_flattened_feature_map():
     assert feats.shape == (2, 4, fmap.shape[1])
     torch.testing.assert_close(feats[:, 1], fmap[:, :, 0, 1])
     torch.testing.assert_close(feats[:, 2], fmap[:, :, 1, 0])
+
+
+# -------------------------------------------------------------------------------- torchvision tower
+def _mobilenet(tmp_path: Path, seed: int = 0) -> tuple[nn.Module, Path]:
+    """A random torchvision MobileNetV2 with non-trivial batch-norm statistics, saved as a state dict."""
+    import torchvision
+
+    torch.manual_seed(seed)
+    net = torchvision.models.mobilenet_v2()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    path = tmp_path / "mobilenet_v2.pth"
+    torch.save(net.state_dict(), path)
+    return net.eval(), path
+
+
+@pytest.mark.parametrize(
+    ("node", "size", "shape"), [("features.16", 64, (4, 160)), ("features.13", 64, (16, 96))]
+)
+def test_torchvision_tower_is_the_backbone_feature_map(tmp_path, node, size, shape):
+    net, path = _mobilenet(tmp_path)
+    tower = build_vision_tower(
+        VisionConfig(
+            backend="torchvision",
+            torchvision_model="mobilenet_v2",
+            path=str(path),
+            feature_node=node,
+            image_size=size,
+        )
+    )
+    x = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        expected = net.features[: int(node.split(".")[1]) + 1](x)  # [3, C, h, w]
+        got = tower(x)
+    assert got.shape == (3, *shape)
+    torch.testing.assert_close(got, expected.flatten(2).transpose(1, 2))  # row-major tokens
+    # the classifier and the stages after the map are not part of the tower
+    assert not any(k.startswith(("body.classifier", "body.features.18")) for k in tower.state_dict())
+
+
+def test_frozen_torchvision_tower_keeps_imagenet_batch_norm_in_training(tmp_path):
+    _, path = _mobilenet(tmp_path)
+    cfg = ModelConfig(
+        vision=VisionConfig(
+            backend="torchvision",
+            torchvision_model="mobilenet_v2",
+            path=str(path),
+            feature_node="features.6",
+            image_size=32,
+        ),
+        llm=LLMConfig(config=dict(LLMS["llama"])),
+    )
+    model = build_model(cfg, image_token_id=IMG_ID, vocab_size=VOCAB)
+    stats = {k: v.clone() for k, v in model.vision.state_dict().items() if "running" in k}
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        eval_out = model.vision(x)
+    apply_trainable(model, TrainableConfig(vision="frozen", projector="full", llm="full"))
+    model.train()
+    assert not model.vision.body.training and model.projector.training
+    with torch.no_grad():
+        train_out = model.vision(x)
+    torch.testing.assert_close(train_out, eval_out)  # running statistics, not the batch's
+    assert all(torch.equal(v, model.vision.state_dict()[k]) for k, v in stats.items())  # none updated
+    apply_trainable(model, TrainableConfig(vision="full", projector="full", llm="full"))
+    model.train()
+    assert model.vision.body.training  # a trained tower uses batch statistics, as torchvision trains it
+
+
+def test_torchvision_tower_errors_name_the_problem(tmp_path):
+    base = {"backend": "torchvision", "torchvision_model": "mobilenet_v2", "image_size": 32}
+    with pytest.raises(
+        ConfigError, match=r"feature_node='features\.99'.*top-level modules: \['features', 'classifier'\]"
+    ):
+        build_vision_tower(VisionConfig(**base, feature_node="features.99"))
+    with pytest.raises(ConfigError, match="'mobilenet_v9' is not a torchvision classification model"):
+        build_vision_tower(
+            VisionConfig(**{**base, "torchvision_model": "mobilenet_v9"}, feature_node="features.6")
+        )
+    with pytest.raises(ConfigError, match=r"set torchvision_model .* and feature_node"):
+        VisionConfig(backend="torchvision", torchvision_model="mobilenet_v2")
+    with pytest.raises(ConfigError, match="apply to backend: torchvision only"):
+        VisionConfig(backend="hf", feature_node="features.6")
+    other = tmp_path / "resnet.pth"
+    import torchvision
+
+    torch.save(torchvision.models.resnet18().state_dict(), other)
+    with pytest.raises(
+        ConfigError, match=rf"path={other} does not fit torchvision's mobilenet_v2: missing keys"
+    ):
+        build_vision_tower(VisionConfig(**base, feature_node="features.6", path=str(other)))
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"not a state dict")
+    with pytest.raises(ConfigError, match=rf"path={broken}: cannot read"):
+        build_vision_tower(VisionConfig(**base, feature_node="features.6", path=str(broken)))

@@ -17,7 +17,7 @@ from conftest import ROOT
 
 from mllm_kd.cli import stage_config
 from mllm_kd.config import STAGE_NAMES
-from mllm_kd.data_prep.smollm2 import smollm2_dir
+from mllm_kd.data_prep.weights import smollm2_dir
 
 CONFIG = ROOT / "configs" / "smollm2.yaml"
 

