@@ -332,6 +332,7 @@ def summarise(per_seed: dict[int, dict]) -> dict:
         "parameters": first["parameters"],
         "llm_parameters": first["llm_parameters"],
         "n": first["n"],
+        "missing": max(r.get("missing", 0) for r in runs),  # unanswered questions (the worst seed)
         "stages": first["stages"],
         "spread": max(r["accuracy"] for r in runs) - min(r["accuracy"] for r in runs),
         "yes_no_prior": {
