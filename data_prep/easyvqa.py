@@ -79,6 +79,7 @@ package's data it also agrees with all question-determined labels (counted in th
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import random
@@ -378,6 +379,7 @@ def template_prior(questions: list[Question]) -> dict[str, str]:
     return {t: max(YES_NO, key=lambda a: (c[a], a == "no")) for t, c in counts.items()}
 
 
+@functools.cache
 def train_template_prior() -> dict[str, str]:
     """:func:`template_prior` of the package's whole train split (whatever subset a run trains on)."""
     return template_prior(_load_split("train")[0])
