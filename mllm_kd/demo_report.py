@@ -1,0 +1,173 @@
+"""The demo's report: the yes/no template prior, per-role summaries over seeds, the comparison's gaps,
+and ``report.json`` / ``report.md`` / the plots. Pure functions of the scores (no training, no models)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from mllm_kd.eval.core import pct
+
+STUDENT_ROLES = ("student_baseline", "student_matched", "student_kd")
+
+
+def yes_no_prior(prior: dict[str, str], truth: dict, questions: list[dict], predictions) -> dict:
+    """How a model's yes/no answers relate to the template prior (``prior``: template -> the answer its
+    wording predicts, :func:`~mllm_kd.data_prep.easyvqa.template_prior`).
+
+    ``accuracy``: the prior's own accuracy on these yes/no questions; ``agreement``: the share of the
+    model's yes/no answers equal to the prior's; ``accuracy_where_prior_wrong``: the model's accuracy on
+    the questions the prior gets wrong (a model that only learned the wording scores 0 there).
+    ``truth``: question id -> ``{"answer": ...}``; ``questions``: the question file's records.
+    """
+    from mllm_kd.data_prep.easyvqa import YES_NO, question_template
+    from mllm_kd.eval.normalize import simple_normalize
+
+    said = {str(p.question_id): simple_normalize(p.text) for p in predictions}
+    rows = []
+    for q in questions:
+        answer = truth[str(q["question_id"])]["answer"]
+        if answer not in YES_NO:
+            continue
+        template = question_template(q["text"].split("\n")[0])
+        rows.append((prior.get(template, "no"), answer, said.get(str(q["question_id"]))))
+    if not rows:
+        return {}
+    wrong = [r for r in rows if r[0] != r[1]]
+    return {
+        "n": len(rows),
+        "accuracy": _pct(sum(p == a for p, a, _ in rows), len(rows)),
+        "agreement": _pct(sum(p == s for p, _, s in rows), len(rows)),
+        "accuracy_where_prior_wrong": _pct(sum(a == s for _, a, s in wrong), len(wrong)),
+    }
+
+
+def _pct(k: int, n: int) -> float | None:
+    return pct(k / n) if n else None
+
+
+def summarise(per_seed: dict[int, dict]) -> dict:
+    """One student role over its seeds: means of the scores, the spread (max - min), and every seed."""
+    runs = list(per_seed.values())
+    first = runs[0]
+    out = {
+        "accuracy": statistics.fmean(r["accuracy"] for r in runs),
+        "by_type": {t: round(statistics.fmean(r["by_type"][t] for r in runs), 2) for t in first["by_type"]},
+        "train_seconds": round(statistics.fmean(r["train_seconds"] for r in runs), 1),
+        "parameters": first["parameters"],
+        "llm_parameters": first["llm_parameters"],
+        "n": first["n"],
+        "missing": max(r.get("missing", 0) for r in runs),  # unanswered questions (the worst seed)
+        "stages": first["stages"],
+        "spread": max(r["accuracy"] for r in runs) - min(r["accuracy"] for r in runs),
+        "yes_no_prior": {
+            k: round(statistics.fmean(r["yes_no_prior"][k] for r in runs), 2)
+            for k, v in first["yes_no_prior"].items()
+            if v is not None and all(r["yes_no_prior"].get(k) is not None for r in runs)
+        },
+        "seeds": {str(s): r for s, r in per_seed.items()},
+    }
+    return out
+
+
+def gaps(results: dict) -> dict:
+    """The comparison fixed in advance, in accuracy points (means over seeds)."""
+    acc = {r: 100 * results[r]["accuracy"] for r in ("teacher", *STUDENT_ROLES)}
+    teacher_gap = acc["teacher"] - acc["student_baseline"]
+    return {
+        "kd_minus_baseline": round(acc["student_kd"] - acc["student_baseline"], 2),
+        "kd_minus_matched": round(acc["student_kd"] - acc["student_matched"], 2),
+        "matched_minus_baseline": round(acc["student_matched"] - acc["student_baseline"], 2),
+        # share of the teacher-to-plain-student gap the distilled student closes
+        "gap_closed": round((acc["student_kd"] - acc["student_baseline"]) / teacher_gap, 3)
+        if teacher_gap > 0
+        else None,
+        "spread_kd": round(100 * results["student_kd"]["spread"], 2),
+        "spread_matched": round(100 * results["student_matched"]["spread"], 2),
+    }
+
+
+def write_report(run: Path, results: dict, curves: dict[str, list[dict]]) -> None:
+    """report.json, report.md, loss_curves.png and accuracy.png in ``run``.
+
+    ``results``: the teacher and each of :data:`STUDENT_ROLES` (students as :func:`summarise` gives them)
+    plus ``gaps``, ``seeds``, ``split``, ``recipe``, ``seconds``; ``curves``: name -> metrics.jsonl rows.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    roles = ["teacher", *STUDENT_ROLES]
+    (run / "report.json").write_text(json.dumps(results, indent=2))
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 3), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], curves.items()):
+        for term in ("loss", "ce", "mdist_resp", "mdist_vis", "rdist"):
+            if rows and term in rows[0]:
+                ax.plot([r["step"] for r in rows], [r.get(term) for r in rows], label=term, linewidth=1)
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("step", fontsize=7)
+        ax.set_yscale("log")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(run / "loss_curves.png", dpi=110)
+    plt.close(fig)
+    types = sorted(results["teacher"]["by_type"])
+    fig, ax = plt.subplots(figsize=(7, 3))
+    width = 0.8 / len(roles)
+    for i, role in enumerate(roles):
+        r = results[role]
+        vals = [r["accuracy"] * 100] + [r["by_type"][t] for t in types]
+        xs = [x + i * width for x in range(len(vals))]
+        ax.bar(xs, vals, width, label=role)
+        for seed_result in r.get("seeds", {}).values():  # each seed as a dot over the mean's bar
+            pts = [seed_result["accuracy"] * 100] + [seed_result["by_type"][t] for t in types]
+            ax.plot(xs, pts, "k.", markersize=3)
+    ax.set_xticks([x + 1.5 * width for x in range(len(types) + 1)], ["overall", *types])
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(run / "accuracy.png", dpi=110)
+    plt.close(fig)
+    g = results["gaps"]
+    lines = [
+        f"# easy-VQA ({results['recipe']} recipe): teacher, plain students, LLaVA-KD student",
+        "",
+        f"{results['split']} questions: {results['teacher']['n']}; student seeds {results['seeds']} "
+        "(students: mean over seeds, spread = max - min). "
+        f"Total time {results['seconds']:.0f} s (this invocation {results['wall_seconds']:.0f} s).",
+        "",
+        "| model | parameters (LLM) | accuracy | spread | "
+        + " | ".join(types)
+        + " | yes/no = prior | training time (s) | stages |",
+        "|---|---|---|---|" + "---|" * len(types) + "---|---|---|",
+    ]
+    for role in roles:
+        r = results[role]
+        spread = f"{100 * r['spread']:.2f}" if "spread" in r else ""
+        lines.append(
+            f"| {role} | {r['parameters'] / 1e6:.2f}M ({r['llm_parameters'] / 1e6:.2f}M) | {100 * r['accuracy']:.2f} | "
+            + f"{spread} | "
+            + " | ".join(f"{r['by_type'][t]:.2f}" for t in types)
+            + f" | {r['yes_no_prior'].get('agreement', float('nan')):.2f} | {r['train_seconds']:.0f} | "
+            + f"{' -> '.join(r['stages'])} |"
+        )
+    prior = results["teacher"]["yes_no_prior"]
+    lines += [
+        "",
+        f"yes/no template prior (each question's wording -> its template's majority train answer): "
+        f"{prior.get('accuracy', float('nan')):.2f}% of the yes/no questions; 'yes/no = prior' is the share of a "
+        "model's yes/no answers equal to it.",
+        "",
+        f"LLaVA-KD minus plain student: {g['kd_minus_baseline']:+.2f} points; minus the compute-matched plain "
+        f"student: {g['kd_minus_matched']:+.2f} (spreads: kd {g['spread_kd']:.2f}, matched "
+        f"{g['spread_matched']:.2f}); share of the teacher-to-plain-student gap closed: {g['gap_closed']}.",
+        "",
+        "![loss curves](loss_curves.png)",
+        "",
+        "![accuracy](accuracy.png)",
+        "",
+    ]
+    (run / "report.md").write_text("\n".join(lines))
