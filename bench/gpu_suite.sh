@@ -14,6 +14,13 @@
 #    GPU, each evaluated on the full test split;
 # 5. with STAGE3_MEMORY=1: bench/stage3_memory.py at V=151,936 (its fixtures alone take minutes; alone:
 #    STAGE3_MEMORY=1 SKIP='tests|bench_kd|bench_teacher|profile|quant' bash bench/gpu_suite.sh OUT_DIR).
+# 6. bench/step.py --preset paper: one whole stage-3 step (Qwen2.5-3B teacher, Qwen2.5-0.5B student, SigLIP-so400m
+#    at 384 px, 4 x 2,048 tokens, bf16) for mllm_kd (online, cached, compiled), plain transformers + F.kl_div and
+#    liger-kernel's fused losses, with MFU against the measured bf16 matmul peak; then the online and cached
+#    steps under torch.profiler (where the time goes, which attention kernel runs).
+#    The whole of step 6 alone: SKIP='tests|bench_kd|bench_teacher|bench_opt|profile_teacher' (about 6 minutes).
+# Packages the device lacks (liger-kernel, omegaconf, webdataset, braceexpand) are installed from .whl/ when that
+# folder holds their wheels (see docs/performance.md, "On a GPU").
 # Each step has its own time limit; a step that fails does not stop the others. Everything printed goes
 # to OUT_DIR/suite.log; each benchmark's JSON line and the quantisation table go to OUT_DIR/results.jsonl.
 # For a trial elsewhere: SKIP (a regex of step names to leave out), QUANT_ARGS (extra stage-3 overrides,
@@ -42,12 +49,19 @@ step() {  # step NAME SECONDS CMD...: run with a limit, keep the JSON last line 
     fi
 }
 
+if compgen -G ".whl/*.whl" >/dev/null; then  # wheels carried to a machine without a package index
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
+        export PYTHONPATH=/tmp/site:.${PYTHONPATH:+:$PYTHONPATH}
+fi
+# the project itself (stages/, eval/ and data_prep/ are installed under the mllm_kd namespace)
+"$PY" -c "import mllm_kd.stages" 2>/dev/null ||
+    "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . || echo "=== could not install the project"
 echo "=== environment"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PY" - <<'EOF'
 import importlib, torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO CUDA DEVICE")
-for m in ("transformers", "open_clip", "bitsandbytes", "flash_attn", "omegaconf", "webdataset"):
+for m in ("transformers", "open_clip", "bitsandbytes", "flash_attn", "omegaconf", "webdataset", "liger_kernel", "triton"):
     try:
         print(m, getattr(importlib.import_module(m), "__version__", "?"))
     except Exception as e:  # noqa: BLE001
@@ -139,4 +153,9 @@ fi
 [[ ${STAGE3_MEMORY:-0} == 1 ]] || SKIP="${SKIP:+$SKIP|}bench_stage3_memory"
 step bench_stage3_memory 420 "$PY" bench/stage3_memory.py --device cuda --vocab 151936 --student-hidden 896 \
     --teacher-hidden 2048
+# one whole stage-3 step at the paper's shapes: every variant (the compiled one last), then two profiles
+STEP=(bench/step.py --preset paper --device cuda)
+step bench_step_paper 420 "$PY" "${STEP[@]}" --steps 6 --warmup 2 \
+    --variants mllm_kd,mllm_kd_cached,plain,liger,mllm_kd_compiled
+step profile_step_paper 150 "$PY" "${STEP[@]}" --steps 1 --warmup 2 --variants mllm_kd,mllm_kd_cached --profile
 echo "=== done ($(date -u +%H:%M:%S))"

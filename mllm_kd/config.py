@@ -275,6 +275,7 @@ class TrainConfig:
     )
     teacher_strategy: str = "replicate"  # with several processes: "replicate" the teacher or "fsdp2" shard it
     deterministic: bool = False  # torch.use_deterministic_algorithms for bit-exact resumes
+    compile: bool = False  # torch.compile each decoder layer of student and teacher (see docs/performance.md)
     progress: bool = True  # show a progress bar
 
     def __post_init__(self) -> None:

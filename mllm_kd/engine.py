@@ -45,7 +45,7 @@ from mllm_kd.distributed import (
 )
 from mllm_kd.errors import CheckpointError, TrainingError
 from mllm_kd.losses import DistillSettings, causal_lm_loss, distill_terms, response_mask
-from mllm_kd.model import MultimodalLM
+from mllm_kd.model import MultimodalLM, compile_decoder_layers
 
 log = logging.getLogger(__name__)
 StepHook = Callable[[int, dict], None]
@@ -370,6 +370,10 @@ class Trainer:
             self.teacher.to(self.device, dtype=self.amp or torch.float32).eval().requires_grad_(False)
             if self.dist.enabled and t.teacher_strategy == "fsdp2":
                 shard(self.teacher)
+        if t.compile:
+            compile_decoder_layers(student.llm)
+            if isinstance(teacher, MultimodalLM):
+                compile_decoder_layers(teacher.llm)
         self.loss_fn = LossComputer(cfg, teacher)
         self.batches_per_epoch = math.ceil(data.num_samples / t.batch_size)  # per rank
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / t.grad_accum)

@@ -323,6 +323,18 @@ def keep_decoder_layers(llm: nn.Module, keep: list[int]) -> None:
         llm.config.layer_types = [llm.config.layer_types[i] for i in keep]
 
 
+def compile_decoder_layers(llm: nn.Module) -> int:
+    """``torch.compile`` each decoder layer in place (one graph, reused by every layer: torchtune's way).
+
+    The modules stay what they were (``nn.Module.compile``), so state dicts, FSDP2 shards and the fused
+    losses' view of the LM head are unchanged. Returns the number of layers compiled.
+    """
+    layers = llm.get_decoder().layers
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
 # ---------------------------------------------------------------------------------------- the MLLM
 @dataclass
 class MLLMOutput:

@@ -797,3 +797,34 @@ def test_torchvision_tower_errors_name_the_problem(tmp_path):
     broken.write_bytes(b"not a state dict")
     with pytest.raises(ConfigError, match=rf"path={broken}: cannot read"):
         build_vision_tower(VisionConfig(**base, feature_node="features.6", path=str(broken)))
+
+
+def test_compile_decoder_layers_one_graph_same_output():
+    """train.compile: every decoder layer compiled in place, one graph shared by all, outputs unchanged."""
+    import copy
+
+    from torch._dynamo.utils import counters
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mllm_kd.model import compile_decoder_layers
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(
+        "llama",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=64,
+    )
+    llm = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    ref = copy.deepcopy(llm)
+    torch._dynamo.reset()
+    counters.clear()
+    assert compile_decoder_layers(llm) == 3
+    ids = torch.randint(0, 64, (2, 8))
+    out = llm(input_ids=ids, use_cache=False).logits
+    assert counters["stats"]["unique_graphs"] == 1  # no recompilation per layer
+    torch.testing.assert_close(out, ref(input_ids=ids, use_cache=False).logits, rtol=1e-5, atol=1e-5)
+    assert set(llm.state_dict()) == set(ref.state_dict())  # checkpoints keep their keys

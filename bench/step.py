@@ -1,0 +1,758 @@
+"""Benchmark: one whole stage-3 (DFT) training step, mllm_kd against the code users write instead.
+
+    python bench/step.py --preset smollm2                      # the main job's shapes, on the CPU (~3 min, 2 cores)
+    python bench/step.py --preset paper --device cuda          # Qwen2.5-3B -> 0.5B, SigLIP-so400m/14 @ 384 px
+
+One step = student forward + backward, teacher forward, CE + MDist (response and visual positions) + RDist,
+gradient clipping at 1.0 and the AdamW step. Every variant trains the same student from the same random
+weights on the same batches (fixed seed), each in a fresh process:
+
+* ``mllm_kd``: the stages' own code path. The stage-3 config is resolved as ``python -m mllm_kd.stage3``
+  resolves it, :class:`mllm_kd.engine.Trainer` is built as :func:`mllm_kd.recipe.run_stage` builds it, and
+  each step is the trainer's own ``_accumulate`` (autocast, :class:`~mllm_kd.engine.LossComputer`, which
+  picks the fused chunked losses) and ``_optimizer_step`` (clipping, AdamW, scheduler).
+* ``mllm_kd_cached``: the same with the teacher cache (``teacher.cache``): the teacher is run once over the
+  batches beforehand, its top-k log-probabilities and relation factors written to a cache directory, then
+  freed; the step reads the cache (:class:`mllm_kd.teacher_cache.CachedTeacher`) instead of running it.
+* ``plain``: what a user writes without this project, the LLaVA-KD / TRL way: transformers'
+  ``LlavaForConditionalGeneration`` for teacher and student (the same weights, converted by
+  :func:`mllm_kd.hf_llava.build_hf_llava`), full-vocabulary logits, ``F.cross_entropy``,
+  ``F.kl_div(log_softmax(z_S), log_softmax(z_T), log_target=True, reduction="batchmean")`` at the response
+  and at the visual positions, RDist as ``1 - cos`` of the visual logits' Gram matrices, torch's AdamW with
+  its default implementation.
+* ``mllm_kd_compiled`` (only when asked for with ``--variants``): ``mllm_kd`` with ``train.compile=true``
+  (each decoder layer of student and teacher through ``torch.compile``; the first warm-up step compiles).
+* ``liger`` (CUDA only): the plain models run to their final hidden states, and the student's CE and both
+  MDist terms go through liger-kernel's ``LigerFusedLinearCrossEntropyLoss`` and ``LigerFusedLinearJSD``
+  (``jsd_beta=0``: forward KL); RDist from the logits at the visual positions only.
+
+With the same weights and batches the variants compute the same loss: the table prints each one's first-step
+loss, and the JSON its relative difference from ``plain``'s.
+
+Model FLOPs of a step (the formula of the MFU; PaLM's convention, attention counted without the causal
+saving, the LM head inside N, embeddings outside):
+
+    student LLM, trained:       6 * N_s * tokens + 12 * L_s * d_s * T * tokens
+    teacher LLM, forward only:  2 * N_t * tokens +  4 * L_t * d_t * T * tokens      (not in mllm_kd_cached)
+    projector, trained:         6 * N_proj * visual tokens          (the teacher's: 2 * N_proj * visual tokens)
+    vision towers, forward:     2 * N_vis * patches per image, for each model that runs one
+
+with N the parameters of the decoder layers + the LM head, L the layers, d the hidden width, T the sequence
+length. MFU = model FLOPs / step time / the device's dense matmul peak, measured in the same run (a square
+matmul in the step's compute dtype; float32 on a CPU, bfloat16 on CUDA).
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the timed steps; on a CPU the resident-set
+high-water mark (``VmHWM`` after ``/proc/self/clear_refs``), see bench/kd_loss.py. The table gives both the
+total peak and the peak above what is allocated before a step (the models, the optimizer state, the batch:
+the same for every variant but the cached one, which holds no teacher). ``memory_vs_plain`` is the ratio of
+the latter, ``total_memory_vs_plain`` of the former.
+
+The LAST line printed is one JSON object: ``speed_vs_plain`` (plain step time / mllm_kd step time),
+``memory_vs_plain``, ``total_memory_vs_plain``, ``mfu`` (mllm_kd's), ``cached_speedup`` (mllm_kd step time /
+mllm_kd_cached step time), on CUDA ``speed_vs_liger`` and ``memory_vs_liger``, and every variant's figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "bench"):
+    if str(p) not in sys.path:  # run as a script from a checkout
+        sys.path.insert(0, str(p))
+
+VARIANTS = ("mllm_kd", "mllm_kd_cached", "plain", "liger", "mllm_kd_compiled")
+DEFAULT_VARIANTS = ("mllm_kd", "mllm_kd_cached", "plain", "liger")
+
+
+def _llama(layers: int) -> dict:  # SmolLM2-135M-Instruct's architecture
+    return {
+        "model_type": "llama",
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "max_position_embeddings": 8192,
+        "rope_theta": 100000.0,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+    }
+
+
+def _qwen2(hidden: int, inter: int, layers: int, heads: int) -> dict:  # Qwen2.5's architecture
+    return {
+        "model_type": "qwen2",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+    }
+
+
+def _siglip(hidden: int, inter: int, layers: int, heads: int, image: int, patch: int) -> dict:
+    return {
+        "model_type": "siglip_vision_model",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "image_size": image,
+        "patch_size": patch,
+    }
+
+
+PRESETS = {
+    # The main job (configs/easyvqa.yaml): SmolLM2-135M-Instruct teacher (30 layers), its 10-layer student,
+    # stage-3 batch 16; 4 visual tokens per 64-px image. The main job's MobileNetV2 tower is replaced by a small
+    # SigLIP giving the same 4 tokens (HF LLaVA, the plain variant, holds only transformers' vision models);
+    # either costs under 0.1% of the step. Tokens per sample: the demo's longest SFT sample (see docs).
+    "smollm2": {
+        "student": _llama(10),
+        "teacher": _llama(30),
+        "vision": _siglip(256, 1024, 2, 4, 64, 32),
+        "batch": 16,
+        "tokens": 48,
+        "response": 4,
+        "device": "cpu",
+    },
+    # LLaVA-KD's setting: Qwen2.5-3B teacher, Qwen2.5-0.5B student, SigLIP-so400m/14 at 384 px (729 visual
+    # tokens), 2,048 tokens per sample, half of the text after the image a response (multi-turn LLaVA-665K).
+    "paper": {
+        "student": _qwen2(896, 4864, 24, 14),
+        "teacher": _qwen2(2048, 11008, 36, 16),
+        "vision": _siglip(1152, 4304, 27, 16, 384, 14),
+        "batch": 4,
+        "tokens": 2048,
+        "response": 660,
+        "device": "cuda",
+    },
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="smollm2")
+    p.add_argument("--device", default=None, help="cpu / cuda (default: the preset's)")
+    p.add_argument("--batch", type=int, default=None, help="samples per step (default: the preset's)")
+    p.add_argument("--tokens", type=int, default=None, help="tokens per sample (default: the preset's)")
+    p.add_argument("--response", type=int, default=None, help="response tokens per sample")
+    p.add_argument("--layers-scale", type=float, default=1.0, help="scale both LLMs' depth (quick trials)")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per variant (after --warmup)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--variants", default=None, help="comma-separated subset (default: all that run here)")
+    p.add_argument("--chunk-size", type=int, default=None, help="loss.chunk_size (default: the stage's)")
+    p.add_argument("--k", type=int, default=32, help="teacher.cache_topk of the cached variant")
+    p.add_argument("--relation-rank", type=int, default=32, help="teacher.cache_relation_rank")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="stage-3 override")
+    p.add_argument(
+        "--profile", action="store_true", help="print torch.profiler's table of one step per variant"
+    )
+    p.add_argument("--profile-rows", type=int, default=25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--peak-only", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    preset = PRESETS[args.preset]
+    args.device = args.device or preset["device"]
+    args.batch = args.batch or preset["batch"]
+    args.tokens = args.tokens or preset["tokens"]
+    args.response = args.response or preset["response"]
+    return args
+
+
+# --------------------------------------------------------------------------------------------- shapes
+def _scaled(cfg: dict, scale: float) -> dict:
+    return {**cfg, "num_hidden_layers": max(1, round(cfg["num_hidden_layers"] * scale))}
+
+
+def shapes(args) -> dict:
+    preset = PRESETS[args.preset]
+    return {
+        "student": _scaled(preset["student"], args.layers_scale),
+        "teacher": _scaled(preset["teacher"], args.layers_scale),
+        "vision": preset["vision"],
+    }
+
+
+def _llm_params(c: dict) -> int:
+    """Decoder-layer and LM-head parameters (embeddings aside) of a Llama / Qwen2 config."""
+    d, f, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    kv = d * c["num_key_value_heads"] // c["num_attention_heads"]
+    attn = (
+        d * d + 2 * d * kv + d * d + (2 * kv + d if c["model_type"] == "qwen2" else 0)
+    )  # q, k, v, o (+bias)
+    return c["num_hidden_layers"] * (attn + 3 * d * f + 2 * d) + v * d
+
+
+def _vision_params(c: dict) -> int:
+    d, f, n = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    return n * (4 * d * d + 2 * d * f) + 3 * c["patch_size"] ** 2 * d
+
+
+def step_flops(args, cached: bool) -> dict:
+    """Model FLOPs of one step, by part (the formula in the module docstring)."""
+    sh = shapes(args)
+    s, t, v = sh["student"], sh["teacher"], sh["vision"]
+    B, T = args.batch, args.tokens
+    n_vis = (v["image_size"] // v["patch_size"]) ** 2
+    tokens = B * T
+    proj_s = v["hidden_size"] * s["hidden_size"] + s["hidden_size"] ** 2
+    proj_t = v["hidden_size"] * t["hidden_size"] + t["hidden_size"] ** 2
+    parts = {
+        "student_llm": 6 * _llm_params(s) * tokens
+        + 12 * s["num_hidden_layers"] * s["hidden_size"] * T * tokens,
+        "student_projector": 6 * proj_s * B * n_vis,
+        "student_vision": 2 * _vision_params(v) * B * n_vis,
+    }
+    if not cached:
+        parts["teacher_llm"] = (
+            2 * _llm_params(t) * tokens + 4 * t["num_hidden_layers"] * t["hidden_size"] * T * tokens
+        )
+        parts["teacher_projector"] = 2 * proj_t * B * n_vis
+        parts["teacher_vision"] = 2 * _vision_params(v) * B * n_vis
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def matmul_peak(device: str, dtype_name: str) -> float:
+    """FLOP/s of a square matmul on random data (median of timed repeats after a warm-up)."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    n = 8192 if device == "cuda" else 1536
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    times = []
+    for i in range(13 if device == "cuda" else 6):
+        _sync(device)
+        t0 = time.perf_counter()
+        (a @ b)
+        _sync(device)
+        if i >= 3 if device == "cuda" else i >= 1:
+            times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------------------------------- fixtures
+def make_tokenizer(work: Path):
+    from mllm_kd.tokenization import load_tokenizer, train_bpe_tokenizer
+
+    words = [
+        "a",
+        "photo",
+        "of",
+        "the",
+        "red",
+        "blue",
+        "green",
+        "shape",
+        "circle",
+        "square",
+        "triangle",
+        "what",
+        "color",
+        "is",
+        "it",
+        "yes",
+        "no",
+    ]
+    train_bpe_tokenizer([" ".join(words)] * 4, work / "tokenizer", vocab_size=300)
+    return load_tokenizer(work / "tokenizer")
+
+
+def make_batches(
+    args, image_token_id: int, n_tok: int, vocab: int, n_vis: int, image_size: int
+) -> list[dict]:
+    """``--warmup + --steps`` batches: [BOS-ish prefix][image][prompt][response], fixed length, no padding."""
+    import torch
+
+    g = torch.Generator().manual_seed(args.seed)
+    B, T, R = args.batch, args.tokens, args.response
+    prefix = 2
+    if prefix + n_vis + 1 + R > T:
+        raise SystemExit(f"--tokens {T} is too short for {n_vis} visual and {R} response tokens")
+    batches = []
+    for step in range(args.warmup + args.steps):
+        ids = torch.randint(n_tok, vocab, (B, T), generator=g)  # ids above the tokenizer's own: no <image>
+        ids[:, prefix : prefix + n_vis] = image_token_id
+        labels = torch.full((B, T), -100, dtype=torch.long)
+        labels[:, T - R :] = ids[:, T - R :]
+        batches.append(
+            {
+                "input_ids": ids,
+                "attention_mask": torch.ones(B, T, dtype=torch.long),
+                "labels": labels,
+                "pixel_values": torch.randn(B, 3, image_size, image_size, generator=g),
+                "ids": [f"s{step}-{b}" for b in range(B)],
+                "skipped": 0,
+            }
+        )
+    return batches
+
+
+def stage3_config(args, work: Path):
+    from mllm_kd.config import resolve_stage_config
+    from mllm_kd.stages import stage3
+
+    sh = shapes(args)
+    recipe = {
+        "run_dir": str(work / "run"),
+        "model": {
+            "vision": {"backend": "hf", "config": sh["vision"], "feature_layer": -2, "drop_cls": False},
+            "llm": {"config": sh["student"]},
+            "tokenizer": str(work / "tokenizer"),
+        },
+        "train": {"batch_size": args.batch, "device": args.device, "progress": False, "max_steps": 1000},
+    }
+    overrides = ["init_from=null", *list(args.set)]
+    if args.worker == "mllm_kd_compiled":
+        overrides.append("train.compile=true")
+    if args.chunk_size:
+        overrides.append(f"loss.chunk_size={args.chunk_size}")
+    return resolve_stage_config(recipe, "stage3", stage3.DEFAULTS, overrides, source="bench/step.py")
+
+
+def build_models(args, cfg, tok):
+    """Teacher and student MultimodalLMs (random, seeded); the student shares the teacher's vision tower weights."""
+    import copy
+
+    import torch
+
+    from mllm_kd.config import LLMConfig
+    from mllm_kd.model import build_model
+    from mllm_kd.tokenization import image_token_id
+
+    sh = shapes(args)
+    image_id = image_token_id(tok)
+    vocab = sh["student"]["vocab_size"]
+    torch.manual_seed(args.seed)
+    with torch.device(args.device):  # random init on the device: seconds instead of minutes for 3B
+        t_cfg = copy.deepcopy(cfg.model)
+        t_cfg.llm = LLMConfig(config=sh["teacher"])
+        teacher = build_model(t_cfg, image_id, vocab, device=args.device)
+        student = build_model(cfg.model, image_id, vocab, device=args.device)
+    student.vision.load_state_dict(teacher.vision.state_dict())
+    return student, teacher, t_cfg
+
+
+class _Data:  # what Trainer reads of the stage's data (the batches come from make_batches)
+    def __init__(self, n: int):
+        self.num_samples, self.dataset, self.sampler = n, None, None
+
+
+# -------------------------------------------------------------------------------------------- memory
+class Memory:
+    """Peak memory of the timed steps: total, and above what was allocated before each step."""
+
+    def __init__(self, device: str):
+        self.device, self.total, self.step = device, 0, 0
+
+    def before(self) -> None:
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            from kd_loss import _reset_peak_rss, _rss_kib, _trim_heap
+
+            _trim_heap()
+            _reset_peak_rss()
+            self.base = (_rss_kib("VmRSS") or 0) * 1024
+
+    def after(self) -> None:
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            from kd_loss import _rss_kib
+
+            peak = (_rss_kib("VmHWM") or 0) * 1024
+        self.total = max(self.total, peak)
+        self.step = max(self.step, peak - self.base)
+
+
+# -------------------------------------------------------------------------------------------- workers
+def _mllm_kd_step(args, cfg, student, teacher, tok, batches, work: Path, cached: bool):
+    """Returns ``step(batch) -> loss`` running the stages' Trainer; ``cached``: through a teacher cache."""
+    import torch
+
+    from mllm_kd.engine import Trainer
+    from mllm_kd.model import apply_trainable
+
+    apply_trainable(student, cfg.trainable)
+    if cached:
+        teacher = write_cache(args, cfg, teacher, batches, work / "cache")
+        torch.cuda.empty_cache() if args.device == "cuda" else None
+    trainer = Trainer(cfg, student, teacher, _Data(len(batches) * args.batch), tok, cfg.model)
+    trainer.model.train()
+    student.vision.train(False)
+    losses = []
+
+    def step(batch):
+        sums, bad = trainer._accumulate(iter([(batch, 1)]))
+        if bad:
+            raise SystemExit(bad)
+        trainer._optimizer_step(skip=False)
+        losses.append(sums["loss"])
+        return sums
+
+    return step, trainer.device
+
+
+def write_cache(args, cfg, teacher, batches, out: Path):
+    """The teacher's cache of ``batches`` in the format :class:`~mllm_kd.teacher_cache.CachedTeacher` reads."""
+    import numpy as np
+    import torch
+
+    from mllm_kd.engine import autocast_dtype, pick_device
+    from mllm_kd.fused_losses import head_gram
+    from mllm_kd.teacher_cache import (
+        CACHE_VERSION,
+        FILES,
+        INDEX,
+        MANIFEST,
+        _index_dtype,
+        open_cache,
+        teacher_rows,
+    )
+
+    dev = pick_device(cfg.train)
+    amp = autocast_dtype(cfg.train, dev)
+    teacher.to(dev, dtype=amp or torch.float32).eval().requires_grad_(False)
+    head = teacher.llm.get_output_embeddings()
+    gram = head_gram(head.weight.detach(), None if head.bias is None else head.bias.detach())
+    out.mkdir(parents=True, exist_ok=True)
+    index = {k: [] for k in ("ids", "hashes", "row_start", "n_rows", "n_images", "rel_start")}
+    rows = rel_n = 0
+    idx_dtype = _index_dtype(teacher.vocab_size)
+    files = {name: open(out / f, "wb") for name, f in FILES.items()}  # noqa: SIM115
+    with torch.no_grad():
+        for batch in batches:
+            b = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+                samples = teacher_rows(teacher, b, args.k, args.relation_rank, gram, cfg.loss.chunk_size)
+            for s in samples:
+                index["ids"].append(s["id"])
+                index["hashes"].append(s["hash"])
+                index["row_start"].append(rows)
+                index["n_rows"].append(len(s["rest"]))
+                index["n_images"].append(s["n_images"])
+                index["rel_start"].append(rel_n)
+                files["logprobs"].write(np.ascontiguousarray(s["logprobs"], dtype=np.float16).tobytes())
+                files["indices"].write(np.ascontiguousarray(s["indices"], dtype=idx_dtype).tobytes())
+                files["rest"].write(np.ascontiguousarray(s["rest"], dtype=np.float32).tobytes())
+                files["relation"].write(np.ascontiguousarray(s["relation"], dtype=np.float16).tobytes())
+                rows += len(s["rest"])
+                rel_n += len(s["relation"])
+    for f in files.values():
+        f.close()
+    (out / INDEX).write_text(json.dumps(index))
+    manifest = {
+        "version": CACHE_VERSION,
+        "built_for": {"num_visual_tokens": teacher.num_visual_tokens},
+        "layout": {
+            "k": args.k,
+            "relation_rank": args.relation_rank,
+            "rows": rows,
+            "relation_values": rel_n,
+            "index_dtype": idx_dtype,
+        },
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    return open_cache(out)
+
+
+def _plain_models(args, student, teacher, tok, t_cfg, cfg):
+    import torch
+
+    from mllm_kd.hf_llava import build_hf_llava
+
+    hs, _ = build_hf_llava(student, tok, cfg.model)
+    ht, _ = build_hf_llava(teacher, tok, t_cfg)
+    amp = torch.bfloat16 if args.device == "cuda" else None
+    hs.to(args.device).train()
+    ht.to(args.device, dtype=amp or torch.float32).eval().requires_grad_(False)
+    hs.model.vision_tower.requires_grad_(False).eval()  # stage 3: vision frozen, projector + LLM train
+    return hs, ht, amp
+
+
+def _plain_step(args, student, teacher, tok, t_cfg, cfg, use_liger: bool):
+    """Returns ``step(batch) -> loss``: HF LLaVA teacher and student, the loss written out (or liger's)."""
+    import torch
+    import torch.nn.functional as F
+
+    hs, ht, amp = _plain_models(args, student, teacher, tok, t_cfg, cfg)
+    del student, teacher
+    params = [p for p in hs.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-5)
+    n_vis = (
+        PRESETS[args.preset]["vision"]["image_size"] // PRESETS[args.preset]["vision"]["patch_size"]
+    ) ** 2
+    image_id = hs.config.image_token_index
+    if use_liger:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss, LigerFusedLinearJSD
+
+        fl_ce = LigerFusedLinearCrossEntropyLoss()
+        fl_kl = LigerFusedLinearJSD(jsd_beta=0.0, temperature=1.0)
+
+    def rdist(zs, zt):
+        gs, gt = zs @ zs.transpose(1, 2), zt @ zt.transpose(1, 2)
+        return (1 - F.cosine_similarity(gs.flatten(1), gt.flatten(1), dim=-1)).mean()
+
+    def step(batch):
+        b = {k: v.to(args.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        ids, attn, px, labels = b["input_ids"], b["attention_mask"], b["pixel_values"], b["labels"]
+        vis = ids == image_id
+        resp = torch.zeros_like(vis)
+        resp[:, :-1] = labels[:, 1:] != -100
+        with torch.autocast(args.device, dtype=amp or torch.float32, enabled=amp is not None):
+            if not use_liger:
+                zs = hs(input_ids=ids, attention_mask=attn, pixel_values=px).logits.float()
+                with torch.no_grad():
+                    zt = ht(input_ids=ids, attention_mask=attn, pixel_values=px).logits.float()
+                V = zs.shape[-1]
+                ce = F.cross_entropy(zs[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+                def kl(mask):
+                    return F.kl_div(
+                        F.log_softmax(zs[mask], -1),
+                        F.log_softmax(zt[mask], -1),
+                        log_target=True,
+                        reduction="batchmean",
+                    )
+
+                terms = {"ce": ce, "mdist_resp": kl(resp), "mdist_vis": kl(vis)}
+                terms["rdist"] = rdist(zs[vis].view(-1, n_vis, V), zt[vis].view(-1, n_vis, V))
+            else:
+                h = hs.model(input_ids=ids, attention_mask=attn, pixel_values=px).last_hidden_state
+                with torch.no_grad():
+                    th = ht.model(input_ids=ids, attention_mask=attn, pixel_values=px).last_hidden_state
+                ws, wt = hs.lm_head.weight, ht.lm_head.weight
+                d = h.shape[-1]
+                ce = fl_ce(ws, h[:, :-1].reshape(-1, d), labels[:, 1:].reshape(-1))
+
+                def kl(mask):
+                    rows = h[mask]
+                    return fl_kl(
+                        rows,
+                        ws,
+                        th[mask],
+                        wt,
+                        torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device),
+                    )
+
+                terms = {"ce": ce, "mdist_resp": kl(resp), "mdist_vis": kl(vis)}
+                zs = (h[vis] @ ws.t()).float().view(-1, n_vis, ws.shape[0])
+                zt = (th[vis] @ wt.t()).float().view(-1, n_vis, wt.shape[0])
+                terms["rdist"] = rdist(zs, zt)
+        total = sum(terms.values())
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
+
+    return step
+
+
+def run_worker(args) -> dict:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    work = Path(tempfile.mkdtemp(prefix="bench_step_"))
+    tok = make_tokenizer(work)
+    cfg = stage3_config(args, work)
+    student, teacher, t_cfg = build_models(args, cfg, tok)
+    n_vis = student.num_visual_tokens
+    batches = make_batches(
+        args, student.image_token_id, len(tok), student.vocab_size, n_vis, student.vision.image_size
+    )
+    if args.worker.startswith("mllm_kd"):
+        step, _ = _mllm_kd_step(
+            args, cfg, student, teacher, tok, batches, work, args.worker == "mllm_kd_cached"
+        )
+        del teacher
+    else:
+        step = _plain_step(args, student, teacher, tok, t_cfg, cfg, use_liger=args.worker == "liger")
+        del student, teacher
+    mem = Memory(args.device)
+    times, first = [], None
+    for i, batch in enumerate(batches):
+        mem_on = i >= args.warmup
+        if mem_on:
+            mem.before()
+        _sync(args.device)
+        t0 = time.perf_counter()
+        terms = step(batch)
+        _sync(args.device)
+        dt = time.perf_counter() - t0
+        if mem_on:
+            mem.after()
+            times.append(dt)
+        first = first or terms
+    profile = None
+    if args.profile:
+        profile = _profile(args, step, batches[-1])
+    return {
+        "variant": args.worker,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "peak_total_bytes": mem.total,
+        "peak_step_bytes": mem.step,
+        "first_step": first,
+        "attention": getattr(getattr(student, "llm", None), "config", None)
+        and student.llm.config._attn_implementation
+        if args.worker.startswith("mllm_kd")
+        else None,
+        "profile": profile,
+    }
+
+
+def _profile(args, step, batch) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step(batch)
+        _sync(args.device)
+    key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=args.profile_rows)
+    names = sorted({e.key for e in prof.key_averages()})
+    attention = [
+        n for n in names if any(w in n.lower() for w in ("flash", "fmha", "efficient_attention", "attention"))
+    ]
+    return table + "\nattention kernels and ops: " + "; ".join(attention[:12])
+
+
+def _spawn(args, variant: str) -> dict:
+    argv = [a for a in sys.argv[1:]]
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", variant]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"variant": variant, "error": tail}
+    lines = proc.stdout.strip().splitlines()
+    return json.loads(lines[-1])
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_worker(args)))
+        return 0
+    if args.peak_only:
+        return 0
+    import platform
+
+    import torch
+
+    variants = (
+        args.variants.split(",")
+        if args.variants
+        else [v for v in DEFAULT_VARIANTS if v != "liger" or args.device == "cuda"]
+    )
+    dtype = "bfloat16" if args.device == "cuda" else "float32"
+    peaks = {
+        d: matmul_peak(args.device, d)
+        for d in (("float32", "bfloat16") if args.device == "cuda" else ("float32",))
+    }
+    if args.device == "cuda":
+        print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+    else:
+        print(
+            f"device: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+        )
+    print("matmul peak: " + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in peaks.items()))
+    sh = shapes(args)
+    print(
+        f"preset {args.preset}: student {sh['student']['num_hidden_layers']} x {sh['student']['hidden_size']}, "
+        f"teacher {sh['teacher']['num_hidden_layers']} x {sh['teacher']['hidden_size']}, V={sh['student']['vocab_size']}, "
+        f"batch {args.batch} x {args.tokens} tokens ({args.response} response), {args.steps} timed steps"
+    )
+    results = {}
+    for v in variants:
+        r = _spawn(args, v)
+        results[v] = r
+        if "error" in r:
+            print(f"{v}: FAILED: {r['error']}")
+            continue
+        flops = step_flops(args, cached=v == "mllm_kd_cached")["total"]
+        r["model_flops"] = flops
+        r["tokens_per_s"] = args.batch * args.tokens / r["median_s"]
+        r["mfu"] = flops / r["median_s"] / peaks[dtype]
+        if r.get("profile"):
+            print(f"--- profile of {v}\n{r.pop('profile')}")
+    ref = results.get("plain", {})
+    print("\n| variant | step (s) | spread | tokens/s | MFU | peak, step | peak, total | first loss |")
+    print("|---|---|---|---|---|---|---|---|")
+    for v, r in results.items():
+        if "error" in r:
+            continue
+        print(
+            f"| {v} | {r['median_s']:.3f} | {r['min_s']:.3f}-{r['max_s']:.3f} | {r['tokens_per_s']:,.0f} | "
+            f"{r['mfu'] * 100:.1f}% | {_mib(r['peak_step_bytes'])} | {_mib(r['peak_total_bytes'])} | "
+            f"{r['first_step']['loss']:.5f} |"
+        )
+    out = {
+        "preset": args.preset,
+        "device": args.device,
+        "dtype": dtype,
+        "batch": args.batch,
+        "tokens": args.tokens,
+        "peak_flops": peaks,
+        "flops": step_flops(args, cached=False),
+        "variants": results,
+    }
+    m = results.get("mllm_kd", {})
+    if "median_s" in m and "median_s" in ref:
+        out["speed_vs_plain"] = ref["median_s"] / m["median_s"]
+        out["memory_vs_plain"] = m["peak_step_bytes"] / ref["peak_step_bytes"]
+        out["total_memory_vs_plain"] = m["peak_total_bytes"] / ref["peak_total_bytes"]
+        out["loss_vs_plain"] = m["first_step"]["loss"] / ref["first_step"]["loss"] - 1
+    if "median_s" in m:
+        out["mfu"] = m["mfu"]
+    c = results.get("mllm_kd_cached", {})
+    if "median_s" in m and "median_s" in c:
+        out["cached_speedup"] = m["median_s"] / c["median_s"]
+    lg = results.get("liger", {})
+    if "median_s" in m and "median_s" in lg:
+        out["speed_vs_liger"] = lg["median_s"] / m["median_s"]
+        out["memory_vs_liger"] = m["peak_step_bytes"] / lg["peak_step_bytes"]
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,102 @@
+"""bench/step.py: its FLOP formula against real models, and a tiny run of every CPU variant."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_step", ROOT / "bench" / "step.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("which", ["smollm2", "paper"])
+def test_parameter_counts_match_the_models(which):
+    """The N of the MFU formula equals the decoder + head parameters of the model transformers builds."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    step = _bench()
+    preset = step.PRESETS[which]
+    small = {**preset["student"], "num_hidden_layers": 2, "vocab_size": 1000, "tie_word_embeddings": False}
+    kwargs = dict(small)
+    with torch.device("meta"):
+        llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(kwargs.pop("model_type"), **kwargs))
+    embed = llm.get_input_embeddings().weight.numel()
+    final_norm = llm.get_decoder().norm.weight.numel()
+    assert step._llm_params(small) == sum(p.numel() for p in llm.parameters()) - embed - final_norm
+    vision = {**preset["vision"], "num_hidden_layers": 2}
+    vkw = dict(vision)
+    with torch.device("meta"):
+        tower = AutoModel.from_config(AutoConfig.for_model(vkw.pop("model_type"), **vkw))
+    matmul = sum(
+        m.weight.numel()
+        for m in tower.modules()
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and "head" not in type(m).__name__.lower()
+    )
+    encoder = sum(
+        m.weight.numel()
+        for n, m in tower.named_modules()
+        if isinstance(m, torch.nn.Linear) and "encoder" in n
+    )
+    patch = sum(m.weight.numel() for m in tower.modules() if isinstance(m, torch.nn.Conv2d))
+    # the formula counts the encoder's linears and the patch embedding (norms, biases and the pooling head aside)
+    assert step._vision_params(vision) == encoder + patch
+    assert matmul >= encoder + patch
+
+
+def test_cached_step_leaves_the_teacher_out():
+    step = _bench()
+    args = step.parse_args(["--preset", "paper"])
+    online, cached = step.step_flops(args, cached=False), step.step_flops(args, cached=True)
+    assert online["total"] == sum(v for k, v in online.items() if k != "total")
+    assert online["total"] - cached["total"] == (
+        online["teacher_llm"] + online["teacher_projector"] + online["teacher_vision"]
+    )
+    # Qwen2.5-3B's forward costs about 6x the 0.5B student's per token (the paper's ratio)
+    t, s = (
+        step._llm_params(step.PRESETS["paper"]["teacher"]),
+        step._llm_params(step.PRESETS["paper"]["student"]),
+    )
+    assert 5 < t / s < 7
+
+
+def test_tiny_run_of_every_cpu_variant():
+    """The CPU dry run: mllm_kd, its cached teacher and plain transformers; the same loss from the same weights."""
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "step.py"),
+        "--preset",
+        "smollm2",
+        "--layers-scale",
+        "0.07",
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, timeout=600)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(res["variants"]) == {"mllm_kd", "mllm_kd_cached", "plain"}
+    for name, v in res["variants"].items():
+        assert "error" not in v, (name, v)
+        assert v["median_s"] > 0 and v["peak_total_bytes"] > v["peak_step_bytes"] > 0
+        assert 0 < v["mfu"] < 1
+    # same weights, same batch: the plain transformers loss equals the stages' fused loss
+    assert abs(res["loss_vs_plain"]) < 1e-5
+    first = res["variants"]["mllm_kd"]["first_step"]
+    assert set(first) >= {"ce", "mdist_resp", "mdist_vis", "rdist"}
+    assert res["speed_vs_plain"] > 0 and res["memory_vs_plain"] > 0 and res["cached_speedup"] > 0
+    assert res["variants"]["mllm_kd_cached"]["model_flops"] < res["variants"]["mllm_kd"]["model_flops"]
