@@ -121,14 +121,14 @@ PRESETS = {
     # The main job (configs/easyvqa.yaml): SmolLM2-135M-Instruct teacher (30 layers), its 10-layer student,
     # stage-3 batch 16; 4 visual tokens per 64-px image. The main job's MobileNetV2 tower is replaced by a small
     # SigLIP giving the same 4 tokens (HF LLaVA, the plain variant, holds only transformers' vision models);
-    # either costs under 0.1% of the step. Tokens per sample: the demo's longest SFT sample (see docs).
+    # either costs under 0.1% of the step. Tokens per sample: the demo's longest stage-3 sample (44; mean 40), 3 of them answer labels.
     "smollm2": {
         "student": _llama(10),
         "teacher": _llama(30),
         "vision": _siglip(256, 1024, 2, 4, 64, 32),
         "batch": 16,
-        "tokens": 48,
-        "response": 4,
+        "tokens": 44,
+        "response": 3,
         "device": "cpu",
     },
     # LLaVA-KD's setting: Qwen2.5-3B teacher, Qwen2.5-0.5B student, SigLIP-so400m/14 at 384 px (729 visual
@@ -494,8 +494,9 @@ def _plain_models(args, student, teacher, tok, t_cfg, cfg):
 
     from mllm_kd.hf_llava import build_hf_llava
 
-    hs, _ = build_hf_llava(student, tok, cfg.model)
-    ht, _ = build_hf_llava(teacher, tok, t_cfg)
+    with torch.device(args.device):  # built where they run (a 3B model initialised on a CPU takes minutes)
+        hs, _ = build_hf_llava(student, tok, cfg.model)
+        ht, _ = build_hf_llava(teacher, tok, t_cfg)
     amp = torch.bfloat16 if args.device == "cuda" else None
     hs.to(args.device).train()
     ht.to(args.device, dtype=amp or torch.float32).eval().requires_grad_(False)
@@ -554,7 +555,8 @@ def _plain_step(args, student, teacher, tok, t_cfg, cfg, use_liger: bool):
                 h = hs.model(input_ids=ids, attention_mask=attn, pixel_values=px).last_hidden_state
                 with torch.no_grad():
                     th = ht.model(input_ids=ids, attention_mask=attn, pixel_values=px).last_hidden_state
-                ws, wt = hs.lm_head.weight, ht.lm_head.weight
+                # liger's kernels take one dtype: the student's float32 master head cast as autocast would
+                ws, wt = hs.lm_head.weight.to(h.dtype), ht.lm_head.weight
                 d = h.shape[-1]
                 ce = fl_ce(ws, h[:, :-1].reshape(-1, d), labels[:, 1:].reshape(-1))
 
@@ -594,6 +596,7 @@ def run_worker(args) -> dict:
     batches = make_batches(
         args, student.image_token_id, len(tok), student.vocab_size, n_vis, student.vision.image_size
     )
+    attention = student.llm.config._attn_implementation
     if args.worker.startswith("mllm_kd"):
         step, _ = _mllm_kd_step(
             args, cfg, student, teacher, tok, batches, work, args.worker == "mllm_kd_cached"
@@ -602,6 +605,11 @@ def run_worker(args) -> dict:
     else:
         step = _plain_step(args, student, teacher, tok, t_cfg, cfg, use_liger=args.worker == "liger")
         del student, teacher
+    import gc
+
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
     mem = Memory(args.device)
     times, first = [], None
     for i, batch in enumerate(batches):
@@ -628,10 +636,7 @@ def run_worker(args) -> dict:
         "peak_total_bytes": mem.total,
         "peak_step_bytes": mem.step,
         "first_step": first,
-        "attention": getattr(getattr(student, "llm", None), "config", None)
-        and student.llm.config._attn_implementation
-        if args.worker.startswith("mllm_kd")
-        else None,
+        "attention": attention,
         "profile": profile,
     }
 

@@ -188,6 +188,9 @@ class DataConfig:
     )
     num_workers: int = 0  # data-loader worker processes
     max_samples: int | None = None  # use only the first N samples (quick trials)
+    group_by_length: bool = (
+        False  # batches of similar length, one modality each (LLaVA's group_by_modality_length)
+    )
 
     def __post_init__(self) -> None:
         if self.format not in ("llava_json", "wds"):

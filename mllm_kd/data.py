@@ -43,7 +43,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, IterableDataset
 
 from mllm_kd.config import DataConfig
-from mllm_kd.errors import DataError
+from mllm_kd.errors import ConfigError, DataError
 from mllm_kd.losses import IGNORE_INDEX
 from mllm_kd.tokenization import IMAGE_TOKEN
 
@@ -416,24 +416,71 @@ class Collator:
         return batch
 
 
+def length_grouped_order(
+    order: list[int], lengths: list[int], has_image: list[bool], group: int, g: torch.Generator
+) -> list[int]:
+    """``order`` regrouped so each run of ``group`` samples is of one modality and sorted longest first, the
+    runs in a seeded random order (the short last run of each modality at the end): LLaVA's
+    ``group_by_modality_length`` with transformers' ``LengthGroupedSampler`` run size. Deterministic given
+    ``order`` and ``g``'s state.
+    """
+    runs: list[list[int]] = []
+    tails: list[int] = []
+    for modality in (True, False):
+        idx = [i for i in order if has_image[i] == modality]
+        for k in range(0, len(idx), group):
+            run = sorted(idx[k : k + group], key=lambda i: -lengths[i])
+            (runs.append(run) if len(run) == group else tails.extend(run))
+    perm = torch.randperm(len(runs), generator=g).tolist()
+    return [i for r in perm for i in runs[r]] + sorted(tails, key=lambda i: -lengths[i])
+
+
+def approx_length(rec: dict, num_visual_tokens: int) -> int:
+    """A record's length for grouping, without tokenising it (LLaVA's way): words + visual tokens."""
+    words = sum(len(str(turn.get("value", "")).split()) for turn in rec.get("conversations", []))
+    return words + num_visual_tokens * len(record_images(rec))
+
+
 class EpochSampler(torch.utils.data.Sampler[int]):
     """A seeded permutation per epoch, dealt round-robin to the ranks, that can start part-way.
 
     ``start`` counts the positions of the epoch's permutation already consumed by all ranks together,
     so a run resumed on a different number of processes continues at the same place.
+
+    With ``lengths`` (``data.group_by_length``) the permutation is regrouped by :func:`length_grouped_order`
+    into runs of up to 50 x ``batch_size x world_size`` samples sorted by length, so every micro-batch (and
+    the micro-batches the ranks take side by side) holds samples of similar length: less padding. The order
+    is a function of (seed, epoch, batch_size x world_size): resuming at ``start`` continues it exactly
+    with the same global micro-batch.
     """
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        n: int,
+        seed: int,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        lengths: list[int] | None = None,
+        has_image: list[bool] | None = None,
+        batch_size: int = 1,
+    ):
         self.n, self.seed, self.shuffle, self.rank, self.world_size = n, seed, shuffle, rank, world_size
+        if lengths is not None and len(lengths) != n:
+            raise ValueError(f"{len(lengths)} lengths for {n} samples")
+        self.lengths, self.batch_size = lengths, batch_size
+        self.has_image = has_image if has_image is not None else [True] * n
         self.epoch = 0
         self.start = 0
 
     def indices(self) -> list[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist() if self.shuffle else list(range(self.n))
+        if self.lengths is not None:
+            per_step = self.batch_size * self.world_size
+            # transformers' LengthGroupedSampler: runs of up to 50 micro-batches (fewer on small data sets)
+            group = per_step * min(50, max(1, self.n // (4 * per_step)))
+            order = length_grouped_order(order, self.lengths, self.has_image, group, g)
         rest = order[self.start :]
         pad = (-len(rest)) % self.world_size  # every rank gets the same count (DDP steps in lockstep)
         rest += (order * (pad // max(1, self.n) + 1))[:pad]
@@ -464,8 +511,12 @@ def build_train_data(
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
+    batch_size: int = 1,
 ) -> TrainData:
-    """Validate the data (preflight: nothing has been written yet) and build the dataset for training."""
+    """Validate the data (preflight: nothing has been written yet) and build the dataset for training.
+
+    ``batch_size`` (per process) sizes the runs of ``data.group_by_length``.
+    """
     encoder = ConversationEncoder(
         tokenizer, cfg.template, num_visual_tokens, image_token_id, cfg.system_prompt
     )
@@ -473,8 +524,22 @@ def build_train_data(
         records = load_llava_json(cfg)
         if not records:
             raise DataError(f"data file {cfg.path} holds no samples")
-        sampler = EpochSampler(len(records), seed, shuffle=True, rank=rank, world_size=world_size)
+        lengths = [approx_length(r, num_visual_tokens) for r in records] if cfg.group_by_length else None
+        sampler = EpochSampler(
+            len(records),
+            seed,
+            shuffle=True,
+            rank=rank,
+            world_size=world_size,
+            lengths=lengths,
+            has_image=[bool(record_images(r)) for r in records] if lengths else None,
+            batch_size=batch_size,
+        )
         return TrainData(LlavaJsonDataset(records, cfg, encoder, images), sampler, len(sampler.indices()))
+    if cfg.group_by_length:
+        raise ConfigError(
+            "data.group_by_length needs data.format=llava_json: WebDataset shards are read as a stream, in order"
+        )
     if not cfg.path:
         raise DataError("data.path is not set (a shard pattern for data.format=wds)")
     n = count_wds_samples(cfg.path)

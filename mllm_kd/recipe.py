@@ -257,6 +257,7 @@ def run_stage(
         seed=cfg.train.seed,
         rank=dist_info.rank,
         world_size=dist_info.world_size,
+        batch_size=cfg.train.batch_size,
     )
     trainable = apply_trainable(student, cfg.trainable)
     role = (

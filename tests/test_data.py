@@ -24,8 +24,10 @@ from mllm_kd.data import (
     LlavaJsonDataset,
     SampleSkipped,
     WdsDataset,
+    approx_length,
     build_train_data,
     count_wds_samples,
+    length_grouped_order,
     load_llava_json,
 )
 from mllm_kd.data_prep.synthetic import make_synthetic
@@ -554,6 +556,78 @@ def test_epoch_sampler_uneven_split_pads():
     shares = [list(EpochSampler(10, seed=0, rank=r, world_size=4)) for r in range(4)]
     assert [len(s) for s in shares] == [3, 3, 3, 3]
     assert set().union(*shares) == set(range(10))
+
+
+def _padding(orders: list[list[int]], lengths: list[int], batch: int) -> float:
+    real = padded = 0
+    for order in orders:
+        for i in range(0, len(order), batch):
+            chunk = [lengths[j] for j in order[i : i + batch]]
+            real, padded = real + sum(chunk), padded + max(chunk) * len(chunk)
+    return 1 - real / padded
+
+
+def test_length_grouped_order_runs_of_one_modality_longest_first():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 500, (103,), generator=g).tolist()
+    image = [i % 7 != 0 for i in range(103)]
+    order = torch.randperm(103, generator=g).tolist()
+    out = length_grouped_order(order, lengths, image, 8, torch.Generator().manual_seed(5))
+    assert sorted(out) == list(range(103))
+    full_runs = (sum(image) // 8) + ((103 - sum(image)) // 8)
+    for k in range(full_runs):
+        run = out[8 * k : 8 * k + 8]
+        assert len({image[i] for i in run}) == 1
+        assert [lengths[i] for i in run] == sorted((lengths[i] for i in run), reverse=True)
+    again = length_grouped_order(order, lengths, image, 8, torch.Generator().manual_seed(5))
+    assert out == again
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_epoch_sampler_grouped_by_length_pads_less_and_resumes(world):
+    g = torch.Generator().manual_seed(1)
+    n, batch = 400, 4
+    lengths = (torch.rand(n, generator=g) ** 3 * 1000 + 10).long().tolist()
+
+    def sampler(rank, grouped=True):
+        return EpochSampler(
+            n, seed=2, rank=rank, world_size=world, lengths=lengths if grouped else None, batch_size=batch
+        )
+
+    grouped = [list(sampler(r)) for r in range(world)]
+    plain = [list(sampler(r, grouped=False)) for r in range(world)]
+    assert sorted(i for part in grouped for i in part) == list(range(n))
+    assert 3 * _padding(grouped, lengths, batch) < _padding(plain, lengths, batch)
+    # every step's micro-batches (one per rank, side by side) come from one sorted run: similar lengths
+    first = [lengths[i] for part in grouped for i in part[:batch]]
+    assert max(first) - min(first) < 0.2 * max(first)
+    # resume after 3 micro-batches per rank: the same order goes on
+    for r in range(world):
+        s = sampler(r)
+        s.start = 3 * batch * world
+        assert list(s) == grouped[r][3 * batch :]
+    # another epoch, another order; the same epoch, the same order
+    s = sampler(0)
+    s.epoch = 1
+    assert list(s) != grouped[0]
+    assert list(sampler(0)) == grouped[0]
+
+
+def test_group_by_length_refuses_webdataset_and_counts_words(synth, tok, images):
+    with pytest.raises(ConfigError, match="group_by_length"):
+        build_train_data(
+            DataConfig(format="wds", path="x-{0..1}.tar", group_by_length=True), tok, N_VIS, 0, images
+        )
+    rec = {
+        "image": "a.png",
+        "conversations": [{"from": "human", "value": "<image>\nwhat is it"}, {"value": "a red ball"}],
+    }
+    assert approx_length(rec, 16) == 4 + 3 + 16
+    data = build_train_data(
+        json_data(synth, group_by_length=True), tok, N_VIS, image_token_id(tok), images, batch_size=2
+    )
+    assert data.sampler.lengths is not None and len(data.sampler.lengths) == data.num_samples
+    assert sorted(data.sampler.indices()) == list(range(data.num_samples))
 
 
 # ----------------------------------------------------------------------------------- webdataset
