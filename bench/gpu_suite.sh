@@ -24,7 +24,8 @@
 # Each step has its own time limit; a step that fails does not stop the others. Everything printed goes
 # to OUT_DIR/suite.log; each benchmark's JSON line and the quantisation table go to OUT_DIR/results.jsonl.
 # For a trial elsewhere: SKIP (a regex of step names to leave out), QUANT_ARGS (extra stage-3 overrides,
-# e.g. "train.device=cpu train.max_steps=3"), EVAL_ARGS (extra eval options, e.g. "--device cpu --limit 50").
+# e.g. "train.device=cpu train.max_steps=3"), EVAL_ARGS (extra eval options, e.g. "--device cpu --limit 50"),
+# STEP_DEVICE and STEP_ARGS (bench/step.py's device and extra options).
 set -u
 OUT=${1:?usage: bash bench/gpu_suite.sh OUT_DIR [DEMO_DIR]}
 DEMO=${2:-}
@@ -154,8 +155,10 @@ fi
 step bench_stage3_memory 420 "$PY" bench/stage3_memory.py --device cuda --vocab 151936 --student-hidden 896 \
     --teacher-hidden 2048
 # one whole stage-3 step at the paper's shapes: every variant (the compiled one last), then two profiles
-STEP=(bench/step.py --preset paper --device cuda)
-step bench_step_paper 420 "$PY" "${STEP[@]}" --steps 6 --warmup 2 \
-    --variants mllm_kd,mllm_kd_cached,plain,liger,mllm_kd_compiled
-step profile_step_paper 150 "$PY" "${STEP[@]}" --steps 1 --warmup 2 --variants mllm_kd,mllm_kd_cached --profile
+# (a trial on a CPU: STEP_DEVICE=cpu STEP_ARGS="--layers-scale 0.05 --batch 1 --tokens 1024 --response 200")
+# shellcheck disable=SC2206
+STEP=(bench/step.py --preset paper --device "${STEP_DEVICE:-cuda}" ${STEP_ARGS:-})
+step bench_step_paper 400 "$PY" "${STEP[@]}" --steps 5 --warmup 2 \
+    --variants mllm_kd,plain,liger,mllm_kd_cached,mllm_kd_compiled
+step profile_step_paper 120 "$PY" "${STEP[@]}" --steps 1 --warmup 2 --variants mllm_kd,mllm_kd_cached --profile
 echo "=== done ($(date -u +%H:%M:%S))"

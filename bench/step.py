@@ -717,6 +717,11 @@ def main(argv=None) -> int:
         r["model_flops"] = flops
         r["tokens_per_s"] = args.batch * args.tokens / r["median_s"]
         r["mfu"] = flops / r["median_s"] / peaks[dtype]
+        print(
+            f"{v}: {r['median_s']:.3f} s ({r['min_s']:.3f}-{r['max_s']:.3f}), MFU {r['mfu'] * 100:.1f}%, peak "
+            f"{_mib(r['peak_step_bytes'])} in the step / {_mib(r['peak_total_bytes'])} in all, {r['attention']} attention",
+            flush=True,
+        )
         if r.get("profile"):
             print(f"--- profile of {v}\n{r.pop('profile')}")
     ref = results.get("plain", {})
