@@ -76,8 +76,17 @@ def pick_device(train: TrainConfig) -> torch.device:
 
 
 def autocast_dtype(train: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA (``precision=auto``), none on CPU unless asked."""
+    """bf16 autocast on CUDA (``precision=auto``), none on CPU unless asked.
+
+    ``auto`` never picks bf16 on a CPU: without bf16 matrix units a whole training step under bf16 autocast
+    was 18x slower than float32 on the 2-core development machine (docs/performance.md).
+    """
     if train.precision == "bf16" or (train.precision == "auto" and device.type == "cuda"):
+        if device.type == "cpu":
+            log.warning(
+                "train.precision=bf16 on a CPU: bf16 autocast is usually far slower than float32 there "
+                "(18x for a whole step on the development machine); precision=auto uses float32"
+            )
         return torch.bfloat16
     return None
 

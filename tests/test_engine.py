@@ -177,3 +177,16 @@ def test_attention_device_follows_training_device_and_precision(monkeypatch):
     assert recipe.attention_device(TrainConfig(precision="auto")).type == "cuda"
     assert recipe.attention_device(TrainConfig(precision="fp32")).type == "cpu"
     assert attention_implementation("auto", recipe.attention_device(TrainConfig(precision="fp32"))) == "sdpa"
+
+
+def test_precision_auto_never_picks_bf16_on_a_cpu(caplog):
+    from mllm_kd.config import TrainConfig
+    from mllm_kd.engine import autocast_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert autocast_dtype(TrainConfig(precision="auto"), cpu) is None
+    assert autocast_dtype(TrainConfig(precision="auto"), cuda) is torch.bfloat16
+    assert autocast_dtype(TrainConfig(precision="fp32"), cuda) is None
+    with caplog.at_level("WARNING"):
+        assert autocast_dtype(TrainConfig(precision="bf16"), cpu) is torch.bfloat16
+    assert "18x" in caplog.text
