@@ -47,7 +47,7 @@ Output under DIR (image paths in records are relative to ``DIR/images``):
     instead of ``png``, and no image key at all for text-only samples; this converter always writes
     ``png``.) Tar member times are fixed, so identical inputs give identical shards.
 ``tokenizer/``
-    A byte-level BPE with the ChatML template (:func:`mllm_kd.tokenization.train_bpe_tokenizer`) trained
+    A byte-level BPE with the ChatML template (:func:`mllm_kd.model.tokenization.train_bpe_tokenizer`) trained
     on the train conversations as the chat template presents them: ``"<role>\\n<content>"`` for the roles
     user, assistant and system, the ``<image>`` placeholder removed (it is a special token). Vocabulary
     size: ``--vocab-size`` 1024 by default, an upper bound that the corpus does not reach: it has under
@@ -96,11 +96,11 @@ from typing import Any
 
 from PIL import Image, ImageChops
 
+from mllm_kd.atomic import atomic_write_bytes
 from mllm_kd.data_prep.llava_format import (
     IMAGE_PLACEHOLDER,
     SHORT_ANSWER_PROMPT,
     Record,
-    atomic_write_bytes,
     files_digest,
     json_bytes,
     make_conversation,
@@ -575,7 +575,7 @@ def _tokenizer_texts(records: list[Record]) -> Iterator[str]:
 def _train_tokenizer(records: list[Record], out: Path, vocab_size: int) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from mllm_kd.tokenization import train_bpe_tokenizer
+    from mllm_kd.model.tokenization import train_bpe_tokenizer
 
     texts = list(_tokenizer_texts(records))
     train_bpe_tokenizer(texts, out, vocab_size=vocab_size)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 from mllm_kd.errors import DataError
 
-# Must equal mllm_kd.tokenization.IMAGE_TOKEN (a test checks it); not imported from there because that
+# Must equal mllm_kd.model.tokenization.IMAGE_TOKEN (a test checks it); not imported from there because that
 # module imports transformers, which would make every converter start slowly.
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -82,14 +81,6 @@ def sanitize_key(sample_id: str) -> str:
 def json_bytes(obj: Any, indent: int | None = None) -> bytes:
     """Deterministic UTF-8 JSON (key order as built, non-ASCII kept) so reruns give identical bytes."""
     return json.dumps(obj, ensure_ascii=False, indent=indent).encode("utf-8")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, so an interrupted run leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def write_wds_shards(

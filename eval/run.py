@@ -13,7 +13,7 @@ question file (JSONL of ``question_id``, ``image``, ``text``, such as ``test_que
 ``python -m mllm_kd.data_prep.easyvqa``) is accepted too; its ``text`` is the prompt as is. Image paths are
 relative to ``--images``; MMBench's images are decoded from the TSV's base64 column.
 
-Generation is :class:`mllm_kd.generate.Generator`: batched greedy decoding, KV cache, left padding, stop at
+Generation is :class:`mllm_kd.model.generate.Generator`: batched greedy decoding, KV cache, left padding, stop at
 EOS or the chat template's end of turn; the chat template and system prompt are the ones the checkpoint was
 trained with (its ``config.yaml``) unless ``--template`` / ``--system-prompt`` say otherwise.
 
@@ -39,7 +39,6 @@ import base64
 import binascii
 import json
 import os
-import socket
 import sys
 import uuid
 from collections.abc import Mapping
@@ -47,11 +46,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from mllm_kd.atomic import atomic_write_bytes
 from mllm_kd.errors import ConfigError, DataError
 from mllm_kd.eval.core import Question, iter_jsonl, qid_key
 from mllm_kd.eval.tasks import TASKS, get_task
 
-IMAGE_TOKEN = "<image>"  # mllm_kd.tokenization.IMAGE_TOKEN (not imported: it pulls in transformers)
+IMAGE_TOKEN = "<image>"  # mllm_kd.model.tokenization.IMAGE_TOKEN (not imported: it pulls in transformers)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 AnswerKey = tuple[str, Any, str]
 
@@ -264,13 +264,6 @@ def read_answer_lines(path: Path) -> tuple[list[tuple[int, dict, str]], bool]:
     return rows, bool(text) and not text.endswith("\n")
 
 
-def write_atomic(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(line + "\n" for line in lines)
-    os.replace(tmp, path)
-
-
 def match_answers(path: Path, rows: list[tuple[int, dict, str]], questions: list[Question]) -> list[int]:
     """The position in ``questions`` of each row; a row of no (or an already answered) question is an error."""
     free: dict[AnswerKey, list[int]] = {}
@@ -296,7 +289,7 @@ def pending(path: Path, questions: list[Question]) -> list[Question]:
     rows, torn = read_answer_lines(path)
     answered = set(match_answers(path, rows, questions))
     if torn:
-        write_atomic(path, [line for _, _, line in rows])
+        atomic_write_bytes(path, "".join(line + "\n" for _, _, line in rows).encode("utf-8"))
         print(f"run: {path}: dropped a torn last line", file=sys.stderr)
     return [q for i, q in enumerate(questions) if i not in answered]
 
@@ -327,7 +320,7 @@ def merge_chunks(out: Path, questions: list[Question], count: int) -> bool:
         if lines is None:
             return False
         merged += lines
-    write_atomic(out, merged)
+    atomic_write_bytes(out, "".join(line + "\n" for line in merged).encode("utf-8"))
     return True
 
 
@@ -448,8 +441,8 @@ def generate_answers(
 
 
 def load_generator(args: argparse.Namespace, ckpt: Path, local_rank: int):
-    from mllm_kd.checkpoint import load_checkpoint_model
-    from mllm_kd.generate import Generator
+    from mllm_kd.checkpoint.native import load_checkpoint_model
+    from mllm_kd.model.generate import Generator
 
     device = pick_device(args.device, local_rank)
     model, tokenizer, model_cfg = load_checkpoint_model(ckpt, device=device)
@@ -468,7 +461,7 @@ def load_generator(args: argparse.Namespace, ckpt: Path, local_rank: int):
 
 # ------------------------------------------------------------------------------------------------ run
 def run_run(args: argparse.Namespace) -> int:
-    from mllm_kd.checkpoint import resolve_checkpoint
+    from mllm_kd.checkpoint.native import resolve_checkpoint
 
     index, count = chunk_of(args)
     if args.workers < 0:

@@ -183,13 +183,13 @@ def evaluate(data: Path, split: str, answers: Path, model_id: str, ckpt: Path, r
     """
     import torch
 
-    from mllm_kd.checkpoint import load_checkpoint_model
+    from mllm_kd.checkpoint.native import load_checkpoint_model
     from mllm_kd.data_prep.easyvqa import train_template_prior
     from mllm_kd.eval.core import read_predictions
     from mllm_kd.eval.run import training_template
     from mllm_kd.eval.tasks.easyvqa import EasyVQATask
-    from mllm_kd.generate import Generator, answer_file, read_questions
-    from mllm_kd.model import count_parameters
+    from mllm_kd.model.generate import Generator, answer_file, read_questions
+    from mllm_kd.model.multimodal import count_parameters
 
     if redo and answers.exists():
         answers.unlink()

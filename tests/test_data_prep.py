@@ -32,7 +32,7 @@ from mllm_kd.data_prep.easyvqa import (
     recover_labels,
 )
 from mllm_kd.errors import ConfigError, DataError
-from mllm_kd.tokenization import IMAGE_TOKEN
+from mllm_kd.model.tokenization import IMAGE_TOKEN
 
 N_TRAIN = 120
 N_TEST = 200

@@ -202,7 +202,7 @@ def test_fsdp2_sharded_checkpoint_resumes_on_one_process(recipe, reference, tmp_
 
 KILL_DURING_SAVE = """
 import os, signal, sys
-import mllm_kd.checkpoint as ck
+import mllm_kd.atomic as ck
 real = ck._fsync_tree
 def dying(tmp):
     if "step-0000004" in str(tmp):
@@ -228,7 +228,7 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(recipe, reference, 
     assert proc.returncode == -signal.SIGKILL
     ckpts = sorted(p.name for p in (tmp_path / "stage1/checkpoints").iterdir())
     assert "step-0000002" in ckpts and "step-0000004" not in ckpts
-    from mllm_kd.checkpoint import load_checkpoint_model
+    from mllm_kd.checkpoint.native import load_checkpoint_model
 
     load_checkpoint_model(tmp_path / "stage1/checkpoints/step-0000002")  # loadable
     run(recipe, tmp_path, 1, "train.batch_size=4")
@@ -238,7 +238,7 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(recipe, reference, 
 def test_full_disk_fails_loudly_and_keeps_the_previous_checkpoint(recipe, tmp_path, monkeypatch):
     import errno
 
-    import mllm_kd.checkpoint as ck
+    import mllm_kd.checkpoint.native as ck
     from mllm_kd.cli import stage_config
     from mllm_kd.errors import CheckpointError
     from mllm_kd.stages import STAGES
@@ -285,7 +285,7 @@ def test_bad_sample_mid_run_is_skipped_and_counted(recipe, smoke_data, tmp_path,
         ],
     )
     real_run = STAGES["stage1"].run
-    import mllm_kd.data as data
+    import mllm_kd.data.datasets as data
 
     real_load = data.load_llava_json
 

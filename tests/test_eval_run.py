@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from mllm_kd.checkpoint import build_from_config, save_checkpoint
+from mllm_kd.checkpoint.native import build_from_config, save_checkpoint
 from mllm_kd.config import LLMConfig, ModelConfig, VisionConfig
 from mllm_kd.data_prep.synthetic import make_synthetic
 from mllm_kd.eval.cli import main
-from mllm_kd.tokenization import load_tokenizer
+from mllm_kd.model.tokenization import load_tokenizer
 
 LLAVA_KEYS = {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
 SHORT = "Answer the question using a single word or phrase."

@@ -10,16 +10,6 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mllm_kd.config import LLMConfig, LossConfig, ModelConfig, ProjectorConfig, StageConfig, VisionConfig
-from mllm_kd.engine import LossComputer
-from mllm_kd.fused_losses import (
-    fusable_head,
-    fused_causal_lm_loss,
-    fused_cross_entropy,
-    fused_distill_loss,
-    fused_kd_divergence,
-    fused_relation_distill,
-    head_gram,
-)
 from mllm_kd.losses import (
     IGNORE_INDEX,
     KD_KINDS,
@@ -29,7 +19,16 @@ from mllm_kd.losses import (
     kd_divergence,
     relation_distill,
 )
-from mllm_kd.model import build_model
+from mllm_kd.losses.fused import (
+    fused_causal_lm_loss,
+    fused_cross_entropy,
+    fused_distill_loss,
+    fused_kd_divergence,
+    fused_relation_distill,
+)
+from mllm_kd.losses.head import head_gram
+from mllm_kd.model.multimodal import build_model
+from mllm_kd.train.objective import LossComputer, fusable_head
 
 RTOL = 1e-5
 
@@ -483,7 +482,7 @@ def test_loss_computer_ce_only_and_fallback():
 
 
 def test_no_grad_computes_values_only(monkeypatch):
-    import mllm_kd.fused_losses as fl
+    import mllm_kd.losses.online as fl
 
     seen = []
     original = fl._chunk_losses

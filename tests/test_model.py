@@ -13,29 +13,25 @@ import pytest
 import torch
 from torch import nn
 
-from mllm_kd.checkpoint import (
-    atomic_dir,
-    build_from_config,
-    load_checkpoint_model,
-    save_checkpoint,
-)
+from mllm_kd.atomic import atomic_dir
+from mllm_kd.checkpoint.native import build_from_config, load_checkpoint_model, save_checkpoint
 from mllm_kd.config import LLMConfig, ModelConfig, ProjectorConfig, TrainableConfig, VisionConfig
 from mllm_kd.errors import CheckpointError, ConfigError
-from mllm_kd.model import (
-    HFVisionTower,
+from mllm_kd.model.llm import attention_implementation, build_llm, keep_decoder_layers
+from mllm_kd.model.multimodal import (
     MultimodalLM,
-    OpenClipVisionTower,
-    TorchvisionVisionTower,
     apply_trainable,
-    attention_implementation,
-    build_llm,
     build_model,
     build_projector,
-    build_vision_tower,
     count_parameters,
-    keep_decoder_layers,
 )
-from mllm_kd.tokenization import image_token_id, load_tokenizer, train_bpe_tokenizer
+from mllm_kd.model.tokenization import image_token_id, load_tokenizer, train_bpe_tokenizer
+from mllm_kd.model.vision import (
+    HFVisionTower,
+    OpenClipVisionTower,
+    TorchvisionVisionTower,
+    build_vision_tower,
+)
 
 VOCAB = 64
 IMG_ID = VOCAB - 1
@@ -655,7 +651,7 @@ def test_attention_implementation_picks_flash_attention_2_only_on_cuda_with_flas
     without it, sdpa on CUDA too. build_llm logs the choice it passes to transformers."""
     import importlib.util
 
-    import mllm_kd.model as model_mod
+    import mllm_kd.model.llm as model_mod
 
     real = importlib.util.find_spec
 

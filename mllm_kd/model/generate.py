@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from mllm_kd.data import ConversationEncoder, ImageProcessor
+from mllm_kd.data.encoding import ConversationEncoder, ImageProcessor
 from mllm_kd.errors import DataError
-from mllm_kd.model import MultimodalLM
-from mllm_kd.tokenization import IMAGE_TOKEN
+from mllm_kd.model.multimodal import MultimodalLM
+from mllm_kd.model.tokenization import IMAGE_TOKEN
 
 
 @dataclass
