@@ -97,6 +97,7 @@ from typing import Any
 from PIL import Image, ImageChops
 
 from mllm_kd.atomic import atomic_write_bytes
+from mllm_kd.data.records import validate_record
 from mllm_kd.data_prep.llava_format import (
     IMAGE_PLACEHOLDER,
     SHORT_ANSWER_PROMPT,
@@ -105,7 +106,6 @@ from mllm_kd.data_prep.llava_format import (
     json_bytes,
     make_conversation,
     short_answer_question,
-    validate_record,
     write_wds_shards,
 )
 from mllm_kd.errors import ConfigError, DataError, MllmKdError
@@ -552,7 +552,7 @@ def _copy_images(images: dict[int, Path], dest: Path) -> dict[str, Any]:
 
 def _write_records(path: Path, records: list[Record]) -> None:
     for record in records:
-        validate_record(record)
+        validate_record(record, str(path))
     atomic_write_bytes(path, json_bytes(records))
 
 

@@ -47,11 +47,12 @@ from pathlib import Path
 from typing import Any
 
 from mllm_kd.atomic import atomic_write_bytes
+from mllm_kd.data.records import IMAGE_TOKEN
 from mllm_kd.errors import ConfigError, DataError
 from mllm_kd.eval.core import Question, iter_jsonl, qid_key
 from mllm_kd.eval.tasks import TASKS, get_task
+from mllm_kd.runtime.work import chunk_bounds
 
-IMAGE_TOKEN = "<image>"  # mllm_kd.model.tokenization.IMAGE_TOKEN (not imported: it pulls in transformers)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 AnswerKey = tuple[str, Any, str]
 
@@ -166,11 +167,6 @@ def chunk_of(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> t
     if not 0 <= index < count:
         raise ConfigError(f"chunk index {index} is not in 0..{count - 1}")
     return index, count
-
-
-def chunk_bounds(n: int, index: int, count: int) -> tuple[int, int]:
-    """Positions ``[lo, hi)`` of contiguous chunk ``index`` of ``count`` over ``n`` questions."""
-    return n * index // count, n * (index + 1) // count
 
 
 def chunk_path(out: Path, index: int, count: int) -> Path:
@@ -348,20 +344,6 @@ def training_template(ckpt: Path) -> tuple[str, str | None]:
     return template, system
 
 
-def pick_device(name: str, local_rank: int):
-    import torch
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {name}: no CUDA device is visible")
-        return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
-    raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
-
-
 def pick_dtype(name: str, device):
     import torch
 
@@ -443,6 +425,7 @@ def generate_answers(
 def load_generator(args: argparse.Namespace, ckpt: Path, local_rank: int):
     from mllm_kd.checkpoint.native import load_checkpoint_model
     from mllm_kd.model.generate import Generator
+    from mllm_kd.runtime.device import pick_device
 
     device = pick_device(args.device, local_rank)
     model, tokenizer, model_cfg = load_checkpoint_model(ckpt, device=device)

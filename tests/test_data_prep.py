@@ -19,6 +19,7 @@ import webdataset as wds
 from PIL import Image
 from transformers import AutoTokenizer
 
+from mllm_kd.data.records import validate_record
 from mllm_kd.data_prep import llava_format
 from mllm_kd.data_prep.easyvqa import (
     COLORS,
@@ -120,7 +121,7 @@ def test_conversations_are_llava_format(converted: tuple[Path, dict[str, Any]], 
         assert turns[0]["value"].startswith("<image>\n")
         with Image.open(out / "images" / record["image"]) as img:
             assert img.format == "PNG" and img.size == (64, 64)
-        llava_format.validate_record(record)  # the shared validator agrees
+        validate_record(record, "test")  # the shared validator agrees
 
 
 def _first_train_ids() -> set[int]:
@@ -167,7 +168,7 @@ def test_multi_turn_instruct_records(tmp_path: Path, per_record: int | None) -> 
     _check_instruct_turns(records, per_record)
     assert any(len(r["conversations"]) > 2 for r in records)
     for record in records:
-        llava_format.validate_record(record)
+        validate_record(record, "test")
 
 
 def test_balance_yes_no(tmp_path: Path) -> None:

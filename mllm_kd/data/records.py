@@ -2,8 +2,6 @@
 
 Input formats (``data.format``):
 
-Input formats (``data.format``):
-
 * ``llava_json``: a JSON list of ``{"id", "image" (a path, a list of paths, or absent), "conversations":
   [{"from": "human"|"gpt", "value": str}, ...]}`` with ``<image>`` placeholders in the text, and an
   image folder the paths are relative to.
@@ -21,8 +19,8 @@ from PIL import Image, UnidentifiedImageError
 
 from mllm_kd.config import DataConfig
 from mllm_kd.errors import DataError
-from mllm_kd.model.tokenization import IMAGE_TOKEN
 
+IMAGE_TOKEN = "<image>"  # the placeholder in the text; the tokenizer gets it as a special token
 ROLES = {"human": "user", "gpt": "assistant"}
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 
