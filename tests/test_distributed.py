@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT
+from conftest import ROOT, TINY_CLIP
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.distributed
@@ -29,17 +29,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 RECIPE = {
     "run_dir": "unset",
     "model": {
-        "vision": {
-            "config": {
-                "model_type": "clip_vision_model",
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_hidden_layers": 1,
-                "num_attention_heads": 2,
-                "image_size": 32,
-                "patch_size": 8,
-            }
-        },
+        "vision": {"config": {**TINY_CLIP}},
         "projector": {"type": "mlp2x_gelu"},
         "llm": {
             "config": {

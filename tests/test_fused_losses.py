@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_CLIP
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -371,15 +372,7 @@ def test_no_positions_by_vocabulary_tensor_beyond_one_chunk():
 
 
 # ------------------------------------------------------------------------------------ LossComputer
-CLIP = {
-    "model_type": "clip_vision_model",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "image_size": 32,
-    "patch_size": 8,
-}
+CLIP = {**TINY_CLIP}
 VOCAB, IMG_ID = 200, 199
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_CLIP
 from torch import nn
 
 from mllm_kd.atomic import atomic_dir
@@ -37,15 +38,7 @@ VOCAB = 64
 IMG_ID = VOCAB - 1
 GRID_TOKENS = (32 // 8) ** 2  # 16 patches of an 8px grid over a 32px image
 
-CLIP = {
-    "model_type": "clip_vision_model",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "image_size": 32,
-    "patch_size": 8,
-}
+CLIP = {**TINY_CLIP, "num_hidden_layers": 2}
 SIGLIP = {**CLIP, "model_type": "siglip_vision_model"}
 OPEN_CLIP = {"layers": 2, "width": 32, "head_width": 16, "patch_size": 8, "image_size": 32}
 LLMS = {

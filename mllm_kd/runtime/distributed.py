@@ -55,10 +55,6 @@ def init_distributed(device_type: str) -> DistInfo:
     return info
 
 
-def device_for(info: DistInfo, device: torch.device) -> torch.device:
-    return torch.device("cuda", info.local_rank) if device.type == "cuda" and info.enabled else device
-
-
 def wrap_student(model: nn.Module, info: DistInfo, strategy: str, device: torch.device) -> nn.Module:
     """DDP (replicate) or FSDP2 (shard each decoder layer, then the whole model)."""
     if not info.enabled:
