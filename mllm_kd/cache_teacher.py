@@ -45,7 +45,6 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("say where to write the cache: teacher.cache=DIR (or --out DIR)")
         if (Path(out) / MANIFEST).exists() and not args.overwrite:
             raise ConfigError(f"{out} already holds a teacher cache; --overwrite replaces it")
-        cfg.teacher.cache = None  # build from the teacher itself
         manifest = build_teacher_cache(cfg, out, batch_size=args.batch_size, device=args.device)
     except MllmKdError as e:
         print(f"error: {e}", file=sys.stderr)
