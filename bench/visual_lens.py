@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from mllm_kd.data_prep.easyvqa import COLORS, SHAPES  # noqa: E402
+from mllm_kd.data_prep.easyvqa_questions import COLORS, SHAPES  # noqa: E402
 
 COLOURS = tuple(COLORS)
 

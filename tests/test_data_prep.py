@@ -21,17 +21,16 @@ from transformers import AutoTokenizer
 
 from mllm_kd.data.records import validate_record
 from mllm_kd.data_prep import llava_format
-from mllm_kd.data_prep.easyvqa import (
+from mllm_kd.data_prep.easyvqa import main, prepare_easyvqa
+from mllm_kd.data_prep.easyvqa_questions import (
     COLORS,
     SHAPES,
-    SHORT_ANSWER_PROMPT,
     Question,
     classify_image_pixels,
-    main,
-    prepare_easyvqa,
     question_template,
     recover_labels,
 )
+from mllm_kd.data_prep.llava_format import SHORT_ANSWER_PROMPT
 from mllm_kd.errors import ConfigError, DataError
 from mllm_kd.model.tokenization import IMAGE_TOKEN
 
@@ -216,7 +215,7 @@ def test_validation_split_is_held_out_of_training(tmp_path: Path) -> None:
 
 
 def test_stratified_test_sample_keeps_each_type_share() -> None:
-    from mllm_kd.data_prep.easyvqa import Question, question_type, stratified_sample
+    from mllm_kd.data_prep.easyvqa_questions import Question, question_type, stratified_sample
 
     # 10 questions: 6 yes/no, 3 colour, 1 shape. A sample of 5: quotas 3.0, 1.5, 0.5 -> floors 3, 1, 0
     # with 1 left over; the largest remainders (0.5, 0.5) tie and are broken by type name: "color" < "shape".

@@ -183,7 +183,7 @@ def test_questions_sizes_every_sft_and_dft_stage(pretrained):
 
 
 def test_yes_no_prior_is_the_template_majority():
-    from mllm_kd.data_prep.easyvqa import Question, template_prior
+    from mllm_kd.data_prep.easyvqa_questions import Question, template_prior
 
     train = [
         Question(0, "is there a red shape?", "no", 0),

@@ -184,7 +184,7 @@ def evaluate(data: Path, split: str, answers: Path, model_id: str, ckpt: Path, r
     import torch
 
     from mllm_kd.checkpoint.native import load_checkpoint_model
-    from mllm_kd.data_prep.easyvqa import train_template_prior
+    from mllm_kd.data_prep.easyvqa_questions import train_template_prior
     from mllm_kd.eval.core import read_predictions
     from mllm_kd.eval.run import training_template
     from mllm_kd.eval.tasks.easyvqa import EasyVQATask
