@@ -1,5 +1,9 @@
 """Convert the easy-VQA data set (the ``easy-vqa`` PyPI package) into the pipeline's training formats.
 
+(Over 400 lines on purpose: a third of it is this description of the output, and :func:`prepare_easyvqa`
+is one ordered list of artifacts, each rebuilt only when its inputs changed, that reads best in one
+place. The questions, labels and records are :mod:`mllm_kd.data_prep.easyvqa_questions`.)
+
 easy-VQA: 64x64 RGB images of one coloured shape (circle, rectangle or triangle in one of 8 colours) on
 a light plain background; 4,000 train images with 38,575 questions and 1,000 test images with 9,673
 questions; 13 one-word answers (3 shapes, 8 colours, yes, no). The package ships the images as PNGs and
