@@ -115,9 +115,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _default_device() -> str:
-    import torch
+    from mllm_kd.runtime.device import pick_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return pick_device().type
 
 
 # ------------------------------------------------------------------------------------------ fixtures

@@ -181,7 +181,6 @@ def evaluate(data: Path, split: str, answers: Path, model_id: str, ckpt: Path, r
     Exact match overall and per type, plus the yes/no template prior (:func:`yes_no_prior`): its own
     accuracy on these questions and how often the model's yes/no answers agree with it.
     """
-    import torch
 
     from mllm_kd.checkpoint.native import load_checkpoint_model
     from mllm_kd.data_prep.easyvqa_questions import train_template_prior
@@ -190,10 +189,11 @@ def evaluate(data: Path, split: str, answers: Path, model_id: str, ckpt: Path, r
     from mllm_kd.eval.tasks.easyvqa import EasyVQATask
     from mllm_kd.model.generate import Generator, answer_file, read_questions
     from mllm_kd.model.multimodal import count_parameters
+    from mllm_kd.runtime.device import pick_device
 
     if redo and answers.exists():
         answers.unlink()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device()
     model, tok, model_cfg = load_checkpoint_model(ckpt)
     template, system_prompt = training_template(ckpt)
     gen = Generator.from_model(
