@@ -38,11 +38,11 @@ smoke: venv
 	$(BIN)/python -m mllm_kd.pipeline --config configs/smoke.yaml run_dir=runs/smoke
 
 demo: venv
-	$(BIN)/python -m mllm_kd.demo --run-dir $(RUN_DIR)
+	$(BIN)/python -m mllm_kd.apps.easyvqa.demo --run-dir $(RUN_DIR)
 
 # The control: every LLM random, the teacher's vision tower trained from scratch (distillation does not win).
 demo-scratch: venv
-	$(BIN)/python -m mllm_kd.demo --recipe scratch --seeds 0 --run-dir runs/demo_scratch
+	$(BIN)/python -m mllm_kd.apps.easyvqa.demo --recipe scratch --seeds 0 --run-dir runs/demo_scratch
 
 bench: venv
 	$(BIN)/python bench/kd_loss.py --device cpu --vocab 32000 --tokens 512 --visual 364 --chunk-size 256

@@ -135,8 +135,8 @@ def make_inputs(args, torch):
 def run_worker(args) -> dict:
     import torch
 
-    from mllm_kd.fused_losses import fused_distill_loss
     from mllm_kd.losses import DistillSettings, causal_lm_loss, distill_terms
+    from mllm_kd.losses.fused import fused_distill_loss
 
     torch.manual_seed(args.seed)
     device = torch.device(args.device)

@@ -4,7 +4,7 @@
     python bench/optimizer_step.py --device cuda --hidden 896 --intermediate 4864 --layers 24 --vocab 151936
 
 The parameters are those of a Llama/Qwen2-style decoder (tied embeddings; default: SmolLM2-135M, 134.5M
-parameters) grouped the way :func:`mllm_kd.engine.build_optimizer` groups them (weight decay on matrices
+parameters) grouped the way :func:`mllm_kd.train.optim.build_optimizer` groups them (weight decay on matrices
 only), with random gradients; each implementation is built by ``build_optimizer`` itself with
 ``optim.fused=false`` / ``true`` (plus bitsandbytes' ``adamw8bit`` when it is installed and ``--with-8bit``).
 Times are the median (and min-max) of ``--repeats`` steps after two warm-up steps. The last line printed is
@@ -74,7 +74,7 @@ def time_steps(args, name: str, fused: bool | None) -> dict:
     import torch
 
     from mllm_kd.config import OptimConfig
-    from mllm_kd.engine import build_optimizer
+    from mllm_kd.train.optim import build_optimizer
 
     model = decoder(args)
     gen = torch.Generator(device=args.device).manual_seed(0)

@@ -49,7 +49,7 @@ def padded_share(per_rank: list[list[int]], lengths: list[int], batch: int) -> f
 
 def epoch_orders(lengths, has_image, batch: int, world: int, grouped: bool, seed: int = 0) -> list[list[int]]:
     """Each rank's sample order in one epoch (what its data loader collates, ``batch`` at a time)."""
-    from mllm_kd.data import EpochSampler
+    from mllm_kd.data.datasets import EpochSampler
 
     sampler = EpochSampler(
         len(lengths),
@@ -79,9 +79,10 @@ def llava665k_like(n: int, seed: int) -> tuple[list[int], list[bool]]:
 
 def easyvqa_lengths(data: Path, tokenizer: Path) -> tuple[list[int], list[bool]]:
     from mllm_kd.config import load_recipe, resolve_stage_config
-    from mllm_kd.data import ConversationEncoder, load_llava_json, record_images
+    from mllm_kd.data.encoding import ConversationEncoder
+    from mllm_kd.data.records import load_llava_json, record_images
+    from mllm_kd.model.tokenization import image_token_id, load_tokenizer
     from mllm_kd.stages import stage3
-    from mllm_kd.tokenization import image_token_id, load_tokenizer
 
     recipe = load_recipe(ROOT / "configs" / "easyvqa.yaml")
     cfg = resolve_stage_config(

@@ -8,7 +8,7 @@ gradient clipping at 1.0 and the AdamW step. Every variant trains the same stude
 weights on the same batches (fixed seed), each in a fresh process:
 
 * ``mllm_kd``: the stages' own code path. The stage-3 config is resolved as ``python -m mllm_kd.stage3``
-  resolves it, :class:`mllm_kd.engine.Trainer` is built as :func:`mllm_kd.recipe.run_stage` builds it, and
+  resolves it, :class:`mllm_kd.train.trainer.Trainer` is built as :func:`mllm_kd.train.stage.run_stage` builds it, and
   each step is the trainer's own ``_accumulate`` (autocast, :class:`~mllm_kd.engine.LossComputer`, which
   picks the fused chunked losses) and ``_optimizer_step`` (clipping, AdamW, scheduler).
 * ``mllm_kd_cached``: the same with the teacher cache (``teacher.cache``): the teacher is run once over the
@@ -55,6 +55,7 @@ mllm_kd_cached step time), on CUDA ``speed_vs_liger`` and ``memory_vs_liger``, a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -258,7 +259,7 @@ def _sync(device: str) -> None:
 
 # ------------------------------------------------------------------------------------------- fixtures
 def make_tokenizer(work: Path):
-    from mllm_kd.tokenization import load_tokenizer, train_bpe_tokenizer
+    from mllm_kd.model.tokenization import load_tokenizer, train_bpe_tokenizer
 
     words = [
         "a",
@@ -342,8 +343,8 @@ def build_models(args, cfg, tok):
     import torch
 
     from mllm_kd.config import LLMConfig
-    from mllm_kd.model import build_model
-    from mllm_kd.tokenization import image_token_id
+    from mllm_kd.model.multimodal import build_model
+    from mllm_kd.model.tokenization import image_token_id
 
     sh = shapes(args)
     image_id = image_token_id(tok)
@@ -403,14 +404,16 @@ def _mllm_kd_step(args, cfg, student, teacher, tok, batches, work: Path, cached:
     """Returns ``step(batch) -> loss`` running the stages' Trainer; ``cached``: through a teacher cache."""
     import torch
 
-    from mllm_kd.engine import Trainer
-    from mllm_kd.model import apply_trainable
+    from mllm_kd.model.multimodal import apply_trainable
+    from mllm_kd.runtime.plan import plan_run
+    from mllm_kd.train.trainer import Trainer
 
     apply_trainable(student, cfg.trainable)
     if cached:
         teacher = write_cache(args, cfg, teacher, batches, work / "cache")
         torch.cuda.empty_cache() if args.device == "cuda" else None
-    trainer = Trainer(cfg, student, teacher, _Data(len(batches) * args.batch), tok, cfg.model)
+    plan = dataclasses.replace(plan_run(cfg, distill=True), teacher="cache" if cached else "model")
+    trainer = Trainer(cfg, plan, student, teacher, _Data(len(batches) * args.batch), tok, cfg.model)
     trainer.model.train()
     student.vision.train(False)
     losses = []
@@ -427,63 +430,32 @@ def _mllm_kd_step(args, cfg, student, teacher, tok, batches, work: Path, cached:
 
 
 def write_cache(args, cfg, teacher, batches, out: Path):
-    """The teacher's cache of ``batches`` in the format :class:`~mllm_kd.teacher_cache.CachedTeacher` reads."""
-    import numpy as np
+    """The teacher's cache of ``batches``, written by the cache builder's own writer, opened as stages open it."""
     import torch
 
-    from mllm_kd.engine import autocast_dtype, pick_device
-    from mllm_kd.fused_losses import head_gram
-    from mllm_kd.teacher_cache import (
-        CACHE_VERSION,
-        FILES,
-        INDEX,
-        MANIFEST,
-        _index_dtype,
-        open_cache,
-        teacher_rows,
-    )
+    from mllm_kd.losses.head import head_gram
+    from mllm_kd.runtime.plan import plan_run
+    from mllm_kd.teacher.build import CacheWriter, _index_dtype, teacher_rows
+    from mllm_kd.teacher.cache import open_cache
+    from mllm_kd.teacher.cache_format import CACHE_VERSION, MANIFEST
 
-    dev = pick_device(cfg.train)
-    amp = autocast_dtype(cfg.train, dev)
-    teacher.to(dev, dtype=amp or torch.float32).eval().requires_grad_(False)
+    plan = plan_run(cfg, distill=True)
+    teacher.to(plan.device, dtype=plan.weight_dtype).eval().requires_grad_(False)
     head = teacher.llm.get_output_embeddings()
     gram = head_gram(head.weight.detach(), None if head.bias is None else head.bias.detach())
     out.mkdir(parents=True, exist_ok=True)
-    index = {k: [] for k in ("ids", "hashes", "row_start", "n_rows", "n_images", "rel_start")}
-    rows = rel_n = 0
-    idx_dtype = _index_dtype(teacher.vocab_size)
-    files = {name: open(out / f, "wb") for name, f in FILES.items()}  # noqa: SIM115
-    with torch.no_grad():
+    with (
+        CacheWriter(out, _index_dtype(teacher.vocab_size), teacher.num_visual_tokens) as writer,
+        torch.no_grad(),
+    ):
         for batch in batches:
-            b = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
-                samples = teacher_rows(teacher, b, args.k, args.relation_rank, gram, cfg.loss.chunk_size)
-            for s in samples:
-                index["ids"].append(s["id"])
-                index["hashes"].append(s["hash"])
-                index["row_start"].append(rows)
-                index["n_rows"].append(len(s["rest"]))
-                index["n_images"].append(s["n_images"])
-                index["rel_start"].append(rel_n)
-                files["logprobs"].write(np.ascontiguousarray(s["logprobs"], dtype=np.float16).tobytes())
-                files["indices"].write(np.ascontiguousarray(s["indices"], dtype=idx_dtype).tobytes())
-                files["rest"].write(np.ascontiguousarray(s["rest"], dtype=np.float32).tobytes())
-                files["relation"].write(np.ascontiguousarray(s["relation"], dtype=np.float16).tobytes())
-                rows += len(s["rest"])
-                rel_n += len(s["relation"])
-    for f in files.values():
-        f.close()
-    (out / INDEX).write_text(json.dumps(index))
+            b = {k: v.to(plan.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            with plan.autocast():
+                writer.add(teacher_rows(teacher, b, args.k, args.relation_rank, gram, cfg.loss.chunk_size))
     manifest = {
         "version": CACHE_VERSION,
         "built_for": {"num_visual_tokens": teacher.num_visual_tokens},
-        "layout": {
-            "k": args.k,
-            "relation_rank": args.relation_rank,
-            "rows": rows,
-            "relation_values": rel_n,
-            "index_dtype": idx_dtype,
-        },
+        **writer.describe(args.k, args.relation_rank),
     }
     (out / MANIFEST).write_text(json.dumps(manifest))
     return open_cache(out)
@@ -492,7 +464,7 @@ def write_cache(args, cfg, teacher, batches, out: Path):
 def _plain_models(args, student, teacher, tok, t_cfg, cfg):
     import torch
 
-    from mllm_kd.hf_llava import build_hf_llava
+    from mllm_kd.checkpoint.hf_llava import build_hf_llava
 
     with torch.device(args.device):  # built where they run (a 3B model initialised on a CPU takes minutes)
         hs, _ = build_hf_llava(student, tok, cfg.model)

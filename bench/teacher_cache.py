@@ -7,7 +7,7 @@
 The parent builds, in a work directory: the synthetic smoke data (``--samples`` images, multi-turn
 questions), a random teacher and a random student (Qwen2 LLMs; the student reuses the teacher's CLIP
 vision tower, as in the recipes) saved as mllm_kd checkpoints, and the teacher cache of the stage-3 data
-(``python -m mllm_kd.cache_teacher``'s :func:`~mllm_kd.teacher_cache.build_teacher_cache`). Then each variant
+(``python -m mllm_kd.cache_teacher``'s :func:`~mllm_kd.teacher.build.build_teacher_cache`). Then each variant
 runs the real stage 3 (:func:`mllm_kd.stages.stage3.run`: data loading, student forward/backward, the loss,
 AdamW) for ``--steps`` optimizer steps in a fresh subprocess, ``--repeats`` times, alternating the order of
 the variants; step times come from the stage's own ``metrics.jsonl`` (``elapsed``, which covers data loading,
@@ -115,9 +115,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _default_device() -> str:
-    import torch
+    from mllm_kd.runtime.device import pick_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return pick_device().type
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -148,10 +148,10 @@ def build_fixture(args, work: Path) -> dict:
     """Data, teacher, stage-2 student and the stage-3 teacher cache under ``work``; returns their paths."""
     import torch
 
-    from mllm_kd.checkpoint import build_from_config, save_checkpoint
+    from mllm_kd.checkpoint.native import build_from_config, save_checkpoint
     from mllm_kd.config import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
     from mllm_kd.data_prep.synthetic import make_synthetic
-    from mllm_kd.tokenization import load_tokenizer
+    from mllm_kd.model.tokenization import load_tokenizer
 
     torch.manual_seed(args.seed)
     data = work / "data"
@@ -251,7 +251,8 @@ def stage3_config(args, fx: dict, out_dir: str, steps: int, extra: list[str] = (
 
 def build_cache(args, fx: dict) -> dict:
     """The stage-3 teacher cache (built once per work directory); returns its manifest."""
-    from mllm_kd.teacher_cache import MANIFEST, build_teacher_cache
+    from mllm_kd.teacher.build import build_teacher_cache
+    from mllm_kd.teacher.cache_format import MANIFEST
 
     manifest = Path(fx["cache"]) / MANIFEST
     if manifest.is_file():

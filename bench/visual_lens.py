@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from mllm_kd.data_prep.easyvqa import COLORS, SHAPES  # noqa: E402
+from mllm_kd.data_prep.easyvqa_questions import COLORS, SHAPES  # noqa: E402
 
 COLOURS = tuple(COLORS)
 
@@ -62,9 +62,10 @@ def word_ids(tok) -> dict[str, int]:
 def read_model(checkpoint: str, records: list[dict], caption_file: Path, args) -> dict:
     import torch
 
-    from mllm_kd.checkpoint import load_checkpoint_model
+    from mllm_kd.checkpoint.native import load_checkpoint_model
     from mllm_kd.config import DataConfig
-    from mllm_kd.data import Collator, ImageProcessor, build_train_data
+    from mllm_kd.data.datasets import Collator, build_train_data
+    from mllm_kd.data.encoding import ImageProcessor
 
     model, tok, cfg = load_checkpoint_model(checkpoint)
     model.eval()

@@ -1,8 +1,9 @@
 """Shared helpers for converters that write LLaVA-format data: records, validation, shards, files.
 
 A LLaVA record is ``{"id": str, "image": str (optional), "conversations": [{"from": "human"|"gpt",
-"value": str}, ...]}``; turns alternate human/gpt starting with human, and a record with an image has
-exactly one ``<image>`` placeholder, at the start of the first human turn (``"<image>\\n..."``).
+"value": str}, ...]}``; :func:`make_conversation` puts a record's one ``<image>`` placeholder at the start
+of the first human turn (``"<image>\\n..."``). Records are checked by the library's own validator,
+:func:`mllm_kd.data.records.validate_record`, the one the training data loader applies.
 
 WebDataset shards written by :func:`write_wds_shards` hold one sample per record: ``__key__`` is the
 sanitised id (:func:`sanitize_key`), ``json`` is the UTF-8 JSON of the record (the same object as in the
@@ -13,17 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from mllm_kd.data.records import IMAGE_TOKEN, validate_record
 from mllm_kd.errors import DataError
 
-# Must equal mllm_kd.tokenization.IMAGE_TOKEN (a test checks it); not imported from there because that
-# module imports transformers, which would make every converter start slowly.
-IMAGE_PLACEHOLDER = "<image>"
+IMAGE_PLACEHOLDER = IMAGE_TOKEN
 
 # LLaVA-1.5's suffix for short-answer VQA questions (VQAv2, GQA, ...), put on its own line after the
 # question, in training data and evaluation prompts alike.
@@ -50,26 +49,6 @@ def make_conversation(turns: Sequence[tuple[str, str]], with_image: bool = True)
     return conversation
 
 
-def validate_record(record: Record) -> None:
-    """Raise :class:`DataError` unless ``record`` is a well-formed LLaVA record (see module docstring)."""
-    sample_id = record.get("id")
-    if not isinstance(sample_id, str) or not sample_id:
-        raise DataError(f"record without a string id: {record!r:.200}")
-    turns = record.get("conversations")
-    if not isinstance(turns, list) or not turns or len(turns) % 2:
-        raise DataError(f"{sample_id}: conversations must be a non-empty list of human/gpt pairs")
-    for i, turn in enumerate(turns):
-        expected = "human" if i % 2 == 0 else "gpt"
-        if turn.get("from") != expected or not isinstance(turn.get("value"), str):
-            raise DataError(f"{sample_id}: turn {i} should be a {expected} turn with a string value")
-    n_placeholders = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in turns)
-    if "image" in record:
-        if n_placeholders != 1 or not turns[0]["value"].startswith(IMAGE_PLACEHOLDER + "\n"):
-            raise DataError(f"{sample_id}: an image record needs one {IMAGE_PLACEHOLDER}, opening turn 0")
-    elif n_placeholders:
-        raise DataError(f"{sample_id}: {IMAGE_PLACEHOLDER} in a record without an image")
-
-
 def sanitize_key(sample_id: str) -> str:
     """A WebDataset ``__key__`` for ``sample_id``: anything but letters, digits, ``-`` and ``_`` -> ``_``.
 
@@ -82,14 +61,6 @@ def sanitize_key(sample_id: str) -> str:
 def json_bytes(obj: Any, indent: int | None = None) -> bytes:
     """Deterministic UTF-8 JSON (key order as built, non-ASCII kept) so reruns give identical bytes."""
     return json.dumps(obj, ensure_ascii=False, indent=indent).encode("utf-8")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, so an interrupted run leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def write_wds_shards(
@@ -112,7 +83,9 @@ def write_wds_shards(
         str(pattern), maxcount=shard_size, verbose=0, mtime=0.0, post=written.append
     ) as sink:
         for record, image, ext in samples:
-            validate_record(record)
+            if not isinstance(record.get("id"), str) or not record["id"]:
+                raise DataError(f"a shard sample needs a string id (its key): {record!r:.200}")
+            validate_record(record, f"shard sample {record['id']!r}")
             key = sanitize_key(record["id"])
             if key in seen:
                 raise DataError(f"ids {seen[key]!r} and {record['id']!r} both give the shard key {key!r}")

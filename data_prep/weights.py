@@ -68,7 +68,7 @@ def export_smollm2(out: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mllm_kd.checkpoint import atomic_dir
+    from mllm_kd.atomic import atomic_dir
 
     out = Path(out)
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():

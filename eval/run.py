@@ -13,7 +13,7 @@ question file (JSONL of ``question_id``, ``image``, ``text``, such as ``test_que
 ``python -m mllm_kd.data_prep.easyvqa``) is accepted too; its ``text`` is the prompt as is. Image paths are
 relative to ``--images``; MMBench's images are decoded from the TSV's base64 column.
 
-Generation is :class:`mllm_kd.generate.Generator`: batched greedy decoding, KV cache, left padding, stop at
+Generation is :class:`mllm_kd.model.generate.Generator`: batched greedy decoding, KV cache, left padding, stop at
 EOS or the chat template's end of turn; the chat template and system prompt are the ones the checkpoint was
 trained with (its ``config.yaml``) unless ``--template`` / ``--system-prompt`` say otherwise.
 
@@ -39,21 +39,20 @@ import base64
 import binascii
 import json
 import os
-import socket
 import sys
 import uuid
-from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from mllm_kd.data.records import IMAGE_TOKEN
 from mllm_kd.errors import ConfigError, DataError
-from mllm_kd.eval.core import Question, iter_jsonl, qid_key
+from mllm_kd.eval.answers import chunk_of, chunk_path, complete_lines, merge_chunks, pending
+from mllm_kd.eval.core import Question, iter_jsonl
 from mllm_kd.eval.tasks import TASKS, get_task
+from mllm_kd.runtime.work import chunk_bounds
 
-IMAGE_TOKEN = "<image>"  # mllm_kd.tokenization.IMAGE_TOKEN (not imported: it pulls in transformers)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-AnswerKey = tuple[str, Any, str]
 
 
 # ------------------------------------------------------------------------------------------ arguments
@@ -151,32 +150,6 @@ def positive_int(text: str) -> int:
     return value
 
 
-def chunk_of(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> tuple[int, int]:
-    """``(index, count)`` from the flags or, under torchrun, from ``RANK`` / ``WORLD_SIZE``."""
-    flags = args.chunk_index is not None or args.chunk_count is not None
-    world = int(env.get("WORLD_SIZE", "1") or 1)
-    if flags:
-        if args.chunk_index is None or args.chunk_count is None:
-            raise ConfigError("--chunk-index and --chunk-count go together")
-        if world > 1:
-            raise ConfigError("use either --chunk-index/--chunk-count or torchrun (WORLD_SIZE), not both")
-        index, count = args.chunk_index, args.chunk_count
-    else:
-        index, count = int(env.get("RANK", "0") or 0), world
-    if not 0 <= index < count:
-        raise ConfigError(f"chunk index {index} is not in 0..{count - 1}")
-    return index, count
-
-
-def chunk_bounds(n: int, index: int, count: int) -> tuple[int, int]:
-    """Positions ``[lo, hi)`` of contiguous chunk ``index`` of ``count`` over ``n`` questions."""
-    return n * index // count, n * (index + 1) // count
-
-
-def chunk_path(out: Path, index: int, count: int) -> Path:
-    return out.with_name(f"{out.stem}.chunk{index}-of-{count}{out.suffix or '.jsonl'}")
-
-
 # ------------------------------------------------------------------------------------------ questions
 def is_llava_question_file(path: Path) -> bool:
     """Whether ``path`` is JSONL whose first record has ``question_id`` and ``text`` (LLaVA's format)."""
@@ -217,15 +190,6 @@ def load_questions(task_name: str, path: Path, split: str | None) -> list[Questi
     return questions
 
 
-def question_key(q: Question) -> AnswerKey:
-    return (qid_key(q.question_id), q.extra.get("round_id"), q.prompt)
-
-
-def answer_key(row: dict) -> AnswerKey:
-    prompt = str(row.get("prompt") or "").removeprefix(f"{IMAGE_TOKEN}\n")
-    return (qid_key(row["question_id"]), row.get("round_id"), prompt)
-
-
 def check_images(questions: list[Question], images: Path | None) -> None:
     """Fail before loading the model when the image folder or any image file is missing."""
     named = [q for q in questions if q.image and not q.image_b64]
@@ -238,97 +202,6 @@ def check_images(questions: list[Question], images: Path | None) -> None:
     missing = [q.image for q in named if not (images / q.image).is_file()]
     if missing:
         raise DataError(f"{len(missing)} image(s) missing under {images}, e.g. {', '.join(missing[:3])}")
-
-
-# ---------------------------------------------------------------------------------------- answer file
-def read_answer_lines(path: Path) -> tuple[list[tuple[int, dict, str]], bool]:
-    """Complete answer lines ``(line number, object, text)`` and whether the file needs repair (a torn
-    last line, or no newline at the end). A bad line before the last is a DataError."""
-    text = path.read_text(encoding="utf-8", errors="replace")
-    lines = text.splitlines()
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            obj = None
-        if not (isinstance(obj, dict) and "question_id" in obj and isinstance(obj.get("text"), str)):
-            if n == len(lines):  # cut off by an interrupted write
-                return rows, True
-            raise DataError(
-                f"{path}:{n}: not an answer line (JSON with 'question_id' and 'text'); fix or remove the file"
-            )
-        rows.append((n, obj, line))
-    return rows, bool(text) and not text.endswith("\n")
-
-
-def write_atomic(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(line + "\n" for line in lines)
-    os.replace(tmp, path)
-
-
-def match_answers(path: Path, rows: list[tuple[int, dict, str]], questions: list[Question]) -> list[int]:
-    """The position in ``questions`` of each row; a row of no (or an already answered) question is an error."""
-    free: dict[AnswerKey, list[int]] = {}
-    for i, q in enumerate(questions):
-        free.setdefault(question_key(q), []).append(i)
-    out = []
-    for n, obj, _ in rows:
-        key = answer_key(obj)
-        if not free.get(key):
-            what = "answered twice" if key in free else "not among this run's questions"
-            raise DataError(
-                f"{path}:{n}: question_id {obj['question_id']!r} is {what} (another task, split, --limit or "
-                "chunk count?); remove the file or choose another --out"
-            )
-        out.append(free[key].pop(0))
-    return out
-
-
-def pending(path: Path, questions: list[Question]) -> list[Question]:
-    """The questions ``path`` does not answer yet; repairs a torn last line first."""
-    if not path.exists():
-        return list(questions)
-    rows, torn = read_answer_lines(path)
-    answered = set(match_answers(path, rows, questions))
-    if torn:
-        write_atomic(path, [line for _, _, line in rows])
-        print(f"run: {path}: dropped a torn last line", file=sys.stderr)
-    return [q for i, q in enumerate(questions) if i not in answered]
-
-
-def complete_lines(path: Path, questions: list[Question]) -> list[str] | None:
-    """``path``'s lines in question order if it answers every question exactly once, else None.
-
-    Only reads (another process may be appending): a torn or foreign line means "not complete".
-    """
-    if not path.is_file():
-        return [] if not questions else None  # an empty chunk (fewer questions than chunks)
-    try:
-        rows, torn = read_answer_lines(path)
-        order = match_answers(path, rows, questions)
-    except DataError:
-        return None
-    if torn or len(order) != len(questions):
-        return None
-    return [line for _, (_, _, line) in sorted(zip(order, rows), key=lambda x: x[0])]
-
-
-def merge_chunks(out: Path, questions: list[Question], count: int) -> bool:
-    """Write ``out`` from the ``count`` chunk files if all are complete; False (nothing written) if not."""
-    merged: list[str] = []
-    for i in range(count):
-        lo, hi = chunk_bounds(len(questions), i, count)
-        lines = complete_lines(chunk_path(out, i, count), questions[lo:hi])
-        if lines is None:
-            return False
-        merged += lines
-    write_atomic(out, merged)
-    return True
 
 
 # ----------------------------------------------------------------------------------------- generation
@@ -353,20 +226,6 @@ def training_template(ckpt: Path) -> tuple[str, str | None]:
     template = data.get("template") if isinstance(data.get("template"), str) else "auto"
     system = data.get("system_prompt") if isinstance(data.get("system_prompt"), str) else None
     return template, system
-
-
-def pick_device(name: str, local_rank: int):
-    import torch
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {name}: no CUDA device is visible")
-        return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
-    raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
 
 
 def pick_dtype(name: str, device):
@@ -448,8 +307,9 @@ def generate_answers(
 
 
 def load_generator(args: argparse.Namespace, ckpt: Path, local_rank: int):
-    from mllm_kd.checkpoint import load_checkpoint_model
-    from mllm_kd.generate import Generator
+    from mllm_kd.checkpoint.native import load_checkpoint_model
+    from mllm_kd.model.generate import Generator
+    from mllm_kd.runtime.device import pick_device
 
     device = pick_device(args.device, local_rank)
     model, tokenizer, model_cfg = load_checkpoint_model(ckpt, device=device)
@@ -468,7 +328,7 @@ def load_generator(args: argparse.Namespace, ckpt: Path, local_rank: int):
 
 # ------------------------------------------------------------------------------------------------ run
 def run_run(args: argparse.Namespace) -> int:
-    from mllm_kd.checkpoint import resolve_checkpoint
+    from mllm_kd.checkpoint.native import resolve_checkpoint
 
     index, count = chunk_of(args)
     if args.workers < 0:

@@ -9,7 +9,7 @@ losses need to ``teacher.cache`` (or ``--out``); then run the stage with the sam
     python -m mllm_kd.stage3 --config configs/smoke.yaml run_dir=runs/smoke \\
         teacher.cache=runs/smoke/teacher_cache/stage3
 
-See :mod:`mllm_kd.teacher_cache` for the format and the loss. Prints a JSON summary (sizes, bytes per
+See :mod:`mllm_kd.teacher.cache_format` for the format and :mod:`mllm_kd.losses.cached` for the loss. Prints a JSON summary (sizes, bytes per
 distilled token) as its last line.
 """
 
@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for the stage")
     args = p.parse_args(argv)
     setup_logging()
-    from mllm_kd.teacher_cache import MANIFEST, build_teacher_cache, describe
+    from mllm_kd.teacher.build import build_teacher_cache, describe
+    from mllm_kd.teacher.cache_format import MANIFEST
 
     try:
         cfg = stage_config(args.config, args.stage, args.overrides)
@@ -44,7 +45,6 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("say where to write the cache: teacher.cache=DIR (or --out DIR)")
         if (Path(out) / MANIFEST).exists() and not args.overwrite:
             raise ConfigError(f"{out} already holds a teacher cache; --overwrite replaces it")
-        cfg.teacher.cache = None  # build from the teacher itself
         manifest = build_teacher_cache(cfg, out, batch_size=args.batch_size, device=args.device)
     except MllmKdError as e:
         print(f"error: {e}", file=sys.stderr)

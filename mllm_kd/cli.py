@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mllm_kd.config import StageConfig, load_recipe, resolve_stage_config
 from mllm_kd.errors import MllmKdError
+from mllm_kd.stages import STAGES
 
 
 def setup_logging() -> None:
@@ -19,8 +20,6 @@ def setup_logging() -> None:
 
 def stage_config(config: str | Path, stage: str, overrides: list[str] | None = None) -> StageConfig:
     """The resolved config of one stage of a recipe file."""
-    from mllm_kd.stages import STAGES
-
     return resolve_stage_config(
         load_recipe(config), stage, STAGES[stage].defaults, overrides, source=str(config)
     )
@@ -28,8 +27,6 @@ def stage_config(config: str | Path, stage: str, overrides: list[str] | None = N
 
 def run_stages(config: str | Path, stages: list[str], overrides: list[str] | None = None) -> list[Path]:
     """Run stages in order (each skipped when already finished); returns their checkpoint directories."""
-    from mllm_kd.stages import STAGES
-
     cfgs = [stage_config(config, s, overrides) for s in stages]  # every config checked before any training
     return [STAGES[c.stage].run(c) for c in cfgs]
 

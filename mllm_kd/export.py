@@ -8,7 +8,7 @@ The result loads with transformers alone::
     model = LlavaForConditionalGeneration.from_pretrained("./exported/student")
     processor = AutoProcessor.from_pretrained("./exported/student")
 
-See :mod:`mllm_kd.hf_llava` for the mapping and for what the layout cannot express (``linear`` and
+See :mod:`mllm_kd.checkpoint.hf_llava` for the mapping and for what the layout cannot express (``linear`` and
 ``mlp3x_gelu``+ projectors, open_clip towers), which export refuses with exit code 2.
 """
 
@@ -24,8 +24,8 @@ from mllm_kd.errors import ConfigError, MllmKdError
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Load an mllm_kd checkpoint (a stage directory or a checkpoint directory) and write it to ``out``."""
-    from mllm_kd.checkpoint import load_checkpoint_model
-    from mllm_kd.hf_llava import export_hf_llava
+    from mllm_kd.checkpoint.hf_llava import export_hf_llava
+    from mllm_kd.checkpoint.native import load_checkpoint_model
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:

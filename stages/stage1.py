@@ -9,8 +9,8 @@ is the plain LLaVA caption pre-training (the baseline).
 from pathlib import Path
 
 from mllm_kd.config import StageConfig
-from mllm_kd.engine import StepHook
-from mllm_kd.recipe import run_stage
+from mllm_kd.train.stage import run_stage
+from mllm_kd.train.trainer import StepHook
 
 NAME = "stage1"
 DEFAULTS = {

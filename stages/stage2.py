@@ -7,8 +7,8 @@ next-token loss (no teacher):  L = CE.  Reference: LLaVA-mix-665K, LR 2e-5, glob
 from pathlib import Path
 
 from mllm_kd.config import StageConfig
-from mllm_kd.engine import StepHook
-from mllm_kd.recipe import run_stage
+from mllm_kd.train.stage import run_stage
+from mllm_kd.train.trainer import StepHook
 
 NAME = "stage2"
 DEFAULTS = {

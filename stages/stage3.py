@@ -8,8 +8,8 @@ global batch 128.
 from pathlib import Path
 
 from mllm_kd.config import StageConfig
-from mllm_kd.engine import StepHook
-from mllm_kd.recipe import run_stage
+from mllm_kd.train.stage import run_stage
+from mllm_kd.train.trainer import StepHook
 
 NAME = "stage3"
 DEFAULTS = {

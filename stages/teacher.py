@@ -10,8 +10,8 @@ what ``teacher.checkpoint`` points at; a teacher trained elsewhere can be used d
 from pathlib import Path
 
 from mllm_kd.config import StageConfig
-from mllm_kd.engine import StepHook
-from mllm_kd.recipe import run_stage
+from mllm_kd.train.stage import run_stage
+from mllm_kd.train.trainer import StepHook
 
 PT_DEFAULTS = {
     "init_from": None,

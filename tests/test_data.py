@@ -16,24 +16,22 @@ import torch
 from PIL import Image
 
 from mllm_kd.config import DataConfig
-from mllm_kd.data import (
+from mllm_kd.data.datasets import (
     Collator,
-    ConversationEncoder,
     EpochSampler,
-    ImageProcessor,
     LlavaJsonDataset,
-    SampleSkipped,
     WdsDataset,
     approx_length,
     build_train_data,
     count_wds_samples,
     length_grouped_order,
-    load_llava_json,
 )
+from mllm_kd.data.encoding import ConversationEncoder, ImageProcessor, SampleSkipped
+from mllm_kd.data.records import load_llava_json
 from mllm_kd.data_prep.synthetic import make_synthetic
 from mllm_kd.errors import ConfigError, DataError
 from mllm_kd.losses import IGNORE_INDEX
-from mllm_kd.tokenization import IMAGE_TOKEN, image_token_id, load_tokenizer
+from mllm_kd.model.tokenization import IMAGE_TOKEN, image_token_id, load_tokenizer
 
 N_VIS = 4
 MEAN = [0.48145466, 0.4578275, 0.40821073]

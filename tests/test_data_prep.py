@@ -19,20 +19,20 @@ import webdataset as wds
 from PIL import Image
 from transformers import AutoTokenizer
 
+from mllm_kd.data.records import validate_record
 from mllm_kd.data_prep import llava_format
-from mllm_kd.data_prep.easyvqa import (
+from mllm_kd.data_prep.easyvqa import main, prepare_easyvqa
+from mllm_kd.data_prep.easyvqa_questions import (
     COLORS,
     SHAPES,
-    SHORT_ANSWER_PROMPT,
     Question,
     classify_image_pixels,
-    main,
-    prepare_easyvqa,
     question_template,
     recover_labels,
 )
+from mllm_kd.data_prep.llava_format import SHORT_ANSWER_PROMPT
 from mllm_kd.errors import ConfigError, DataError
-from mllm_kd.tokenization import IMAGE_TOKEN
+from mllm_kd.model.tokenization import IMAGE_TOKEN
 
 N_TRAIN = 120
 N_TEST = 200
@@ -120,7 +120,7 @@ def test_conversations_are_llava_format(converted: tuple[Path, dict[str, Any]], 
         assert turns[0]["value"].startswith("<image>\n")
         with Image.open(out / "images" / record["image"]) as img:
             assert img.format == "PNG" and img.size == (64, 64)
-        llava_format.validate_record(record)  # the shared validator agrees
+        validate_record(record, "test")  # the shared validator agrees
 
 
 def _first_train_ids() -> set[int]:
@@ -167,7 +167,7 @@ def test_multi_turn_instruct_records(tmp_path: Path, per_record: int | None) -> 
     _check_instruct_turns(records, per_record)
     assert any(len(r["conversations"]) > 2 for r in records)
     for record in records:
-        llava_format.validate_record(record)
+        validate_record(record, "test")
 
 
 def test_balance_yes_no(tmp_path: Path) -> None:
@@ -215,7 +215,7 @@ def test_validation_split_is_held_out_of_training(tmp_path: Path) -> None:
 
 
 def test_stratified_test_sample_keeps_each_type_share() -> None:
-    from mllm_kd.data_prep.easyvqa import Question, question_type, stratified_sample
+    from mllm_kd.data_prep.easyvqa_questions import Question, question_type, stratified_sample
 
     # 10 questions: 6 yes/no, 3 colour, 1 shape. A sample of 5: quotas 3.0, 1.5, 0.5 -> floors 3, 1, 0
     # with 1 left over; the largest remainders (0.5, 0.5) tie and are broken by type name: "color" < "shape".

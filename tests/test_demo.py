@@ -4,75 +4,130 @@ import json
 
 import pytest
 
-from mllm_kd import ablate
-from mllm_kd.demo import ROLES, STUDENTS, main, yes_no_prior
+from mllm_kd.apps.easyvqa import ablate
+from mllm_kd.apps.easyvqa.demo import ROLES, STUDENTS, main, yes_no_prior
+from mllm_kd.eval.normalize import simple_normalize
 
 
 def _report(run):
     return json.loads((run / "report.json").read_text())
 
 
-def test_quick_scratch_demo_writes_report(tmp_path):
-    run = tmp_path / "demo"
-    assert main(["--run-dir", str(run), "--recipe", "scratch", "--quick", "--seeds", "0"]) == 0
-    report = _report(run)
+def _state(run, stage_dir):
+    return json.loads((run / stage_dir / "final/trainer_state.json").read_text())
+
+
+def _first_metrics(run, stage_dir):
+    return json.loads((run / stage_dir / "metrics.jsonl").read_text().splitlines()[0])
+
+
+SCRATCH_ARGS = ["--recipe", "scratch", "--quick", "--seeds", "0"]
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    """One quick scratch-recipe demo, run once for the tests below: ``(run_dir, exit code, report)``."""
+    run = tmp_path_factory.mktemp("scratch") / "demo"
+    code = main(["--run-dir", str(run), *SCRATCH_ARGS])
+    return run, code, _report(run)
+
+
+def test_scratch_demo_reports_every_role(scratch):
+    _, code, report = scratch
+    assert code == 0
     assert report["recipe"] == "scratch" and report["seeds"] == [0]
     for role in ROLES:
         r = report[role]
-        assert 0.0 <= r["accuracy"] <= 1.0
-        assert r["n"] == 120 and r["missing"] == 0  # the whole (quick) test split was answered
         assert set(r["by_type"]) == {"shape", "color", "yes/no"}
         assert set(r["yes_no_prior"]) >= {"accuracy", "agreement"}
-        key = role if role == "teacher" else f"{role}-seed0"
-        assert len((run / "eval" / "test" / f"{key}.answers.jsonl").read_text().splitlines()) == 120
     assert report["student_kd"]["parameters"] < report["teacher"]["parameters"]
     assert report["seconds"] > 0
-    # the compute-matched student: the baseline's own PT, then SFT for stage2 + stage3's steps
-    matched = json.loads((run / "seed0/matched/stage2/final/trainer_state.json").read_text())
-    kd_sft = json.loads((run / "seed0/kd/stage2/final/trainer_state.json").read_text())
-    kd_dft = json.loads((run / "seed0/kd/stage3/final/trainer_state.json").read_text())
-    assert matched["step"] == kd_sft["step"] + kd_dft["step"]
+
+
+def test_scratch_demo_scores_are_the_answer_files_scored(scratch):
+    """Every (quick) test question answered by every model, and the reported accuracy is exact match on
+    those answers."""
+    run, _, report = scratch
+    truth = json.loads((run / "data/test_answers.json").read_text())
+    for role in ROLES:
+        r = report[role]
+        assert r["n"] == 120 and r["missing"] == 0
+        key = role if role == "teacher" else f"{role}-seed0"
+        rows = [
+            json.loads(line) for line in (run / "eval/test" / f"{key}.answers.jsonl").read_text().splitlines()
+        ]
+        assert len(rows) == 120
+        correct = sum(
+            simple_normalize(row["text"]) == simple_normalize(str(truth[str(row["question_id"])]["answer"]))
+            for row in rows
+        )
+        assert r["accuracy"] == pytest.approx(correct / len(rows), abs=1e-4), role
+
+
+def test_compute_matched_student_trains_as_many_steps_as_sft_plus_dft(scratch):
+    """The baseline's own PT, then SFT for stage2 + stage3's steps; its time counts that PT."""
+    run, _, report = scratch
+    matched = _state(run, "seed0/matched/stage2")
+    assert matched["step"] == _state(run, "seed0/kd/stage2")["step"] + _state(run, "seed0/kd/stage3")["step"]
     assert not (run / "seed0/matched/stage1").exists()
-    base_pt = json.loads((run / "seed0/baseline/stage1/final/trainer_state.json").read_text())["elapsed"]
+    base_pt = _state(run, "seed0/baseline/stage1")["elapsed"]
     assert report["student_matched"]["train_seconds"] == pytest.approx(base_pt + matched["elapsed"], abs=0.2)
+
+
+def test_scratch_demo_writes_the_report_and_plots(scratch):
+    run, _, _ = scratch
     md = (run / "report.md").read_text()
     assert all(f"| {role} |" in md for role in ROLES)
     for png in ("loss_curves.png", "accuracy.png"):
+        assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (run / png).stat().st_size > 1000
-    # the KD student's stage 3 really distilled; the baseline's stage 1 did not
-    kd3 = json.loads((run / "seed0/kd/stage3/metrics.jsonl").read_text().splitlines()[0])
-    base1 = json.loads((run / "seed0/baseline/stage1/metrics.jsonl").read_text().splitlines()[0])
+
+
+def test_kd_student_distilled_and_the_baseline_did_not(scratch):
+    run, _, _ = scratch
+    kd3 = _first_metrics(run, "seed0/kd/stage3")
+    base1 = _first_metrics(run, "seed0/baseline/stage1")
     assert {"mdist_resp", "mdist_vis", "rdist"} <= set(kd3) and "mdist_vis" not in base1
-    # a re-run skips every finished stage and evaluation
+
+
+def test_rerun_skips_every_finished_stage_and_evaluation(scratch):
+    run, _, report = scratch
     before = (run / "seed0/kd/stage3/final/model.safetensors").stat().st_mtime_ns
-    assert main(["--run-dir", str(run), "--recipe", "scratch", "--quick", "--seeds", "0"]) == 0
+    assert main(["--run-dir", str(run), *SCRATCH_ARGS]) == 0
     assert (run / "seed0/kd/stage3/final/model.safetensors").stat().st_mtime_ns == before
     rerun = _report(run)
     assert rerun["seconds"] == report["seconds"]  # nothing was redone: the total stays that of the work
     assert rerun["wall_seconds"] < report["seconds"]
-    # the ablation reuses the demo's students and trains the others, two at a time
+
+
+def test_ablation_reuses_the_demo_students_and_trains_the_others(scratch):
+    """Two at a time; the variants the demo already trained are read, not retrained."""
+    run, _, report = scratch
     only = ["kd", "baseline", "baseline_matched", "no_rel"]
-    assert (
-        ablate.main(["--run-dir", str(run), "--recipe", "scratch", "--quick", "--jobs", "2", "--only", *only])
-        == 0
-    )
+    argv = ["--run-dir", str(run), "--recipe", "scratch", "--quick", "--jobs", "2", "--only", *only]
+    assert ablate.main(argv) == 0
     table = json.loads((run / "ablation/report.json").read_text())
     assert set(table) == set(only)
     assert table["kd"]["accuracy"] == report["student_kd"]["accuracy"]
     assert table["baseline_matched"]["accuracy"] == report["student_matched"]["accuracy"]
     assert not (run / "ablation/seed0/kd").exists() and not (run / "ablation/seed0/baseline").exists()
-    no_rel = json.loads((run / "ablation/seed0/no_rel/stage3/metrics.jsonl").read_text().splitlines()[0])
+    no_rel = _first_metrics(run, "ablation/seed0/no_rel/stage3")
     assert no_rel.get("rdist", 0.0) == 0.0 and no_rel["mdist_vis"] > 0
     assert "| no_rel |" in (run / "ablation/report.md").read_text()
 
 
-def test_quick_pretrained_demo_two_seeds_share_the_teacher(tmp_path):
-    """The pretrained recipe's shape (torchvision tower, a layer-subset student) with tiny random parts."""
-    run = tmp_path / "demo"
-    assert (
-        main(["--run-dir", str(run), "--quick", "--seeds", "0,1", "--split", "val", "--questions", "40"]) == 0
-    )
-    report = _report(run)
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """The pretrained recipe's shape (torchvision tower, a layer-subset student) with tiny random parts,
+    two seeds, scored on the validation split: ``(run_dir, exit code, report)``."""
+    run = tmp_path_factory.mktemp("pretrained") / "demo"
+    code = main(["--run-dir", str(run), "--quick", "--seeds", "0,1", "--split", "val", "--questions", "40"])
+    return run, code, _report(run)
+
+
+def test_pretrained_demo_averages_two_seeds_on_the_validation_split(pretrained):
+    run, code, report = pretrained
+    assert code == 0
     assert report["recipe"] == "pretrained" and report["split"] == "val" and report["seeds"] == [0, 1]
     val = json.loads((run / "data/val_answers.json").read_text())
     assert report["teacher"]["n"] == len(val) > 0
@@ -84,18 +139,32 @@ def test_quick_pretrained_demo_two_seeds_share_the_teacher(tmp_path):
         assert r["accuracy"] == pytest.approx(sum(accs) / 2) and r["spread"] == pytest.approx(
             max(accs) - min(accs)
         )
+    g = report["gaps"]
+    assert g["kd_minus_matched"] == pytest.approx(
+        100 * (report["student_kd"]["accuracy"] - report["student_matched"]["accuracy"]), abs=0.01
+    )
+
+
+def test_pretrained_demo_models_have_the_recipe_shape(pretrained):
+    run, _, _ = pretrained
     teacher = (run / "teacher/teacher_sft/final/model.yaml").read_text()
     assert "backend: torchvision" in teacher and "feature_node: features.16" in teacher
     student = (run / "seed0/kd/stage3/final/model.yaml").read_text()
     assert "num_hidden_layers: 2" in student  # keep_layers [0, 2] of the 3-layer teacher LLM
-    # the two seeds really differ, and both distilled from the one teacher
-    losses = [
-        json.loads((run / f"seed{s}/kd/stage3/metrics.jsonl").read_text().splitlines()[0]) for s in (0, 1)
-    ]
+
+
+def test_pretrained_demo_seeds_differ_and_share_the_teacher(pretrained):
+    run, _, _ = pretrained
+    losses = [_first_metrics(run, f"seed{s}/kd/stage3") for s in (0, 1)]
     assert losses[0]["loss"] != losses[1]["loss"] and all(row["mdist_resp"] > 0 for row in losses)
-    # --questions sizes every SFT/DFT stage (40 questions at batch 8: 5 steps); pre-training keeps 48
+    assert not (run / "seed1/teacher").exists() and (run / "teacher/teacher_sft/final").is_dir()
+
+
+def test_questions_sizes_every_sft_and_dft_stage(pretrained):
+    """40 questions at batch 8: 5 steps; pre-training keeps its 48 samples."""
+    run, _, _ = pretrained
     steps = {
-        path: json.loads((run / path / "final/trainer_state.json").read_text())["step"]
+        path: _state(run, path)["step"]
         for path in (
             "teacher/teacher_sft",
             "seed0/kd/stage2",
@@ -111,14 +180,10 @@ def test_quick_pretrained_demo_two_seeds_share_the_teacher(tmp_path):
         "seed0/kd/stage1": 6,
         "seed1/matched/stage2": 10,
     }
-    g = report["gaps"]
-    assert g["kd_minus_matched"] == pytest.approx(
-        100 * (report["student_kd"]["accuracy"] - report["student_matched"]["accuracy"]), abs=0.01
-    )
 
 
 def test_yes_no_prior_is_the_template_majority():
-    from mllm_kd.data_prep.easyvqa import Question, template_prior
+    from mllm_kd.data_prep.easyvqa_questions import Question, template_prior
 
     train = [
         Question(0, "is there a red shape?", "no", 0),

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT
+from conftest import ROOT, TINY_CLIP
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.distributed
@@ -29,17 +29,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 RECIPE = {
     "run_dir": "unset",
     "model": {
-        "vision": {
-            "config": {
-                "model_type": "clip_vision_model",
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_hidden_layers": 1,
-                "num_attention_heads": 2,
-                "image_size": 32,
-                "patch_size": 8,
-            }
-        },
+        "vision": {"config": {**TINY_CLIP}},
         "projector": {"type": "mlp2x_gelu"},
         "llm": {
             "config": {
@@ -202,7 +192,7 @@ def test_fsdp2_sharded_checkpoint_resumes_on_one_process(recipe, reference, tmp_
 
 KILL_DURING_SAVE = """
 import os, signal, sys
-import mllm_kd.checkpoint as ck
+import mllm_kd.atomic as ck
 real = ck._fsync_tree
 def dying(tmp):
     if "step-0000004" in str(tmp):
@@ -228,7 +218,7 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(recipe, reference, 
     assert proc.returncode == -signal.SIGKILL
     ckpts = sorted(p.name for p in (tmp_path / "stage1/checkpoints").iterdir())
     assert "step-0000002" in ckpts and "step-0000004" not in ckpts
-    from mllm_kd.checkpoint import load_checkpoint_model
+    from mllm_kd.checkpoint.native import load_checkpoint_model
 
     load_checkpoint_model(tmp_path / "stage1/checkpoints/step-0000002")  # loadable
     run(recipe, tmp_path, 1, "train.batch_size=4")
@@ -238,7 +228,7 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(recipe, reference, 
 def test_full_disk_fails_loudly_and_keeps_the_previous_checkpoint(recipe, tmp_path, monkeypatch):
     import errno
 
-    import mllm_kd.checkpoint as ck
+    import mllm_kd.checkpoint.native as ck
     from mllm_kd.cli import stage_config
     from mllm_kd.errors import CheckpointError
     from mllm_kd.stages import STAGES
@@ -285,7 +275,7 @@ def test_bad_sample_mid_run_is_skipped_and_counted(recipe, smoke_data, tmp_path,
         ],
     )
     real_run = STAGES["stage1"].run
-    import mllm_kd.data as data
+    import mllm_kd.data.datasets as data
 
     real_load = data.load_llava_json
 

@@ -10,9 +10,10 @@ from conftest import SMOKE
 from safetensors.torch import load_file
 
 from mllm_kd.cli import stage_config
-from mllm_kd.engine import LossComputer, build_optimizer, cosine_with_warmup
 from mllm_kd.errors import ConfigError, TrainingError
 from mllm_kd.stages import STAGES
+from mllm_kd.train.objective import LossComputer
+from mllm_kd.train.optim import build_optimizer, cosine_with_warmup
 
 
 class Interrupt(Exception):
@@ -88,8 +89,8 @@ def test_cosine_with_warmup_values():
 def test_fused_adamw_choice_and_values(smoke_teacher):
     """optim.fused: null keeps foreach on a CPU, true takes torch's fused kernel, which gives the same
     parameters as foreach after a few steps (float32 rounding apart); not with the 8-bit AdamW."""
-    from mllm_kd.checkpoint import load_checkpoint_model
-    from mllm_kd.model import apply_trainable
+    from mllm_kd.checkpoint.native import load_checkpoint_model
+    from mllm_kd.model.multimodal import apply_trainable
 
     params = {}
     for fused in ("null", "true"):
@@ -115,8 +116,8 @@ def test_fused_adamw_choice_and_values(smoke_teacher):
 
 
 def test_projector_has_its_own_learning_rate(smoke_teacher):
-    from mllm_kd.checkpoint import load_checkpoint_model
-    from mllm_kd.model import apply_trainable
+    from mllm_kd.checkpoint.native import load_checkpoint_model
+    from mllm_kd.model.multimodal import apply_trainable
 
     model, _, _ = load_checkpoint_model(smoke_teacher / "teacher_sft")
     cfg = _cfg(smoke_teacher, "stage2", "optim.lr=0.01", "optim.projector_lr=0.5", "optim.weight_decay=0.1")
@@ -167,26 +168,28 @@ def test_nonfinite_loss(smoke_teacher, tmp_path, monkeypatch, policy):
 
 
 def test_attention_device_follows_training_device_and_precision(monkeypatch):
-    import mllm_kd.recipe as recipe
-    from mllm_kd.config import TrainConfig
-    from mllm_kd.model import attention_implementation
+    import mllm_kd.runtime.plan as plan
+    from mllm_kd.config import StageConfig, TrainConfig
+    from mllm_kd.model.llm import attention_implementation
 
-    assert recipe.attention_device(TrainConfig()).type == "cpu"  # this machine: SDPA
-    monkeypatch.setattr(recipe, "pick_device", lambda t: torch.device("cuda"))
+    def attention_device(train: TrainConfig) -> torch.device:
+        return plan.plan_run(StageConfig(train=train)).attn_device
+
+    assert attention_device(TrainConfig()).type == "cpu"  # this machine: SDPA
+    monkeypatch.setattr(plan, "pick_device", lambda name, rank=0: torch.device("cuda"))
     # bf16 autocast on CUDA: "auto" may pick FlashAttention-2; fp32 on CUDA must not (flash-attn needs half precision)
-    assert recipe.attention_device(TrainConfig(precision="auto")).type == "cuda"
-    assert recipe.attention_device(TrainConfig(precision="fp32")).type == "cpu"
-    assert attention_implementation("auto", recipe.attention_device(TrainConfig(precision="fp32"))) == "sdpa"
+    assert attention_device(TrainConfig(precision="auto")).type == "cuda"
+    assert attention_device(TrainConfig(precision="fp32")).type == "cpu"
+    assert attention_implementation("auto", attention_device(TrainConfig(precision="fp32"))) == "sdpa"
 
 
 def test_precision_auto_never_picks_bf16_on_a_cpu(caplog):
-    from mllm_kd.config import TrainConfig
-    from mllm_kd.engine import autocast_dtype
+    from mllm_kd.runtime.device import autocast_dtype
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert autocast_dtype(TrainConfig(precision="auto"), cpu) is None
-    assert autocast_dtype(TrainConfig(precision="auto"), cuda) is torch.bfloat16
-    assert autocast_dtype(TrainConfig(precision="fp32"), cuda) is None
+    assert autocast_dtype("auto", cpu) is None
+    assert autocast_dtype("auto", cuda) is torch.bfloat16
+    assert autocast_dtype("fp32", cuda) is None
     with caplog.at_level("WARNING"):
-        assert autocast_dtype(TrainConfig(precision="bf16"), cpu) is torch.bfloat16
+        assert autocast_dtype("bf16", cpu) is torch.bfloat16
     assert "18x" in caplog.text

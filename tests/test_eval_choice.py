@@ -5,19 +5,11 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import write_answers
 
 from mllm_kd.errors import DataError
 from mllm_kd.eval.core import OPTION_LETTER, read_predictions
 from mllm_kd.eval.tasks import get_task
-
-
-def write_answers(path: Path, rows: list[dict]) -> Path:
-    with open(path, "w") as f:
-        for i, r in enumerate(rows):
-            f.write(
-                json.dumps({"prompt": "", "answer_id": f"a{i}", "model_id": "m", "metadata": {}, **r}) + "\n"
-            )
-    return path
 
 
 # -------------------------------------------------------------------------------------------- ScienceQA

@@ -6,35 +6,19 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import write_answers
 
 from mllm_kd.eval.cli import main
 
 EASY = {"0": {"answer": "circle", "type": "shape"}, "1": {"answer": "blue", "type": "color"}}
 
 
-def write_answers(path: Path, rows: list[tuple], model_id: str = "student-dft") -> Path:
-    with open(path, "w") as f:
-        for i, (qid, text) in enumerate(rows):
-            f.write(
-                json.dumps(
-                    {
-                        "question_id": qid,
-                        "prompt": "",
-                        "text": text,
-                        "answer_id": f"a{i}",
-                        "model_id": model_id,
-                        "metadata": {},
-                    }
-                )
-                + "\n"
-            )
-    return path
-
-
 def test_score_subprocess_prints_one_json_object(tmp_path):
     ann = tmp_path / "easy.json"
     ann.write_text(json.dumps(EASY))
-    preds = write_answers(tmp_path / "answers.jsonl", [("0", "A circle."), ("1", "red")])
+    preds = write_answers(
+        tmp_path / "answers.jsonl", [("0", "A circle."), ("1", "red")], model_id="student-dft"
+    )
     out = tmp_path / "run" / "eval" / "easyvqa.json"
     cmd = [
         sys.executable,
@@ -64,7 +48,7 @@ def test_score_subprocess_prints_one_json_object(tmp_path):
 
 
 def test_score_errors_exit_2(tmp_path, capsys):
-    preds = write_answers(tmp_path / "answers.jsonl", [("0", "circle")])
+    preds = write_answers(tmp_path / "answers.jsonl", [("0", "circle")], model_id="student-dft")
     missing = tmp_path / "nope.json"
     assert (
         main(["score", "--task", "easyvqa", "--predictions", str(preds), "--annotations", str(missing)]) == 2
@@ -95,7 +79,7 @@ def test_score_testdev_needs_submission(tmp_path, capsys):
             }
         )
     )
-    preds = write_answers(tmp_path / "a.jsonl", [(3, "Three")])
+    preds = write_answers(tmp_path / "a.jsonl", [(3, "Three")], model_id="student-dft")
     args = ["score", "--task", "vqav2", "--predictions", str(preds), "--annotations", str(qfile)]
     assert main(args) == 2
     assert "--submission" in capsys.readouterr().err

@@ -1,33 +1,13 @@
 """GQA and easy-VQA scoring (exact match after normalisation) on small files in their formats."""
 
 import json
-from pathlib import Path
 
 import pytest
+from conftest import write_answers
 
 from mllm_kd.errors import DataError
 from mllm_kd.eval.core import SHORT_ANSWER, read_predictions
 from mllm_kd.eval.tasks import get_task
-
-
-def write_answers(path: Path, rows: list[tuple]) -> Path:
-    """A LLaVA answers file from (question_id, text) pairs."""
-    with open(path, "w") as f:
-        for i, (qid, text) in enumerate(rows):
-            f.write(
-                json.dumps(
-                    {
-                        "question_id": qid,
-                        "prompt": "",
-                        "text": text,
-                        "answer_id": f"a{i}",
-                        "model_id": "m",
-                        "metadata": {},
-                    }
-                )
-                + "\n"
-            )
-    return path
 
 
 def test_gqa_score(tmp_path):

@@ -3,18 +3,12 @@
 import json
 
 import pytest
+from conftest import write_answers
 
 from mllm_kd.errors import DataError
 from mllm_kd.eval.core import read_predictions
 from mllm_kd.eval.tasks import get_task
 from mllm_kd.eval.tasks.gqa import chi_square, steps_num
-
-
-def write_answers(path, rows):
-    with open(path, "w") as f:
-        for i, (qid, text) in enumerate(rows):
-            f.write(json.dumps({"question_id": qid, "prompt": "", "text": text, "answer_id": str(i)}) + "\n")
-    return path
 
 
 def op(operation, argument=""):

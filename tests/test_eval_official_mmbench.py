@@ -1,9 +1,9 @@
 """MMBench scored as VLMEvalKit's circular evaluation under its exact-matching policy (hand-computed)."""
 
 import csv
-import json
 
 import pytest
+from conftest import write_answers
 
 from mllm_kd.errors import DataError
 from mllm_kd.eval.core import read_predictions
@@ -45,13 +45,6 @@ def write_tsv(path, rows):
         w = csv.writer(f, delimiter="\t")
         w.writerow(header)
         w.writerows(rows)
-    return path
-
-
-def write_answers(path, rows):
-    with open(path, "w") as f:
-        for i, r in enumerate(rows):
-            f.write(json.dumps({"prompt": "", "answer_id": str(i), **r}) + "\n")
     return path
 
 

@@ -4,6 +4,7 @@ before uploading, GT-Vision-Lab/VQA vqaEval.py (current and 2017) and VizWiz's o
 import json
 
 import pytest
+from conftest import write_answers
 
 from mllm_kd.eval.core import official_pct, read_predictions
 from mllm_kd.eval.normalize import (
@@ -14,13 +15,6 @@ from mllm_kd.eval.normalize import (
     vqa_accuracy_2017,
 )
 from mllm_kd.eval.tasks import get_task
-
-
-def write_answers(path, rows):
-    with open(path, "w") as f:
-        for i, (qid, text) in enumerate(rows):
-            f.write(json.dumps({"question_id": qid, "prompt": "", "text": text, "answer_id": str(i)}) + "\n")
-    return path
 
 
 def humans(*pairs):

@@ -8,12 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TINY_CLIP
 
-from mllm_kd.checkpoint import build_from_config, save_checkpoint
+from mllm_kd.checkpoint.native import build_from_config, save_checkpoint
 from mllm_kd.config import LLMConfig, ModelConfig, VisionConfig
 from mllm_kd.data_prep.synthetic import make_synthetic
 from mllm_kd.eval.cli import main
-from mllm_kd.tokenization import load_tokenizer
+from mllm_kd.model.tokenization import load_tokenizer
 
 LLAVA_KEYS = {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
 SHORT = "Answer the question using a single word or phrase."
@@ -26,17 +27,7 @@ def bench(tmp_path_factory) -> Path:
     data = make_synthetic(root / "data", n_images=8)
     tok = load_tokenizer(data / "tokenizer")
     cfg = ModelConfig(
-        vision=VisionConfig(
-            config={
-                "model_type": "clip_vision_model",
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 2,
-                "image_size": 32,
-                "patch_size": 8,
-            }
-        ),
+        vision=VisionConfig(config={**TINY_CLIP, "num_hidden_layers": 2}),
         llm=LLMConfig(
             config={
                 "model_type": "qwen2",

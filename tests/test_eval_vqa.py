@@ -1,22 +1,13 @@
 """VQAv2, VizWiz and TextVQA scoring on small files in the official formats."""
 
 import json
-from pathlib import Path
 
 import pytest
+from conftest import write_answers
 
 from mllm_kd.errors import DataError
 from mllm_kd.eval.core import SHORT_ANSWER, read_predictions
 from mllm_kd.eval.tasks import get_task
-
-
-def write_answers(path: Path, rows: list[dict]) -> Path:
-    """A LLaVA answers file; rows give question_id and text (and optionally prompt/metadata/extra keys)."""
-    with open(path, "w") as f:
-        for i, r in enumerate(rows):
-            line = {"prompt": "", "answer_id": f"a{i}", "model_id": "tiny", "metadata": {}, **r}
-            f.write(json.dumps(line) + "\n")
-    return path
 
 
 def vqa_answers(*answers: tuple[str, int]) -> list[dict]:

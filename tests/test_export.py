@@ -10,14 +10,14 @@ import torch
 from conftest import SMOKE
 from PIL import Image
 
-from mllm_kd.checkpoint import build_from_config, load_checkpoint_model, save_checkpoint
+from mllm_kd.checkpoint.hf_llava import build_hf_llava, export_hf_llava, is_hf_llava_dir
+from mllm_kd.checkpoint.native import build_from_config, load_checkpoint_model, save_checkpoint
 from mllm_kd.cli import main as stage_main
 from mllm_kd.config import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
 from mllm_kd.errors import ConfigError
 from mllm_kd.export import main as export_main
-from mllm_kd.generate import Generator
-from mllm_kd.hf_llava import build_hf_llava, export_hf_llava, is_hf_llava_dir
-from mllm_kd.tokenization import image_token_id, load_tokenizer, train_bpe_tokenizer
+from mllm_kd.model.generate import Generator
+from mllm_kd.model.tokenization import image_token_id, load_tokenizer, train_bpe_tokenizer
 
 CLIP = {
     "model_type": "clip_vision_model",

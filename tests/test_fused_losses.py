@@ -6,20 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_CLIP
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mllm_kd.config import LLMConfig, LossConfig, ModelConfig, ProjectorConfig, StageConfig, VisionConfig
-from mllm_kd.engine import LossComputer
-from mllm_kd.fused_losses import (
-    fusable_head,
-    fused_causal_lm_loss,
-    fused_cross_entropy,
-    fused_distill_loss,
-    fused_kd_divergence,
-    fused_relation_distill,
-    head_gram,
-)
 from mllm_kd.losses import (
     IGNORE_INDEX,
     KD_KINDS,
@@ -29,7 +20,16 @@ from mllm_kd.losses import (
     kd_divergence,
     relation_distill,
 )
-from mllm_kd.model import build_model
+from mllm_kd.losses.fused import (
+    fused_causal_lm_loss,
+    fused_cross_entropy,
+    fused_distill_loss,
+    fused_kd_divergence,
+    fused_relation_distill,
+)
+from mllm_kd.losses.head import head_gram
+from mllm_kd.model.multimodal import build_model
+from mllm_kd.train.objective import LossComputer, fusable_head
 
 RTOL = 1e-5
 
@@ -372,15 +372,7 @@ def test_no_positions_by_vocabulary_tensor_beyond_one_chunk():
 
 
 # ------------------------------------------------------------------------------------ LossComputer
-CLIP = {
-    "model_type": "clip_vision_model",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "image_size": 32,
-    "patch_size": 8,
-}
+CLIP = {**TINY_CLIP}
 VOCAB, IMG_ID = 200, 199
 
 
@@ -483,7 +475,7 @@ def test_loss_computer_ce_only_and_fallback():
 
 
 def test_no_grad_computes_values_only(monkeypatch):
-    import mllm_kd.fused_losses as fl
+    import mllm_kd.losses.online as fl
 
     seen = []
     original = fl._chunk_losses

@@ -4,8 +4,8 @@ import json
 
 import torch
 
-from mllm_kd.checkpoint import load_checkpoint_model
-from mllm_kd.generate import Generator, answer_file, read_questions
+from mllm_kd.checkpoint.native import load_checkpoint_model
+from mllm_kd.model.generate import Generator, answer_file, read_questions
 
 
 def _reference_greedy(model, ids, pixels, steps, stop):

@@ -12,11 +12,11 @@ import pytest
 import torch
 from conftest import SMOKE
 
-from mllm_kd.checkpoint import resolve_checkpoint
+from mllm_kd.checkpoint.native import resolve_checkpoint
 from mllm_kd.cli import stage_config
-from mllm_kd.fused_losses import fused_kd_divergence, fused_relation_distill
 from mllm_kd.losses import KD_KINDS, kd_divergence, relation_distill
-from mllm_kd.model import attention_implementation
+from mllm_kd.losses.fused import fused_kd_divergence, fused_relation_distill
+from mllm_kd.model.llm import attention_implementation
 from mllm_kd.stages import STAGES
 
 pytestmark = [
@@ -118,8 +118,10 @@ def test_stage3_on_cuda_bf16_with_a_quantized_teacher(smoke_teacher, tmp_path, m
 def test_quantized_teacher_logits_on_cuda(smoke_teacher, tmp_path):
     """8-bit and 4-bit teachers on the GPU against the float teacher on the GPU (float32, no autocast)."""
     bnb = pytest.importorskip("bitsandbytes")
-    from mllm_kd.data import Collator, ImageProcessor, build_train_data
-    from mllm_kd.recipe import init_model, load_teacher
+    from mllm_kd.data.datasets import Collator, build_train_data
+    from mllm_kd.data.encoding import ImageProcessor
+    from mllm_kd.teacher.load import load_teacher
+    from mllm_kd.train.stage import init_model
 
     cfg = _smoke_cfg(smoke_teacher, "stage1", tmp_path)
     student, tok, model_cfg = init_model(cfg, cfg.model)
@@ -170,7 +172,7 @@ def test_adamw8bit_on_cuda_follows_adamw():
 def test_adamw_is_fused_on_cuda_by_default():
     """optim.fused unset: a student on CUDA gets torch's fused AdamW, with the foreach path's values."""
     from mllm_kd.config import OptimConfig
-    from mllm_kd.engine import build_optimizer
+    from mllm_kd.train.optim import build_optimizer
 
     finals = {}
     for fused in (None, False):

@@ -11,45 +11,34 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_CLIP
 from torch import nn
 
-from mllm_kd.checkpoint import (
-    atomic_dir,
-    build_from_config,
-    load_checkpoint_model,
-    save_checkpoint,
-)
+from mllm_kd.atomic import atomic_dir
+from mllm_kd.checkpoint.native import build_from_config, load_checkpoint_model, save_checkpoint
 from mllm_kd.config import LLMConfig, ModelConfig, ProjectorConfig, TrainableConfig, VisionConfig
 from mllm_kd.errors import CheckpointError, ConfigError
-from mllm_kd.model import (
-    HFVisionTower,
+from mllm_kd.model.llm import attention_implementation, build_llm, keep_decoder_layers
+from mllm_kd.model.multimodal import (
     MultimodalLM,
-    OpenClipVisionTower,
-    TorchvisionVisionTower,
     apply_trainable,
-    attention_implementation,
-    build_llm,
     build_model,
     build_projector,
-    build_vision_tower,
     count_parameters,
-    keep_decoder_layers,
 )
-from mllm_kd.tokenization import image_token_id, load_tokenizer, train_bpe_tokenizer
+from mllm_kd.model.tokenization import image_token_id, load_tokenizer, train_bpe_tokenizer
+from mllm_kd.model.vision import (
+    HFVisionTower,
+    OpenClipVisionTower,
+    TorchvisionVisionTower,
+    build_vision_tower,
+)
 
 VOCAB = 64
 IMG_ID = VOCAB - 1
 GRID_TOKENS = (32 // 8) ** 2  # 16 patches of an 8px grid over a 32px image
 
-CLIP = {
-    "model_type": "clip_vision_model",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "image_size": 32,
-    "patch_size": 8,
-}
+CLIP = {**TINY_CLIP, "num_hidden_layers": 2}
 SIGLIP = {**CLIP, "model_type": "siglip_vision_model"}
 OPEN_CLIP = {"layers": 2, "width": 32, "head_width": 16, "patch_size": 8, "image_size": 32}
 LLMS = {
@@ -655,7 +644,7 @@ def test_attention_implementation_picks_flash_attention_2_only_on_cuda_with_flas
     without it, sdpa on CUDA too. build_llm logs the choice it passes to transformers."""
     import importlib.util
 
-    import mllm_kd.model as model_mod
+    import mllm_kd.model.llm as model_mod
 
     real = importlib.util.find_spec
 
@@ -806,7 +795,7 @@ def test_compile_decoder_layers_one_graph_same_output():
     from torch._dynamo.utils import counters
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from mllm_kd.model import compile_decoder_layers
+    from mllm_kd.model.llm import compile_decoder_layers
 
     torch.manual_seed(0)
     cfg = AutoConfig.for_model(

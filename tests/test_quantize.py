@@ -7,14 +7,16 @@ import pytest
 import torch
 from conftest import SMOKE
 
-from mllm_kd.checkpoint import load_checkpoint_model
+from mllm_kd.checkpoint.native import load_checkpoint_model
 from mllm_kd.cli import stage_config
-from mllm_kd.data import Collator, ImageProcessor, build_train_data
-from mllm_kd.engine import LossComputer, build_optimizer
+from mllm_kd.data.datasets import Collator, build_train_data
+from mllm_kd.data.encoding import ImageProcessor
 from mllm_kd.errors import ConfigError, TrainingError
-from mllm_kd.model import apply_trainable
-from mllm_kd.recipe import load_teacher
+from mllm_kd.model.multimodal import apply_trainable
 from mllm_kd.stages import STAGES
+from mllm_kd.teacher.load import load_teacher
+from mllm_kd.train.objective import LossComputer
+from mllm_kd.train.optim import build_optimizer
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -39,7 +41,7 @@ def _cfg(smoke_teacher, stage="stage1", *extra):
 
 
 def _student_and_batch(cfg):
-    from mllm_kd.recipe import init_model
+    from mllm_kd.train.stage import init_model
 
     student, tok, model_cfg = init_model(cfg, cfg.model)
     images = ImageProcessor(

@@ -10,12 +10,13 @@ import torch
 from conftest import ROOT, SMOKE
 from omegaconf import OmegaConf
 
-from mllm_kd.checkpoint import build_from_config, load_checkpoint_model
+from mllm_kd.checkpoint.native import build_from_config, load_checkpoint_model
 from mllm_kd.cli import main as stage_main
 from mllm_kd.cli import stage_config
 from mllm_kd.config import STAGE_NAMES
-from mllm_kd.recipe import check_compatible, init_model
-from mllm_kd.tokenization import CHATML_TEMPLATE, image_token_id, load_tokenizer, train_bpe_tokenizer
+from mllm_kd.model.tokenization import CHATML_TEMPLATE, image_token_id, load_tokenizer, train_bpe_tokenizer
+from mllm_kd.teacher.load import check_compatible
+from mllm_kd.train.stage import init_model
 
 PAPER = sorted((ROOT / "configs").glob("paper_*.yaml"))
 GPUS = 8  # the recipes express the paper's global batch as batch_size x grad_accum x 8 GPUs

@@ -35,7 +35,7 @@ pytestmark = [
 def test_smollm2_recipe_runs_every_stage(smoke_data, tmp_path):
     from transformers import LlavaForConditionalGeneration
 
-    from mllm_kd.checkpoint import load_checkpoint_model
+    from mllm_kd.checkpoint.native import load_checkpoint_model
     from mllm_kd.export import export_checkpoint
     from mllm_kd.stages import STAGES
 

@@ -12,21 +12,21 @@ from conftest import SMOKE
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mllm_kd import cache_teacher
-from mllm_kd.checkpoint import load_checkpoint_model
+from mllm_kd.checkpoint.native import load_checkpoint_model
 from mllm_kd.cli import stage_config
-from mllm_kd.data import Collator, ImageProcessor, build_train_data
+from mllm_kd.data.datasets import Collator, build_train_data
+from mllm_kd.data.encoding import ImageProcessor
 from mllm_kd.errors import CompatibilityError, ConfigError
 from mllm_kd.losses import DistillSettings, divergence_from_logprobs, relation_loss_from_gram, response_mask
-from mllm_kd.stages import STAGES
-from mllm_kd.teacher_cache import (
+from mllm_kd.losses.cached import (
     CachedBatch,
     bucketed_divergence,
     cached_distill_loss,
     cached_distill_loss_reference,
-    open_cache,
-    relation_from_values,
-    relation_values,
 )
+from mllm_kd.stages import STAGES
+from mllm_kd.teacher.cache import open_cache
+from mllm_kd.teacher.cache_format import relation_from_values, relation_values
 
 # A float16 log-probability is within half a unit in the last place: 2^-11 relative.
 FP16_RTOL = 2**-11
@@ -369,7 +369,7 @@ def test_stage3_with_the_default_k_trains(run, tmp_path, caplog):
         SMOKE, "stage3", [*common, "train.max_steps=3", f"output_dir={tmp_path}/s3", f"teacher.cache={out}"]
     )
     steps = {}
-    with caplog.at_level(logging.INFO, logger="mllm_kd.recipe"):
+    with caplog.at_level(logging.INFO, logger="mllm_kd.train"):
         final = STAGES["stage3"].run(cfg, on_step=lambda s, m: steps.setdefault(s, m))
     assert "student 0.05M parameters (trainable: vision 0.00M" in caplog.text
     assert f"distilling from the teacher cache {out}, device cpu" in caplog.text
@@ -408,8 +408,8 @@ def test_cache_for_other_data_is_refused(run, tmp_path, smoke_teacher):
 
 
 def test_cache_for_another_tokenizer_is_refused(run, tmp_path, smoke_teacher):
-    from mllm_kd.recipe import load_teacher
-    from mllm_kd.tokenization import load_tokenizer, train_bpe_tokenizer
+    from mllm_kd.model.tokenization import load_tokenizer, train_bpe_tokenizer
+    from mllm_kd.teacher.load import load_teacher
 
     _, common, out = run
     cfg = stage_config(SMOKE, "stage3", [*common, f"teacher.cache={out}"])

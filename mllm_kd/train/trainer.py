@@ -1,4 +1,4 @@
-"""The training engine shared by every stage: optimizer, schedule, loop, logging, checkpoints, resume.
+"""The training loop shared by every stage: accumulation, clipping, logging, checkpoints, exact resume.
 
 One optimizer step = ``train.grad_accum`` micro-batches of ``train.batch_size`` samples. The data order
 is a seeded permutation per epoch, and the trainer state records how many micro-batches of the current
@@ -20,32 +20,33 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_model
-from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from mllm_kd.checkpoint import (
+from mllm_kd.checkpoint.native import (
     FINAL,
     WEIGHTS,
     latest_step_checkpoint,
     prune_step_checkpoints,
     save_checkpoint,
 )
-from mllm_kd.config import ModelConfig, OptimConfig, StageConfig, TrainConfig
-from mllm_kd.data import Collator, TrainData
-from mllm_kd.distributed import (
-    DistInfo,
+from mllm_kd.config import ModelConfig, StageConfig
+from mllm_kd.data.datasets import Collator, TrainData
+from mllm_kd.errors import CheckpointError, TrainingError
+from mllm_kd.model.llm import compile_decoder_layers
+from mllm_kd.model.multimodal import MultimodalLM
+from mllm_kd.runtime.distributed import (
     any_rank,
     barrier,
-    device_for,
     gradient_sync,
     mean_over_ranks,
     shard,
     wrap_student,
 )
-from mllm_kd.errors import CheckpointError, TrainingError
-from mllm_kd.losses import DistillSettings, causal_lm_loss, distill_terms, response_mask
-from mllm_kd.model import MultimodalLM, compile_decoder_layers
+from mllm_kd.runtime.plan import RunPlan
+from mllm_kd.teacher.cache import CachedTeacher
+from mllm_kd.train.objective import LossComputer
+from mllm_kd.train.optim import build_optimizer, cosine_with_warmup
 
 log = logging.getLogger(__name__)
 StepHook = Callable[[int, dict], None]
@@ -67,268 +68,6 @@ class TrainState:
     total_steps: int = 0
     elapsed: float = 0.0  # seconds of training so far
     last_loss: float | None = None
-
-
-def pick_device(train: TrainConfig) -> torch.device:
-    if train.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(train.device)
-
-
-def autocast_dtype(train: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA (``precision=auto``), none on CPU unless asked.
-
-    ``auto`` never picks bf16 on a CPU: without bf16 matrix units a whole training step under bf16 autocast
-    was 18x slower than float32 on the 2-core development machine (docs/performance.md).
-    """
-    if train.precision == "bf16" or (train.precision == "auto" and device.type == "cuda"):
-        if device.type == "cpu":
-            log.warning(
-                "train.precision=bf16 on a CPU: bf16 autocast is usually far slower than float32 there "
-                "(18x for a whole step on the development machine); precision=auto uses float32"
-            )
-        return torch.bfloat16
-    return None
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def build_optimizer(model: MultimodalLM, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW (``optim.name``: torch's, or bitsandbytes' 8-bit ``adamw8bit``); the projector has its own
-    learning rate; no weight decay on biases and norms."""
-    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        part = "projector" if name.startswith("projector.") else "rest"
-        groups.setdefault((part, p.ndim >= 2), []).append(p)
-    if not groups:
-        raise TrainingError("nothing to train: every parameter is frozen (see the `trainable` config)")
-    param_groups = []
-    for (part, decay), params in groups.items():
-        lr = cfg.projector_lr if (part == "projector" and cfg.projector_lr is not None) else cfg.lr
-        param_groups.append(
-            {"params": params, "lr": lr, "weight_decay": cfg.weight_decay if decay else 0.0, "name": part}
-        )
-    if cfg.name == "adamw8bit":
-        return _adamw8bit(param_groups, cfg)
-    if _fused_adamw(param_groups, cfg.fused):
-        return torch.optim.AdamW(param_groups, betas=tuple(cfg.betas), fused=True)
-    return torch.optim.AdamW(param_groups, betas=tuple(cfg.betas))
-
-
-def _fused_adamw(param_groups: list[dict], requested: bool | None) -> bool:
-    """``optim.fused``: None picks the fused kernel for a student wholly on CUDA that is not FSDP2-sharded."""
-    if requested is False:
-        return False
-    from torch.distributed.tensor import DTensor
-
-    params = [p for g in param_groups for p in g["params"]]
-    sharded = any(isinstance(p, DTensor) or isinstance(p.data, DTensor) for p in params)
-    if requested is None:
-        return not sharded and {p.device.type for p in params} == {"cuda"}
-    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-    bad = next((p for p in params if p.dtype not in floats), None)
-    if bad is not None:
-        raise TrainingError(f"optim.fused=true: torch's fused AdamW does not take {bad.dtype} parameters")
-    return True
-
-
-def _adamw8bit(param_groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """bitsandbytes' AdamW8bit: both moments block-wise quantised to 8 bits (tensors of >= 4096 elements)."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError as e:
-        raise TrainingError(
-            "optim.name=adamw8bit needs bitsandbytes: install the `gpu` extra (pip install -e '.[gpu]') "
-            "or just bitsandbytes (pip install bitsandbytes)"
-        ) from e
-    from torch.distributed.tensor import DTensor
-
-    if any(isinstance(p, DTensor) or isinstance(p.data, DTensor) for g in param_groups for p in g["params"]):
-        raise TrainingError(
-            "optim.name=adamw8bit does not support an FSDP2-sharded student; use optim.name=adamw or "
-            "train.strategy=ddp"
-        )
-    return bnb.optim.AdamW8bit(param_groups, lr=cfg.lr, betas=tuple(cfg.betas))
-
-
-def cosine_with_warmup(
-    optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float, min_lr_ratio: float = 0.0
-):
-    """Linear warm-up over ``ceil(warmup_ratio * total_steps)`` steps, then cosine to ``min_lr_ratio``."""
-    warmup = math.ceil(warmup_ratio * total_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-class LossComputer:
-    """The stage's objective on one micro-batch: CE (+ distillation terms against a frozen teacher).
-
-    ``loss.fused`` (default): the student and teacher run without their LM heads and every term comes from
-    the final hidden states and the head weights (:func:`mllm_kd.fused_losses.fused_distill_loss`), a
-    ``loss.chunk_size`` of positions at a time, so no ``[B, T, V]`` logits exist. Heads the fused path
-    cannot reproduce exactly (see :func:`~mllm_kd.fused_losses.fusable_head`), and ``loss.fused=false``,
-    use the logits reference (:func:`~mllm_kd.losses.causal_lm_loss` + :func:`~mllm_kd.losses.distill_terms`).
-
-    A :class:`~mllm_kd.teacher_cache.CachedTeacher` as ``teacher`` (``teacher.cache``): no teacher runs; its
-    stored outputs for the batch's samples (``batch["ids"]``) are looked up and the terms are those of
-    :func:`~mllm_kd.teacher_cache.cached_distill_loss` (fused) or
-    :func:`~mllm_kd.teacher_cache.cached_distill_loss_reference` (``loss.fused=false``).
-    """
-
-    def __init__(self, cfg: StageConfig, teacher: nn.Module | None):
-        from mllm_kd.teacher_cache import CachedTeacher, check_loss_settings
-
-        self.loss = cfg.loss
-        self.cache = teacher if isinstance(teacher, CachedTeacher) else None
-        self.teacher = None if self.cache is not None else teacher
-        if self.cache is not None:
-            check_loss_settings(cfg)
-        self.settings = DistillSettings(
-            kind=cfg.loss.kind,
-            temperature=cfg.loss.temperature,
-            beta=cfg.loss.beta,
-            alpha=cfg.loss.alpha,
-            resp=cfg.loss.w_resp > 0,
-            vis=cfg.loss.w_vis > 0,
-            rel=cfg.loss.w_rel > 0,
-        )
-        self.weights = {
-            "ce": cfg.loss.w_ce,
-            "mdist_resp": cfg.loss.w_resp,
-            "mdist_vis": cfg.loss.w_vis,
-            "rdist": cfg.loss.w_rel,
-        }
-        if cfg.loss.fused and cfg.loss.chunk_size < 1:
-            raise TrainingError(f"loss.chunk_size must be >= 1, got {cfg.loss.chunk_size}")
-        self._teacher_gram: tuple[tuple, torch.Tensor] | None = None  # (weight identity, W^T W) cache
-        self._fallback_logged = False
-
-    def __call__(self, student: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Returns the weighted total and each unweighted term (float32 scalars).
-
-        On the fused path the terms are detached values (for logging); only the total carries gradients.
-        """
-        if self.loss.fused:
-            # Imported here: this class is the only part of the engine that uses the fused losses.
-            from mllm_kd.fused_losses import fusable_head
-
-            head = fusable_head(student)
-            t_head = None if self.teacher is None else fusable_head(self.teacher)
-            if head is not None and (self.teacher is None or t_head is not None):
-                if self.cache is not None:
-                    return self._cached(student, batch, head)
-                return self._fused(student, batch, head, t_head)
-            if not self._fallback_logged:
-                log.info("loss.fused: an LM head is not a plain, whole nn.Linear; using the logits reference")
-                self._fallback_logged = True
-        if self.cache is not None:
-            return self._cached(student, batch, None)
-        return self._reference(student, batch)
-
-    def _cached(
-        self, student: nn.Module, batch: dict, head: nn.Linear | None
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The objective against the cached teacher; ``head`` None: from the student's full logits."""
-        from mllm_kd.teacher_cache import cached_distill_loss, cached_distill_loss_reference
-
-        inner = getattr(student, "module", student)  # DistributedDataParallel
-        ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        vis_mask = ids == inner.image_token_id
-        rows = response_mask(labels) | vis_mask
-        cached = self.cache.lookup(batch["ids"], ids, attn, labels, rows, ids.device)
-        if head is None:
-            logits = student(ids, attn, batch["pixel_values"]).logits
-            return cached_distill_loss_reference(
-                logits, labels, vis_mask, inner.num_visual_tokens, cached, self.weights, self.settings
-            )
-        hidden = student(ids, attn, batch["pixel_values"], return_logits=False).hidden
-        return cached_distill_loss(
-            hidden,
-            head.weight,
-            labels,
-            vis_mask,
-            inner.num_visual_tokens,
-            cached,
-            self.weights,
-            self.settings,
-            chunk_size=self.loss.chunk_size,
-            head_bias=head.bias,
-        )
-
-    def _reference(self, student: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = student(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
-        terms = {"ce": causal_lm_loss(out.logits, batch["labels"])}
-        if self.teacher is not None:
-            inner = getattr(student, "module", student)  # DistributedDataParallel
-            with torch.no_grad():
-                t_out = self.teacher(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
-            vis_mask = batch["input_ids"] == inner.image_token_id
-            terms.update(
-                distill_terms(
-                    out.logits,
-                    t_out.logits,
-                    batch["labels"],
-                    vis_mask,
-                    inner.num_visual_tokens,
-                    self.settings,
-                )
-            )
-        total = sum(self.weights[k] * v for k, v in terms.items() if self.weights[k] != 0)
-        return total, terms
-
-    def _fused(
-        self, student: nn.Module, batch: dict, head: nn.Linear, t_head: nn.Linear | None
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        from mllm_kd.fused_losses import fused_distill_loss
-
-        ids, attn, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
-        hidden = student(ids, attn, pixels, return_logits=False).hidden
-        teacher_kw = {}
-        if self.teacher is not None and t_head is not None:
-            inner = getattr(student, "module", student)  # DistributedDataParallel
-            with torch.no_grad():
-                t_hidden = self.teacher(ids, attn, pixels, return_logits=False).hidden
-            teacher_kw = {
-                "teacher_hidden": t_hidden,
-                "teacher_head_weight": t_head.weight,
-                "teacher_bias": t_head.bias,
-                "vis_mask": ids == inner.image_token_id,
-                "num_visual_tokens": inner.num_visual_tokens,
-                "teacher_gram": self._cached_teacher_gram(t_head) if self.settings.rel else None,
-            }
-        return fused_distill_loss(
-            hidden,
-            head.weight,
-            batch["labels"],
-            self.weights,
-            settings=self.settings,
-            chunk_size=self.loss.chunk_size,
-            student_bias=head.bias,
-            **teacher_kw,
-        )
-
-    def _cached_teacher_gram(self, t_head: nn.Linear) -> torch.Tensor:
-        """The frozen teacher's ``W^T W`` for RDist, recomputed only when its head weights change."""
-        from mllm_kd.fused_losses import head_gram
-
-        w, b = t_head.weight, t_head.bias
-        key = (w.data_ptr(), w._version, w.dtype, w.device, None if b is None else (b.data_ptr(), b._version))
-        if self._teacher_gram is None or self._teacher_gram[0] != key:
-            with torch.no_grad():
-                self._teacher_gram = (key, head_gram(w.detach(), None if b is None else b.detach()))
-        return self._teacher_gram[1]
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -356,34 +95,33 @@ class Trainer:
     def __init__(
         self,
         cfg: StageConfig,
+        plan: RunPlan,
         student: MultimodalLM,
-        teacher: MultimodalLM | None,
+        teacher: MultimodalLM | CachedTeacher | None,
         data: TrainData,
         tokenizer,
         model_cfg: ModelConfig,
         on_step: StepHook | None = None,
-        dist_info: DistInfo | None = None,
     ):
-        self.cfg, self.student, self.teacher, self.data = cfg, student, teacher, data
+        self.cfg, self.plan, self.student, self.teacher, self.data = cfg, plan, student, teacher, data
         self.tokenizer, self.model_cfg, self.on_step = tokenizer, model_cfg, on_step
-        self.dist = dist_info or DistInfo()
+        self.dist = plan.dist
+        self.device = plan.device
         self.out = Path(cfg.output_dir)
         t = cfg.train
-        self.device = device_for(self.dist, pick_device(t))
-        self.amp = autocast_dtype(t, self.device)
         self.student.to(self.device)
         self.model = wrap_student(
             student, self.dist, t.strategy, self.device
         )  # what the forward runs through
-        if self.teacher is not None:
-            self.teacher.to(self.device, dtype=self.amp or torch.float32).eval().requires_grad_(False)
-            if self.dist.enabled and t.teacher_strategy == "fsdp2":
-                shard(self.teacher)
+        if plan.teacher == "model":
+            teacher.to(self.device, dtype=plan.weight_dtype).eval().requires_grad_(False)
+            if self.dist.enabled and plan.teacher_strategy == "fsdp2":
+                shard(teacher)
         if t.compile:
             compile_decoder_layers(student.llm)
-            if isinstance(teacher, MultimodalLM):
+            if plan.teacher == "model":
                 compile_decoder_layers(teacher.llm)
-        self.loss_fn = LossComputer(cfg, teacher)
+        self.loss_fn = LossComputer(cfg, teacher, plan)
         self.batches_per_epoch = math.ceil(data.num_samples / t.batch_size)  # per rank
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / t.grad_accum)
         total = t.max_steps if t.max_steps is not None else math.ceil(t.epochs * self.steps_per_epoch)
@@ -616,9 +354,7 @@ class Trainer:
                 continue
             batch = _to_device(batch, self.device)
             with gradient_sync(self.model, enabled=k == n_micro):
-                with torch.autocast(
-                    self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None
-                ):
+                with self.plan.autocast():
                     total, terms = self.loss_fn(self.model, batch)
                 bad = bad or _check_finite(total, terms, self.state.step + 1)
                 if any_rank(self.dist, bad is not None):

@@ -13,9 +13,8 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from mllm_kd.data.records import IMAGE_TOKEN
 from mllm_kd.errors import ConfigError
-
-IMAGE_TOKEN = "<image>"
 
 # ChatML, as used by Qwen and SmolLM2. Our BPE tokenizers get it so that they behave like those models.
 CHATML_TEMPLATE = (

@@ -30,7 +30,7 @@ What the HF layout cannot express, and export therefore refuses: ``projector.typ
 builds its tower with ``AutoModel.from_config``; an open_clip ViT has no transformers config).
 
 Import goes the other way: a directory whose ``config.json`` has ``model_type: llava`` becomes a
-:class:`~mllm_kd.model.MultimodalLM` (see :func:`load_hf_llava`), so it can be a teacher
+:class:`~mllm_kd.model.multimodal.MultimodalLM` (see :func:`load_hf_llava`), so it can be a teacher
 (``teacher.checkpoint=DIR``), a student's starting point (``init_from=DIR``) or the source of a vision
 tower (``model.vision.checkpoint=DIR``).
 """
@@ -45,10 +45,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mllm_kd.atomic import atomic_dir
 from mllm_kd.config import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
 from mllm_kd.errors import CheckpointError, ConfigError
-from mllm_kd.model import HFVisionTower, MultimodalLM, attention_implementation
-from mllm_kd.tokenization import IMAGE_TOKEN, image_token_id, prepare_tokenizer
+from mllm_kd.model.llm import attention_implementation
+from mllm_kd.model.multimodal import MultimodalLM
+from mllm_kd.model.tokenization import IMAGE_TOKEN, image_token_id, prepare_tokenizer
+from mllm_kd.model.vision import HFVisionTower
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +122,7 @@ def _check_exportable(model: MultimodalLM, model_cfg: ModelConfig) -> None:
 
 
 def _stop_ids(tokenizer) -> list[int]:
-    """EOS and the ChatML end-of-turn token, as :meth:`mllm_kd.generate.Generator.stop_ids`."""
+    """EOS and the ChatML end-of-turn token, as :meth:`mllm_kd.model.generate.Generator.stop_ids`."""
     ids = {tokenizer.eos_token_id}
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     if isinstance(end, int) and end != tokenizer.unk_token_id:
@@ -180,7 +183,7 @@ def build_hf_llava(model: MultimodalLM, tokenizer, model_cfg: ModelConfig):
     hf.eval()
 
     mean, std = list(model_cfg.vision.image_mean), list(model_cfg.vision.image_std)
-    images = CLIPImageProcessor(  # = mllm_kd.data.ImageProcessor: bicubic square resize, no crop
+    images = CLIPImageProcessor(  # = mllm_kd.data.encoding.ImageProcessor: bicubic square resize, no crop
         do_resize=True,
         size={"height": size, "width": size},
         resample=3,  # PIL.Image.BICUBIC
@@ -211,8 +214,6 @@ def build_hf_llava(model: MultimodalLM, tokenizer, model_cfg: ModelConfig):
 
 def export_hf_llava(model: MultimodalLM, tokenizer, model_cfg: ModelConfig, out: str | Path) -> Path:
     """Write ``model`` in the Hugging Face LLaVA layout (atomically: a crash leaves no half directory)."""
-    from mllm_kd.checkpoint import atomic_dir
-
     hf, processor = build_hf_llava(model, tokenizer, model_cfg)
     out = Path(out)
     with atomic_dir(out) as tmp:

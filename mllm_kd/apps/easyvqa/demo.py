@@ -1,6 +1,6 @@
 """The main job: easy-VQA, from teacher to distilled student, in one command.
 
-    python -m mllm_kd.demo [--run-dir runs/demo] [--recipe pretrained|scratch] [--seeds 0,1]
+    python -m mllm_kd.apps.easyvqa.demo [--run-dir runs/demo] [--recipe pretrained|scratch] [--seeds 0,1]
                            [--split test|val] [--questions N] [--captions N] [--teacher-dir DIR]
                            [--redo] [--quick] [key=value ...]
 
@@ -34,12 +34,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mllm_kd.apps.easyvqa.report import STUDENT_ROLES, gaps, summarise, write_report, yes_no_prior
 from mllm_kd.cli import setup_logging, stage_config
-from mllm_kd.demo_report import STUDENT_ROLES, gaps, summarise, write_report, yes_no_prior
+from mllm_kd.configs import config_path
 from mllm_kd.errors import ConfigError, MllmKdError
 
-log = logging.getLogger("mllm_kd.demo")
-ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("mllm_kd.apps.easyvqa.demo")
 NO_DISTILL = ["loss.w_resp=0", "loss.w_vis=0", "loss.w_rel=0"]
 
 
@@ -82,14 +82,14 @@ QUICK_PRETRAINED = (
 )
 RECIPES = {
     "pretrained": Recipe(
-        ROOT / "configs" / "easyvqa.yaml",
+        config_path("easyvqa.yaml"),
         # a validation split for choosing hyper-parameters; records in a seeded random order, so the
         # recipe's first N questions cover ~N images (in image order they cover N / 9.6)
         {"val_images": 200, "test_sample": 3000, "shuffle": True},
         True,
         QUICK_PRETRAINED,
     ),
-    "scratch": Recipe(ROOT / "configs" / "easyvqa_scratch.yaml", {}, False, QUICK_SCRATCH),
+    "scratch": Recipe(config_path("easyvqa_scratch.yaml"), {}, False, QUICK_SCRATCH),
 }
 QUICK_PREPARE = {"max_train_images": 64, "max_test_questions": 120}
 
@@ -181,19 +181,19 @@ def evaluate(data: Path, split: str, answers: Path, model_id: str, ckpt: Path, r
     Exact match overall and per type, plus the yes/no template prior (:func:`yes_no_prior`): its own
     accuracy on these questions and how often the model's yes/no answers agree with it.
     """
-    import torch
 
-    from mllm_kd.checkpoint import load_checkpoint_model
-    from mllm_kd.data_prep.easyvqa import train_template_prior
+    from mllm_kd.checkpoint.native import load_checkpoint_model
+    from mllm_kd.data_prep.easyvqa_questions import train_template_prior
     from mllm_kd.eval.core import read_predictions
     from mllm_kd.eval.run import training_template
     from mllm_kd.eval.tasks.easyvqa import EasyVQATask
-    from mllm_kd.generate import Generator, answer_file, read_questions
-    from mllm_kd.model import count_parameters
+    from mllm_kd.model.generate import Generator, answer_file, read_questions
+    from mllm_kd.model.multimodal import count_parameters
+    from mllm_kd.runtime.device import pick_device
 
     if redo and answers.exists():
         answers.unlink()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device()
     model, tok, model_cfg = load_checkpoint_model(ckpt)
     template, system_prompt = training_template(ckpt)
     gen = Generator.from_model(
@@ -326,7 +326,7 @@ def _seeds(text: str) -> tuple[int, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m mllm_kd.demo",
+        prog="python -m mllm_kd.apps.easyvqa.demo",
         description="easy-VQA: teacher -> plain, compute-matched and LLaVA-KD students",
     )
     p.add_argument("--run-dir", default="runs/demo")

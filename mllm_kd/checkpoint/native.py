@@ -16,11 +16,10 @@ place, so a crash mid-write leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -30,49 +29,16 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_model, save_file, save_model
 
+from mllm_kd.atomic import atomic_dir
+from mllm_kd.checkpoint.hf_llava import is_hf_llava_dir, load_hf_llava
 from mllm_kd.config import ModelConfig, StageConfig, config_to_yaml, model_config_from_dict
 from mllm_kd.errors import CheckpointError, ConfigError
-from mllm_kd.hf_llava import is_hf_llava_dir, load_hf_llava
-from mllm_kd.model import HFVisionTower, MultimodalLM, TorchvisionVisionTower, build_model
-from mllm_kd.tokenization import image_token_id, load_tokenizer
+from mllm_kd.model.multimodal import MultimodalLM, build_model
+from mllm_kd.model.tokenization import image_token_id, load_tokenizer
+from mllm_kd.model.vision import HFVisionTower, TorchvisionVisionTower
 
 WEIGHTS = "model.safetensors"
 FINAL = "final"
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in root.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-
-
-@contextlib.contextmanager
-def atomic_dir(target: Path, tmp: Path | None = None) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces ``target`` in one rename.
-
-    On any error the temporary directory is removed and ``target`` is left as it was. ``tmp`` names
-    the temporary directory (already created) when several processes write into it.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if tmp is None:
-        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def describe_model(model: MultimodalLM, cfg: ModelConfig) -> dict:
@@ -197,7 +163,7 @@ def load_checkpoint_model(
     are loaded): it decides ``attn_implementation="auto"`` (FlashAttention-2 on CUDA when installed).
 
     ``path`` is an mllm_kd checkpoint (or a finished stage directory), or a Hugging Face LLaVA directory
-    (``config.json`` with ``model_type: llava``), converted at load time (:mod:`mllm_kd.hf_llava`).
+    (``config.json`` with ``model_type: llava``), converted at load time (:mod:`mllm_kd.checkpoint.hf_llava`).
     """
     if is_hf_llava_dir(path):
         return load_hf_llava(path, device=device, what=what)

@@ -1,9 +1,9 @@
 """Ablations of the easy-VQA demo: what each LLaVA-KD ingredient contributes.
 
-    python -m mllm_kd.ablate [--run-dir runs/demo] [--recipe pretrained|scratch] [--seed S] [--only NAME ...]
+    python -m mllm_kd.apps.easyvqa.ablate [--run-dir runs/demo] [--recipe pretrained|scratch] [--seed S] [--only NAME ...]
                              [--jobs N] [key=value ...]
 
-Reuses the demo's data and teacher (``RUN/data``, ``RUN/teacher``; run ``python -m mllm_kd.demo`` with the
+Reuses the demo's data and teacher (``RUN/data``, ``RUN/teacher``; run ``python -m mllm_kd.apps.easyvqa.demo`` with the
 same ``--recipe`` first) and trains one student per variant under ``RUN/ablation/seed<S>/<name>``:
 
 * ``kd``: DPT -> SFT -> DFT with every term (the demo's LLaVA-KD student);
@@ -33,11 +33,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mllm_kd.apps.easyvqa.demo import NO_DISTILL, RECIPES, evaluate
 from mllm_kd.cli import setup_logging, stage_config
-from mllm_kd.demo import NO_DISTILL, RECIPES, evaluate
 from mllm_kd.errors import MllmKdError
 
-log = logging.getLogger("mllm_kd.ablate")
+log = logging.getLogger("mllm_kd.apps.easyvqa.ablate")
 PT, SFT, DFT = "stage1", "stage2", "stage3"
 
 # name -> (stages, overrides per stage, what it shows)
@@ -125,7 +125,7 @@ def _train_in_parallel(
         group = todo[k::jobs]
         if not group:
             continue
-        cmd = [sys.executable, "-m", "mllm_kd.ablate", "--run-dir", str(run), "--only", *group]
+        cmd = [sys.executable, "-m", "mllm_kd.apps.easyvqa.ablate", "--run-dir", str(run), "--only", *group]
         cmd += ["--recipe", recipe, "--seed", str(seed)]
         cmd += ["--quick"] if quick else []
         cmd += overrides
@@ -139,14 +139,18 @@ def _train_in_parallel(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mllm_kd.ablate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m mllm_kd.apps.easyvqa.ablate", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--run-dir", default="runs/demo")
     p.add_argument("--only", nargs="*", choices=list(VARIANTS), help="run only these variants")
     p.add_argument("--jobs", type=int, default=1, help="variants trained at a time (separate processes)")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="pretrained", help="the demo's recipe")
     p.add_argument("--seed", type=int, default=0, help="the students' seed (the demo's seed<S> runs)")
     p.add_argument("--split", choices=("test", "val"), default="test", help="the questions scored")
-    p.add_argument("--quick", action="store_true", help="the tiny sizes of `mllm_kd.demo --quick`")
+    p.add_argument(
+        "--quick", action="store_true", help="the tiny sizes of `mllm_kd.apps.easyvqa.demo --quick`"
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     setup_logging()
@@ -156,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not (run / "teacher" / "teacher_sft" / "final").is_dir():
             raise MllmKdError(
-                f"no teacher in {run}/teacher: run `python -m mllm_kd.demo --run-dir {run}` first"
+                f"no teacher in {run}/teacher: run `python -m mllm_kd.apps.easyvqa.demo --run-dir {run}` first"
             )
         if args.jobs > 1:
             _train_in_parallel(run, names, args.jobs, args.overrides, args.recipe, args.seed, args.quick)

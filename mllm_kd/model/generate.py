@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from mllm_kd.data import ConversationEncoder, ImageProcessor
+from mllm_kd.data.encoding import ConversationEncoder, ImageProcessor
 from mllm_kd.errors import DataError
-from mllm_kd.model import MultimodalLM
-from mllm_kd.tokenization import IMAGE_TOKEN
+from mllm_kd.model.multimodal import MultimodalLM
+from mllm_kd.model.tokenization import IMAGE_TOKEN
+from mllm_kd.runtime.work import chunk_bounds
 
 
 @dataclass
@@ -129,7 +130,8 @@ def answer_file(
     Args:
         questions: records with ``question_id``, ``text`` and optionally ``image`` (relative to
             ``image_folder``); ``<image>\\n`` is put before the text of questions with an image, as LLaVA does.
-        chunk: ``(index, count)``: answer only every question whose position % count == index.
+        chunk: ``(index, count)``: answer only contiguous chunk ``index`` of ``count`` of the questions
+            (:func:`mllm_kd.runtime.work.chunk_bounds`, as ``mllm_kd.eval`` splits them).
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -145,8 +147,8 @@ def answer_file(
                 break
         if len(good) < len(lines) or (good and not good[-1].endswith("\n")):  # only a torn file is rewritten
             out.write_text("".join(line if line.endswith("\n") else line + "\n" for line in good))
-    index, count = chunk
-    todo = [q for i, q in enumerate(questions) if i % count == index and str(q["question_id"]) not in done]
+    lo, hi = chunk_bounds(len(questions), *chunk)
+    todo = [q for q in questions[lo:hi] if str(q["question_id"]) not in done]
     folder = Path(image_folder)
     with (
         open(out, "a") as f,

@@ -55,10 +55,6 @@ def init_distributed(device_type: str) -> DistInfo:
     return info
 
 
-def device_for(info: DistInfo, device: torch.device) -> torch.device:
-    return torch.device("cuda", info.local_rank) if device.type == "cuda" and info.enabled else device
-
-
 def wrap_student(model: nn.Module, info: DistInfo, strategy: str, device: torch.device) -> nn.Module:
     """DDP (replicate) or FSDP2 (shard each decoder layer, then the whole model)."""
     if not info.enabled:
@@ -90,6 +86,7 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (an FSDP2 model is sharded in place: itself)."""
     return model.module if hasattr(model, "module") and not is_sharded(model) else model
 
 
@@ -114,15 +111,6 @@ def gradient_sync(model: nn.Module, enabled: bool):
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
-
-
-def broadcast_object(info: DistInfo, obj):
-    """Rank 0's value of ``obj`` on every rank (e.g. a path or an error message)."""
-    if not info.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def mean_over_ranks(info: DistInfo, values: dict[str, float]) -> dict[str, float]:

@@ -21,7 +21,7 @@ def yes_no_prior(prior: dict[str, str], truth: dict, questions: list[dict], pred
     the questions the prior gets wrong (a model that only learned the wording scores 0 there).
     ``truth``: question id -> ``{"answer": ...}``; ``questions``: the question file's records.
     """
-    from mllm_kd.data_prep.easyvqa import YES_NO, question_template
+    from mllm_kd.data_prep.easyvqa_questions import YES_NO, question_template
     from mllm_kd.eval.normalize import simple_normalize
 
     said = {str(p.question_id): simple_normalize(p.text) for p in predictions}

@@ -1,0 +1,2 @@
+"""The easy-VQA job: the demo (teacher -> students -> report, :mod:`.demo`), its report (:mod:`.report`) and
+the ablation (:mod:`.ablate`)."""

@@ -1,0 +1,1 @@
+"""Training data: records (one validator), encoding (templates, images), data sets and batching."""

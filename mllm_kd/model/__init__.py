@@ -1,0 +1,1 @@
+"""The multimodal LM: vision towers, projector, LLM, their assembly, tokenization and generation."""

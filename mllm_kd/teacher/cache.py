@@ -1,0 +1,200 @@
+"""Reading a teacher cache: :class:`CachedTeacher` (the format is :mod:`mllm_kd.teacher.cache_format`).
+
+A stage run with ``teacher.cache=DIR`` opens the cache (:func:`open_cache`), refuses it unless it was built
+for this stage's data, tokenizer and settings (:meth:`CachedTeacher.check`), and looks up each batch's
+teacher outputs by sample id and a hash of its tokens (:meth:`CachedTeacher.lookup`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mllm_kd.errors import CompatibilityError, ConfigError
+from mllm_kd.losses.cached import CachedBatch
+from mllm_kd.losses.reference import KD_KINDS
+from mllm_kd.teacher.cache_format import (
+    CACHE_VERSION,
+    FILES,
+    INDEX,
+    MANIFEST,
+    relation_from_values,
+    relation_size,
+    sample_hash,
+)
+from mllm_kd.teacher.fingerprint import record_differences, teacher_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+class CachedTeacher:
+    """A teacher cache directory, opened: no weights, no forward pass; :meth:`lookup` returns a batch's
+    stored outputs (memory-mapped arrays, read on demand), which :mod:`mllm_kd.losses.cached` consumes.
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        manifest_path = self.directory / MANIFEST
+        if not manifest_path.is_file():
+            raise ConfigError(
+                f"teacher.cache={self.directory} is not a teacher cache (no {MANIFEST}); build one with "
+                "python -m mllm_kd.cache_teacher --config FILE --stage STAGE teacher.cache=DIR"
+            )
+        self.manifest = json.loads(manifest_path.read_text())
+        if self.manifest.get("version") != CACHE_VERSION:
+            raise ConfigError(
+                f"teacher cache {self.directory} has format version {self.manifest.get('version')}, this "
+                f"mllm_kd reads version {CACHE_VERSION}: rebuild it"
+            )
+        layout = self.manifest["layout"]
+        self.k = int(layout["k"])
+        self.rank = int(layout["relation_rank"])
+        self.n_vis = int(self.manifest["built_for"]["num_visual_tokens"])
+        rows, rel_values = int(layout["rows"]), int(layout["relation_values"])
+        self.rel_size = relation_size(self.n_vis, self.rank)
+
+        def memmap(name: str, dtype: str, shape: tuple[int, ...]):
+            if math.prod(shape) == 0:
+                return np.zeros(shape, dtype=dtype)
+            return np.memmap(self.directory / FILES[name], dtype=dtype, mode="r", shape=shape)
+
+        self.logprobs = memmap("logprobs", "float16", (rows, self.k))
+        self.indices = memmap("indices", layout["index_dtype"], (rows, self.k))
+        self.rest = memmap("rest", "float32", (rows,))
+        self.relation = memmap("relation", "float16", (rel_values,))
+        index = json.loads((self.directory / INDEX).read_text())
+        self.ids: list[str] = index["ids"]
+        self.hashes: list[str] = index["hashes"]
+        self.row_start = np.asarray(index["row_start"], dtype=np.int64)
+        self.n_rows = np.asarray(index["n_rows"], dtype=np.int64)
+        self.n_images = np.asarray(index["n_images"], dtype=np.int64)
+        self.rel_start = np.asarray(index["rel_start"], dtype=np.int64)
+        self._by_id: dict[str, list[int]] = {}
+        for i, sid in enumerate(self.ids):
+            self._by_id.setdefault(sid, []).append(i)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def check(self, expected: dict, teacher_checkpoint: str | None = None) -> None:
+        """Refuse (:class:`CompatibilityError`) a cache built for other data, tokenizer or settings."""
+        diffs = record_differences(self.manifest["built_for"], expected)
+        built_teacher = self.manifest.get("teacher", {})
+        if teacher_checkpoint:
+            try:
+                current = teacher_fingerprint(teacher_checkpoint)
+            except Exception as e:  # the teacher is not needed to train from its cache
+                log.warning(
+                    "teacher.checkpoint %s cannot be read (%s); trusting the cache %s, built from %s",
+                    teacher_checkpoint,
+                    e,
+                    self.directory,
+                    built_teacher.get("path"),
+                )
+            else:
+                if current["sha256"] != built_teacher.get("sha256"):
+                    diffs.append(
+                        f"teacher checkpoint: cache built from {built_teacher.get('path')} "
+                        f"(fingerprint {str(built_teacher.get('sha256'))[:12]}...), this stage's teacher.checkpoint "
+                        f"is {current['path']} (fingerprint {current['sha256'][:12]}...)"
+                    )
+        if diffs:
+            raise CompatibilityError(
+                f"teacher cache {self.directory} was built for something else than this stage:\n  - "
+                + "\n  - ".join(diffs)
+                + "\nRebuild it for this stage: python -m mllm_kd.cache_teacher --config FILE --stage STAGE "
+                "[the same key=value overrides] teacher.cache=NEW_DIR"
+            )
+
+    def _entry(self, sid: str, digest: str) -> int:
+        entries = self._by_id.get(sid)
+        if not entries:
+            raise CompatibilityError(
+                f"sample {sid!r} is not in the teacher cache {self.directory} ({len(self.ids)} samples): "
+                "was it built for this data set (and data.max_samples)?"
+            )
+        for i in entries:
+            if self.hashes[i] == digest:
+                return i
+        raise CompatibilityError(
+            f"sample {sid!r} is tokenised differently from when the teacher cache {self.directory} was "
+            "built (its input ids or labels differ): rebuild the cache"
+        )
+
+    def lookup(
+        self,
+        sample_ids: list[str],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        rows: torch.Tensor,
+        device: torch.device | str,
+    ) -> CachedBatch:
+        """The cached outputs for a batch (any size, any order) at its distilled ``rows`` (bool ``[B, T]``)."""
+        ids_cpu, labels_cpu = input_ids.cpu().numpy(), labels.cpu().numpy()
+        lengths = attention_mask.sum(1).cpu().tolist()
+        counts = rows.sum(1).cpu().tolist()
+        row_slices, rel_slices = [], []
+        for b, sid in enumerate(sample_ids):
+            n = int(lengths[b])
+            i = self._entry(str(sid), sample_hash(ids_cpu[b, :n], labels_cpu[b, :n]))
+            if int(self.n_rows[i]) != counts[b]:
+                raise CompatibilityError(
+                    f"sample {sid!r}: the teacher cache {self.directory} holds {self.n_rows[i]} distilled "
+                    f"positions, the batch has {counts[b]}"
+                )
+            row_slices.append(slice(int(self.row_start[i]), int(self.row_start[i] + self.n_rows[i])))
+            if self.n_images[i]:
+                start = int(self.rel_start[i])
+                rel_slices.append(slice(start, start + int(self.n_images[i]) * self.rel_size))
+
+        def gather(array: np.ndarray, slices: list[slice]) -> np.ndarray:
+            parts = [array[s] for s in slices]
+            return np.concatenate(parts) if parts else array[:0]
+
+        logprobs = torch.from_numpy(gather(self.logprobs, row_slices).astype(np.float32))
+        indices = torch.from_numpy(gather(self.indices, row_slices).astype(np.int64))
+        rest = torch.from_numpy(np.array(gather(self.rest, row_slices), dtype=np.float32))
+        relation = None
+        if rel_slices:
+            values = torch.from_numpy(gather(self.relation, rel_slices).astype(np.float32)).to(device)
+            relation = relation_from_values(values.view(-1, self.rel_size), self.n_vis, self.rank)
+        return CachedBatch(logprobs.to(device), indices.to(device), rest.to(device), relation)
+
+
+_OPEN: dict[tuple, CachedTeacher] = {}
+
+
+def open_cache(directory: str | Path) -> CachedTeacher:
+    """A :class:`CachedTeacher` for ``directory`` (re-used while its manifest is unchanged)."""
+    directory = Path(directory)
+    manifest = directory / MANIFEST
+    try:
+        st = manifest.stat()
+        key = (str(directory.resolve()), st.st_mtime_ns, st.st_size, st.st_ino)
+    except OSError:
+        key = None
+    if key is not None and key in _OPEN:
+        return _OPEN[key]
+    cache = CachedTeacher(directory)
+    if key is not None:
+        _OPEN.clear()  # keep at most one open cache per process
+        _OPEN[key] = cache
+    return cache
+
+
+def check_loss_settings(cfg) -> None:
+    """Settings a cached teacher cannot serve: tau != 1 (the cache holds tau = 1 log-probabilities)."""
+    if cfg.loss.temperature != 1.0:
+        raise ConfigError(
+            f"loss.temperature={cfg.loss.temperature} with teacher.cache: the cache holds the teacher's "
+            "top-k log-probabilities at tau=1, and the leftover bucket cannot be re-tempered; use "
+            "loss.temperature=1 or the online teacher"
+        )
+    if cfg.loss.kind not in KD_KINDS:
+        raise ConfigError(f"loss.kind={cfg.loss.kind!r} is not one of {KD_KINDS}")

@@ -1,0 +1,216 @@
+"""The stage's objective on one micro-batch, on the loss path the run plan chose."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from mllm_kd.config import StageConfig
+from mllm_kd.errors import TrainingError
+from mllm_kd.losses.cached import cached_distill_loss, cached_distill_loss_reference
+from mllm_kd.losses.fused import fused_distill_loss
+from mllm_kd.losses.head import head_gram
+from mllm_kd.losses.reference import DistillSettings, causal_lm_loss, distill_terms, response_mask
+from mllm_kd.model.multimodal import MultimodalLM
+from mllm_kd.runtime.distributed import unwrap
+from mllm_kd.runtime.plan import RunPlan
+from mllm_kd.teacher.cache import CachedTeacher, check_loss_settings
+
+log = logging.getLogger(__name__)
+
+# Text-config fields of models whose logits are not plain ``lm_head(hidden)``.
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+class LossComputer:
+    """The stage's objective on one micro-batch: CE (+ distillation terms against a frozen teacher).
+
+    ``loss.fused`` (default): the student and teacher run without their LM heads and every term comes from
+    the final hidden states and the head weights (:func:`mllm_kd.losses.fused.fused_distill_loss`), a
+    ``loss.chunk_size`` of positions at a time, so no ``[B, T, V]`` logits exist. Heads the fused path
+    cannot reproduce exactly (see :func:`fusable_head`), and ``loss.fused=false``, use the logits reference
+    (:func:`~mllm_kd.losses.reference.causal_lm_loss` + :func:`~mllm_kd.losses.reference.distill_terms`).
+    Which of the two is decided once, on the first batch (the heads do not change during a run).
+
+    A :class:`~mllm_kd.teacher.cache.CachedTeacher` as ``teacher`` (``teacher.cache``): no teacher runs; its
+    stored outputs for the batch's samples (``batch["ids"]``) are looked up and the terms are those of
+    :func:`~mllm_kd.losses.cached.cached_distill_loss` (fused) or
+    :func:`~mllm_kd.losses.cached.cached_distill_loss_reference` (``loss.fused=false``).
+    """
+
+    def __init__(
+        self, cfg: StageConfig, teacher: MultimodalLM | CachedTeacher | None, plan: RunPlan | None = None
+    ):
+        self.loss = cfg.loss
+        self.fused = plan.fused if plan is not None else cfg.loss.fused
+        self.cache = teacher if isinstance(teacher, CachedTeacher) else None
+        self.teacher = None if self.cache is not None else teacher
+        if plan is not None and plan.teacher != (
+            "none" if teacher is None else "cache" if self.cache else "model"
+        ):
+            raise TrainingError(
+                f"the run plan's teacher is {plan.teacher!r}, the loss was given {type(teacher).__name__}"
+            )
+        if self.cache is not None:
+            check_loss_settings(cfg)
+        self.settings = DistillSettings(
+            kind=cfg.loss.kind,
+            temperature=cfg.loss.temperature,
+            beta=cfg.loss.beta,
+            alpha=cfg.loss.alpha,
+            resp=cfg.loss.w_resp > 0,
+            vis=cfg.loss.w_vis > 0,
+            rel=cfg.loss.w_rel > 0,
+        )
+        self.weights = {
+            "ce": cfg.loss.w_ce,
+            "mdist_resp": cfg.loss.w_resp,
+            "mdist_vis": cfg.loss.w_vis,
+            "rdist": cfg.loss.w_rel,
+        }
+        if cfg.loss.fused and cfg.loss.chunk_size < 1:
+            raise TrainingError(f"loss.chunk_size must be >= 1, got {cfg.loss.chunk_size}")
+        self._teacher_gram: tuple[tuple, torch.Tensor] | None = None  # (weight identity, W^T W) cache
+        self._heads: tuple[nn.Linear, nn.Linear | None] | None = None  # the fused path's heads, once chosen
+        self._path: str | None = None  # "fused" or "reference", decided on the first batch
+
+    def _choose_path(self, student: nn.Module) -> str:
+        if self._path is None:
+            self._path = "reference"
+            if self.fused:
+                head = fusable_head(student)
+                t_head = None if self.teacher is None else fusable_head(self.teacher)
+                if head is not None and (self.teacher is None or t_head is not None):
+                    self._path, self._heads = "fused", (head, t_head)
+                else:
+                    log.info(
+                        "loss.fused: an LM head is not a plain, whole nn.Linear; using the logits reference"
+                    )
+        return self._path
+
+    def __call__(self, student: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Returns the weighted total and each unweighted term (float32 scalars).
+
+        On the fused path the terms are detached values (for logging); only the total carries gradients.
+        """
+        if self._choose_path(student) == "fused":
+            head, t_head = self._heads
+            if self.cache is not None:
+                return self._cached(student, batch, head)
+            return self._fused(student, batch, head, t_head)
+        if self.cache is not None:
+            return self._cached(student, batch, None)
+        return self._reference(student, batch)
+
+    def _cached(
+        self, student: nn.Module, batch: dict, head: nn.Linear | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The objective against the cached teacher; ``head`` None: from the student's full logits."""
+        inner = unwrap(student)
+        ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        vis_mask = ids == inner.image_token_id
+        rows = response_mask(labels) | vis_mask
+        cached = self.cache.lookup(batch["ids"], ids, attn, labels, rows, ids.device)
+        if head is None:
+            logits = student(ids, attn, batch["pixel_values"]).logits
+            return cached_distill_loss_reference(
+                logits, labels, vis_mask, inner.num_visual_tokens, cached, self.weights, self.settings
+            )
+        hidden = student(ids, attn, batch["pixel_values"], return_logits=False).hidden
+        return cached_distill_loss(
+            hidden,
+            head.weight,
+            labels,
+            vis_mask,
+            inner.num_visual_tokens,
+            cached,
+            self.weights,
+            self.settings,
+            chunk_size=self.loss.chunk_size,
+            head_bias=head.bias,
+        )
+
+    def _reference(self, student: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = student(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        terms = {"ce": causal_lm_loss(out.logits, batch["labels"])}
+        if self.teacher is not None:
+            inner = unwrap(student)
+            with torch.no_grad():
+                t_out = self.teacher(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+            vis_mask = batch["input_ids"] == inner.image_token_id
+            terms.update(
+                distill_terms(
+                    out.logits,
+                    t_out.logits,
+                    batch["labels"],
+                    vis_mask,
+                    inner.num_visual_tokens,
+                    self.settings,
+                )
+            )
+        total = sum(self.weights[k] * v for k, v in terms.items() if self.weights[k] != 0)
+        return total, terms
+
+    def _fused(
+        self, student: nn.Module, batch: dict, head: nn.Linear, t_head: nn.Linear | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ids, attn, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+        hidden = student(ids, attn, pixels, return_logits=False).hidden
+        teacher_kw = {}
+        if self.teacher is not None and t_head is not None:
+            inner = unwrap(student)
+            with torch.no_grad():
+                t_hidden = self.teacher(ids, attn, pixels, return_logits=False).hidden
+            teacher_kw = {
+                "teacher_hidden": t_hidden,
+                "teacher_head_weight": t_head.weight,
+                "teacher_bias": t_head.bias,
+                "vis_mask": ids == inner.image_token_id,
+                "num_visual_tokens": inner.num_visual_tokens,
+                "teacher_gram": self._cached_teacher_gram(t_head) if self.settings.rel else None,
+            }
+        return fused_distill_loss(
+            hidden,
+            head.weight,
+            batch["labels"],
+            self.weights,
+            settings=self.settings,
+            chunk_size=self.loss.chunk_size,
+            student_bias=head.bias,
+            **teacher_kw,
+        )
+
+    def _cached_teacher_gram(self, t_head: nn.Linear) -> torch.Tensor:
+        """The frozen teacher's ``W^T W`` for RDist, recomputed only when its head weights change."""
+        w, b = t_head.weight, t_head.bias
+        key = (w.data_ptr(), w._version, w.dtype, w.device, None if b is None else (b.data_ptr(), b._version))
+        if self._teacher_gram is None or self._teacher_gram[0] != key:
+            with torch.no_grad():
+                self._teacher_gram = (key, head_gram(w.detach(), None if b is None else b.detach()))
+        return self._teacher_gram[1]
+
+
+def fusable_head(model: nn.Module) -> nn.Linear | None:
+    """The LM head of a :class:`~mllm_kd.model.multimodal.MultimodalLM` (or of a DDP wrapper of one) when the fused
+    losses reproduce its logits exactly, else None (the caller then uses the logits reference).
+
+    That is: the logits are ``head(hidden)`` for a plain ``nn.Linear`` head (bias allowed) with no hooks,
+    not post-processed (soft-capping, logit scaling), and the weights are whole tensors (FSDP2 shards them
+    outside the module's own forward).
+    """
+    inner = unwrap(model)
+    if not isinstance(inner, MultimodalLM) or type(inner).forward is not MultimodalLM.forward:
+        return None
+    head = inner.llm.get_output_embeddings()
+    if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks:
+        return None
+    if any(type(p) is not nn.Parameter and type(p) is not torch.Tensor for p in head.parameters()):
+        return None  # e.g. a DTensor (FSDP2-sharded)
+    text_cfg = inner.llm.config.get_text_config()
+    for name in _LOGIT_POSTPROCESSING:
+        value = getattr(text_cfg, name, None)
+        if value is not None and value != 1:
+            return None
+    return head

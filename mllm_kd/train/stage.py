@@ -1,0 +1,114 @@
+"""What every stage does: preflight -> set up student (and teacher) -> train -> save.
+
+The stage modules in ``stages/`` say what differs (which parts train, which losses, where the model
+starts); this function is the same setup -> train -> save for all of them. Every check that can fail
+on bad input runs before anything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from mllm_kd.checkpoint.native import build_from_config, load_checkpoint_model, resolve_checkpoint
+from mllm_kd.config import ModelConfig, StageConfig
+from mllm_kd.data.datasets import build_train_data
+from mllm_kd.data.encoding import ImageProcessor
+from mllm_kd.errors import CheckpointError, ConfigError
+from mllm_kd.model.multimodal import MultimodalLM, apply_trainable, count_parameters
+from mllm_kd.model.tokenization import load_tokenizer
+from mllm_kd.runtime.device import seed_everything
+from mllm_kd.runtime.distributed import barrier, init_distributed
+from mllm_kd.runtime.plan import RunPlan, plan_run
+from mllm_kd.teacher.cache import CachedTeacher
+from mllm_kd.teacher.load import load_teacher
+from mllm_kd.train.trainer import StepHook, Trainer
+
+log = logging.getLogger(__name__)
+
+
+def stage_finished(cfg: StageConfig) -> Path | None:
+    try:
+        return resolve_checkpoint(cfg.output_dir)
+    except CheckpointError:
+        return None
+
+
+def init_model(
+    cfg: StageConfig, model_cfg: ModelConfig, plan: RunPlan | None = None
+) -> tuple[MultimodalLM, object, ModelConfig]:
+    """The model a stage starts from: the previous stage's result (``init_from``) or built fresh."""
+    attn_device = (plan or plan_run(cfg)).attn_device
+    if cfg.init_from:
+        return load_checkpoint_model(
+            cfg.init_from,
+            what=f"{cfg.stage}: the previous stage's directory (init_from)",
+            attn_device=attn_device,
+        )
+    tok_path = model_cfg.tokenizer or model_cfg.llm.path
+    if not tok_path:
+        raise ConfigError(f"{cfg.stage}: set model.tokenizer (a tokenizer directory) or model.llm.path")
+    tokenizer = load_tokenizer(tok_path, model_cfg.llm.gguf_file if not model_cfg.tokenizer else None)
+    return build_from_config(model_cfg, tokenizer, device=attn_device), tokenizer, model_cfg
+
+
+def _teacher_words(stage: str, teacher) -> str:
+    if teacher is None:
+        return "trained from its labels" if stage.startswith("teacher") else "no teacher"
+    if isinstance(teacher, CachedTeacher):  # stored outputs, no weights
+        return f"distilling from the teacher cache {teacher.directory}"
+    return f"distilling from a teacher of {count_parameters(teacher) / 1e6:.2f}M parameters"
+
+
+def run_stage(
+    cfg: StageConfig, model_cfg: ModelConfig, distill: bool, on_step: StepHook | None = None
+) -> Path:
+    """Set up and train one stage; returns the finished checkpoint directory (``output_dir/final``)."""
+    done = stage_finished(cfg)
+    if done is not None and not cfg.overwrite:
+        log.info("%s already finished at %s; skipping (overwrite=true redoes it)", cfg.stage, done)
+        return done
+    seed_everything(cfg.train.seed)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    plan = plan_run(cfg, distill)
+    dist_info = init_distributed(plan.device.type)
+
+    student, tokenizer, model_cfg = init_model(cfg, model_cfg, plan)
+    teacher = None if plan.teacher == "none" else load_teacher(cfg, student, tokenizer, model_cfg, plan)
+    images = ImageProcessor(
+        student.vision.image_size, list(model_cfg.vision.image_mean), list(model_cfg.vision.image_std)
+    )
+    data = build_train_data(
+        cfg.data,
+        tokenizer,
+        student.num_visual_tokens,
+        student.image_token_id,
+        images,
+        seed=cfg.train.seed,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+        batch_size=cfg.train.batch_size,
+    )
+    trainable = apply_trainable(student, cfg.trainable)
+    role = (
+        "teacher" if cfg.stage.startswith("teacher") else "student"
+    )  # teacher_pt / teacher_sft train the teacher
+    log.info(
+        "%s: %d samples, %s %.2fM parameters (trainable: %s), %s, device %s",
+        cfg.stage,
+        data.num_samples,
+        role,
+        count_parameters(student) / 1e6,
+        ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in trainable.items()),
+        _teacher_words(cfg.stage, teacher),
+        plan.device,
+    )
+    if done is not None and dist_info.is_main:  # overwrite=true and every check passed: only now remove it
+        shutil.rmtree(done)
+    barrier(dist_info)
+    trainer = Trainer(cfg, plan, student, teacher, data, tokenizer, model_cfg, on_step=on_step)
+    return trainer.train()
