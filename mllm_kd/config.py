@@ -246,8 +246,8 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio
     max_grad_norm: float = 1.0  # gradient clipping (0 disables)
     name: str = "adamw"  # "adamw" (torch) or "adamw8bit" (bitsandbytes' 8-bit AdamW: 1/4 of the state memory)
-    # torch's fused AdamW kernel (one kernel per step instead of a dozen per parameter group); null: on CUDA
-    # (not for an FSDP2-sharded student), else the foreach implementation; true also on a CPU.
+    # torch's fused AdamW kernel (one kernel per step instead of one per parameter and operation); null: on
+    # CUDA and on a CPU (not for an FSDP2-sharded student); false: torch's default implementation.
     fused: bool | None = None
 
     def __post_init__(self) -> None:

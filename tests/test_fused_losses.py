@@ -18,6 +18,7 @@ from mllm_kd.losses import (
     causal_lm_loss,
     distill_terms,
     kd_divergence,
+    kernel,
     relation_distill,
 )
 from mllm_kd.losses.fused import (
@@ -280,11 +281,14 @@ def _objective_batch(seed=0):
     return hs, ws, ht, wt, labels, vis, n
 
 
+@pytest.mark.parametrize("rel_path", ["logits", "gram"])
 @pytest.mark.parametrize(
     ("kind", "tau", "head_trains"),
     [("fkl", 1.0, True), ("jsd", 2.0, True), ("srkl", 0.5, True), ("fkl", 1.0, False)],
 )
-def test_fused_distill_loss_equals_reference_terms(kind, tau, head_trains):
+def test_fused_distill_loss_equals_reference_terms(kind, tau, head_trains, rel_path, monkeypatch):
+    # RDist from the visual logits (few visual rows) or from W^T W (many): both equal the reference
+    monkeypatch.setattr(kernel, "relation_from_logits", lambda rows, dim: rel_path == "logits")
     hs, ws, ht, wt, labels, vis, n = _objective_batch()
     ws.requires_grad_(head_trains)  # stage 1 trains the projector only: no head gradient at all
     params = [hs, ws] if head_trains else [hs]
@@ -486,3 +490,11 @@ def test_no_grad_computes_values_only(monkeypatch):
     want = kd_divergence((hs @ ws.t())[None], (ht @ wt.t())[None], torch.ones(1, 6, dtype=torch.bool))
     assert not got.requires_grad and seen == [False, False]
     assert got.item() == pytest.approx(want.item(), rel=RTOL)
+
+
+def test_relation_path_rule():
+    """The logits path only while it is cheaper than W^T W and Z stays smaller than a head gradient."""
+    assert kernel.relation_from_logits(64, 577)  # the easy-VQA demo: 16 images x 4 tokens, d = 576
+    assert not kernel.relation_from_logits(4 * 729, 897)  # the paper's 4 x 729 visual tokens, d = 896
+    assert not kernel.relation_from_logits(0, 64)
+    assert kernel.relation_from_logits(42, 64) and not kernel.relation_from_logits(43, 64)

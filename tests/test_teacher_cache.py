@@ -284,6 +284,26 @@ def test_chunked_cached_loss_holds_one_head_sized_gradient():
     torch.testing.assert_close(w.grad, ref_grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("rel_path", ["logits", "gram"])
+def test_cached_loss_rdist_both_paths_equal_reference(rel_path, monkeypatch):
+    """RDist from the visual logits or from W^T W: the same values and head / hidden gradients."""
+    from mllm_kd.losses import kernel
+
+    monkeypatch.setattr(kernel, "relation_from_logits", lambda rows, dim: rel_path == "logits")
+    h, w, labels, vis, n, cached = _cached_problem(5, 16, 97, 3, w_scale=0.5, relation=True)
+    h = h.detach().requires_grad_()
+    weights = {"ce": 1.0, "mdist_resp": 1.0, "mdist_vis": 1.0, "rdist": 3.0}
+    total, terms = cached_distill_loss(h, w, labels, vis, n, cached, weights, DistillSettings(), chunk_size=5)
+    got = torch.autograd.grad(total, [h, w])
+    ref_total, ref_terms = cached_distill_loss_reference(
+        F.linear(h, w), labels, vis, n, cached, weights, DistillSettings()
+    )
+    want = torch.autograd.grad(ref_total, [h, w])
+    assert terms["rdist"].item() == pytest.approx(ref_terms["rdist"].item(), rel=1e-5)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
 def test_chunked_cached_loss_under_bf16_autocast():
     """Under autocast every head matmul of the cached loss (logits and both gradient products) runs in
     bf16, like the logits path's lm_head and its backward; values and gradients match that reference."""

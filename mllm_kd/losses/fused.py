@@ -33,7 +33,7 @@ from collections.abc import Mapping
 import torch
 
 from mllm_kd.losses.head import compute_dtype, head_gram, relation_matrix
-from mllm_kd.losses.kernel import collect_terms, head_loss, plan_rows, relation_term
+from mllm_kd.losses.kernel import HeadGrad, collect_terms, head_loss, plan_rows, relation_term
 from mllm_kd.losses.online import online_chunks
 from mllm_kd.losses.reference import (
     IGNORE_INDEX,
@@ -61,7 +61,7 @@ def _fused_head_loss(
     beta: float = 0.5,
     alpha: float = 0.1,
     chunk_size: int = DEFAULT_CHUNK,
-    gram_grad: torch.Tensor | None = None,
+    gram_grad: HeadGrad | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Checks the inputs, then :func:`~mllm_kd.losses.kernel.head_loss` with the online teacher's chunks."""
     if kind not in KD_KINDS:

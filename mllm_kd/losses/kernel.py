@@ -10,9 +10,10 @@
   ``[chunk, V]`` gradient through the head at once (``grad_hidden = G @ W``, ``grad_W += G^T @ hidden``,
   ``grad_b += G.sum(0)``) and frees it. Only ``grad_hidden [N, d]`` and ``grad_W [V, d]`` (float32) are
   kept for the backward pass, which merely scales them by the incoming gradient.
-* :func:`relation_term` — RDist from hidden states (``Z Z^T = H (W^T W) H^T``) against the teacher's
-  relation matrices, and, when the head trains, RDist's share of the head gradient as a ``[d', d']``
-  matrix that :func:`head_loss` adds to the same ``grad_W`` (one head-sized gradient per step).
+* :func:`relation_term` — RDist from hidden states (``Z Z^T = H (W^T W) H^T``, or from the visual logits
+  ``Z`` when there are few visual rows) against the teacher's relation matrices, and, when the head
+  trains, RDist's share of the head gradient (:class:`HeadGrad`) that :func:`head_loss` adds to the same
+  ``grad_W`` (one head-sized gradient per step).
 * :func:`plan_rows` / :func:`collect_terms` — which rows of a ``[B, T]`` batch are distilled, their
   per-row weights, and the per-term values of the objective (CE, MDist_resp, MDist_vis, RDist).
 """
@@ -72,8 +73,8 @@ class _HeadLoss(torch.autograd.Function):
                 if grad is not None:
                     push_through_head(grad, hs, ws, rows, grad_h, grad_w, grad_b)
                     del grad  # the float32 gradient must not outlive its cast
-            if gram_grad is not None:  # another term's gradient through W^T W: d/d[W|b] = [W|b] @ gram_grad
-                add_gram_grad(w, b, gram_grad, grad_w, grad_b)
+            if gram_grad is not None:  # another term's gradient through the head (RDist's)
+                gram_grad.add_to(w, b, grad_w, grad_b)
             total = (
                 torch.where(ce_w != 0, ce_all * ce_w, 0.0).sum()
                 + torch.where(kd_w != 0, d_all * kd_w, 0.0).sum()
@@ -110,12 +111,12 @@ def head_loss(
     chunk_fn: ChunkFn,
     compute_dtype: torch.dtype,
     chunk_size: int,
-    gram_grad: torch.Tensor | None = None,
+    gram_grad: HeadGrad | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(total, CE [N], D [N])`` for ``hidden [N, d]``, the head ``weight [V, d]`` (+ ``bias [V]``) and
     per-row weights ``ce_w`` / ``kd_w`` ``[N]`` (float32, on the hidden states' device).
 
-    ``targets [N]``: next-token ids (-100: no CE), or None. ``gram_grad``: ``[d', d']`` from
+    ``targets [N]``: next-token ids (-100: no CE), or None. ``gram_grad``: a :class:`HeadGrad` from
     :func:`relation_term`, added to the head's gradient. ``total`` is differentiable wrt ``hidden``,
     ``weight`` and ``bias`` (one backward pass); CE and D are values.
     """
@@ -125,30 +126,75 @@ def head_loss(
     return _HeadLoss.apply(hidden, weight, bias, targets, ce_w, kd_w, gram_grad, chunk_fn, opts)
 
 
+def relation_from_logits(rows: int, dim: int) -> bool:
+    """Whether RDist is cheaper from the visual logits ``Z [rows, V]`` than from ``W^T W [dim, dim]``.
+
+    The Gram path costs about ``4 V dim^2`` FLOPs a step (``W^T W`` and its gradient ``W (dG + dG^T)``)
+    whatever the batch; the logits path about ``6 V rows dim`` (``Z``, and ``Z``'s gradient into the hidden
+    states and into the head). With fewer visual rows than ``2/3`` of the head's width (short image
+    sequences, small batches: the easy-VQA demo has 64 against 576) the logits path wins, and ``Z`` is
+    then smaller than one head-sized gradient, so the fused losses' memory bound holds either way.
+    """
+    return 0 < 3 * rows < 2 * dim
+
+
 def relation_term(
     hs: torch.Tensor,
     ws: torch.Tensor,
     bs: torch.Tensor | None,
     rel_t: torch.Tensor | None,
     weight: float,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, HeadGrad | None]:
     """RDist of the student's visual hidden states ``hs [B, n, d]`` against the teacher's relation
-    matrices ``rel_t [B, n, n]`` (any scale: RDist is a cosine), and ``weight * dRDist/d(W^T W)``
-    symmetrised when the head trains (else None).
+    matrices ``rel_t [B, n, n]`` (any scale: RDist is a cosine), and RDist's share of the head gradient
+    (times ``weight``) when the head trains (else None).
 
-    :func:`head_loss` adds that share, ``[W|b] (dG + dG^T)``, to its own head gradient; the returned RDist
-    carries gradients to the hidden states only. 0 (attached) when there is no image.
+    :func:`head_loss` adds that share to its own head gradient (one head-sized buffer a step); the returned
+    RDist carries gradients to the hidden states only. Computed as ``Z Z^T`` from the visual logits
+    ``Z = H W^T`` or as ``H (W^T W) H^T``, whichever is cheaper (:func:`relation_from_logits`).
+    0 (attached) when there is no image.
     """
     head_trains = torch.is_grad_enabled() and (ws.requires_grad or (bs is not None and bs.requires_grad))
+    want_head = head_trains and weight != 0 and rel_t is not None
+    rows = hs.shape[0] * hs.shape[1]
     with torch.autocast(hs.device.type, enabled=False):
+        if relation_from_logits(rows, ws.shape[1] + (bs is not None)):
+            h = hs.reshape(rows, hs.shape[-1]).float()
+            z = head_logits(h, ws.detach().float(), None if bs is None else bs.detach().float())
+            z = z.view(hs.shape[0], hs.shape[1], -1)
+            rdist = rdist_or_zero(z @ z.transpose(1, 2), rel_t)
+            if not want_head:
+                return rdist, None
+            (d_z,) = torch.autograd.grad(rdist, z, retain_graph=True)
+            return rdist, HeadGrad(rows=(h.detach(), weight * d_z.reshape(rows, -1)))
         with torch.no_grad():
             gram = head_gram(ws, bs)
-        if not head_trains or weight == 0 or rel_t is None:
+        if not want_head:
             return rdist_or_zero(relation_matrix(hs, gram, bs is not None), rel_t), None
         gram.requires_grad_()
         rdist = rdist_or_zero(relation_matrix(hs, gram, bs is not None), rel_t)
         (d_gram,) = torch.autograd.grad(rdist, gram, retain_graph=True)
-    return rdist, weight * (d_gram + d_gram.t())
+    return rdist, HeadGrad(gram=weight * (d_gram + d_gram.t()))
+
+
+@dataclass
+class HeadGrad:
+    """Another term's gradient through the LM head, added by :func:`head_loss` to its own: ``gram``
+    ``[d', d']`` (``d/d[W|b] = [W|b] @ gram``), or ``rows`` = (``H [N, d]``, ``dZ [N, V]``) for logits
+    ``Z = H W^T + b`` (``d/dW = dZ^T H``, ``d/db = dZ.sum(0)``)."""
+
+    gram: torch.Tensor | None = None
+    rows: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def add_to(self, w, b, grad_w, grad_b) -> None:
+        if self.gram is not None:
+            add_gram_grad(w, b, self.gram, grad_w, grad_b)
+        if self.rows is not None:
+            h, d_z = self.rows
+            if grad_w is not None:
+                grad_w.addmm_(d_z.t(), h)
+            if grad_b is not None:
+                grad_b.add_(d_z.sum(0))
 
 
 def rdist_or_zero(rel_s: torch.Tensor, rel_t: torch.Tensor | None) -> torch.Tensor:

@@ -42,7 +42,9 @@ def build_optimizer(model: MultimodalLM, cfg: OptimConfig) -> torch.optim.Optimi
 
 
 def _fused_adamw(param_groups: list[dict], requested: bool | None) -> bool:
-    """``optim.fused``: None picks the fused kernel for a student wholly on CUDA that is not FSDP2-sharded."""
+    """``optim.fused``: None picks the fused kernel for a student wholly on one CUDA or CPU device that is
+    not FSDP2-sharded (on a CPU torch's own default is a per-parameter loop: 5x slower over SmolLM2-135M's
+    shapes, 15% of a whole easy-VQA stage-3 step; docs/performance.md)."""
     if requested is False:
         return False
     from torch.distributed.tensor import DTensor
@@ -50,7 +52,14 @@ def _fused_adamw(param_groups: list[dict], requested: bool | None) -> bool:
     params = [p for g in param_groups for p in g["params"]]
     sharded = any(isinstance(p, DTensor) or isinstance(p.data, DTensor) for p in params)
     if requested is None:
-        return not sharded and {p.device.type for p in params} == {"cuda"}
+        floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+        types = {p.device.type for p in params}
+        return (
+            not sharded
+            and len(types) == 1
+            and types <= {"cuda", "cpu"}
+            and all(p.dtype in floats for p in params)
+        )
     floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     bad = next((p for p in params if p.dtype not in floats), None)
     if bad is not None:
