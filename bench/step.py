@@ -156,6 +156,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers-scale", type=float, default=1.0, help="scale both LLMs' depth (quick trials)")
     p.add_argument("--steps", type=int, default=6, help="timed steps per variant (after --warmup)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="fresh processes per variant, in alternating order; the table gives the median of their medians",
+    )
     p.add_argument("--variants", default=None, help="comma-separated subset (default: all that run here)")
     p.add_argument("--chunk-size", type=int, default=None, help="loss.chunk_size (default: the stage's)")
     p.add_argument("--k", type=int, default=32, help="teacher.cache_topk of the cached variant")
@@ -678,24 +684,42 @@ def main(argv=None) -> int:
         f"teacher {sh['teacher']['num_hidden_layers']} x {sh['teacher']['hidden_size']}, V={sh['student']['vocab_size']}, "
         f"batch {args.batch} x {args.tokens} tokens ({args.response} response), {args.steps} timed steps"
     )
-    results = {}
+    results: dict[str, dict] = {}
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for rep in range(args.repeats):  # alternating order, so that a drift of the machine's speed hits all
+        for v in variants if rep % 2 == 0 else variants[::-1]:
+            r = _spawn(args, v)
+            if "error" in r:
+                print(f"{v}: FAILED: {r['error']}")
+                results[v] = r
+                continue
+            runs[v].append(r)
+            print(
+                f"{v} (run {rep + 1}): {r['median_s']:.3f} s ({r['min_s']:.3f}-{r['max_s']:.3f}), peak "
+                f"{_mib(r['peak_step_bytes'])} in the step / {_mib(r['peak_total_bytes'])} in all, "
+                f"{r['attention']} attention",
+                flush=True,
+            )
+            if r.get("profile"):
+                print(f"--- profile of {v}\n{r.pop('profile')}")
     for v in variants:
-        r = _spawn(args, v)
-        results[v] = r
-        if "error" in r:
-            print(f"{v}: FAILED: {r['error']}")
+        if not runs[v]:
             continue
+        medians = [r["median_s"] for r in runs[v]]
+        r = {
+            **runs[v][0],
+            "median_s": statistics.median(medians),
+            "min_s": min(r["min_s"] for r in runs[v]),
+            "max_s": max(r["max_s"] for r in runs[v]),
+            "run_medians": medians,
+            "peak_total_bytes": max(r["peak_total_bytes"] for r in runs[v]),
+            "peak_step_bytes": max(r["peak_step_bytes"] for r in runs[v]),
+        }
         flops = step_flops(args, cached=v == "mllm_kd_cached")["total"]
         r["model_flops"] = flops
         r["tokens_per_s"] = args.batch * args.tokens / r["median_s"]
         r["mfu"] = flops / r["median_s"] / peaks[dtype]
-        print(
-            f"{v}: {r['median_s']:.3f} s ({r['min_s']:.3f}-{r['max_s']:.3f}), MFU {r['mfu'] * 100:.1f}%, peak "
-            f"{_mib(r['peak_step_bytes'])} in the step / {_mib(r['peak_total_bytes'])} in all, {r['attention']} attention",
-            flush=True,
-        )
-        if r.get("profile"):
-            print(f"--- profile of {v}\n{r.pop('profile')}")
+        results[v] = r
     ref = results.get("plain", {})
     print("\n| variant | step (s) | spread | tokens/s | MFU | peak, step | peak, total | first loss |")
     print("|---|---|---|---|---|---|---|---|")
