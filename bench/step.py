@@ -9,14 +9,14 @@ weights on the same batches (fixed seed), each in a fresh process:
 
 * ``mllm_kd``: the stages' own code path. The stage-3 config is resolved as ``python -m mllm_kd.stage3``
   resolves it, :class:`mllm_kd.train.trainer.Trainer` is built as :func:`mllm_kd.train.stage.run_stage` builds it, and
-  each step is the trainer's own ``_accumulate`` (autocast, :class:`~mllm_kd.engine.LossComputer`, which
+  each step is the trainer's own ``_accumulate`` (autocast, :class:`~mllm_kd.train.objective.LossComputer`, which
   picks the fused chunked losses) and ``_optimizer_step`` (clipping, AdamW, scheduler).
 * ``mllm_kd_cached``: the same with the teacher cache (``teacher.cache``): the teacher is run once over the
   batches beforehand, its top-k log-probabilities and relation factors written to a cache directory, then
-  freed; the step reads the cache (:class:`mllm_kd.teacher_cache.CachedTeacher`) instead of running it.
+  freed; the step reads the cache (:class:`mllm_kd.teacher.cache.CachedTeacher`) instead of running it.
 * ``plain``: what a user writes without this project, the LLaVA-KD / TRL way: transformers'
   ``LlavaForConditionalGeneration`` for teacher and student (the same weights, converted by
-  :func:`mllm_kd.hf_llava.build_hf_llava`), full-vocabulary logits, ``F.cross_entropy``,
+  :func:`mllm_kd.checkpoint.hf_llava.build_hf_llava`), full-vocabulary logits, ``F.cross_entropy``,
   ``F.kl_div(log_softmax(z_S), log_softmax(z_T), log_target=True, reduction="batchmean")`` at the response
   and at the visual positions, RDist as ``1 - cos`` of the visual logits' Gram matrices, torch's AdamW with
   its default implementation.

@@ -206,7 +206,7 @@ def build_teacher_cache(
 
     The student's starting point (``init_from``, or the model built from ``model``) provides the tokenizer
     and image preprocessing, and the data set is built with :func:`mllm_kd.data.build_train_data` exactly as
-    :func:`mllm_kd.recipe.run_stage` builds it. Returns the manifest.
+    :func:`mllm_kd.train.stage.run_stage` builds it. Returns the manifest.
     """
     out = Path(out)
     k_req, rank = cfg.teacher.cache_topk, cfg.teacher.cache_relation_rank
