@@ -194,4 +194,4 @@ def test_precision_auto_never_picks_bf16_on_a_cpu(caplog):
     assert autocast_dtype("fp32", cuda) is None
     with caplog.at_level("WARNING"):
         assert autocast_dtype("bf16", cpu) is torch.bfloat16
-    assert "18x" in caplog.text
+    assert "slower than float32" in caplog.text

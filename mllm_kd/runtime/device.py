@@ -30,14 +30,14 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """bf16 autocast on CUDA (``precision=auto``) or when asked (``bf16``); none otherwise (fp32).
 
-    ``auto`` never picks bf16 on a CPU: without bf16 matrix units a whole training step under bf16 autocast
-    was 18x slower than float32 on the 2-core development machine (docs/performance.md).
+    ``auto`` never picks bf16 on a CPU: a whole easy-VQA stage-3 step under bf16 autocast was slower than in
+    float32 on the 2-core development machine, which has bf16 matrix units (docs/performance.md).
     """
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         if device.type == "cpu":
             log.warning(
-                "train.precision=bf16 on a CPU: bf16 autocast is usually far slower than float32 there "
-                "(18x for a whole step on the development machine); precision=auto uses float32"
+                "train.precision=bf16 on a CPU: bf16 autocast is slower than float32 for a whole training step "
+                "on the CPUs measured (docs/performance.md); precision=auto uses float32 there"
             )
         return torch.bfloat16
     return None
