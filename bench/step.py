@@ -30,15 +30,18 @@ With the same weights and batches the variants compute the same loss: the table 
 loss, and the JSON its relative difference from ``plain``'s.
 
 Model FLOPs of a step (the formula of the MFU; PaLM's convention, attention counted without the causal
-saving, the LM head inside N, embeddings outside):
+saving, embeddings left out; the LM head counted only at the positions that have a loss term, the response
+and the visual positions, since the objective needs no logits elsewhere: what ``plain`` computes beyond
+them is waste, not model FLOPs):
 
-    student LLM, trained:       6 * N_s * tokens + 12 * L_s * d_s * T * tokens
-    teacher LLM, forward only:  2 * N_t * tokens +  4 * L_t * d_t * T * tokens      (not in mllm_kd_cached)
+    student LLM, trained:       6 * N_s * tokens + 6 * V d_s * rows + 12 * L_s * d_s * T * tokens
+    teacher LLM, forward only:  2 * N_t * tokens + 2 * V d_t * rows +  4 * L_t * d_t * T * tokens
+                                                                            (not in mllm_kd_cached)
     projector, trained:         6 * N_proj * visual tokens          (the teacher's: 2 * N_proj * visual tokens)
     vision towers, forward:     2 * N_vis * patches per image, for each model that runs one
 
-with N the parameters of the decoder layers + the LM head, L the layers, d the hidden width, T the sequence
-length. MFU = model FLOPs / step time / the device's dense matmul peak, measured in the same run (a square
+with N the parameters of the decoder layers, V d the LM head's, ``rows`` the positions with a loss term,
+L the layers, d the hidden width, T the sequence length. MFU = model FLOPs / step time / the device's dense matmul peak, measured in the same run (a square
 matmul in the step's compute dtype; float32 on a CPU, bfloat16 on CUDA).
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the timed steps; on a CPU the resident-set
@@ -219,18 +222,19 @@ def step_flops(args, cached: bool) -> dict:
     B, T = args.batch, args.tokens
     n_vis = (v["image_size"] // v["patch_size"]) ** 2
     tokens = B * T
+    rows = B * (n_vis + args.response)  # positions with a loss term: the visual and the response positions
+    head_s, head_t = s["vocab_size"] * s["hidden_size"], t["vocab_size"] * t["hidden_size"]
     proj_s = v["hidden_size"] * s["hidden_size"] + s["hidden_size"] ** 2
     proj_t = v["hidden_size"] * t["hidden_size"] + t["hidden_size"] ** 2
+    attn_s = 12 * s["num_hidden_layers"] * s["hidden_size"] * T * tokens
+    attn_t = 4 * t["num_hidden_layers"] * t["hidden_size"] * T * tokens
     parts = {
-        "student_llm": 6 * _llm_params(s) * tokens
-        + 12 * s["num_hidden_layers"] * s["hidden_size"] * T * tokens,
+        "student_llm": 6 * (_llm_params(s) - head_s) * tokens + 6 * head_s * rows + attn_s,
         "student_projector": 6 * proj_s * B * n_vis,
         "student_vision": 2 * _vision_params(v) * B * n_vis,
     }
     if not cached:
-        parts["teacher_llm"] = (
-            2 * _llm_params(t) * tokens + 4 * t["num_hidden_layers"] * t["hidden_size"] * T * tokens
-        )
+        parts["teacher_llm"] = 2 * (_llm_params(t) - head_t) * tokens + 2 * head_t * rows + attn_t
         parts["teacher_projector"] = 2 * proj_t * B * n_vis
         parts["teacher_vision"] = 2 * _vision_params(v) * B * n_vis
     parts["total"] = sum(parts.values())

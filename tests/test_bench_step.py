@@ -72,7 +72,8 @@ def test_cached_step_leaves_the_teacher_out():
 
 
 def test_tiny_run_of_every_cpu_variant():
-    """The CPU dry run: mllm_kd, its cached teacher and plain transformers; the same loss from the same weights."""
+    """The CPU dry run: mllm_kd (eager and train.compile), its cached teacher and plain transformers; the
+    same loss from the same weights."""
     cmd = [
         sys.executable,
         str(ROOT / "bench" / "step.py"),
@@ -86,10 +87,12 @@ def test_tiny_run_of_every_cpu_variant():
         "1",
         "--warmup",
         "1",
+        "--variants",
+        "mllm_kd,mllm_kd_cached,plain,mllm_kd_compiled",
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, timeout=600)
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(res["variants"]) == {"mllm_kd", "mllm_kd_cached", "plain"}
+    assert set(res["variants"]) == {"mllm_kd", "mllm_kd_cached", "plain", "mllm_kd_compiled"}
     for name, v in res["variants"].items():
         assert "error" not in v, (name, v)
         assert v["median_s"] > 0 and v["peak_total_bytes"] > v["peak_step_bytes"] > 0
@@ -97,6 +100,9 @@ def test_tiny_run_of_every_cpu_variant():
     # same weights, same batch: the plain transformers loss equals the stages' fused loss
     assert abs(res["loss_vs_plain"]) < 1e-5
     first = res["variants"]["mllm_kd"]["first_step"]
+    compiled = res["variants"]["mllm_kd_compiled"]["first_step"]
+    for k in first:  # train.compile changes the kernels, not the step
+        assert compiled[k] == pytest.approx(first[k], rel=1e-4, abs=1e-6), k
     assert set(first) >= {"ce", "mdist_resp", "mdist_vis", "rdist"}
     assert res["speed_vs_plain"] > 0 and res["memory_vs_plain"] > 0 and res["cached_speedup"] > 0
     assert res["variants"]["mllm_kd_cached"]["model_flops"] < res["variants"]["mllm_kd"]["model_flops"]
