@@ -176,7 +176,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile-rows", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
-    p.add_argument("--peak-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
     args.device = args.device or preset["device"]
@@ -651,15 +650,15 @@ def _spawn(args, variant: str) -> dict:
 
 
 def _mib(n: float) -> str:
-    return f"{n / 2**20:,.0f} MiB"
+    from kd_loss import _fmt_bytes
+
+    return _fmt_bytes(n)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         print(json.dumps(run_worker(args)))
-        return 0
-    if args.peak_only:
         return 0
     import platform
 
