@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -172,10 +173,11 @@ def attach(model, cfg, device: torch.device | str = "cpu") -> int:
 
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     """``{module path: peft LoRA layer}`` of ``model`` (empty without adapters or without peft)."""
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:
+    # Adapters exist only once peft was imported (importing it costs ~8 s, bitsandbytes included).
+    if "peft" not in sys.modules:
         return {}
+    from peft.tuners.lora import LoraLayer
+
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
