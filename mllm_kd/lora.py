@@ -8,7 +8,7 @@ The LLM's linear layers named by ``lora.target_modules`` (default: every project
 the LLM's family, :data:`FAMILY_TARGETS`) get rank-``r`` adapters, ``W x + (alpha / r) B A x``, with peft's
 ``inject_adapter_in_model``: the modules stay where they are, so the :class:`~mllm_kd.model.MultimodalLM`,
 its forward and its LM head are unchanged. The head is never adapted, so the fused losses still take the
-head's weight as a plain ``nn.Linear`` (:func:`mllm_kd.fused_losses.fusable_head`) and never build the
+head's weight as a plain ``nn.Linear`` (:func:`mllm_kd.train.objective.fusable_head`) and never build the
 logits; MDist and RDist reach the adapters through the final hidden states. Only the adapters train in the
 LLM (the projector and vision tower follow ``trainable.projector`` / ``trainable.vision``).
 ``lora.quantize=4bit`` (QLoRA) first turns the LLM's other linear layers (the head excepted) into
@@ -249,7 +249,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def checkpoint_files(model, cfg) -> dict:
-    """Writers of the adapter folder for :func:`mllm_kd.checkpoint.save_checkpoint`'s ``extra`` (none when
+    """Writers of the adapter folder for :func:`mllm_kd.checkpoint.native.save_checkpoint`'s ``extra`` (none when
     the model has no adapters)."""
     if not lora_layers(model):
         return {}
