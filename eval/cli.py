@@ -53,6 +53,13 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
         help="write the evaluation server's upload file (vqav2, vizwiz)",
     )
     p.add_argument("--model-id", default=None, help="name for the report (default: the answers' model_id)")
+    p.add_argument(
+        "--log-to",
+        type=Path,
+        default=None,
+        metavar="STAGE_DIR",
+        help="also log the scores to the trackers (TensorBoard / W&B) of the stage that made the model",
+    )
 
 
 def model_id_of(preds: Sequence[Any]) -> str:
@@ -84,6 +91,11 @@ def run_score(args: argparse.Namespace) -> int:
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n", encoding="utf-8")
+    if args.log_to is not None:  # experiment tracking (mllm_kd/tracking.py)
+        from mllm_kd.tracking import log_scores
+
+        if not log_scores(args.log_to, result):
+            print(f"score: {args.log_to} logged to no tracker (its config's log section)", file=sys.stderr)
     print(text)
     return 0
 

@@ -22,6 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mllm_kd.errors import ConfigError
+from mllm_kd.lora import LoraConfig
+from mllm_kd.tracking import LogConfig
 
 TRAINABLE_MODES = ("frozen", "full")
 STAGE_NAMES = ("teacher_pt", "teacher_sft", "stage1", "stage2", "stage3")
@@ -148,7 +150,7 @@ class TeacherConfig:
 
 @dataclass
 class TrainableConfig:
-    """Which parts train in a stage: "frozen" or "full". Applied by one function (`apply_trainable`)."""
+    """Which parts train in a stage: "frozen" or "full" (the LLM also "lora"). Applied by `apply_trainable`."""
 
     vision: str = "frozen"
     projector: str = "full"
@@ -156,10 +158,9 @@ class TrainableConfig:
 
     def __post_init__(self) -> None:
         for part in ("vision", "projector", "llm"):
-            if getattr(self, part) not in TRAINABLE_MODES:
-                raise ConfigError(
-                    f"trainable.{part} must be one of {TRAINABLE_MODES}, got {getattr(self, part)!r}"
-                )
+            modes = (*TRAINABLE_MODES, "lora") if part == "llm" else TRAINABLE_MODES  # lora: mllm_kd/lora.py
+            if getattr(self, part) not in modes:
+                raise ConfigError(f"trainable.{part} must be one of {modes}, got {getattr(self, part)!r}")
 
 
 @dataclass
@@ -319,6 +320,9 @@ class StageConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)  # experiment trackers (mllm_kd/tracking.py)
+    # the adapters of trainable.llm=lora (mllm_kd/lora.py)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 def _to_container(node: Any) -> Any:

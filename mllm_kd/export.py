@@ -20,10 +20,14 @@ from pathlib import Path
 
 from mllm_kd.cli import setup_logging
 from mllm_kd.errors import ConfigError, MllmKdError
+from mllm_kd.model_card import add_card_arguments, card_options
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """Load an mllm_kd checkpoint (a stage directory or a checkpoint directory) and write it to ``out``."""
+def export_checkpoint(
+    checkpoint: str | Path, out: str | Path, overwrite: bool = False, card: dict | None = None
+) -> Path:
+    """Load an mllm_kd checkpoint (a stage directory or a checkpoint directory) and write it to ``out``,
+    with a model card (``README.md``; ``card``: :func:`mllm_kd.model_card.write_model_card` keywords)."""
     from mllm_kd.checkpoint.hf_llava import export_hf_llava
     from mllm_kd.checkpoint.native import load_checkpoint_model
 
@@ -31,7 +35,11 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool =
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} exists and is not empty (pass --overwrite to replace it)")
     model, tokenizer, model_cfg = load_checkpoint_model(checkpoint, what="--checkpoint")
-    return export_hf_llava(model.eval(), tokenizer, model_cfg, out)
+    export_hf_llava(model.eval(), tokenizer, model_cfg, out)
+    from mllm_kd.model_card import write_model_card  # the model card (issue 17)
+
+    write_model_card(checkpoint, out, **(card or {}))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,10 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True, help="a stage directory (e.g. runs/x/stage3) or checkpoint")
     p.add_argument("--out", required=True, help="the output directory")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    add_card_arguments(p)
     args = p.parse_args(argv)
     setup_logging()
     try:
-        out = export_checkpoint(args.checkpoint, args.out, args.overwrite)
+        out = export_checkpoint(args.checkpoint, args.out, args.overwrite, card=card_options(args))
     except MllmKdError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -73,7 +73,7 @@ def test_unknown_keys_are_named(recipe, overrides, key):
     [
         ("loss.kind=kl", "loss.kind"),
         ("data.format=csv", "data.format"),
-        ("trainable.llm=lora", "trainable.llm"),
+        ("trainable.llm=qlora", "trainable.llm"),
         ("model.projector.type=mlp_relu", "projector.type"),
         ("train.batch_size=abc", "batch_size"),
         ("noequals", "key=value"),

@@ -401,7 +401,9 @@ def test_apply_trainable():
     assert all(p.grad is None for p in model.vision.parameters())
 
     with pytest.raises(ConfigError, match=r"trainable\.llm"):
-        TrainableConfig(llm="lora")
+        TrainableConfig(llm="qlora")
+    with pytest.raises(ConfigError, match=r"trainable\.vision"):
+        TrainableConfig(vision="lora")  # LoRA adapts the LLM only (mllm_kd/lora.py)
 
 
 # ----------------------------------------------------------------------------------- keep layers

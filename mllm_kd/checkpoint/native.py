@@ -80,7 +80,8 @@ def save_checkpoint(
     is_main: bool = True,
     barrier: Callable[[], None] = lambda: None,
 ) -> Path:
-    """Write a checkpoint directory atomically. ``extra``: name -> object saved with ``torch.save``.
+    """Write a checkpoint directory atomically. ``extra``: name -> object saved with ``torch.save``, or a
+    callable that writes ``directory/name`` itself.
 
     ``state_dict`` replaces ``model``'s own weights (e.g. gathered from FSDP2 shards). ``writer`` is
     called by every process with the shared temporary directory (a sharded
@@ -108,7 +109,10 @@ def save_checkpoint(
         if stage_cfg is not None:
             (tmp / "config.yaml").write_text(config_to_yaml(stage_cfg))
         for name, obj in (extra or {}).items():
-            torch.save(obj, tmp / name)
+            if callable(obj):  # a writer (e.g. LoRA's adapter folder)
+                obj(tmp / name)
+            else:
+                torch.save(obj, tmp / name)
         # Written last: a directory without it was never completed.
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
     return directory

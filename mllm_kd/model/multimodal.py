@@ -156,6 +156,10 @@ def apply_trainable(model: MultimodalLM, trainable: TrainableConfig) -> dict[str
         mode = getattr(trainable, part)
         for p in module.parameters():
             p.requires_grad_(mode == "full")
+        if part == "llm" and mode == "lora":
+            from mllm_kd.lora import mark_trainable  # the LoRA adapters only (mllm_kd/lora.py)
+
+            mark_trainable(module)
         if part == "vision" and mode == "full":
             _freeze_unreachable(module)
         counts[part] = sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -18,6 +18,7 @@ from mllm_kd.config import ModelConfig, StageConfig
 from mllm_kd.data.datasets import build_train_data
 from mllm_kd.data.encoding import ImageProcessor
 from mllm_kd.errors import CheckpointError, ConfigError
+from mllm_kd.lora import attach as attach_lora
 from mllm_kd.model.multimodal import MultimodalLM, apply_trainable, count_parameters
 from mllm_kd.model.tokenization import load_tokenizer
 from mllm_kd.runtime.device import seed_everything
@@ -25,6 +26,7 @@ from mllm_kd.runtime.distributed import barrier, init_distributed
 from mllm_kd.runtime.plan import RunPlan, plan_run
 from mllm_kd.teacher.cache import CachedTeacher
 from mllm_kd.teacher.load import load_teacher
+from mllm_kd.tracking import check_available
 from mllm_kd.train.trainer import StepHook, Trainer
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,7 @@ def run_stage(
     if done is not None and not cfg.overwrite:
         log.info("%s already finished at %s; skipping (overwrite=true redoes it)", cfg.stage, done)
         return done
+    check_available(cfg.log)  # a requested tracker's package is installed (mllm_kd/tracking.py)
     seed_everything(cfg.train.seed)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -93,6 +96,7 @@ def run_stage(
         world_size=dist_info.world_size,
         batch_size=cfg.train.batch_size,
     )
+    attach_lora(student, cfg, plan.device)  # trainable.llm=lora: adapters (mllm_kd/lora.py)
     trainable = apply_trainable(student, cfg.trainable)
     role = (
         "teacher" if cfg.stage.startswith("teacher") else "student"

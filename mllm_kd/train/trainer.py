@@ -33,6 +33,7 @@ from mllm_kd.checkpoint.native import (
 from mllm_kd.config import ModelConfig, StageConfig
 from mllm_kd.data.datasets import Collator, TrainData
 from mllm_kd.errors import CheckpointError, TrainingError
+from mllm_kd.lora import checkpoint_files, lora_layers, merged_state_dict, resume_weights
 from mllm_kd.model.llm import compile_decoder_layers
 from mllm_kd.model.multimodal import MultimodalLM
 from mllm_kd.runtime.distributed import (
@@ -45,6 +46,7 @@ from mllm_kd.runtime.distributed import (
 )
 from mllm_kd.runtime.plan import RunPlan
 from mllm_kd.teacher.cache import CachedTeacher
+from mllm_kd.tracking import StepMeter, Tracker, open_stage_tracker, train_metrics
 from mllm_kd.train.objective import LossComputer
 from mllm_kd.train.optim import build_optimizer, cosine_with_warmup
 
@@ -122,6 +124,7 @@ class Trainer:
             if plan.teacher == "model":
                 compile_decoder_layers(teacher.llm)
         self.loss_fn = LossComputer(cfg, teacher, plan)
+        self.meter, self.tracker = StepMeter(self.device), Tracker()  # tracking: tokens/s, memory, trackers
         self.batches_per_epoch = math.ceil(data.num_samples / t.batch_size)  # per rank
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / t.grad_accum)
         total = t.max_steps if t.max_steps is not None else math.ceil(t.epochs * self.steps_per_epoch)
@@ -144,7 +147,10 @@ class Trainer:
         if (ckpt / "dcp").is_dir():
             self._load_sharded(ckpt)
         else:
-            load_model(self.student, str(ckpt / WEIGHTS), strict=False, device=str(self.device))
+            if lora_layers(self.student):  # adapters + trained weights (mllm_kd/lora.py)
+                resume_weights(self.student, ckpt, self.device)
+            else:
+                load_model(self.student, str(ckpt / WEIGHTS), strict=False, device=str(self.device))
             extra = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False)
             self.optimizer.load_state_dict(extra["optimizer"])
             if extra.get("rng") and state.get("world_size", 1) == self.dist.world_size:
@@ -212,7 +218,9 @@ class Trainer:
         state = asdict(self.state)
         target = self.out / FINAL if final else self.out / "checkpoints" / f"step-{self.state.step:07d}"
         full = self._full_state_dict()
-        extra: dict = {}
+        extra: dict = checkpoint_files(self.student, self.cfg)  # LoRA: adapters in adapter/
+        if full is None and self.dist.is_main:
+            full = merged_state_dict(self.student)  # LoRA: model.safetensors with the adapters merged
         if not final:
             extra["scheduler.pt"] = self.scheduler.state_dict()
             if not self.sharded:
@@ -298,6 +306,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         barrier(self.dist)
         self.maybe_resume()
+        self.tracker = open_stage_tracker(cfg, main, self.state.step)
+        self.meter.start(self.state.elapsed)
         self.model.train()
         self.student.vision.train(cfg.trainable.vision != "frozen")
         micro = self._micro_batches()
@@ -308,7 +318,11 @@ class Trainer:
             disable=not (t.progress and main),
             dynamic_ncols=True,
         )
-        with open(self.out / "metrics.jsonl", "a") if main else contextlib.nullcontext() as metrics, bar:
+        with (
+            open(self.out / "metrics.jsonl", "a") if main else contextlib.nullcontext() as metrics,
+            bar,
+            self.tracker,
+        ):
             while self.state.step < self.state.total_steps:
                 started = time.perf_counter()
                 sums, bad = self._accumulate(micro)
@@ -364,6 +378,7 @@ class Trainer:
                     continue
                 (total / n_micro).backward()
             self.state.samples += len(batch["ids"])
+            self.meter.add(batch["attention_mask"])
             for name, v in {"loss": total, **terms}.items():
                 sums[name] = sums.get(name, 0.0) + float(v.detach()) / n_micro
         return sums, bad
@@ -403,6 +418,8 @@ class Trainer:
                 "grad_norm": grad_norm,
                 **lrs,
                 "elapsed": round(s.elapsed, 3),
+                **self.meter.read(s.elapsed, self.dist.world_size),
             }
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
+            self.tracker.log(train_metrics(row), s.step)

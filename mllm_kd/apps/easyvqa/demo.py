@@ -38,6 +38,7 @@ from mllm_kd.apps.easyvqa.report import STUDENT_ROLES, gaps, summarise, write_re
 from mllm_kd.cli import setup_logging, stage_config
 from mllm_kd.configs import config_path
 from mllm_kd.errors import ConfigError, MllmKdError
+from mllm_kd.tracking import log_scores
 
 log = logging.getLogger("mllm_kd.apps.easyvqa.demo")
 NO_DISTILL = ["loss.w_resp=0", "loss.w_vis=0", "loss.w_rel=0"]
@@ -269,6 +270,7 @@ def run_demo(
     for key, result in models.items():
         answers = run / "eval" / split / f"{key.replace('/', '-')}.answers.jsonl"
         result.update(evaluate(run / "data", split, answers, key, Path(result["checkpoint"]), redo))
+        log_scores(result["checkpoint"], {"task": f"easyvqa_{split}", **result})  # trackers, if configured
         result["accuracy"] = result["accuracy"] / 100.0
         log.info("%s: accuracy %.4f %s", key, result["accuracy"], result["by_type"])
     results: dict = {"teacher": models["teacher"]}
