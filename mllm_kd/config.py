@@ -23,7 +23,6 @@ from omegaconf.errors import OmegaConfBaseException
 
 from mllm_kd.errors import ConfigError
 from mllm_kd.lora import LoraConfig
-from mllm_kd.tracking import LogConfig
 
 TRAINABLE_MODES = ("frozen", "full")
 STAGE_NAMES = ("teacher_pt", "teacher_sft", "stage1", "stage2", "stage3")
@@ -293,6 +292,31 @@ class TrainConfig:
             )
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.precision must be auto/bf16/fp32, got {self.precision!r}")
+
+
+WANDB_MODES = ("offline", "online")
+
+
+@dataclass
+class LogConfig:
+    """Experiment trackers of a stage (``metrics.jsonl`` is always written)."""
+
+    tensorboard: bool = False  # TensorBoard event files in <dir>/tensorboard
+    wandb: str | None = None  # Weights & Biases: "offline" (no network) or "online"; null: off
+    project: str = "mllm-kd"  # the W&B project
+    run_name: str | None = None  # the run's name in W&B / TensorBoard text; null: "<run_dir name>-<stage>"
+    entity: str | None = None  # the W&B entity (team or user); null: the account's default
+    dir: str | None = None  # where the trackers write; null: the stage's output_dir
+
+    def __post_init__(self) -> None:
+        if self.wandb in ("", "none", "disabled", False):
+            self.wandb = None
+        if self.wandb not in (None, *WANDB_MODES):
+            raise ConfigError(f"log.wandb must be offline, online or null, got {self.wandb!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.tensorboard or self.wandb is not None
 
 
 @dataclass

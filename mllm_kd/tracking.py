@@ -23,10 +23,10 @@ import json
 import logging
 import resource
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mllm_kd.config import LogConfig
 from mllm_kd.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -34,31 +34,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WANDB_MODES = ("offline", "online")
 RUN_ID_FILE = "wandb-run-id.txt"  # in the tracking directory: a resumed stage continues the same W&B run
 INSTALL_HINT = "install the `track` extra (pip install -e '.[track]') or just {pkg} (pip install {pkg})"
-
-
-@dataclass
-class LogConfig:
-    """Experiment trackers of a stage (``metrics.jsonl`` is always written)."""
-
-    tensorboard: bool = False  # TensorBoard event files in <dir>/tensorboard
-    wandb: str | None = None  # Weights & Biases: "offline" (no network) or "online"; null: off
-    project: str = "mllm-kd"  # the W&B project
-    run_name: str | None = None  # the run's name in W&B / TensorBoard text; null: "<run_dir name>-<stage>"
-    entity: str | None = None  # the W&B entity (team or user); null: the account's default
-    dir: str | None = None  # where the trackers write; null: the stage's output_dir
-
-    def __post_init__(self) -> None:
-        if self.wandb in ("", "none", "disabled", False):
-            self.wandb = None
-        if self.wandb not in (None, *WANDB_MODES):
-            raise ConfigError(f"log.wandb must be offline, online or null, got {self.wandb!r}")
-
-    @property
-    def enabled(self) -> bool:
-        return self.tensorboard or self.wandb is not None
 
 
 def check_available(cfg: LogConfig) -> None:
