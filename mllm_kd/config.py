@@ -1,5 +1,7 @@
 """Typed configuration: dataclasses with a one-line doc per field, loaded from omegaconf YAML recipes.
 
+(Over 400 lines on purpose: the whole schema, one dataclass per section with its checks, in one place.)
+
 A recipe file describes a whole run. Its top-level keys are the fields of :class:`StageConfig` shared by
 every stage, plus a ``stages:`` mapping with one section per stage (``teacher_pt``, ``teacher_sft``,
 ``stage1``, ``stage2``, ``stage3``) holding what differs. The config of one stage is, from weakest to

@@ -1,5 +1,7 @@
 """The Hugging Face model card (``README.md``) that ``python -m mllm_kd.export`` writes next to the weights.
 
+(Over 400 lines: most of it is the card's own text and its Hub header, kept next to what fills them.)
+
 The card is read from the run, not typed by hand: the exported checkpoint's ``config.yaml`` and
 ``trainer_state.json``, then each earlier stage's through ``init_from`` (stage3 -> stage2 -> stage1), the
 teacher's ``model.yaml`` and weights, and the score files of the run (``RUN_DIR/eval/*.json``, written by

@@ -1,5 +1,8 @@
 """The training loop shared by every stage: accumulation, clipping, logging, checkpoints, exact resume.
 
+(Over 400 lines on purpose: the loop, its checkpoints and the exact resume share one state, and a reader
+follows a step from data to checkpoint in one file.)
+
 One optimizer step = ``train.grad_accum`` micro-batches of ``train.batch_size`` samples. The data order
 is a seeded permutation per epoch, and the trainer state records how many micro-batches of the current
 epoch were consumed, so a resumed run sees exactly the batches an uninterrupted run would have seen.

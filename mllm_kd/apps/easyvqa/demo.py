@@ -1,4 +1,5 @@
-"""The main job: easy-VQA, from teacher to distilled student, in one command.
+"""The main job: easy-VQA, from teacher to distilled student, in one command. (About 400 lines: every
+phase of the job, in the order it runs; the report is in report.py.)
 
     python -m mllm_kd.apps.easyvqa.demo [--run-dir runs/demo] [--recipe pretrained|scratch] [--seeds 0,1]
                            [--split test|val] [--questions N] [--captions N] [--teacher-dir DIR]
