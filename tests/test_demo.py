@@ -90,6 +90,16 @@ def test_kd_student_distilled_and_the_baseline_did_not(scratch):
     assert {"mdist_resp", "mdist_vis", "rdist"} <= set(kd3) and "mdist_vis" not in base1
 
 
+def test_scratch_demo_times_each_phase(scratch):
+    _, _, report = scratch
+    phases = report["phases"]
+    assert list(phases)[:2] == ["data", "teacher"]
+    assert {f"{role}, seed 0" for role in STUDENTS} <= set(phases)
+    assert {f"evaluate {role}" for role in ("teacher",)} <= set(phases)
+    assert all(v >= 0 for v in phases.values())
+    assert phases["teacher"] > 0
+
+
 def test_rerun_skips_every_finished_stage_and_evaluation(scratch):
     run, _, report = scratch
     before = (run / "seed0/kd/stage3/final/model.safetensors").stat().st_mtime_ns

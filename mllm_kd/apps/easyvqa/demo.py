@@ -28,6 +28,7 @@ variant: a few hundred examples and tiny random models.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -225,6 +226,35 @@ def evaluate(data: Path, split: str, answers: Path, model_id: str, ckpt: Path, r
     }
 
 
+class Phases:
+    """One log line per phase of the demo as it starts and ends (with its elapsed time), and the table of
+    them all at the end: ``with phases("teacher"): ...`` then :meth:`table`."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, float]] = []
+        self.started = time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        log.info("== phase %d: %s", len(self.rows) + 1, name)
+        yield
+        dt = time.perf_counter() - t0
+        self.rows.append((name, dt))
+        log.info(
+            "== phase %d: %s done in %.0f s (%.0f s since the start)",
+            len(self.rows),
+            name,
+            dt,
+            time.perf_counter() - self.started,
+        )
+
+    def table(self) -> str:
+        total = sum(dt for _, dt in self.rows)
+        lines = ["| phase | seconds |", "|---|---|", *(f"| {n} | {dt:,.0f} |" for n, dt in self.rows)]
+        return "\n".join([*lines, f"| total | {total:,.0f} |"])
+
+
 def run_demo(
     run: Path,
     overrides: list[str],
@@ -250,19 +280,24 @@ def run_demo(
     prepare = {**spec.prepare, **(QUICK_PREPARE if quick else {})}
     if quick and "val_images" in prepare:
         prepare["val_images"], prepare["test_sample"] = 8, None
-    prepare_easyvqa(run / "data", log=log.info, **prepare)
+    phases = Phases()
+    with phases("data"):
+        prepare_easyvqa(run / "data", log=log.info, **prepare)
     if spec.pretrained_weights and not quick:
-        prepare_weights(run / "models")
+        with phases("weights"):
+            prepare_weights(run / "models")
     overrides = [*(spec.quick if quick else ()), *(["train.progress=false"] if quick else []), *overrides]
     models: dict[str, dict] = {}  # "<role>" or "<role>/seed<s>" -> result
-    ckpt, seconds, stages = train_role(
-        run, spec, "teacher", overrides + (teacher_overrides or []), redo, teacher_dir, seed=0
-    )
+    with phases("teacher"):
+        ckpt, seconds, stages = train_role(
+            run, spec, "teacher", overrides + (teacher_overrides or []), redo, teacher_dir, seed=0
+        )
     models["teacher"] = {"checkpoint": str(ckpt), "train_seconds": round(seconds, 1), "stages": stages}
     for seed in seeds:
         for role in STUDENTS:
             seeded = [*overrides, f"train.seed={seed}"]
-            ckpt, seconds, stages = train_role(run, spec, role, seeded, redo, teacher_dir, seed)
+            with phases(f"{role}, seed {seed}"):
+                ckpt, seconds, stages = train_role(run, spec, role, seeded, redo, teacher_dir, seed)
             models[f"{role}/seed{seed}"] = {
                 "checkpoint": str(ckpt),
                 "train_seconds": round(seconds, 1),
@@ -270,7 +305,8 @@ def run_demo(
             }
     for key, result in models.items():
         answers = run / "eval" / split / f"{key.replace('/', '-')}.answers.jsonl"
-        result.update(evaluate(run / "data", split, answers, key, Path(result["checkpoint"]), redo))
+        with phases(f"evaluate {key}"):
+            result.update(evaluate(run / "data", split, answers, key, Path(result["checkpoint"]), redo))
         log_scores(result["checkpoint"], {"task": f"easyvqa_{split}", **result})  # trackers, if configured
         result["accuracy"] = result["accuracy"] / 100.0
         log.info("%s: accuracy %.4f %s", key, result["accuracy"], result["by_type"])
@@ -286,7 +322,9 @@ def run_demo(
     results["wall_seconds"] = round(wall, 1)
     results.update(recipe=recipe, split=split, seeds=list(seeds), overrides=overrides)
     results["gaps"] = gaps(results)
+    results["phases"] = {name: round(dt, 1) for name, dt in phases.rows}  # this invocation's
     write_report(run, results, _loss_curves(run, results))
+    log.info("the demo's phases in this invocation (finished work is skipped):\n%s", phases.table())
     return results
 
 
