@@ -82,11 +82,11 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mllm_kd.atomic import atomic_write_bytes
 from mllm_kd.data.records import validate_record
@@ -121,6 +121,7 @@ __all__ = ["FORMAT_VERSION", "main", "prepare_easyvqa"]
 FORMAT_VERSION = 2  # 2: validation split (val_images) and the stratified test sample
 DEFAULT_SHARD_SIZE = 1000
 DEFAULT_VOCAB_SIZE = 1024
+T = TypeVar("T")
 # One question per instruct record, as the test questions are asked: in a multi-turn record the later
 # answers can be read off the earlier ones ("what color is the shape?" -> "blue", then "is there not a
 # blue shape?"), a shortcut the model then leans on and that a single test question does not offer.
@@ -231,11 +232,20 @@ def _files_named(*paths: Path) -> Callable[[], list[Path]]:
     return lambda: [p for p in paths if p.is_file()]
 
 
-def _copy_images(images: dict[int, Path], dest: Path) -> dict[str, Any]:
+def _copy_images(images: dict[int, Path], dest: Path, progress: bool) -> dict[str, Any]:
     dest.mkdir(parents=True, exist_ok=True)
-    for image_id, src in images.items():
+    for image_id, src in _bar(images.items(), len(images), f"copying {dest.name} images", "img", progress):
         shutil.copyfile(src, dest / f"{image_id}.png")
     return {"images": len(images)}
+
+
+def _bar(items: Iterable[T], total: int, desc: str, unit: str, enabled: bool) -> Iterable[T]:
+    """``items`` with a progress bar (count, rate, time left) on stderr when ``enabled``."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        items, total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True, leave=False
+    )
 
 
 def _write_records(path: Path, records: list[Record]) -> None:
@@ -302,11 +312,13 @@ def prepare_easyvqa(
     test_sample: int | None = None,
     shuffle: bool = False,
     log: Callable[[str], None] | None = print,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Write the easy-VQA outputs (module docstring) under ``out_dir``; skip what is up to date.
 
     Returns the manifest plus ``"actions"`` ({artifact: "wrote" | "skipped"}) and ``"paths"``
-    (absolute paths of the outputs). ``log`` gets one line per artifact (None: silent).
+    (absolute paths of the outputs). ``log`` gets one line per artifact (None: silent); ``progress``
+    shows a bar with the time left while images are copied and shards written.
     """
     for name, value in (("max_train_images", max_train_images), ("max_test_questions", max_test_questions)):
         if value is not None and value < 1:
@@ -384,7 +396,10 @@ def prepare_easyvqa(
         return {"questions": len(answers), **{f"type_{t}": types[t] for t in ANSWER_TYPES}}
 
     def build_shards(kind: str, records: list[Record]) -> dict[str, Any]:
-        shards = write_wds_shards(_shard_samples(records, images), paths[f"wds_{kind}"], shard_size)
+        samples = _bar(
+            _shard_samples(records, images), len(records), f"writing {kind} shards", "sample", progress
+        )
+        shards = write_wds_shards(samples, paths[f"wds_{kind}"], shard_size)
         return {"shards": len(shards), "samples": len(records)}
 
     train_args = {"max_train_images": max_train_images, "val_images": val_images, "source": "train"}
@@ -401,14 +416,16 @@ def prepare_easyvqa(
             "images/train/",
             train_args,
             _files_under(paths["images_train"], "*.png"),
-            lambda: _copy_images({**source.train_images, **source.val_image_paths}, paths["images_train"]),
+            lambda: _copy_images(
+                {**source.train_images, **source.val_image_paths}, paths["images_train"], progress
+            ),
         ),
         _Artifact(
             "images_test",
             "images/test/",
             test_args,
             _files_under(paths["images_test"], "*.png"),
-            lambda: _copy_images(source.test_images, paths["images_test"]),
+            lambda: _copy_images(source.test_images, paths["images_test"], progress),
         ),
         _Artifact("captions", "captions.json", train_args, _files_named(paths["captions"]), build_captions),
         _Artifact(

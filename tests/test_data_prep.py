@@ -52,6 +52,7 @@ ARTIFACTS = (
 
 
 def _convert(out: Path, **kwargs: Any) -> dict[str, Any]:
+    kwargs.setdefault("progress", False)
     return prepare_easyvqa(
         out, max_train_images=N_TRAIN, max_test_questions=N_TEST, shard_size=SHARD_SIZE, log=None, **kwargs
     )
@@ -376,6 +377,21 @@ def test_rerun_repairs_and_rebuilds_only_what_changed(
     )
     assert set(forced["actions"].values()) == {"wrote"}
     assert forced["content_hash"] == result["content_hash"]  # the output is deterministic
+
+
+def test_conversion_shows_progress_with_counts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = _convert(tmp_path, progress=True)
+    err = capsys.readouterr().err
+    n_instruct = result["artifacts"]["instruct"]["counts"]["records"]
+    # tqdm's bars: what is done, the count, rate and time left ("<" before the estimate).
+    for desc, total in (
+        ("copying train images", N_TRAIN),
+        ("writing captions shards", N_TRAIN),
+        ("writing instruct shards", n_instruct),
+    ):
+        assert re.search(rf"{desc}: +\d+%.*\| *\d+/{total} \[\d\d:\d\d<", err), (desc, err[-500:])
+    _convert(tmp_path / "quiet", progress=False)
+    assert capsys.readouterr().err == ""
 
 
 def test_cli_rejects_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

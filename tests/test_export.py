@@ -3,6 +3,7 @@ and import (an HF LLaVA directory as teacher, init_from, or vision source, with 
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -319,3 +320,20 @@ def test_hf_llava_teacher_with_another_tokenizer_is_refused(
     assert "different vocabulary" in err and str(teacher) in err
     assert "same tokenizer" in err and "teacher's family" in err  # why, and what would work
     assert not (run / "stage1").exists()
+
+
+def test_export_shows_progress_in_weight_bytes(smoke_teacher, tmp_path, capsys):
+    from mllm_kd.checkpoint.native import WEIGHTS, resolve_checkpoint
+    from mllm_kd.export import export_checkpoint
+
+    size = (resolve_checkpoint(smoke_teacher / "teacher_sft") / WEIGHTS).stat().st_size
+    export_checkpoint(smoke_teacher / "teacher_sft", tmp_path / "a")
+    err = capsys.readouterr().err
+    # tqdm's last refresh: all of read + write done, the total in bytes (unit-scaled), and the time.
+    done = re.findall(r"export: 100%.*\| *([\d.]+)([kMG]?)B?/([\d.]+)([kMG]?)B? \[", err)
+    assert done, err[-400:]
+    total = float(done[-1][2]) * {"": 1, "k": 1e3, "M": 1e6, "G": 1e9}[done[-1][3]]
+    assert total == pytest.approx(2 * size, rel=0.01)
+    assert "reading" in err and f"writing {tmp_path / 'a'}" in err
+    export_checkpoint(smoke_teacher / "teacher_sft", tmp_path / "b", progress=False)
+    assert "export:" not in capsys.readouterr().err
