@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mllm_kd.atomic import atomic_write_bytes
-from mllm_kd.errors import DataError, MllmKdError
+from mllm_kd.errors import DataError, MllmKdError, exit_code
 from mllm_kd.eval.core import read_predictions
 from mllm_kd.eval.report import report
 from mllm_kd.eval.run import add_run_arguments, run_run
@@ -142,5 +142,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command].run(args)
     except MllmKdError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return exit_code(e)

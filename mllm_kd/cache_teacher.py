@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from mllm_kd.cli import setup_logging, stage_config
-from mllm_kd.errors import ConfigError, MllmKdError
+from mllm_kd.errors import ConfigError, MllmKdError, exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,8 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{out} already holds a teacher cache; --overwrite replaces it")
         manifest = build_teacher_cache(cfg, out, batch_size=args.batch_size, device=args.device)
     except MllmKdError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return exit_code(e)
     print(json.dumps({"cache": str(out), **describe(manifest)}))
     return 0
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 from mllm_kd.config import StageConfig, check_combinations, load_recipe, resolve_stage_config
-from mllm_kd.errors import ConfigError, MllmKdError
+from mllm_kd.errors import ConfigError, MllmKdError, exit_code
 from mllm_kd.stages import STAGES
 
 
@@ -52,6 +51,5 @@ def main(stages: list[str], prog: str, description: str, argv: list[str] | None 
         for path in run_stages(args.config, stages, args.overrides):
             print(f"finished: {path}")
     except MllmKdError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return exit_code(e)
     return 0

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -565,15 +566,17 @@ def resolve_stage_config(
     for o in overrides:
         if "=" not in o:
             raise ConfigError(f"command-line override {o!r} is not of the form key=value")
+        try:
+            OmegaConf.from_dotlist([o])
+        except (yaml.YAMLError, OmegaConfBaseException) as e:
+            raise ConfigError(f"command-line override {o!r}: the value is not valid YAML ({e})") from e
     try:
         if recipe_overrides:
             recipe = OmegaConf.merge(recipe, OmegaConf.from_dotlist(recipe_overrides))
         sections = recipe.pop("stages", None) or {}
         for name in sections:
             if name not in STAGE_NAMES:
-                raise ConfigError(
-                    f"unknown stage section stages.{name}; expected one of {STAGE_NAMES}"
-                )
+                raise ConfigError(f"unknown stage section stages.{name}; expected one of {STAGE_NAMES}")
         section = sections.get(stage) or {}
         schema = OmegaConf.structured(StageConfig)
         merged = OmegaConf.merge(
@@ -595,7 +598,7 @@ def resolve_stage_config(
         raise ConfigError(
             f"{source}: invalid config for stage {stage}"
             + (f" at key {key!r}" if key else "")
-            + f": {e.msg if hasattr(e, 'msg') else e}"
+            + f": {str(getattr(e, 'msg', e)).splitlines()[0]}"
         ) from e
     assert isinstance(cfg, StageConfig)
     return cfg
