@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +27,9 @@ from mllm_kd.errors import DataError
 IMAGE_TOKEN = "<image>"  # the placeholder in the text; the tokenizer gets it as a special token
 ROLES = {"human": "user", "gpt": "assistant"}
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
+# open_image refuses every image over PIL.Image.MAX_IMAGE_PIXELS with a DataError naming it, so PIL's
+# warning at that size would only add lines to the error output.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 # ---------------------------------------------------------------------------------------------- images
