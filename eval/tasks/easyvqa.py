@@ -68,6 +68,8 @@ class EasyVQATask(Task):
             data = index_unique((get_field(r, "question_id", w), r, w) for r, w in zip(data, where))
         if not isinstance(data, dict):
             raise DataError(f"{path}: expected a JSON object of question_id -> {{answer, type}}, or JSONL")
+        if not data:
+            raise DataError(f"{path}: no annotations")
         for qid, item in data.items():
             get_field(item, "answer", f"{path}: question {qid}")
             if not isinstance(item["answer"], (str, int, float)) or isinstance(item["answer"], bool):
