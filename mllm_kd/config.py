@@ -81,7 +81,7 @@ class VisionConfig:
 
     def __post_init__(self) -> None:
         given = [k for k in ("path", "config", "checkpoint") if getattr(self, k)]
-        if len(given) > 1 and not (self.backend == "torchvision" and given == ["path", "checkpoint"]):
+        if len(given) > 1:
             raise ConfigError(
                 f"model.vision: give one of path, config or checkpoint, not {' and '.join(given)}"
             )
@@ -506,12 +506,7 @@ def check_combinations(cfg: StageConfig, distills: bool) -> None:
             f"{cfg.stage} distils but no teacher is configured: set teacher.checkpoint or teacher.cache "
             "(or loss.w_resp=0 loss.w_vis=0 loss.w_rel=0 for no distillation)"
         )
-    if teacher.cache:
-        if teacher.quantize:
-            raise ConfigError(
-                f"teacher.quantize={teacher.quantize} applies to a teacher model, but teacher.cache={teacher.cache} "
-                "reads stored outputs (no model runs): drop one of them"
-            )
+    if teacher.cache:  # (teacher.quantize stays meaningful: it names the teacher the cache was built from)
         if cfg.loss.temperature != 1.0:
             raise ConfigError(
                 f"loss.temperature={cfg.loss.temperature} with teacher.cache: the cache holds the teacher's "

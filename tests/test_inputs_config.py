@@ -133,7 +133,6 @@ def test_a_new_users_mistakes_on_the_smoke_recipe_are_refused_at_config_load(ove
 # ------------------------------------------------------------------------------------ contradictions
 CONTRADICTIONS = [
     (["teacher.checkpoint=null"], "teacher.checkpoint"),  # stage3 distils: it needs a teacher
-    (["teacher.cache=c", "teacher.quantize=4bit"], "teacher.quantize"),
     (["teacher.cache=c", "loss.temperature=2"], "loss.temperature"),
     (["teacher.quantize=4bit", "train.teacher_strategy=fsdp2"], "teacher_strategy"),
     (["train.strategy=fsdp2", "optim.name=adamw8bit"], "adamw8bit"),
@@ -159,6 +158,10 @@ def test_what_is_not_a_contradiction_is_accepted():
     assert stage_config(SMOKE, "stage2", ["teacher.checkpoint=null"]).teacher.checkpoint is None  # no KD
     cached = stage_config(SMOKE, "stage3", ["teacher.cache=c", "train.teacher_strategy=fsdp2"])
     assert cached.teacher.cache == "c"  # replicated (no weights to shard), as the run plan logs
+    # a cache built from a quantised teacher is checked against teacher.quantize (its fingerprint)
+    assert (
+        stage_config(SMOKE, "stage3", ["teacher.cache=c", "teacher.quantize=4bit"]).teacher.quantize == "4bit"
+    )
     assert stage_config(SMOKE, "teacher_pt", ["teacher.checkpoint=null"]).stage == "teacher_pt"
 
 
