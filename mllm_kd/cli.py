@@ -45,7 +45,7 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def main(stages: list[str], prog: str, description: str, argv: list[str] | None = None) -> int:
-    args = _parser(prog, description).parse_args(argv)
+    args = _parser(prog, description).parse_intermixed_args(argv)  # overrides around --config
     setup_logging()
     try:
         for path in run_stages(args.config, stages, args.overrides):

@@ -221,6 +221,41 @@ def test_missing_paths_exit_2_before_any_model_is_built(capsys, tmp_path, smoke_
     assert not run.exists()
 
 
+# ------------------------------------------------------------------------------- the other CLIs
+def test_cache_teacher_and_export_refuse_bad_input_with_exit_2(capsys, tmp_path):
+    from mllm_kd import cache_teacher, export
+    from mllm_kd.teacher.cache_format import MANIFEST
+
+    cache = tmp_path / "cache"
+    base = ["--config", str(SMOKE), f"run_dir={tmp_path}/run"]
+    cases = [
+        (cache_teacher.main, [*base, "--batch-size", "0", f"teacher.cache={cache}"], "--batch-size"),
+        (cache_teacher.main, [*base, f"teacher.cache={cache}", "loss.w_rel=-1"], "loss.w_rel"),
+        (cache_teacher.main, [*base, "teacher.cache=null"], "teacher.cache=DIR"),
+        (
+            cache_teacher.main,
+            ["--stage", "stage1", *base, f"teacher.cache={cache}", "teacher.checkpoint=null"],
+            "teacher.checkpoint",
+        ),
+    ]
+    for main_fn, argv, key in cases:
+        assert main_fn(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and key in err[0], err
+    cache.mkdir()
+    (cache / MANIFEST).write_text("{}")
+    assert cache_teacher.main([*base, f"teacher.cache={cache}"]) == 2
+    assert "already holds a teacher cache" in capsys.readouterr().err
+    out = tmp_path / "exported"
+    assert export.main(["--checkpoint", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert f"--checkpoint {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert export.main(["--checkpoint", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert "is not empty" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "exported"]  # no run directory
+
+
 # ------------------------------------------------------------------------------------------ properties
 # (key, the documented range) of every numeric field with one: any value is either accepted and in its
 # range, or refused with a ConfigError naming the key; never another exception.

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from mllm_kd.checkpoint.hf_llava import is_hf_llava_dir
 from mllm_kd.checkpoint.native import build_from_config, load_checkpoint_model, resolve_checkpoint
 from mllm_kd.config import ModelConfig, StageConfig, check_combinations
 from mllm_kd.data.datasets import build_train_data
@@ -58,20 +59,27 @@ def init_model(
     return build_from_config(model_cfg, tokenizer, device=attn_device), tokenizer, model_cfg
 
 
+def _check_checkpoint(path: str, what: str) -> None:
+    """``path`` is what :func:`load_checkpoint_model` reads: a Hugging Face LLaVA directory or a finished
+    mllm_kd checkpoint (else a CheckpointError naming ``what``)."""
+    if not is_hf_llava_dir(path):
+        resolve_checkpoint(path, what=what)
+
+
 def check_inputs(cfg: StageConfig, model_cfg: ModelConfig, plan: RunPlan) -> list[dict] | None:
     """What a stage reads, checked before any model is built: the checkpoints and directories it names
     exist, and a LLaVA JSON data set is valid (its records are returned; None for WebDataset shards)."""
     if cfg.init_from:
-        resolve_checkpoint(cfg.init_from, what=f"{cfg.stage}: the previous stage's directory (init_from)")
+        _check_checkpoint(cfg.init_from, f"{cfg.stage}: the previous stage's directory (init_from)")
     else:
         if model_cfg.vision.checkpoint:
-            resolve_checkpoint(model_cfg.vision.checkpoint, what="model.vision.checkpoint")
+            _check_checkpoint(model_cfg.vision.checkpoint, "model.vision.checkpoint")
         tok = model_cfg.tokenizer or model_cfg.llm.path
         if tok and not Path(tok).exists():
             key = "model.tokenizer" if model_cfg.tokenizer else "model.llm.path"
             raise ConfigError(f"{key}: {tok} does not exist")
     if plan.teacher == "model":
-        resolve_checkpoint(cfg.teacher.checkpoint, what="teacher.checkpoint")
+        _check_checkpoint(cfg.teacher.checkpoint, "teacher.checkpoint")
     elif plan.teacher == "cache" and not Path(cfg.teacher.cache).is_dir():
         raise ConfigError(
             f"teacher.cache: {cfg.teacher.cache} does not exist (python -m mllm_kd.cache_teacher)"
