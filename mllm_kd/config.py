@@ -137,6 +137,10 @@ class ProjectorConfig:
             )
 
 
+# transformers' local attention kernels (a hub kernel name would be downloaded at run time)
+ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
 @dataclass
 class LLMConfig:
     """The causal language model: any transformers ``AutoModelForCausalLM``."""
@@ -154,6 +158,12 @@ class LLMConfig:
     )
 
     def __post_init__(self) -> None:
+        check(
+            self.attn_implementation in ATTN_IMPLEMENTATIONS,
+            "model.llm.attn_implementation",
+            f"one of {ATTN_IMPLEMENTATIONS}",
+            self.attn_implementation,
+        )
         if self.path and self.config:
             raise ConfigError("model.llm: give path (local weights) or config (random init), not both")
         if self.gguf_file and not self.path:

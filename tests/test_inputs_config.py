@@ -87,6 +87,7 @@ OUT_OF_RANGE = [
     ("teacher.cache_topk=0", "teacher.cache_topk"),
     ("teacher.cache_relation_rank=-1", "teacher.cache_relation_rank"),
     ("teacher.quantize=2bit", "teacher.quantize"),
+    ("model.llm.attn_implementation=flash", "model.llm.attn_implementation"),
     ("lora.r=0", "lora.r"),
     ("lora.alpha=0", "lora.alpha"),
     ("lora.dropout=1", "lora.dropout"),
