@@ -21,6 +21,8 @@ from mllm_kd.data.encoding import ImageProcessor
 from mllm_kd.data.records import load_llava_json
 from mllm_kd.errors import DataError
 
+# mllm_kd silences PIL's warning (its own error names the image); pytest resets filters per test
+pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
 FAST = settings(
