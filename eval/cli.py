@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mllm_kd.errors import DataError, MllmKdError
+from mllm_kd.atomic import atomic_write_bytes
+from mllm_kd.errors import DataError, MllmKdError, exit_code
 from mllm_kd.eval.core import read_predictions
 from mllm_kd.eval.report import report
 from mllm_kd.eval.run import add_run_arguments, run_run
@@ -78,19 +79,19 @@ def run_score(args: argparse.Namespace) -> int:
         "model_id": args.model_id or model_id_of(preds),
         "headline": task.headline,
     }
-    if args.submission is not None:
-        result.update(task.write_submission(preds, annotations, args.submission))
-    if task.has_answers(annotations):
-        result.update(task.score(preds, annotations))
-    elif args.submission is None:
+    if not task.has_answers(annotations) and args.submission is None:
         raise DataError(
             f"{args.annotations} has no answers (a test split): write the upload file with --submission"
         )
+    scores = task.score(preds, annotations) if task.has_answers(annotations) else {}
+    if args.submission is not None:  # only once scoring found no error: a failed run writes nothing
+        result.update(task.write_submission(preds, annotations, args.submission))
+    result.update(scores)
     result.update(predictions=str(args.predictions), annotations=str(args.annotations))
     text = json.dumps(result, indent=2)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n", encoding="utf-8")
+        atomic_write_bytes(args.out, (text + "\n").encode("utf-8"))
     if args.log_to is not None:  # experiment tracking (mllm_kd/tracking.py)
         from mllm_kd.tracking import log_scores
 
@@ -112,7 +113,7 @@ def run_report(args: argparse.Namespace) -> int:
     table = report(args.runs)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table, encoding="utf-8")
+        atomic_write_bytes(args.out, table.encode("utf-8"))
     print(table, end="")
     return 0
 
@@ -141,5 +142,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command].run(args)
     except MllmKdError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return exit_code(e)

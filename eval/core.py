@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any, ClassVar
 
+from mllm_kd.atomic import atomic_write_bytes
 from mllm_kd.errors import ConfigError, DataError
 
 # LLaVA-1.5's instruction suffixes (llava/eval/*.jsonl question files and model_vqa_*.py).
@@ -106,30 +107,37 @@ def require_file(path: Path, what: str) -> Path:
     return path
 
 
-def read_json(path: Path, what: str = "annotation file") -> Any:
-    """Load a JSON file; a missing or invalid file is a :class:`DataError` naming it."""
+def read_text(path: Path, what: str = "annotation file") -> str:
+    """A UTF-8 text file's contents; a missing file or one that is not UTF-8 is a :class:`DataError`."""
     require_file(path, what)
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+
+
+def read_json(path: Path, what: str = "annotation file") -> Any:
+    """Load a JSON file; a missing or invalid file is a :class:`DataError` naming it."""
+    text = read_text(path, what)
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e})") from e
 
 
 def iter_jsonl(path: Path, what: str = "annotation file") -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for each non-blank line; a bad line is a DataError naming file:line."""
-    require_file(path, what)
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e})") from e
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-            yield n, obj
+    for n, line in enumerate(read_text(path, what).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid JSON ({e})") from e
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+        yield n, obj
 
 
 def find_one(folder: Path, patterns: tuple[str, ...], what: str) -> Path | None:
@@ -149,9 +157,22 @@ def get_field(obj: Any, key: str, where: str) -> Any:
 
 
 def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON, atomically: ``path`` is the old file or the whole new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f)
+    atomic_write_bytes(path, json.dumps(obj).encode("utf-8"))
+
+
+def index_unique(items: Iterable[tuple[Any, Any, str]], what: str = "question_id") -> dict[str, Any]:
+    """``{qid_key(id): value}`` from ``(id, value, where)`` triples; an id seen twice is a DataError naming
+    both places (a silent overwrite would score against whichever came last)."""
+    out: dict[str, Any] = {}
+    first: dict[str, str] = {}
+    for qid, value, where in items:
+        k = qid_key(qid)
+        if k in out:
+            raise DataError(f"{where}: {what} {qid!r} appears twice (first at {first[k]})")
+        out[k], first[k] = value, where
+    return out
 
 
 def read_predictions(path: str | Path) -> list[Prediction]:

@@ -14,12 +14,12 @@ JSON files there that are not score files (no ``task`` or no headline value, e.g
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mllm_kd.errors import DataError
+from mllm_kd.eval.core import read_json
 from mllm_kd.eval.tasks import TASKS
 
 TITLES = {
@@ -60,10 +60,7 @@ def collect(runs: list[Path]) -> list[RunScores]:
     for run in runs:
         rs = RunScores(run, "")
         for f in score_files(run):
-            try:
-                obj = json.loads(f.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{f}: not valid JSON ({e})") from e
+            obj = read_json(f, "score file")
             task = obj.get("task") if isinstance(obj, dict) else None
             key = obj.get("headline") if task else None
             if not isinstance(key, str) or not isinstance(obj.get(key), (int, float)):

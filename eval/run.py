@@ -48,7 +48,7 @@ from typing import Any
 from mllm_kd.data.records import IMAGE_TOKEN
 from mllm_kd.errors import ConfigError, DataError
 from mllm_kd.eval.answers import chunk_of, chunk_path, complete_lines, merge_chunks, pending
-from mllm_kd.eval.core import Question, iter_jsonl
+from mllm_kd.eval.core import Question, index_unique, iter_jsonl
 from mllm_kd.eval.tasks import TASKS, get_task
 from mllm_kd.runtime.work import chunk_bounds
 
@@ -155,11 +155,11 @@ def is_llava_question_file(path: Path) -> bool:
     """Whether ``path`` is JSONL whose first record has ``question_id`` and ``text`` (LLaVA's format)."""
     if not path.is_file():
         return False
-    with open(path, encoding="utf-8") as f:
-        first = next((line for line in f if line.strip()), "")
     try:
+        with open(path, encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "")
         obj = json.loads(first)
-    except json.JSONDecodeError:
+    except ValueError:  # not JSON, or not UTF-8: the task's own reader names the problem
         return False
     return isinstance(obj, dict) and "question_id" in obj and isinstance(obj.get("text"), str)
 
@@ -172,8 +172,8 @@ def read_llava_questions(path: Path) -> list[Question]:
             raise DataError(f"{path}:{n}: a question needs 'question_id' (int or str) and 'text' (str)")
         if image is not None and not isinstance(image, str):
             raise DataError(f"{path}:{n}: 'image' must be a path")
-        out.append(Question(qid, image or None, text))
-    return out
+        out.append((qid, Question(qid, image or None, text), f"{path}:{n}"))
+    return list(index_unique(out).values())  # a question_id twice is an error naming both lines
 
 
 def load_questions(task_name: str, path: Path, split: str | None) -> list[Question]:

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from mllm_kd.cli import setup_logging, stage_config
-from mllm_kd.errors import ConfigError, MllmKdError
+from mllm_kd.errors import ConfigError, MllmKdError, exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,22 +32,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: train.device)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for the stage")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides before and after options
     setup_logging()
     from mllm_kd.teacher.build import build_teacher_cache, describe
     from mllm_kd.teacher.cache_format import MANIFEST
 
     try:
+        if args.batch_size is not None and args.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
         cfg = stage_config(args.config, args.stage, args.overrides)
         out = args.out or cfg.teacher.cache
         if not out:
             raise ConfigError("say where to write the cache: teacher.cache=DIR (or --out DIR)")
+        if not cfg.teacher.checkpoint:
+            raise ConfigError("the cache is built by running the teacher: set teacher.checkpoint")
         if (Path(out) / MANIFEST).exists() and not args.overwrite:
             raise ConfigError(f"{out} already holds a teacher cache; --overwrite replaces it")
         manifest = build_teacher_cache(cfg, out, batch_size=args.batch_size, device=args.device)
     except MllmKdError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return exit_code(e)
     print(json.dumps({"cache": str(out), **describe(manifest)}))
     return 0
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
-from mllm_kd.config import StageConfig, load_recipe, resolve_stage_config
-from mllm_kd.errors import MllmKdError
+from mllm_kd.config import StageConfig, check_combinations, load_recipe, resolve_stage_config
+from mllm_kd.errors import ConfigError, MllmKdError, exit_code
 from mllm_kd.stages import STAGES
 
 
@@ -19,10 +18,15 @@ def setup_logging() -> None:
 
 
 def stage_config(config: str | Path, stage: str, overrides: list[str] | None = None) -> StageConfig:
-    """The resolved config of one stage of a recipe file."""
-    return resolve_stage_config(
+    """The resolved config of one stage of a recipe file, its values and their combination checked."""
+    cfg = resolve_stage_config(
         load_recipe(config), stage, STAGES[stage].defaults, overrides, source=str(config)
     )
+    try:
+        check_combinations(cfg, STAGES[stage].distills)
+    except ConfigError as e:
+        raise ConfigError(f"{config} (stage {stage}): {e}") from e
+    return cfg
 
 
 def run_stages(config: str | Path, stages: list[str], overrides: list[str] | None = None) -> list[Path]:
@@ -41,12 +45,11 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def main(stages: list[str], prog: str, description: str, argv: list[str] | None = None) -> int:
-    args = _parser(prog, description).parse_args(argv)
+    args = _parser(prog, description).parse_intermixed_args(argv)  # overrides around --config
     setup_logging()
     try:
         for path in run_stages(args.config, stages, args.overrides):
             print(f"finished: {path}")
     except MllmKdError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return exit_code(e)
     return 0

@@ -15,11 +15,13 @@ Unknown keys are errors that name the key; ``${run_dir}``-style interpolations r
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -28,6 +30,17 @@ from mllm_kd.lora import LoraConfig
 
 TRAINABLE_MODES = ("frozen", "full")
 STAGE_NAMES = ("teacher_pt", "teacher_sft", "stage1", "stage2", "stage3")
+
+
+def check(ok: bool, key: str, rule: str, value: Any) -> None:
+    """Raise a :class:`ConfigError` ``"<key> must be <rule>, got <value>"`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{key} must be {rule}, got {value!r}")
+
+
+def finite(x: float) -> bool:
+    """A real number that is neither NaN nor infinite (``nan < 0`` is False: ranges alone let NaN through)."""
+    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 @dataclass
@@ -67,6 +80,31 @@ class VisionConfig:
     image_std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
 
     def __post_init__(self) -> None:
+        given = [k for k in ("path", "config", "checkpoint") if getattr(self, k)]
+        if len(given) > 1:
+            raise ConfigError(
+                f"model.vision: give one of path, config or checkpoint, not {' and '.join(given)}"
+            )
+        check(
+            self.image_size is None or self.image_size >= 1,
+            "model.vision.image_size",
+            ">= 1 or null",
+            self.image_size,
+        )
+        for key in ("image_mean", "image_std"):
+            values = list(getattr(self, key))
+            check(
+                len(values) == 3 and all(finite(v) for v in values),
+                f"model.vision.{key}",
+                "3 numbers (R, G, B)",
+                values,
+            )
+        check(
+            all(v > 0 for v in self.image_std),
+            "model.vision.image_std",
+            "> 0 per channel",
+            list(self.image_std),
+        )
         if self.backend not in ("hf", "open_clip", "torchvision"):
             raise ConfigError(
                 f"model.vision.backend must be 'hf', 'open_clip' or 'torchvision', got {self.backend!r}"
@@ -92,8 +130,15 @@ class ProjectorConfig:
     type: str = "mlp2x_gelu"  # "linear" or "mlp{N}x_gelu" (N linear layers with GELU between)
 
     def __post_init__(self) -> None:
-        if self.type != "linear" and not re.fullmatch(r"mlp(\d+)x_gelu", self.type):
-            raise ConfigError(f"model.projector.type must be 'linear' or 'mlp{{N}}x_gelu', got {self.type!r}")
+        m = re.fullmatch(r"mlp(\d+)x_gelu", self.type)
+        if self.type != "linear" and not (m and int(m.group(1)) >= 1):
+            raise ConfigError(
+                f"model.projector.type must be 'linear' or 'mlp{{N}}x_gelu' with N >= 1, got {self.type!r}"
+            )
+
+
+# transformers' local attention kernels (a hub kernel name would be downloaded at run time)
+ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 @dataclass
@@ -111,6 +156,26 @@ class LLMConfig:
     keep_layers: list[int] | None = (
         None  # keep only these decoder layers (a student derived from a bigger LLM)
     )
+
+    def __post_init__(self) -> None:
+        check(
+            self.attn_implementation in ATTN_IMPLEMENTATIONS,
+            "model.llm.attn_implementation",
+            f"one of {ATTN_IMPLEMENTATIONS}",
+            self.attn_implementation,
+        )
+        if self.path and self.config:
+            raise ConfigError("model.llm: give path (local weights) or config (random init), not both")
+        if self.gguf_file and not self.path:
+            raise ConfigError("model.llm.gguf_file needs model.llm.path (the directory holding the file)")
+        if self.keep_layers is not None:
+            keep = list(self.keep_layers)
+            check(
+                bool(keep) and all(i >= 0 for i in keep) and len(set(keep)) == len(keep),
+                "model.llm.keep_layers",
+                "a non-empty list of distinct layer indices >= 0",
+                keep,
+            )
 
 
 @dataclass
@@ -203,6 +268,24 @@ class DataConfig:
             raise ConfigError(f"data.on_overflow must be 'skip' or 'raise', got {self.on_overflow!r}")
         if self.on_error not in ("skip", "raise"):
             raise ConfigError(f"data.on_error must be 'skip' or 'raise', got {self.on_error!r}")
+        check(self.max_length >= 1, "data.max_length", ">= 1", self.max_length)
+        check(
+            finite(self.max_skip_fraction) and 0 <= self.max_skip_fraction <= 1,
+            "data.max_skip_fraction",
+            "in [0, 1]",
+            self.max_skip_fraction,
+        )
+        check(self.num_workers >= 0, "data.num_workers", ">= 0", self.num_workers)
+        check(
+            self.max_samples is None or self.max_samples >= 1,
+            "data.max_samples",
+            ">= 1 or null",
+            self.max_samples,
+        )
+        if self.group_by_length and self.format == "wds":
+            raise ConfigError(
+                "data.group_by_length needs data.format=llava_json: WebDataset shards are read as a stream, in order"
+            )
 
 
 @dataclass
@@ -226,8 +309,13 @@ class LossConfig:
     def __post_init__(self) -> None:
         if self.kind not in ("fkl", "rkl", "jsd", "skl", "srkl"):
             raise ConfigError(f"loss.kind must be fkl/rkl/jsd/skl/srkl, got {self.kind!r}")
-        if self.temperature <= 0:
-            raise ConfigError(f"loss.temperature must be > 0, got {self.temperature}")
+        for key in ("w_ce", "w_resp", "w_vis", "w_rel"):
+            w = getattr(self, key)
+            check(finite(w) and w >= 0, f"loss.{key}", "a finite weight >= 0", w)
+        check(finite(self.temperature) and self.temperature > 0, "loss.temperature", "> 0", self.temperature)
+        check(finite(self.beta) and 0 <= self.beta <= 1, "loss.beta", "in [0, 1]", self.beta)
+        check(finite(self.alpha) and 0 <= self.alpha <= 1, "loss.alpha", "in [0, 1]", self.alpha)
+        check(self.chunk_size >= 1, "loss.chunk_size", ">= 1", self.chunk_size)
         if self.on_nonfinite not in ("raise", "skip"):
             raise ConfigError(f"loss.on_nonfinite must be 'raise' or 'skip', got {self.on_nonfinite!r}")
 
@@ -255,6 +343,35 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.name not in ("adamw", "adamw8bit"):
             raise ConfigError(f"optim.name must be adamw or adamw8bit, got {self.name!r}")
+        check(finite(self.lr) and self.lr > 0, "optim.lr", "> 0", self.lr)
+        check(
+            self.projector_lr is None or (finite(self.projector_lr) and self.projector_lr > 0),
+            "optim.projector_lr",
+            "> 0 or null",
+            self.projector_lr,
+        )
+        check(
+            finite(self.weight_decay) and self.weight_decay >= 0,
+            "optim.weight_decay",
+            ">= 0",
+            self.weight_decay,
+        )
+        betas = list(self.betas)
+        check(
+            len(betas) == 2 and all(finite(b) and 0 <= b < 1 for b in betas),
+            "optim.betas",
+            "two numbers in [0, 1)",
+            betas,
+        )
+        for key in ("warmup_ratio", "min_lr_ratio"):
+            x = getattr(self, key)
+            check(finite(x) and 0 <= x <= 1, f"optim.{key}", "in [0, 1]", x)
+        check(
+            finite(self.max_grad_norm) and self.max_grad_norm >= 0,
+            "optim.max_grad_norm",
+            ">= 0 (0 disables)",
+            self.max_grad_norm,
+        )
         if self.fused and self.name != "adamw":
             raise ConfigError(
                 f"optim.fused=true is torch's AdamW kernel; it does not apply to optim.name={self.name}"
@@ -284,8 +401,22 @@ class TrainConfig:
     progress: bool = True  # show a progress bar
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
+        check(finite(self.epochs) and self.epochs > 0, "train.epochs", "> 0", self.epochs)
+        check(
+            self.max_steps is None or self.max_steps >= 1, "train.max_steps", ">= 1 or null", self.max_steps
+        )
+        check(self.batch_size >= 1, "train.batch_size", ">= 1", self.batch_size)
+        check(self.grad_accum >= 1, "train.grad_accum", ">= 1", self.grad_accum)
+        check(self.save_every >= 0, "train.save_every", ">= 0 (0: only at the end)", self.save_every)
+        check(self.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", self.keep_checkpoints)
+        check(self.log_every >= 1, "train.log_every", ">= 1", self.log_every)
+        check(0 <= self.seed < 2**32, "train.seed", "in [0, 2**32) (numpy's seed range)", self.seed)
+        check(
+            self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device) is not None,
+            "train.device",
+            "auto, cpu, cuda or cuda:N",
+            self.device,
+        )
         if self.strategy not in ("ddp", "fsdp2"):
             raise ConfigError(f"train.strategy must be ddp or fsdp2, got {self.strategy!r}")
         if self.teacher_strategy not in ("replicate", "fsdp2"):
@@ -350,6 +481,53 @@ class StageConfig:
     # the adapters of trainable.llm=lora (mllm_kd/lora.py)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
+    def __post_init__(self) -> None:
+        check(bool(self.run_dir), "run_dir", "a directory", self.run_dir)
+
+
+def check_combinations(cfg: StageConfig, distills: bool) -> None:
+    """Refuse options that contradict each other in stage ``cfg`` (``distills``: the stage has a teacher).
+
+    Runs when the config is loaded (:func:`mllm_kd.cli.stage_config`) and again when the stage starts, so a
+    contradiction is named before any model is built.
+    """
+    t, tr = cfg.train, cfg.trainable
+    if (tr.vision, tr.projector, tr.llm) == ("frozen", "frozen", "frozen"):
+        raise ConfigError(
+            f"{cfg.stage}: trainable.vision, trainable.projector and trainable.llm are all frozen: nothing would train"
+        )
+    if cfg.lora.quantize and tr.llm != "lora":
+        raise ConfigError(f"lora.quantize={cfg.lora.quantize} needs trainable.llm=lora, got {tr.llm!r}")
+    if t.strategy == "fsdp2":
+        if tr.llm == "lora":
+            raise ConfigError(
+                "trainable.llm=lora is not supported with train.strategy=fsdp2 (adapters are small: use ddp)"
+            )
+        if cfg.optim.name == "adamw8bit":
+            raise ConfigError(
+                "optim.name=adamw8bit does not support train.strategy=fsdp2 (a sharded student); use "
+                "optim.name=adamw or train.strategy=ddp"
+            )
+    if not (distills and cfg.loss.distills):
+        return
+    teacher = cfg.teacher
+    if not teacher.checkpoint and not teacher.cache:
+        raise ConfigError(
+            f"{cfg.stage} distils but no teacher is configured: set teacher.checkpoint or teacher.cache "
+            "(or loss.w_resp=0 loss.w_vis=0 loss.w_rel=0 for no distillation)"
+        )
+    if teacher.cache:  # (teacher.quantize stays meaningful: it names the teacher the cache was built from)
+        if cfg.loss.temperature != 1.0:
+            raise ConfigError(
+                f"loss.temperature={cfg.loss.temperature} with teacher.cache: the cache holds the teacher's "
+                "log-probabilities at tau=1; use loss.temperature=1 or the online teacher (teacher.checkpoint)"
+            )
+    elif teacher.quantize and t.teacher_strategy == "fsdp2":
+        raise ConfigError(
+            "teacher.quantize cannot be combined with train.teacher_strategy=fsdp2 (bitsandbytes weights do "
+            "not shard); a quantised teacher is small enough to replicate: use train.teacher_strategy=replicate"
+        )
+
 
 def _to_container(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=False) if isinstance(node, DictConfig) else node
@@ -393,15 +571,17 @@ def resolve_stage_config(
     for o in overrides:
         if "=" not in o:
             raise ConfigError(f"command-line override {o!r} is not of the form key=value")
+        try:
+            OmegaConf.from_dotlist([o])
+        except (yaml.YAMLError, OmegaConfBaseException) as e:
+            raise ConfigError(f"command-line override {o!r}: the value is not valid YAML ({e})") from e
     try:
         if recipe_overrides:
             recipe = OmegaConf.merge(recipe, OmegaConf.from_dotlist(recipe_overrides))
         sections = recipe.pop("stages", None) or {}
         for name in sections:
             if name not in STAGE_NAMES:
-                raise ConfigError(
-                    f"{source}: unknown stage section stages.{name}; expected one of {STAGE_NAMES}"
-                )
+                raise ConfigError(f"unknown stage section stages.{name}; expected one of {STAGE_NAMES}")
         section = sections.get(stage) or {}
         schema = OmegaConf.structured(StageConfig)
         merged = OmegaConf.merge(
@@ -416,14 +596,14 @@ def resolve_stage_config(
             merged.output_dir = "${run_dir}/" + stage
         OmegaConf.resolve(merged)
         cfg = OmegaConf.to_object(merged)
-    except ConfigError:
-        raise
+    except ConfigError as e:
+        raise ConfigError(f"{source} (stage {stage}): {e}") from e
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         raise ConfigError(
             f"{source}: invalid config for stage {stage}"
             + (f" at key {key!r}" if key else "")
-            + f": {e.msg if hasattr(e, 'msg') else e}"
+            + f": {str(getattr(e, 'msg', e)).splitlines()[0]}"
         ) from e
     assert isinstance(cfg, StageConfig)
     return cfg

@@ -1,5 +1,7 @@
 """The errors mllm-kd raises for bad input. The command-line entry points print them and exit 2."""
 
+import sys
+
 
 class MllmKdError(Exception):
     """Base class: a problem with the user's input, reported without a traceback."""
@@ -23,3 +25,10 @@ class CompatibilityError(MllmKdError):
 
 class TrainingError(MllmKdError):
     """Training cannot go on (a NaN or infinite loss)."""
+
+
+def exit_code(e: MllmKdError) -> int:
+    """What every command line does with an input error: print it as one line ``error: ...`` on stderr
+    (a multi-line message, e.g. a YAML parser's, is joined), no traceback; the exit status is 2."""
+    print("error: " + " ".join(str(e).split()), file=sys.stderr)
+    return 2

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from mllm_kd.cli import setup_logging
-from mllm_kd.errors import ConfigError, MllmKdError
+from mllm_kd.errors import ConfigError, MllmKdError, exit_code
 from mllm_kd.model_card import add_card_arguments, card_options
 
 
@@ -80,8 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = export_checkpoint(args.checkpoint, args.out, args.overwrite, card=card_options(args))
     except MllmKdError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return exit_code(e)
     print(f"exported: {out}")
     return 0
 

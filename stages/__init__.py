@@ -16,6 +16,7 @@ class Stage:
     defaults: dict
     run: object  # (StageConfig, on_step=None) -> Path
     summary: str
+    distills: bool = False  # whether the stage has a teacher (its losses include MDist / RDist)
 
 
 STAGES: dict[str, Stage] = {
@@ -26,8 +27,18 @@ STAGES: dict[str, Stage] = {
         "teacher_sft", teacher.SFT_DEFAULTS, teacher.run_sft, "teacher instruction tuning (CE)"
     ),
     "stage1": Stage(
-        "stage1", stage1.DEFAULTS, stage1.run, "distilled pre-training, DPT (CE + MDist + RDist)"
+        "stage1",
+        stage1.DEFAULTS,
+        stage1.run,
+        "distilled pre-training, DPT (CE + MDist + RDist)",
+        stage1.DISTILLS,
     ),
     "stage2": Stage("stage2", stage2.DEFAULTS, stage2.run, "supervised fine-tuning, SFT (CE)"),
-    "stage3": Stage("stage3", stage3.DEFAULTS, stage3.run, "distilled fine-tuning, DFT (CE + MDist + RDist)"),
+    "stage3": Stage(
+        "stage3",
+        stage3.DEFAULTS,
+        stage3.run,
+        "distilled fine-tuning, DFT (CE + MDist + RDist)",
+        stage3.DISTILLS,
+    ),
 }

@@ -13,6 +13,7 @@ from mllm_kd.train.stage import run_stage
 from mllm_kd.train.trainer import StepHook
 
 NAME = "stage1"
+DISTILLS = True  # against the frozen teacher
 DEFAULTS = {
     "init_from": None,
     "trainable": {"vision": "frozen", "projector": "full", "llm": "frozen"},
@@ -22,4 +23,4 @@ DEFAULTS = {
 
 
 def run(cfg: StageConfig, on_step: StepHook | None = None) -> Path:
-    return run_stage(cfg, cfg.model, distill=True, on_step=on_step)
+    return run_stage(cfg, cfg.model, distill=DISTILLS, on_step=on_step)

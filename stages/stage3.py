@@ -12,6 +12,7 @@ from mllm_kd.train.stage import run_stage
 from mllm_kd.train.trainer import StepHook
 
 NAME = "stage3"
+DISTILLS = True  # against the frozen teacher
 DEFAULTS = {
     "init_from": "${run_dir}/stage2",
     "trainable": {"vision": "frozen", "projector": "full", "llm": "full"},
@@ -20,4 +21,4 @@ DEFAULTS = {
 
 
 def run(cfg: StageConfig, on_step: StepHook | None = None) -> Path:
-    return run_stage(cfg, cfg.model, distill=True, on_step=on_step)
+    return run_stage(cfg, cfg.model, distill=DISTILLS, on_step=on_step)

@@ -275,7 +275,7 @@ def test_bad_sample_mid_run_is_skipped_and_counted(recipe, smoke_data, tmp_path,
         ],
     )
     real_run = STAGES["stage1"].run
-    import mllm_kd.data.datasets as data
+    import mllm_kd.train.stage as data  # the stage's preflight reads the records (before any model)
 
     real_load = data.load_llava_json
 

@@ -89,7 +89,10 @@ def test_stage_with_a_quantized_teacher_runs_and_its_losses_are_close(smoke_teac
 
 
 def test_quantized_teacher_refuses_fsdp2_sharding(smoke_teacher):
-    cfg = _cfg(smoke_teacher, "stage1", "teacher.quantize=4bit", "train.teacher_strategy=fsdp2")
+    with pytest.raises(ConfigError, match="teacher_strategy=replicate"):  # at config load, before any model
+        _cfg(smoke_teacher, "stage1", "teacher.quantize=4bit", "train.teacher_strategy=fsdp2")
+    cfg = _cfg(smoke_teacher, "stage1", "teacher.quantize=4bit")
+    cfg.train.teacher_strategy = "fsdp2"  # a config built in code: the loader refuses it too
     student, tok, _ = _student_and_batch(cfg)
     with pytest.raises(ConfigError, match="teacher_strategy=replicate"):
         load_teacher(cfg, student, tok)

@@ -18,10 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
-from mllm_kd.errors import DataError, MllmKdError
+from mllm_kd.errors import DataError, MllmKdError, exit_code
 from mllm_kd.eval.core import iter_jsonl, qid_key, require_file
 
 HERE = Path(__file__).resolve().parent
@@ -90,7 +89,6 @@ def main(argv: list[str] | None = None) -> int:
             args.questions, args.answers, args.images, args.out, args.limit, args.max_new_tokens
         )
     except MllmKdError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return exit_code(e)
     print(f"task {TASK}: {data} ({sum(1 for _ in data.open())} questions); --include_path {args.out}")
     return 0

@@ -20,11 +20,12 @@ from mllm_kd.eval.core import (
     Question,
     Task,
     get_field,
+    index_unique,
     iter_jsonl,
     mean_by,
     pct,
     qid_key,
-    require_file,
+    read_text,
     unique_by_qid,
     unknown_question,
 )
@@ -37,26 +38,44 @@ class EasyVQAData:
     items: dict[str, dict]  # question id -> {"answer", "type", ...}
 
 
+def _no_repeated_keys(pairs: list[tuple[str, Any]], path: Path) -> dict:
+    """A JSON object's pairs -> dict; a key written twice (json.loads would keep the last) is a DataError."""
+    out = dict(pairs)
+    if len(out) < len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise DataError(
+            f"{path}: key {twice!r} appears twice in one JSON object (a question_id given twice?)"
+        )
+    return out
+
+
 class EasyVQATask(Task):
     name = "easyvqa"
 
     def load(self, path: Path, split: str | None = None) -> EasyVQAData:
         self.check_split(split)
-        text = require_file(path, "annotation file").read_text(encoding="utf-8")
+        text = read_text(path)
         try:
-            data: Any = json.loads(text)
+            data: Any = json.loads(text, object_pairs_hook=lambda pairs: _no_repeated_keys(pairs, path))
+            where = [f"{path}: record {i}" for i in range(len(data))] if isinstance(data, list) else []
         except json.JSONDecodeError:
-            data = [obj for _, obj in iter_jsonl(path)]  # JSONL; a bad line is reported with its number
+            lines = list(iter_jsonl(path))  # JSONL; a bad line is reported with its number
+            data, where = [obj for _, obj in lines], [f"{path}:{n}" for n, _ in lines]
         if isinstance(data, dict) and "question_id" in data:  # a one-line JSONL file
-            data = [data]
+            data, where = [data], [f"{path}:1"]
         if isinstance(data, list):
-            data = {
-                qid_key(get_field(r, "question_id", f"{path}: record {i}")): r for i, r in enumerate(data)
-            }
+            data = index_unique((get_field(r, "question_id", w), r, w) for r, w in zip(data, where))
         if not isinstance(data, dict):
             raise DataError(f"{path}: expected a JSON object of question_id -> {{answer, type}}, or JSONL")
+        if not data:
+            raise DataError(f"{path}: no annotations")
         for qid, item in data.items():
             get_field(item, "answer", f"{path}: question {qid}")
+            if not isinstance(item["answer"], (str, int, float)) or isinstance(item["answer"], bool):
+                raise DataError(
+                    f"{path}: question {qid}: 'answer' must be a string, got {item['answer']!r:.60}"
+                )
         return EasyVQAData(path, {qid_key(k): v for k, v in data.items()})
 
     def questions(self, path: Path, split: str | None = None) -> list[Question]:

@@ -16,7 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from mllm_kd.errors import ConfigError, DataError
-from mllm_kd.eval.core import SHORT_ANSWER, Prediction, Question, Task, get_field, iter_jsonl, pct, ratio
+from mllm_kd.eval.core import (
+    SHORT_ANSWER,
+    Prediction,
+    Question,
+    Task,
+    get_field,
+    index_unique,
+    iter_jsonl,
+    pct,
+    ratio,
+)
 from mllm_kd.eval.normalize import pope_yes_no
 
 
@@ -62,9 +72,12 @@ class POPETask(Task):
             name = f.stem.removeprefix("coco_pope_")
             data.all_splits.add(name)
             if split is None or name == split:
-                rows = data.rows.setdefault(name, {})
-                for n, obj in iter_jsonl(f):
-                    rows[str(get_field(obj, "question_id", f"{f}:{n}"))] = obj
+                lines = list(iter_jsonl(f))
+                rows = index_unique(
+                    (get_field(obj, "question_id", f"{f}:{n}"), obj, f"{f}:{n}") for n, obj in lines
+                )
+                data.rows.setdefault(name, {}).update(rows)
+                for _, obj in lines:
                     data.by_text[(name, obj.get("image"), obj.get("text"))] = obj
         if not data.rows:
             raise ConfigError(f"{path}: no POPE split {split!r}")

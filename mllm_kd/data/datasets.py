@@ -19,7 +19,7 @@ from torch.utils.data import Dataset, IterableDataset
 from mllm_kd.config import DataConfig
 from mllm_kd.data.encoding import ConversationEncoder, ImageProcessor, SampleSkipped, encode_sample
 from mllm_kd.data.records import IMAGE_KEYS, load_llava_json, record_images, validate_record
-from mllm_kd.errors import ConfigError, DataError
+from mllm_kd.errors import DataError
 from mllm_kd.losses import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -97,8 +97,10 @@ class WdsDataset(IterableDataset):
         try:
             try:
                 rec = json.loads(sample["json"])
-            except (KeyError, json.JSONDecodeError) as e:
+            except (KeyError, ValueError) as e:  # ValueError: JSON or UTF-8 decoding
                 raise DataError(f"{where}: no valid 'json' entry: {e}") from e
+            if not isinstance(rec, dict):
+                raise DataError(f"{where}: the 'json' entry must be a JSON object, got {type(rec).__name__}")
             keys = [k for k in IMAGE_KEYS if k in sample]
             rec.pop("image", None)
             rec["_image_keys"] = keys
@@ -123,8 +125,11 @@ def count_wds_samples(pattern: str) -> int:
     for url in braceexpand.braceexpand(pattern):
         if not Path(url).is_file():
             raise DataError(f"shard {url} does not exist (data.path)")
-        with tarfile.open(url) as tar:
-            n += sum(1 for m in tar.getmembers() if m.name.endswith(".json"))
+        try:
+            with tarfile.open(url) as tar:
+                n += sum(1 for m in tar.getmembers() if m.name.endswith(".json"))
+        except (tarfile.TarError, OSError) as e:
+            raise DataError(f"shard {url} is not a readable tar file (data.path): {e}") from e
     return n
 
 
@@ -257,18 +262,18 @@ def build_train_data(
     rank: int = 0,
     world_size: int = 1,
     batch_size: int = 1,
+    records: list[dict] | None = None,
 ) -> TrainData:
     """Validate the data (preflight: nothing has been written yet) and build the dataset for training.
 
-    ``batch_size`` (per process) sizes the runs of ``data.group_by_length``.
+    ``batch_size`` (per process) sizes the runs of ``data.group_by_length``; ``records``: the LLaVA JSON
+    records when already validated (:func:`~mllm_kd.data.records.load_llava_json`), else they are read here.
     """
     encoder = ConversationEncoder(
         tokenizer, cfg.template, num_visual_tokens, image_token_id, cfg.system_prompt
     )
     if cfg.format == "llava_json":
-        records = load_llava_json(cfg)
-        if not records:
-            raise DataError(f"data file {cfg.path} holds no samples")
+        records = load_llava_json(cfg) if records is None else records
         lengths = [approx_length(r, num_visual_tokens) for r in records] if cfg.group_by_length else None
         sampler = EpochSampler(
             len(records),
@@ -281,10 +286,6 @@ def build_train_data(
             batch_size=batch_size,
         )
         return TrainData(LlavaJsonDataset(records, cfg, encoder, images), sampler, len(sampler.indices()))
-    if cfg.group_by_length:
-        raise ConfigError(
-            "data.group_by_length needs data.format=llava_json: WebDataset shards are read as a stream, in order"
-        )
     if not cfg.path:
         raise DataError("data.path is not set (a shard pattern for data.format=wds)")
     n = count_wds_samples(cfg.path)

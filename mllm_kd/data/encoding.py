@@ -20,15 +20,15 @@ reported, or refused (``data.on_overflow``).
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from mllm_kd.config import DataConfig
+from mllm_kd.data.records import open_image
 from mllm_kd.errors import DataError
 from mllm_kd.losses import IGNORE_INDEX
 from mllm_kd.model.tokenization import IMAGE_TOKEN
@@ -50,11 +50,12 @@ class ImageProcessor:
         return (x - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
 
     def load(self, source: str | Path | bytes, where: str) -> torch.Tensor:
-        try:
-            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+        """An image file or its bytes -> ``[3, size, size]``; an unreadable image is a :class:`DataError`."""
+        with open_image(source, where) as im:
+            try:
                 return self(im)
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise DataError(f"{where}: cannot read image: {e}") from e
+            except (OSError, SyntaxError) as e:  # truncated data shows up when the pixels are decoded
+                raise DataError(f"{where}: cannot read image: {e}") from e
 
 
 # -------------------------------------------------------------------------------------- tokenization

@@ -11,7 +11,11 @@ Input formats (``data.format``):
 
 from __future__ import annotations
 
+import io
 import json
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,32 @@ from mllm_kd.errors import DataError
 IMAGE_TOKEN = "<image>"  # the placeholder in the text; the tokenizer gets it as a special token
 ROLES = {"human": "user", "gpt": "assistant"}
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
+# open_image refuses every image over PIL.Image.MAX_IMAGE_PIXELS with a DataError naming it, so PIL's
+# warning at that size would only add lines to the error output.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+# ---------------------------------------------------------------------------------------------- images
+@contextmanager
+def open_image(source: str | Path | bytes, where: str) -> Iterator[Image.Image]:
+    """``PIL.Image.open`` that turns every way an image can be unreadable into a :class:`DataError` naming
+    ``where``: not an image, truncated, empty, or larger than ``PIL.Image.MAX_IMAGE_PIXELS`` (a
+    decompression bomb: refused from its header, before any pixel is decoded)."""
+    if isinstance(source, bytes) and not source:
+        raise DataError(f"{where}: the image is empty (0 bytes)")
+    if not isinstance(source, bytes) and Path(source).is_file() and Path(source).stat().st_size == 0:
+        raise DataError(f"{where}: the image file is empty (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and im.width * im.height > limit:
+                raise DataError(
+                    f"{where}: the image is {im.width}x{im.height} pixels, more than PIL.Image.MAX_IMAGE_PIXELS "
+                    f"({limit}): a decompression bomb or a mistake; resize it (or raise the limit)"
+                )
+            yield im
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DataError(f"{where}: cannot read image: {e}") from e
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -84,13 +114,17 @@ def load_llava_json(cfg: DataConfig) -> list[dict]:
     if not path.is_file():
         raise DataError(f"data file {path} does not exist (data.path)")
     try:
-        records = json.loads(path.read_text())
+        records = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"data file {path} is not UTF-8 text: {e}") from e
     except json.JSONDecodeError as e:
         raise DataError(f"data file {path} is not valid JSON: {e}") from e
     if not isinstance(records, list):
         raise DataError(f"data file {path} must hold a JSON list of samples")
     if cfg.max_samples is not None:
         records = records[: cfg.max_samples]
+    if not records:
+        raise DataError(f"data file {path} holds no samples")
     folder = Path(cfg.image_folder) if cfg.image_folder else path.parent
     checked: set[str] = set()  # images shared by several samples are checked once
     for i, rec in enumerate(records):
@@ -103,11 +137,10 @@ def load_llava_json(cfg: DataConfig) -> list[dict]:
             if not image_path.is_file():
                 raise DataError(f"{path}: sample {rec.get('id')!r}: image {image_path} does not exist")
             if cfg.verify_images:
-                try:
-                    with Image.open(image_path) as im:
+                where = f"{path}: sample {rec.get('id')!r}: image {image_path} is corrupt"
+                with open_image(image_path, where) as im:
+                    try:
                         im.verify()
-                except (UnidentifiedImageError, OSError, SyntaxError) as e:
-                    raise DataError(
-                        f"{path}: sample {rec.get('id')!r}: image {image_path} is corrupt: {e}"
-                    ) from e
+                    except (OSError, SyntaxError) as e:
+                        raise DataError(f"{where}: {e}") from e
     return records

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import torch
 
+from mllm_kd.checkpoint.hf_llava import is_hf_llava_dir
 from mllm_kd.checkpoint.native import build_from_config, load_checkpoint_model, resolve_checkpoint
-from mllm_kd.config import ModelConfig, StageConfig
+from mllm_kd.config import ModelConfig, StageConfig, check_combinations
 from mllm_kd.data.datasets import build_train_data
 from mllm_kd.data.encoding import ImageProcessor
+from mllm_kd.data.records import load_llava_json
 from mllm_kd.errors import CheckpointError, ConfigError
 from mllm_kd.lora import attach as attach_lora
 from mllm_kd.model.multimodal import MultimodalLM, apply_trainable, count_parameters
@@ -57,6 +59,36 @@ def init_model(
     return build_from_config(model_cfg, tokenizer, device=attn_device), tokenizer, model_cfg
 
 
+def _check_checkpoint(path: str, what: str) -> None:
+    """``path`` is what :func:`load_checkpoint_model` reads: a Hugging Face LLaVA directory or a finished
+    mllm_kd checkpoint (else a CheckpointError naming ``what``)."""
+    if not is_hf_llava_dir(path):
+        resolve_checkpoint(path, what=what)
+
+
+def check_inputs(cfg: StageConfig, model_cfg: ModelConfig, plan: RunPlan) -> list[dict] | None:
+    """What a stage reads, checked before any model is built: the checkpoints and directories it names
+    exist, and a LLaVA JSON data set is valid (its records are returned; None for WebDataset shards)."""
+    if cfg.init_from:
+        _check_checkpoint(cfg.init_from, f"{cfg.stage}: the previous stage's directory (init_from)")
+    else:
+        if model_cfg.vision.checkpoint:
+            _check_checkpoint(model_cfg.vision.checkpoint, "model.vision.checkpoint")
+        tok = model_cfg.tokenizer or model_cfg.llm.path
+        if tok and not Path(tok).exists():
+            key = "model.tokenizer" if model_cfg.tokenizer else "model.llm.path"
+            raise ConfigError(f"{key}: {tok} does not exist")
+    if plan.teacher == "model":
+        _check_checkpoint(cfg.teacher.checkpoint, "teacher.checkpoint")
+    elif plan.teacher == "cache" and not Path(cfg.teacher.cache).is_dir():
+        raise ConfigError(
+            f"teacher.cache: {cfg.teacher.cache} does not exist (python -m mllm_kd.cache_teacher)"
+        )
+    if cfg.data.image_folder and not Path(cfg.data.image_folder).is_dir():
+        raise ConfigError(f"data.image_folder: {cfg.data.image_folder} is not a directory")
+    return load_llava_json(cfg.data) if cfg.data.format == "llava_json" else None
+
+
 def _teacher_words(stage: str, teacher) -> str:
     if teacher is None:
         return "trained from its labels" if stage.startswith("teacher") else "no teacher"
@@ -73,11 +105,13 @@ def run_stage(
     if done is not None and not cfg.overwrite:
         log.info("%s already finished at %s; skipping (overwrite=true redoes it)", cfg.stage, done)
         return done
+    check_combinations(cfg, distill)  # as at config load, for a config built in code
     check_available(cfg.log)  # a requested tracker's package is installed (mllm_kd/tracking.py)
     seed_everything(cfg.train.seed)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     plan = plan_run(cfg, distill)
+    records = check_inputs(cfg, model_cfg, plan)
     dist_info = init_distributed(plan.device.type)
 
     student, tokenizer, model_cfg = init_model(cfg, model_cfg, plan)
@@ -95,6 +129,7 @@ def run_stage(
         rank=dist_info.rank,
         world_size=dist_info.world_size,
         batch_size=cfg.train.batch_size,
+        records=records,
     )
     attach_lora(student, cfg, plan.device)  # trainable.llm=lora: adapters (mllm_kd/lora.py)
     trainable = apply_trainable(student, cfg.trainable)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from mllm_kd.apps.easyvqa.demo import NO_DISTILL, RECIPES, evaluate
 from mllm_kd.cli import setup_logging, stage_config
-from mllm_kd.errors import MllmKdError
+from mllm_kd.errors import MllmKdError, exit_code
 
 log = logging.getLogger("mllm_kd.apps.easyvqa.ablate")
 PT, SFT, DFT = "stage1", "stage2", "stage3"
@@ -179,8 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                 "what": VARIANTS[name][2],
             }
     except MllmKdError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return exit_code(e)
     out = run / "ablation"
     (out / "report.json").write_text(json.dumps(results, indent=2))
     types = sorted(next(iter(results.values()))["by_type"])

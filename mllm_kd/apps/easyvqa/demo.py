@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import json
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from pathlib import Path
 from mllm_kd.apps.easyvqa.report import STUDENT_ROLES, gaps, summarise, write_report, yes_no_prior
 from mllm_kd.cli import setup_logging, stage_config
 from mllm_kd.configs import config_path
-from mllm_kd.errors import ConfigError, MllmKdError
+from mllm_kd.errors import ConfigError, MllmKdError, exit_code
 from mllm_kd.tracking import log_scores
 
 log = logging.getLogger("mllm_kd.apps.easyvqa.demo")
@@ -429,8 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             teacher_overrides=[f"train.seed={args.teacher_seed}"],
         )
     except MllmKdError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return exit_code(e)
     print((run / "report.md").read_text())
     print(json.dumps({k: results[k]["accuracy"] for k in ROLES} | {"seconds": results["seconds"]}))
     return 0
