@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mllm_kd.config import StageConfig, load_recipe, resolve_stage_config
 from mllm_kd.errors import MllmKdError
+from mllm_kd.runtime.preemption import PREEMPTED_EXIT, Preempted
 from mllm_kd.stages import STAGES
 
 
@@ -49,4 +50,7 @@ def main(stages: list[str], prog: str, description: str, argv: list[str] | None 
     except MllmKdError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:  # a step checkpoint is written: re-running the same command resumes
+        print(f"preempted: {e}; exit status {PREEMPTED_EXIT}", file=sys.stderr)
+        return PREEMPTED_EXIT
     return 0

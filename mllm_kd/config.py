@@ -270,7 +270,12 @@ class TrainConfig:
     batch_size: int = 4  # samples per micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step
     save_every: int = 0  # write a resumable checkpoint every N optimizer steps (0: only at the end)
-    keep_checkpoints: int = 2  # how many step checkpoints to keep
+    keep_checkpoints: int = (
+        2  # how many step checkpoints to keep (older ones are deleted once a newer one is complete)
+    )
+    check_disk_space: bool = (
+        True  # refuse to start when the disk cannot hold keep_checkpoints + 1 of them + the final weights
+    )
     log_every: int = 1  # metrics.jsonl line every N optimizer steps
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32"
     device: str = "auto"  # "auto", "cpu", "cuda"
@@ -286,6 +291,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.strategy not in ("ddp", "fsdp2"):
             raise ConfigError(f"train.strategy must be ddp or fsdp2, got {self.strategy!r}")
         if self.teacher_strategy not in ("replicate", "fsdp2"):

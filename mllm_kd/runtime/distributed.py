@@ -128,3 +128,12 @@ def any_rank(info: DistInfo, flag: bool) -> bool:
     t = torch.tensor([1 if flag else 0])
     dist.all_reduce(t)
     return bool(t.item())
+
+
+def from_main(info: DistInfo, obj):
+    """Rank 0's ``obj`` on every rank (a picklable value; one broadcast)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
