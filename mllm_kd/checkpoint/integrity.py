@@ -99,8 +99,13 @@ def latest_step_checkpoint(stage_dir: str | Path) -> Path | None:
     """The newest step checkpoint that verifies against its manifest, or None.
 
     A newer one that does not is logged (naming the file) and renamed to ``step-N.corrupt`` so that it is
-    neither resumed from nor counted by pruning; delete it once inspected.
+    neither resumed from nor counted by pruning; delete it once inspected. Temporary directories of
+    writes that a killed process left behind are removed (they are never read).
     """
+    root = Path(stage_dir) / "checkpoints"
+    for partial in root.glob(".step-*.tmp-*") if root.is_dir() else []:
+        log.info("removing %s, left by a write that did not finish", partial)
+        shutil.rmtree(partial, ignore_errors=True)
     for ckpt in reversed(step_checkpoints(stage_dir)):
         if not (ckpt / MANIFEST).is_file() and not (ckpt / "trainer_state.json").is_file():
             continue  # neither completed nor an older-format checkpoint

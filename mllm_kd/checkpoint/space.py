@@ -21,7 +21,8 @@ from mllm_kd.checkpoint.integrity import directory_bytes, step_checkpoints
 from mllm_kd.errors import CheckpointError
 
 log = logging.getLogger(__name__)
-SLACK = 1.02  # tokenizer, configs, manifest, file-format headers
+SLACK = 1.02  # file-format headers
+OVERHEAD = 16 << 20  # tokenizer (a few MB for a 150k vocabulary), configs, manifest
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ def estimate_checkpoint_size(
     )
     optim = 2 * sum(per_moment(p) for p in params)  # AdamW's two moments per trainable parameter
     step = weights + optim + (weights if sharded else 0)  # FSDP2: model.safetensors + dcp/ (model, optim)
-    return CheckpointSize(step=int(step * SLACK), final=int(weights * SLACK))
+    return CheckpointSize(step=int(step * SLACK) + OVERHEAD, final=int(weights * SLACK) + OVERHEAD)
 
 
 def _gb(n: int) -> str:

@@ -26,9 +26,9 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 class Preempted(Exception):
     """The stage stopped on a signal after writing ``checkpoint``; re-running the command resumes it."""
 
-    def __init__(self, stage: str, step: int, signum: int, checkpoint: Path):
-        name = signal.Signals(signum).name
-        super().__init__(f"{stage}: stopped on {name} after step {step}; checkpoint {checkpoint}")
+    def __init__(self, stage: str, step: int, signum: int | None, checkpoint: Path):
+        why = signal.Signals(signum).name if signum else "a signal to another rank"
+        super().__init__(f"{stage}: stopped on {why} after step {step}; checkpoint {checkpoint}")
         self.step, self.signum, self.checkpoint = step, signum, checkpoint
 
 
@@ -62,11 +62,10 @@ class StopRequest:
 
     def stopped(self, stage: str, stage_dir: Path, step: int, checkpoint: Path, is_main: bool) -> Preempted:
         """The exception that ends the stage; rank 0 leaves :data:`MARKER` in the stage directory."""
-        signum = self.signum or signal.SIGTERM  # a rank that was not signalled itself
         if is_main:
-            info = {"step": step, "signal": signal.Signals(signum).name, "checkpoint": str(checkpoint)}
+            info = {"step": step, "checkpoint": str(checkpoint)}
             atomic_write_bytes(stage_dir / MARKER, json.dumps(info).encode())
-        return Preempted(stage, step, signum, checkpoint)
+        return Preempted(stage, step, self.signum, checkpoint)
 
 
 def clear_marker(stage_dir: Path) -> None:
