@@ -180,22 +180,6 @@ def test_sigkill_then_resume_ends_with_the_same_weights(recipe, reference, tmp_p
     torch.testing.assert_close(torch.tensor(losses(tmp_path)), torch.tensor(losses(reference)), **TOL)
 
 
-def test_fsdp2_sharded_checkpoint_resumes_on_one_process(recipe, reference, tmp_path):
-    _start_and_kill(
-        _cmd(recipe, tmp_path, 2, "train.batch_size=2", "train.strategy=fsdp2"), tmp_path, _has_checkpoint(4)
-    )
-    ckpts = sorted((tmp_path / "stage1/checkpoints").glob("step-*"))
-    assert ckpts and (ckpts[-1] / "dcp").is_dir()  # written with torch.distributed.checkpoint
-    shard = ckpts[-1] / "dcp/__1_0.distcp"  # rank 1's shard of the newest checkpoint goes bad
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    shard.write_bytes(bytes(data))
-    proc = run(recipe, tmp_path, 2, "train.batch_size=2", "train.strategy=fsdp2")
-    assert f"{shard} does not match its SHA-256" in proc.stderr  # named, then the previous one is used
-    assert (ckpts[-1].parent / f"{ckpts[-1].name}.corrupt").is_dir()
-    assert_same(tmp_path, reference)
-
-
 KILL_DURING_SAVE = """
 import os, signal, sys
 import mllm_kd.atomic as ck
@@ -321,21 +305,22 @@ def test_bad_sample_mid_run_is_skipped_and_counted(recipe, smoke_data, tmp_path,
 
 # --------------------------------------------------------------------------------------- preemption
 # The stage waits after step 3 until the test has sent its signal (the file `go` appears), so the signal
-# always lands in step 3 whatever the machine's speed. Once `go` exists, every checkpoint write also
-# sends the process a second SIGTERM half-way (before its manifest), which must change nothing.
+# always lands in step 3 whatever the machine's speed. Once `go` exists, every checkpoint write of the
+# signalled process (its rank is in `go`) sends it a second SIGTERM half-way (before the manifest is
+# written), which must change nothing.
 PREEMPT = """
 import os, signal, sys, time
 from pathlib import Path
 import mllm_kd.checkpoint.native as native
 from mllm_kd.stages import STAGES, Stage
-go, args = Path(sys.argv[1]), sys.argv[2:]
-Path(f"{go}.pid{os.environ.get('RANK', '0')}").write_text(str(os.getpid()))
+go, args, rank = Path(sys.argv[1]), sys.argv[2:], os.environ.get("RANK", "0")
+Path(f"{go}.pid{rank}").write_text(str(os.getpid()))
 def wait_for_go(step, sums):
     while step == 3 and not go.exists():
         time.sleep(0.01)
 real_manifest = native.write_manifest
 def second_signal(d):
-    if go.exists():
+    if go.exists() and go.read_text() == rank:
         os.kill(os.getpid(), signal.SIGTERM)
     return real_manifest(d)
 native.write_manifest = second_signal
@@ -368,7 +353,7 @@ def _preempt(recipe, run_dir, nproc, sig, rank, *overrides) -> tuple[int, str]:
             assert time.time() < deadline
             time.sleep(0.02)
         os.kill(int(Path(f"{go}.pid{rank}").read_text()), sig)
-        go.touch()
+        go.write_text(str(rank))
         proc.wait(timeout=240)
     return proc.returncode, err.read_text()
 
@@ -405,7 +390,7 @@ def test_sigusr1_to_one_rank_stops_both_after_the_same_step(recipe, reference, t
 
     status, err = _preempt(recipe, tmp_path, 2, signal.SIGUSR1, 1, "train.batch_size=2")
     assert status == 1, err[-3000:]  # torchrun reports any failed worker as 1: hence the PREEMPTED file
-    assert len(re.findall(r"exitcode\s*:\s*75", err)) >= 1, err[-3000:]
+    assert len(re.findall(r"exitcode\s+:\s+75 \(pid", err)) == 2, err[-3000:]  # both ranks, in the summary
     assert "stopped on SIGUSR1 after step 3" in err  # rank 1
     assert "stopped on a signal to another rank after step 3" in err  # rank 0 agreed on the same step
     _assert_preempted_at_step_3(tmp_path)
@@ -453,3 +438,20 @@ def test_not_enough_disk_space_refuses_before_training(recipe, tmp_path, monkeyp
     assert not (tmp_path / "stage1/checkpoints").exists() and not (tmp_path / "stage1/metrics.jsonl").exists()
     off = [f"run_dir={tmp_path}", "train.batch_size=4", "train.max_steps=1", "train.check_disk_space=false"]
     assert STAGES["stage1"].run(stage_config(recipe, "stage1", off)).is_dir()  # the check can be turned off
+
+
+def test_fsdp2_damaged_newest_shard_resumes_from_the_previous_checkpoint(recipe, reference, tmp_path):
+    fsdp = ("train.batch_size=2", "train.strategy=fsdp2")
+    status, err = _preempt(recipe, tmp_path, 2, signal.SIGTERM, 0, *fsdp)
+    assert status == 1 and "stopped on SIGTERM after step 3" in err, err[-3000:]
+    _assert_preempted_at_step_3(tmp_path)
+    newest = tmp_path / "stage1/checkpoints/step-0000003"
+    shard = newest / "dcp/__1_0.distcp"  # written with torch.distributed.checkpoint, by rank 1
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    proc = run(recipe, tmp_path, 2, *fsdp)
+    assert f"{shard} does not match its SHA-256" in proc.stderr  # named, then step 2 is used
+    assert "resumed stage1 from" in proc.stderr and "step-0000002 (step 2)" in proc.stderr
+    assert (newest.parent / "step-0000003.corrupt").is_dir()
+    assert_same(tmp_path, reference)
