@@ -5,6 +5,7 @@ The data set has captions of equal token length, so the per-process mean losses 
 equal the global mean and one process with batch 2b is the exact reference for two with batch b.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -144,8 +145,27 @@ def test_gradient_accumulation_equals_a_bigger_batch(recipe, reference, tmp_path
     assert_same(tmp_path, reference)
 
 
-def _start_and_kill(cmd, run_dir, when):
-    """Start ``cmd`` in its own process group and SIGKILL the group once ``when(run_dir)`` is true."""
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc). torchrun starts its workers in their own sessions, so
+    killing torchrun's process group alone would leave them training."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _start_and_kill(cmd, run_dir, when, delay=0.0):
+    """Start ``cmd`` and SIGKILL it and every process below it ``delay`` s after ``when(run_dir)``: a lost
+    node."""
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
     )
@@ -154,7 +174,10 @@ def _start_and_kill(cmd, run_dir, when):
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
         assert time.time() < deadline
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
+    time.sleep(delay)
+    for pid in [proc.pid, *_descendants(proc.pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     proc.wait()
 
 
@@ -455,3 +478,36 @@ def test_fsdp2_damaged_newest_shard_resumes_from_the_previous_checkpoint(recipe,
     assert "resumed stage1 from" in proc.stderr and "step-0000002 (step 2)" in proc.stderr
     assert (newest.parent / "step-0000003.corrupt").is_dir()
     assert_same(tmp_path, reference)
+
+
+@pytest.mark.slow
+def test_soak_sigkill_at_random_steps_then_resume(recipe, tmp_path):
+    """Two DDP ranks killed with SIGKILL at seeded random moments, resumed each time (docs/scale-out.md)."""
+    import random
+
+    from mllm_kd.checkpoint.integrity import step_checkpoints, verify_checkpoint
+
+    over = ("train.batch_size=2", "train.max_steps=24", "train.save_every=1")
+    run(recipe, tmp_path / "whole", 2, *over)  # the uninterrupted run
+    rng = random.Random(20261130)
+    soak = tmp_path / "soak"
+    for kill_after in sorted(rng.sample(range(2, 23), 5)):
+        # killed just after step `kill_after` is logged, a random few ms into its checkpoint write
+        delay = rng.uniform(0, 0.05)
+        _start_and_kill(
+            _cmd(recipe, soak, 2, *over), soak, lambda d, k=kill_after: _logged_step(d) >= k, delay
+        )
+        assert not (soak / "stage1/final").exists()
+        ckpts = step_checkpoints(soak / "stage1")
+        newest = int(ckpts[-1].name.split("-")[1])
+        assert kill_after - 1 <= newest <= kill_after + 3  # killed where it was meant to be, not at the end
+        for ckpt in ckpts:  # whatever moment the kill hit, every checkpoint directory is whole
+            verify_checkpoint(ckpt)
+        partial = list((soak / "stage1/checkpoints").glob(".step-*"))  # a write the kill cut short
+        print(
+            f"killed after step {kill_after} (+{delay * 1000:.0f} ms): newest checkpoint {newest}, {partial}"
+        )
+    run(recipe, soak, 2, *over)
+    assert_same(soak, tmp_path / "whole")
+    torch.testing.assert_close(torch.tensor(losses(soak)), torch.tensor(losses(tmp_path / "whole")), **TOL)
+    assert list((soak / "stage1/checkpoints").iterdir()) == []  # pruned, no temporary or .corrupt left

@@ -26,6 +26,7 @@ from safetensors.torch import load_model
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from mllm_kd.atomic import atomic_write_bytes
 from mllm_kd.checkpoint.integrity import latest_step_checkpoint, prune_step_checkpoints
 from mllm_kd.checkpoint.native import FINAL, WEIGHTS, save_checkpoint
 from mllm_kd.checkpoint.space import check_disk_space, estimate_checkpoint_size
@@ -199,7 +200,7 @@ class Trainer:
             lines = [
                 ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step
             ]
-            path.write_text("".join(ln + "\n" for ln in lines))
+            atomic_write_bytes(path, "".join(ln + "\n" for ln in lines).encode())  # a kill here loses nothing
 
     def _check_space(self) -> None:
         """Refuse to train when the disk cannot hold the checkpoints (mllm_kd/checkpoint/space.py)."""
