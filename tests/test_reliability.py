@@ -26,7 +26,7 @@ from mllm_kd.checkpoint.integrity import (
 from mllm_kd.checkpoint.space import OVERHEAD, CheckpointSize, check_disk_space, estimate_checkpoint_size
 from mllm_kd.errors import CheckpointError
 from mllm_kd.runtime.distributed import DistInfo
-from mllm_kd.runtime.preemption import MARKER, StopRequest
+from mllm_kd.runtime.preemption import MARKER, StopRequest, ignore_stop_signals
 
 # One checkpoint file of each kind, written by the writer the trainer uses for it.
 KINDS = {
@@ -170,3 +170,15 @@ def test_stop_request_records_the_first_signal_and_restores_handlers(tmp_path):
     t.start()
     t.join()
     assert off_main  # a stage run from a thread trains without handlers instead of failing
+
+
+def test_data_workers_survive_the_signals_slurm_sends_to_every_process():
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(list(range(64)), batch_size=4, num_workers=1, worker_init_fn=ignore_stop_signals)
+    batches = iter(loader)
+    first = next(batches)
+    for s in (signal.SIGUSR1, signal.SIGTERM):
+        os.kill(batches._workers[0].pid, s)
+    rest = list(batches)  # a killed worker would raise "DataLoader worker ... killed by signal"
+    assert torch.cat([first, *rest]).tolist() == list(range(64))

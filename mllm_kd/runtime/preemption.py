@@ -68,5 +68,13 @@ class StopRequest:
         return Preempted(stage, step, self.signum, checkpoint)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: Slurm signals every process of a job step, and a data worker killed
+    by SIGUSR1 or SIGTERM would end the training process before it could save; the workers stop when
+    the training process does."""
+    for s in SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 def clear_marker(stage_dir: Path) -> None:
     (stage_dir / MARKER).unlink(missing_ok=True)

@@ -46,7 +46,7 @@ from mllm_kd.runtime.distributed import (
     wrap_student,
 )
 from mllm_kd.runtime.plan import RunPlan
-from mllm_kd.runtime.preemption import StopRequest, clear_marker
+from mllm_kd.runtime.preemption import StopRequest, clear_marker, ignore_stop_signals
 from mllm_kd.teacher.cache import CachedTeacher
 from mllm_kd.tracking import StepMeter, Tracker, open_stage_tracker, train_metrics
 from mllm_kd.train.objective import LossComputer
@@ -300,6 +300,7 @@ class Trainer:
             sampler=self.data.sampler,
             collate_fn=Collator(self.tokenizer.pad_token_id),
             num_workers=self.cfg.data.num_workers,
+            worker_init_fn=ignore_stop_signals,  # preemption is the training process's job
             pin_memory=self.device.type == "cuda",
         )
 
