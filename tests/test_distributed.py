@@ -362,7 +362,8 @@ def _logged_step(run_dir) -> int:
 
 
 def _preempt(recipe, run_dir, nproc, sig, rank, *overrides) -> tuple[int, str]:
-    """Run the stage, send ``sig`` to the process of ``rank`` once step 3 is logged; (status, stderr)."""
+    """Run the stage, send ``sig`` to the process of ``rank`` (None: the launcher, torchrun) once step 3
+    is logged; returns (exit status, stderr)."""
     script, go, err = run_dir / "preempt.py", run_dir / "go", run_dir / "stderr.log"
     script.write_text(PREEMPT)
     base = [str(script), str(go), "--config", str(recipe), f"run_dir={run_dir}", *overrides]
@@ -375,7 +376,7 @@ def _preempt(recipe, run_dir, nproc, sig, rank, *overrides) -> tuple[int, str]:
             assert proc.poll() is None, err.read_text()[-3000:]
             assert time.time() < deadline
             time.sleep(0.02)
-        os.kill(int(Path(f"{go}.pid{rank}").read_text()), sig)
+        os.kill(proc.pid if rank is None else int(Path(f"{go}.pid{rank}").read_text()), sig)
         go.write_text(str(rank))
         proc.wait(timeout=240)
     return proc.returncode, err.read_text()
@@ -416,6 +417,16 @@ def test_sigusr1_to_one_rank_stops_both_after_the_same_step(recipe, reference, t
     assert len(re.findall(r"exitcode\s+:\s+75 \(pid", err)) == 2, err[-3000:]  # both ranks, in the summary
     assert "stopped on SIGUSR1 after step 3" in err  # rank 1
     assert "stopped on a signal to another rank after step 3" in err  # rank 0 agreed on the same step
+    _assert_preempted_at_step_3(tmp_path)
+    run(recipe, tmp_path, 2, "train.batch_size=2")
+    assert_same(tmp_path, reference)
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_reaches_every_rank(recipe, reference, tmp_path):
+    """Kubernetes: SIGTERM goes to the container's first process, torchrun, which forwards it."""
+    status, err = _preempt(recipe, tmp_path, 2, signal.SIGTERM, None, "train.batch_size=2")
+    assert status == 1 and err.count("stopped on SIGTERM after step 3") == 2, err[-3000:]
     _assert_preempted_at_step_3(tmp_path)
     run(recipe, tmp_path, 2, "train.batch_size=2")
     assert_same(tmp_path, reference)
