@@ -5,8 +5,8 @@ instead of failing somewhere inside a loader (or, worse, loading silently).
 Step checkpoints (``checkpoints/step-N``) are listed, verified newest first and pruned here: a damaged
 newest one is moved aside (``step-N.corrupt``) and the previous intact one is used.
 
-Cost: verifying reads every byte once (SHA-256, about 1 GB/s on one CPU core), so ~1 s for a few
-hundred MB, ~15 s for a 7B model in bf16; the same again to write the manifest at save time.
+Cost: verifying reads every byte once (SHA-256 on one CPU core: ~1 s per 500 MB measured, see
+docs/scale-out.md), 15-30 s for a 7B model in bf16; about the same again to write the manifest.
 """
 
 from __future__ import annotations
