@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 from mllm_kd.checkpoint.integrity import directory_bytes, step_checkpoints
+from mllm_kd.config import StageConfig
 from mllm_kd.errors import CheckpointError
+from mllm_kd.runtime.distributed import DistInfo, any_rank
 
 log = logging.getLogger(__name__)
 SLACK = 1.02  # file-format headers
@@ -78,3 +80,21 @@ def check_disk_space(stage_dir: Path, size: CheckpointSize, keep: int, periodic:
             f"being written) and the final weights, ~{_gb(size.final)}, less {_gb(have)} already there); "
             "free space, lower train.keep_checkpoints, or set train.check_disk_space=false"
         )
+
+
+def check_stage_space(
+    cfg: StageConfig, model: nn.Module, optimizer: torch.optim.Optimizer, dist: DistInfo, sharded: bool
+) -> None:
+    """Every rank: CheckpointError when rank 0 finds the disk too small (off: ``train.check_disk_space``)."""
+    t = cfg.train
+    if not t.check_disk_space:
+        return
+    error = None
+    if dist.is_main:
+        size = estimate_checkpoint_size(model, optimizer, cfg.optim.name, sharded)
+        try:
+            check_disk_space(Path(cfg.output_dir), size, t.keep_checkpoints, periodic=t.save_every > 0)
+        except CheckpointError as e:
+            error = e
+    if any_rank(dist, error is not None):
+        raise error or CheckpointError(f"{cfg.stage}: not enough disk space (see rank 0's message)")

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from mllm_kd.atomic import atomic_write_bytes
 from mllm_kd.checkpoint.integrity import latest_step_checkpoint, prune_step_checkpoints
 from mllm_kd.checkpoint.native import FINAL, WEIGHTS, save_checkpoint
-from mllm_kd.checkpoint.space import check_disk_space, estimate_checkpoint_size
+from mllm_kd.checkpoint.space import check_stage_space
 from mllm_kd.config import ModelConfig, StageConfig
 from mllm_kd.data.datasets import Collator, TrainData
 from mllm_kd.errors import CheckpointError, TrainingError
@@ -202,21 +202,6 @@ class Trainer:
             ]
             atomic_write_bytes(path, "".join(ln + "\n" for ln in lines).encode())  # a kill here loses nothing
 
-    def _check_space(self) -> None:
-        """Refuse to train when the disk cannot hold the checkpoints (mllm_kd/checkpoint/space.py)."""
-        t = self.cfg.train
-        if not t.check_disk_space:
-            return
-        size = estimate_checkpoint_size(self.student, self.optimizer, self.cfg.optim.name, self.sharded)
-        error = None
-        if self.dist.is_main:
-            try:
-                check_disk_space(self.out, size, t.keep_checkpoints, periodic=t.save_every > 0)
-            except CheckpointError as e:
-                error = e
-        if any_rank(self.dist, error is not None):
-            raise error or CheckpointError(f"{self.cfg.stage}: not enough disk space (see rank 0's message)")
-
     # -------------------------------------------------------------------------------------- save
     def _full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The student's complete weights on rank 0 (gathered from the shards under FSDP2)."""
@@ -327,7 +312,7 @@ class Trainer:
             clear_marker(self.out)  # a preempted run being resumed
         barrier(self.dist)
         self.maybe_resume()
-        self._check_space()
+        check_stage_space(self.cfg, self.student, self.optimizer, self.dist, self.sharded)  # before any step
         self.tracker = open_stage_tracker(cfg, main, self.state.step)
         self.meter.start(self.state.elapsed)
         self.model.train()
