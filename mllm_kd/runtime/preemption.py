@@ -36,7 +36,8 @@ class StopRequest:
     """Records SIGTERM / SIGUSR1 while :meth:`installed`; the training loop asks :meth:`agreed` each step."""
 
     def __init__(self) -> None:
-        self.signum: int | None = None
+        self.signum: int | None = None  # the first signal this process received
+        self.stopping = False  # some rank was signalled: this one stops too
 
     def _handle(self, signum: int, frame) -> None:
         if self.signum is None:  # the first signal counts; later ones (e.g. forwarded by torchrun) are no-ops
@@ -52,13 +53,16 @@ class StopRequest:
         try:
             yield self
         finally:
-            if self.signum is None:  # after a stop request keep ignoring repeats until the process exits
+            # once stopping, keep ignoring the signals until the process exits: torchrun sends SIGTERM to
+            # the ranks still running when the first one exits, and the exit status must stay 75
+            if not self.stopping:
                 for s, h in previous.items():
                     signal.signal(s, h)
 
     def agreed(self, dist: DistInfo) -> bool:
         """True on every rank if any rank was signalled (one all-reduce; none for one process)."""
-        return any_rank(dist, self.signum is not None)
+        self.stopping = any_rank(dist, self.signum is not None)
+        return self.stopping
 
     def stopped(self, stage: str, stage_dir: Path, step: int, checkpoint: Path, is_main: bool) -> Preempted:
         """The exception that ends the stage; rank 0 leaves :data:`MARKER` in the stage directory."""
