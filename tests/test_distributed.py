@@ -7,6 +7,7 @@ equal the global mean and one process with batch 2b is the exact reference for t
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -452,6 +453,32 @@ def test_damaged_final_or_init_from_stops_the_stage_naming_the_file(recipe, tmp_
     (final / "trainer_state.json").unlink()
     with pytest.raises(CheckpointError, match=r"final/trainer_state.json is missing"):
         STAGES["stage1"].run(stage_config(recipe, "stage1", over))
+
+
+def test_damaged_step_checkpoints_are_named_and_skipped(recipe, reference, tmp_path, caplog):
+    from mllm_kd.cli import stage_config
+    from mllm_kd.stages import STAGES
+
+    caplog.set_level(logging.INFO, logger="mllm_kd.train.trainer")
+    over = [f"run_dir={tmp_path}", "train.batch_size=4", "train.keep_checkpoints=3"]
+
+    def crash(step, sums):
+        if step == 7:
+            raise RuntimeError("node lost")
+
+    with pytest.raises(RuntimeError, match="node lost"):
+        STAGES["stage1"].run(stage_config(recipe, "stage1", over), on_step=crash)
+    ckpts = tmp_path / "stage1/checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000002", "step-0000004", "step-0000006"]
+    (ckpts / "step-0000006/optimizer.pt").unlink()  # written by the trainer: optimizer + RNG state
+    state = ckpts / "step-0000004/trainer_state.json"
+    state.write_text(state.read_text().replace('"step": 4', '"step": 5'))  # same size, altered
+    STAGES["stage1"].run(stage_config(recipe, "stage1", over))
+    assert f"{ckpts}/step-0000006/optimizer.pt is missing" in caplog.text
+    assert f"{state} does not match its SHA-256" in caplog.text
+    assert "step-0000002 (step 2)" in caplog.text  # resumed from the newest intact one
+    assert_same(tmp_path, reference)
+    torch.testing.assert_close(torch.tensor(losses(tmp_path)), torch.tensor(losses(reference)), **TOL)
 
 
 def test_not_enough_disk_space_refuses_before_training(recipe, tmp_path, monkeypatch):
