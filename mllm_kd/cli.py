@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from mllm_kd.config import StageConfig, check_combinations, load_recipe, resolve_stage_config
 from mllm_kd.errors import ConfigError, MllmKdError, exit_code
+from mllm_kd.runtime.preemption import PREEMPTED_EXIT, Preempted
 from mllm_kd.stages import STAGES
 
 
@@ -52,4 +54,7 @@ def main(stages: list[str], prog: str, description: str, argv: list[str] | None 
             print(f"finished: {path}")
     except MllmKdError as e:
         return exit_code(e)
+    except Preempted as e:  # a step checkpoint is written: re-running the same command resumes
+        print(f"preempted: {e}; exit status {PREEMPTED_EXIT}", file=sys.stderr)
+        return PREEMPTED_EXIT
     return 0

@@ -387,7 +387,8 @@ class TrainConfig:
     batch_size: int = 4  # samples per micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step
     save_every: int = 0  # write a resumable checkpoint every N optimizer steps (0: only at the end)
-    keep_checkpoints: int = 2  # how many step checkpoints to keep
+    keep_checkpoints: int = 2  # step checkpoints kept (an older one goes once a newer one is complete)
+    check_disk_space: bool = True  # refuse to start unless keep_checkpoints + 1 checkpoints + final fit
     log_every: int = 1  # metrics.jsonl line every N optimizer steps
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32"
     device: str = "auto"  # "auto", "cpu", "cuda"

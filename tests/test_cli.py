@@ -158,12 +158,14 @@ def test_bad_data_is_refused_before_anything_is_written(
 
 
 def test_teacher_with_another_vocabulary_is_refused(capsys, smoke_run, tmp_path, stage3_digest):
+    from mllm_kd.checkpoint.integrity import write_manifest
     from mllm_kd.model.tokenization import train_bpe_tokenizer
 
     teacher = tmp_path / "teacher"
     shutil.copytree(smoke_run[0] / "teacher_sft/final", teacher)
     shutil.rmtree(teacher / "tokenizer")
     train_bpe_tokenizer(["completely different words here"] * 5, teacher / "tokenizer", vocab_size=300)
+    write_manifest(teacher)  # a consistent checkpoint (not a damaged one) with another tokenizer
     err = _fails(capsys, "stage3", smoke_run[0], f"teacher.checkpoint={teacher}", "overwrite=true")
     assert "different vocabulary" in err and str(teacher) in err and "same tokenizer" in err
 

@@ -5,7 +5,9 @@ The data set has captions of equal token length, so the per-process mean losses 
 equal the global mean and one process with batch 2b is the exact reference for two with batch b.
 """
 
+import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -144,8 +146,27 @@ def test_gradient_accumulation_equals_a_bigger_batch(recipe, reference, tmp_path
     assert_same(tmp_path, reference)
 
 
-def _start_and_kill(cmd, run_dir, when):
-    """Start ``cmd`` in its own process group and SIGKILL the group once ``when(run_dir)`` is true."""
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc). torchrun starts its workers in their own sessions, so
+    killing torchrun's process group alone would leave them training."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _start_and_kill(cmd, run_dir, when, delay=0.0):
+    """Start ``cmd`` and SIGKILL it and every process below it ``delay`` s after ``when(run_dir)``: a lost
+    node."""
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
     )
@@ -154,7 +175,10 @@ def _start_and_kill(cmd, run_dir, when):
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
         assert time.time() < deadline
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
+    time.sleep(delay)
+    for pid in [proc.pid, *_descendants(proc.pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     proc.wait()
 
 
@@ -178,16 +202,6 @@ def test_sigkill_then_resume_ends_with_the_same_weights(recipe, reference, tmp_p
     run(recipe, tmp_path, then[0], then[1])
     assert_same(tmp_path, reference)
     torch.testing.assert_close(torch.tensor(losses(tmp_path)), torch.tensor(losses(reference)), **TOL)
-
-
-def test_fsdp2_sharded_checkpoint_resumes_on_one_process(recipe, reference, tmp_path):
-    _start_and_kill(
-        _cmd(recipe, tmp_path, 2, "train.batch_size=2", "train.strategy=fsdp2"), tmp_path, _has_checkpoint(4)
-    )
-    ckpts = sorted((tmp_path / "stage1/checkpoints").glob("step-*"))
-    assert ckpts and (ckpts[-1] / "dcp").is_dir()  # written with torch.distributed.checkpoint
-    run(recipe, tmp_path, 2, "train.batch_size=2", "train.strategy=fsdp2")
-    assert_same(tmp_path, reference)
 
 
 KILL_DURING_SAVE = """
@@ -225,7 +239,7 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(recipe, reference, 
     assert_same(tmp_path, reference)
 
 
-def test_full_disk_fails_loudly_and_keeps_the_previous_checkpoint(recipe, tmp_path, monkeypatch):
+def test_full_disk_fails_loudly_and_keeps_the_previous_checkpoints(recipe, tmp_path, monkeypatch):
     import errno
 
     import mllm_kd.checkpoint.native as ck
@@ -236,7 +250,7 @@ def test_full_disk_fails_loudly_and_keeps_the_previous_checkpoint(recipe, tmp_pa
     real = ck.save_model
 
     def full_disk(model, path, *a, **k):
-        if "step-0000004" in str(path):
+        if "step-0000006" in str(path):
             with open(path, "wb") as f:
                 f.write(b"partial")
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
@@ -245,12 +259,15 @@ def test_full_disk_fails_loudly_and_keeps_the_previous_checkpoint(recipe, tmp_pa
     monkeypatch.setattr(ck, "save_model", full_disk)
     cfg = stage_config(recipe, "stage1", [f"run_dir={tmp_path}", "train.batch_size=4"])
     with pytest.raises(
-        CheckpointError, match=r"step-0000004.*No space left on device.*previous checkpoint is intact"
+        CheckpointError, match=r"step-0000006.*No space left on device.*previous checkpoint is intact"
     ):
         STAGES["stage1"].run(cfg)
     names = sorted(p.name for p in (tmp_path / "stage1/checkpoints").iterdir())
-    assert names == ["step-0000002"]  # no half-written directory left behind
-    ck.load_checkpoint_model(tmp_path / "stage1/checkpoints/step-0000002")
+    # no half-written directory left behind, and pruning (keep_checkpoints=2) waited for step 6: both
+    # older checkpoints are still there
+    assert names == ["step-0000002", "step-0000004"]
+    for name in names:
+        ck.load_checkpoint_model(tmp_path / "stage1/checkpoints" / name)
 
 
 def test_bad_sample_mid_run_is_skipped_and_counted(recipe, smoke_data, tmp_path, caplog):
@@ -308,3 +325,227 @@ def test_bad_sample_mid_run_is_skipped_and_counted(recipe, smoke_data, tmp_path,
     )
     with pytest.raises(TrainingError, match="max_skip_fraction"):
         STAGES["stage1"].run(cfg2)
+
+
+# --------------------------------------------------------------------------------------- preemption
+# The stage waits after step 3 until the test has sent its signal (the file `go` appears), so the signal
+# always lands in step 3 whatever the machine's speed. Once `go` exists, every checkpoint write of the
+# signalled process (its rank is in `go`) sends it a second SIGTERM half-way (before the manifest is
+# written), which must change nothing.
+PREEMPT = """
+import os, signal, sys, time
+from pathlib import Path
+import mllm_kd.checkpoint.native as native
+from mllm_kd.stages import STAGES, Stage
+go, args, rank = Path(sys.argv[1]), sys.argv[2:], os.environ.get("RANK", "0")
+Path(f"{go}.pid{rank}").write_text(str(os.getpid()))
+def wait_for_go(step, sums):
+    while step == 3 and not go.exists():
+        time.sleep(0.01)
+real_manifest = native.write_manifest
+def second_signal(d):
+    if go.exists() and go.read_text() == rank:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real_manifest(d)
+native.write_manifest = second_signal
+s = STAGES["stage1"]
+STAGES["stage1"] = Stage(s.name, s.defaults, lambda cfg: s.run(cfg, on_step=wait_for_go), s.summary)
+from mllm_kd.cli import main
+sys.exit(main(["stage1"], "t", "t", args))
+"""
+
+
+def _logged_step(run_dir) -> int:
+    path = Path(run_dir) / "stage1/metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    steps = [json.loads(ln)["step"] for ln in lines if ln.endswith("}")]
+    return max(steps, default=0)
+
+
+def _preempt(recipe, run_dir, nproc, sig, rank, *overrides) -> tuple[int, str]:
+    """Run the stage, send ``sig`` to the process of ``rank`` (None: the launcher, torchrun) once step 3
+    is logged; returns (exit status, stderr)."""
+    script, go, err = run_dir / "preempt.py", run_dir / "go", run_dir / "stderr.log"
+    script.write_text(PREEMPT)
+    base = [str(script), str(go), "--config", str(recipe), f"run_dir={run_dir}", *overrides]
+    launcher = ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={_port()}"]
+    cmd = [sys.executable, *(launcher if nproc > 1 else []), *base]
+    with open(err, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=f)
+        deadline = time.time() + 240
+        while _logged_step(run_dir) < 3:
+            assert proc.poll() is None, err.read_text()[-3000:]
+            assert time.time() < deadline
+            time.sleep(0.02)
+        os.kill(proc.pid if rank is None else int(Path(f"{go}.pid{rank}").read_text()), sig)
+        go.write_text(str(rank))
+        proc.wait(timeout=240)
+    return proc.returncode, err.read_text()
+
+
+def _assert_preempted_at_step_3(run_dir):
+    from mllm_kd.checkpoint.integrity import verify_checkpoint
+    from mllm_kd.runtime.preemption import MARKER
+
+    stage = Path(run_dir) / "stage1"
+    assert json.loads((stage / MARKER).read_text())["step"] == 3
+    assert not (stage / "final").exists()
+    names = sorted(p.name for p in (stage / "checkpoints").iterdir())
+    assert names == ["step-0000002", "step-0000003"]  # the regular one, and the one written on the signal
+    for name in names:
+        verify_checkpoint(stage / "checkpoints" / name)  # the second signal did not corrupt it
+    assert _logged_step(run_dir) == 3
+
+
+def test_sigterm_saves_exits_75_and_resumes_to_the_same_weights(recipe, reference, tmp_path):
+    from mllm_kd.runtime.preemption import MARKER, PREEMPTED_EXIT
+
+    status, err = _preempt(recipe, tmp_path, 1, signal.SIGTERM, 0, "train.batch_size=4")
+    assert status == PREEMPTED_EXIT == 75, err[-3000:]
+    assert "preempted: stage1: stopped on SIGTERM after step 3" in err
+    _assert_preempted_at_step_3(tmp_path)
+    run(recipe, tmp_path, 1, "train.batch_size=4")  # the same command again
+    assert not (tmp_path / "stage1" / MARKER).exists()
+    assert_same(tmp_path, reference)
+    torch.testing.assert_close(torch.tensor(losses(tmp_path)), torch.tensor(losses(reference)), **TOL)
+
+
+def test_sigusr1_to_one_rank_stops_both_after_the_same_step(recipe, reference, tmp_path):
+    import re
+
+    status, err = _preempt(recipe, tmp_path, 2, signal.SIGUSR1, 1, "train.batch_size=2")
+    assert status == 1, err[-3000:]  # torchrun reports any failed worker as 1: hence the PREEMPTED file
+    assert len(re.findall(r"exitcode\s+:\s+75 \(pid", err)) == 2, err[-3000:]  # both ranks, in the summary
+    assert "stopped on SIGUSR1 after step 3" in err  # rank 1
+    assert "stopped on a signal to another rank after step 3" in err  # rank 0 agreed on the same step
+    _assert_preempted_at_step_3(tmp_path)
+    run(recipe, tmp_path, 2, "train.batch_size=2")
+    assert_same(tmp_path, reference)
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_reaches_every_rank(recipe, reference, tmp_path):
+    """Kubernetes: SIGTERM goes to the container's first process, torchrun, which forwards it."""
+    status, err = _preempt(recipe, tmp_path, 2, signal.SIGTERM, None, "train.batch_size=2")
+    assert status == 1 and err.count("stopped on SIGTERM after step 3") == 2, err[-3000:]
+    _assert_preempted_at_step_3(tmp_path)
+    run(recipe, tmp_path, 2, "train.batch_size=2")
+    assert_same(tmp_path, reference)
+
+
+def test_damaged_final_or_init_from_stops_the_stage_naming_the_file(recipe, tmp_path):
+    from mllm_kd.cli import stage_config
+    from mllm_kd.errors import CheckpointError
+    from mllm_kd.stages import STAGES
+
+    over = [f"run_dir={tmp_path}", "train.batch_size=4", "train.max_steps=1", "train.save_every=0"]
+    final = STAGES["stage1"].run(stage_config(recipe, "stage1", over))
+    weights = final / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"{weights} does not match its SHA-256.*overwrite=true"):
+        STAGES["stage1"].run(stage_config(recipe, "stage1", over))
+    with pytest.raises(CheckpointError, match=rf"init_from.*{weights} does not match its SHA-256"):
+        STAGES["stage2"].run(stage_config(recipe, "stage2", over))
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))  # repaired; now a file goes missing
+    (final / "trainer_state.json").unlink()
+    with pytest.raises(CheckpointError, match=r"final/trainer_state.json is missing"):
+        STAGES["stage1"].run(stage_config(recipe, "stage1", over))
+
+
+def test_damaged_step_checkpoints_are_named_and_skipped(recipe, reference, tmp_path, caplog):
+    from mllm_kd.cli import stage_config
+    from mllm_kd.stages import STAGES
+
+    caplog.set_level(logging.INFO, logger="mllm_kd.train.trainer")
+    over = [f"run_dir={tmp_path}", "train.batch_size=4", "train.keep_checkpoints=3"]
+
+    def crash(step, sums):
+        if step == 7:
+            raise RuntimeError("node lost")
+
+    with pytest.raises(RuntimeError, match="node lost"):
+        STAGES["stage1"].run(stage_config(recipe, "stage1", over), on_step=crash)
+    ckpts = tmp_path / "stage1/checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000002", "step-0000004", "step-0000006"]
+    (ckpts / "step-0000006/optimizer.pt").unlink()  # written by the trainer: optimizer + RNG state
+    state = ckpts / "step-0000004/trainer_state.json"
+    state.write_text(state.read_text().replace('"step": 4', '"step": 5'))  # same size, altered
+    STAGES["stage1"].run(stage_config(recipe, "stage1", over))
+    assert f"{ckpts}/step-0000006/optimizer.pt is missing" in caplog.text
+    assert f"{state} does not match its SHA-256" in caplog.text
+    assert "step-0000002 (step 2)" in caplog.text  # resumed from the newest intact one
+    assert_same(tmp_path, reference)
+    torch.testing.assert_close(torch.tensor(losses(tmp_path)), torch.tensor(losses(reference)), **TOL)
+
+
+def test_not_enough_disk_space_refuses_before_training(recipe, tmp_path, monkeypatch):
+    import shutil
+
+    import mllm_kd.checkpoint.space as space
+    from mllm_kd.cli import stage_config
+    from mllm_kd.errors import CheckpointError
+    from mllm_kd.stages import STAGES
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(space.shutil, "disk_usage", lambda p: usage._replace(free=10**6))
+    cfg = stage_config(recipe, "stage1", [f"run_dir={tmp_path}", "train.batch_size=4"])
+    with pytest.raises(
+        CheckpointError, match=rf"not enough disk space in {tmp_path}/stage1: .* \(1000000 bytes\) is free"
+    ):
+        STAGES["stage1"].run(cfg)
+    assert not (tmp_path / "stage1/checkpoints").exists() and not (tmp_path / "stage1/metrics.jsonl").exists()
+    off = [f"run_dir={tmp_path}", "train.batch_size=4", "train.max_steps=1", "train.check_disk_space=false"]
+    assert STAGES["stage1"].run(stage_config(recipe, "stage1", off)).is_dir()  # the check can be turned off
+
+
+def test_fsdp2_damaged_newest_shard_resumes_from_the_previous_checkpoint(recipe, reference, tmp_path):
+    fsdp = ("train.batch_size=2", "train.strategy=fsdp2")
+    status, err = _preempt(recipe, tmp_path, 2, signal.SIGTERM, 0, *fsdp)
+    assert status == 1 and "stopped on SIGTERM after step 3" in err, err[-3000:]
+    _assert_preempted_at_step_3(tmp_path)
+    newest = tmp_path / "stage1/checkpoints/step-0000003"
+    shard = newest / "dcp/__1_0.distcp"  # written with torch.distributed.checkpoint, by rank 1
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    proc = run(recipe, tmp_path, 2, *fsdp)
+    assert f"{shard} does not match its SHA-256" in proc.stderr  # named, then step 2 is used
+    assert "resumed stage1 from" in proc.stderr and "step-0000002 (step 2)" in proc.stderr
+    assert (newest.parent / "step-0000003.corrupt").is_dir()
+    assert_same(tmp_path, reference)
+
+
+@pytest.mark.slow
+def test_soak_sigkill_at_random_steps_then_resume(recipe, tmp_path):
+    """Two DDP ranks killed with SIGKILL at seeded random moments, resumed each time (docs/scale-out.md)."""
+    import random
+
+    from mllm_kd.checkpoint.integrity import step_checkpoints, verify_checkpoint
+
+    over = ("train.batch_size=2", "train.max_steps=24", "train.save_every=1")
+    run(recipe, tmp_path / "whole", 2, *over)  # the uninterrupted run
+    rng = random.Random(20261130)
+    soak = tmp_path / "soak"
+    for kill_after in sorted(rng.sample(range(2, 23), 5)):
+        # killed just after step `kill_after` is logged, a random few ms into its checkpoint write
+        delay = rng.uniform(0, 0.05)
+        _start_and_kill(
+            _cmd(recipe, soak, 2, *over), soak, lambda d, k=kill_after: _logged_step(d) >= k, delay
+        )
+        assert not (soak / "stage1/final").exists()
+        ckpts = step_checkpoints(soak / "stage1")
+        newest = int(ckpts[-1].name.split("-")[1])
+        assert kill_after - 1 <= newest <= kill_after + 3  # killed where it was meant to be, not at the end
+        for ckpt in ckpts:  # whatever moment the kill hit, every checkpoint directory is whole
+            verify_checkpoint(ckpt)
+        partial = list((soak / "stage1/checkpoints").glob(".step-*"))  # a write the kill cut short
+        print(
+            f"killed after step {kill_after} (+{delay * 1000:.0f} ms): newest checkpoint {newest}, {partial}"
+        )
+    run(recipe, soak, 2, *over)
+    assert_same(soak, tmp_path / "whole")
+    torch.testing.assert_close(torch.tensor(losses(soak)), torch.tensor(losses(tmp_path / "whole")), **TOL)
+    assert list((soak / "stage1/checkpoints").iterdir()) == []  # pruned, no temporary or .corrupt left

@@ -8,6 +8,7 @@ A checkpoint directory holds everything needed to rebuild the model without its 
     config.yaml           the resolved config of the stage that wrote it
     trainer_state.json    step, epoch, data position, losses (and, for resumable step checkpoints,
     optimizer.pt          optimizer + scheduler + RNG states)
+    manifest.json         size and SHA-256 of every other file, written last (mllm_kd/checkpoint/integrity.py)
 
 A stage directory ``run_dir/<stage>/`` holds ``metrics.jsonl``, resumable ``checkpoints/step-N/`` and,
 once the stage finished, ``final/``. Every directory is written under a temporary name and renamed into
@@ -31,6 +32,7 @@ from safetensors.torch import load_model, save_file, save_model
 
 from mllm_kd.atomic import atomic_dir
 from mllm_kd.checkpoint.hf_llava import is_hf_llava_dir, load_hf_llava
+from mllm_kd.checkpoint.integrity import MANIFEST, verify_checkpoint, write_manifest
 from mllm_kd.config import ModelConfig, StageConfig, config_to_yaml, model_config_from_dict
 from mllm_kd.errors import CheckpointError, ConfigError
 from mllm_kd.model.multimodal import MultimodalLM, build_model
@@ -113,8 +115,8 @@ def save_checkpoint(
                 obj(tmp / name)
             else:
                 torch.save(obj, tmp / name)
-        # Written last: a directory without it was never completed.
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        write_manifest(tmp)  # last: sizes and hashes of everything above (dcp/ shards included)
     return directory
 
 
@@ -129,12 +131,19 @@ def _drop_tied(model: MultimodalLM, sd: dict[str, torch.Tensor]) -> dict[str, to
     return sd
 
 
-def resolve_checkpoint(path: str | Path, what: str = "checkpoint") -> Path:
-    """The checkpoint directory ``path`` points at: itself, or a finished stage directory's ``final/``."""
+def resolve_checkpoint(path: str | Path, what: str = "checkpoint", verify: bool = False) -> Path:
+    """The checkpoint directory ``path`` points at: itself, or a finished stage directory's ``final/``.
+
+    ``verify``: check every file against the manifest (CheckpointError naming the file).
+    """
     path = Path(path)
     for candidate in (path, path / FINAL):
         _recover_interrupted_swap(candidate)
-        if (candidate / WEIGHTS).is_file() and (candidate / "trainer_state.json").is_file():
+        if (candidate / MANIFEST).is_file() or (
+            (candidate / WEIGHTS).is_file() and (candidate / "trainer_state.json").is_file()
+        ):
+            if verify:
+                verify_checkpoint(candidate, what)
             return candidate
     if not path.exists():
         raise CheckpointError(f"{what} {path} does not exist")
@@ -171,7 +180,7 @@ def load_checkpoint_model(
     """
     if is_hf_llava_dir(path):
         return load_hf_llava(path, device=device, what=what)
-    ckpt = resolve_checkpoint(path, what)
+    ckpt = resolve_checkpoint(path, what, verify=True)
     tokenizer = load_tokenizer(ckpt / "tokenizer")
     model_cfg = read_model_config(ckpt)
     model = build_model(model_cfg, image_token_id(tokenizer), len(tokenizer), device=attn_device or device)
@@ -196,7 +205,7 @@ def vision_from_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tens
     if is_hf_llava_dir(path):
         model, _, model_cfg = load_hf_llava(path, what="model.vision.checkpoint")
         return _jsonable(asdict(model_cfg.vision)), model.vision.state_dict()
-    ckpt = resolve_checkpoint(path, "model.vision.checkpoint")
+    ckpt = resolve_checkpoint(path, "model.vision.checkpoint", verify=True)
     vision_cfg = OmegaConf.to_container(OmegaConf.load(ckpt / "model.yaml"))["vision"]
     with safe_open(str(ckpt / WEIGHTS), framework="pt") as f:
         weights = {k[len("vision.") :]: f.get_tensor(k) for k in f.keys() if k.startswith("vision.")}  # noqa: SIM118 (safe_open is not a dict)
@@ -219,19 +228,3 @@ def build_from_config(cfg: ModelConfig, tokenizer, device: str | torch.device = 
             "model.vision needs one of path / config / open_clip_model / torchvision_model / checkpoint"
         )
     return build_model(cfg, image_token_id(tokenizer), len(tokenizer), device=device)
-
-
-def latest_step_checkpoint(stage_dir: Path) -> Path | None:
-    """The newest complete ``checkpoints/step-N`` of a stage directory, or None."""
-    root = Path(stage_dir) / "checkpoints"
-    if not root.is_dir():
-        return None
-    done = [p for p in root.glob("step-*") if (p / "trainer_state.json").is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
-
-
-def prune_step_checkpoints(stage_dir: Path, keep: int) -> None:
-    root = Path(stage_dir) / "checkpoints"
-    steps = sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    for old in steps[: max(0, len(steps) - keep)]:
-        shutil.rmtree(old, ignore_errors=True)

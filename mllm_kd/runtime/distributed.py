@@ -46,12 +46,14 @@ def dist_info_from_env() -> DistInfo:
 
 
 def init_distributed(device_type: str) -> DistInfo:
-    """Join the process group torchrun set up (NCCL on CUDA, gloo on CPU); a no-op for one process."""
+    """Join the process group torchrun set up (NCCL for CUDA tensors, gloo for CPU ones); a no-op for one process."""
     info = dist_info_from_env()
     if info.enabled and not dist.is_initialized():
         if device_type == "cuda":
             torch.cuda.set_device(info.local_rank)
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        # NCCL moves CUDA tensors only; the small per-step flags and loss sums (any_rank, mean_over_ranks,
+        # the stop request) are CPU tensors and go through gloo in the same process group
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo")
     return info
 
 
@@ -128,3 +130,12 @@ def any_rank(info: DistInfo, flag: bool) -> bool:
     t = torch.tensor([1 if flag else 0])
     dist.all_reduce(t)
     return bool(t.item())
+
+
+def from_main(info: DistInfo, obj):
+    """Rank 0's ``obj`` on every rank (a picklable value; one broadcast)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from mllm_kd.checkpoint.hf_llava import is_hf_llava_dir
+from mllm_kd.checkpoint.integrity import verify_checkpoint
 from mllm_kd.checkpoint.native import build_from_config, load_checkpoint_model, resolve_checkpoint
 from mllm_kd.config import ModelConfig, StageConfig, check_combinations
 from mllm_kd.data.datasets import build_train_data
@@ -103,6 +104,10 @@ def run_stage(
     """Set up and train one stage; returns the finished checkpoint directory (``output_dir/final``)."""
     done = stage_finished(cfg)
     if done is not None and not cfg.overwrite:
+        try:
+            verify_checkpoint(done, f"{cfg.stage}: the finished checkpoint")
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}; restore it, or redo the stage with overwrite=true") from e
         log.info("%s already finished at %s; skipping (overwrite=true redoes it)", cfg.stage, done)
         return done
     check_combinations(cfg, distill)  # as at config load, for a config built in code

@@ -26,13 +26,10 @@ from safetensors.torch import load_model
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from mllm_kd.checkpoint.native import (
-    FINAL,
-    WEIGHTS,
-    latest_step_checkpoint,
-    prune_step_checkpoints,
-    save_checkpoint,
-)
+from mllm_kd.atomic import atomic_write_bytes
+from mllm_kd.checkpoint.integrity import latest_step_checkpoint, prune_step_checkpoints
+from mllm_kd.checkpoint.native import FINAL, WEIGHTS, save_checkpoint
+from mllm_kd.checkpoint.space import check_stage_space
 from mllm_kd.config import ModelConfig, StageConfig
 from mllm_kd.data.datasets import Collator, TrainData
 from mllm_kd.errors import CheckpointError, TrainingError
@@ -42,12 +39,14 @@ from mllm_kd.model.multimodal import MultimodalLM
 from mllm_kd.runtime.distributed import (
     any_rank,
     barrier,
+    from_main,
     gradient_sync,
     mean_over_ranks,
     shard,
     wrap_student,
 )
 from mllm_kd.runtime.plan import RunPlan
+from mllm_kd.runtime.preemption import StopRequest, clear_marker, ignore_stop_signals
 from mllm_kd.teacher.cache import CachedTeacher
 from mllm_kd.tracking import StepMeter, Tracker, open_stage_tracker, train_metrics
 from mllm_kd.train.objective import LossComputer
@@ -136,6 +135,7 @@ class Trainer:
         self.scheduler = cosine_with_warmup(
             self.optimizer, self.state.total_steps, cfg.optim.warmup_ratio, cfg.optim.min_lr_ratio
         )
+        self.stop = StopRequest()  # SIGTERM / SIGUSR1 (mllm_kd/runtime/preemption.py)
 
     @property
     def sharded(self) -> bool:
@@ -143,7 +143,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ resume
     def maybe_resume(self) -> bool:
-        ckpt = latest_step_checkpoint(self.out)
+        # rank 0 verifies the checkpoints (mllm_kd/checkpoint/integrity.py) and every rank loads its pick
+        ckpt = from_main(self.dist, latest_step_checkpoint(self.out) if self.dist.is_main else None)
         if ckpt is None:
             return False
         state = json.loads((ckpt / "trainer_state.json").read_text())
@@ -199,7 +200,7 @@ class Trainer:
             lines = [
                 ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step
             ]
-            path.write_text("".join(ln + "\n" for ln in lines))
+            atomic_write_bytes(path, "".join(ln + "\n" for ln in lines).encode())  # a kill here loses nothing
 
     # -------------------------------------------------------------------------------------- save
     def _full_state_dict(self) -> dict[str, torch.Tensor] | None:
@@ -284,6 +285,7 @@ class Trainer:
             sampler=self.data.sampler,
             collate_fn=Collator(self.tokenizer.pad_token_id),
             num_workers=self.cfg.data.num_workers,
+            worker_init_fn=ignore_stop_signals,  # preemption is the training process's job
             pin_memory=self.device.type == "cuda",
         )
 
@@ -307,8 +309,10 @@ class Trainer:
         main = self.dist.is_main
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
+            clear_marker(self.out)  # a preempted run being resumed
         barrier(self.dist)
         self.maybe_resume()
+        check_stage_space(self.cfg, self.student, self.optimizer, self.dist, self.sharded)  # before any step
         self.tracker = open_stage_tracker(cfg, main, self.state.step)
         self.meter.start(self.state.elapsed)
         self.model.train()
@@ -325,6 +329,7 @@ class Trainer:
             open(self.out / "metrics.jsonl", "a") if main else contextlib.nullcontext() as metrics,
             bar,
             self.tracker,
+            self.stop.installed(),
         ):
             while self.state.step < self.state.total_steps:
                 started = time.perf_counter()
@@ -342,12 +347,12 @@ class Trainer:
                     self._log(metrics, bar, sums, grad_norm)
                 if self.on_step is not None:
                     self.on_step(self.state.step, sums)
-                if (
-                    t.save_every
-                    and self.state.step % t.save_every == 0
-                    and self.state.step < self.state.total_steps
-                ):
-                    self.save()
+                if self.state.step < self.state.total_steps:
+                    stop = self.stop.agreed(self.dist)  # every rank stops after the same step
+                    if stop or (t.save_every and self.state.step % t.save_every == 0):
+                        ckpt = self.save()
+                    if stop:
+                        raise self.stop.stopped(cfg.stage, self.out, self.state.step, ckpt, main)
         final = self.save(final=True)
         if main:
             prune_step_checkpoints(self.out, 0)
