@@ -215,17 +215,24 @@ class LossConfig:
     w_rel: float = 1.0  # RDist on the visual logits' relation matrix
     kind: str = "fkl"  # fkl | rkl | jsd | skl | srkl
     temperature: float = 1.0  # tau; divergences are scaled by tau^2
-    beta: float = 0.5  # jsd mixture weight of the teacher
+    beta: float = 0.5  # jsd: generalised JSD's teacher weight (GKD's beta; 0: forward KL, 1: reverse KL)
     alpha: float = 0.1  # skew of skl / srkl
     fused: bool = True  # losses from hidden states + LM-head weights, chunked (false: the logits reference)
     chunk_size: int = 256  # positions per chunk of the fused losses (~5 x chunk_size x V floats at a time)
     on_nonfinite: str = (
         "raise"  # a NaN/inf loss: "raise" (stop, keep last checkpoint) or "skip" (drop the step, count it)
     )
+    # share of micro-batches whose response the student samples (GKD's lambda; mllm_kd/train/on_policy.py)
+    on_policy_fraction: float = 0.0
+    sequence_kd: bool = False  # train on the teacher's generated responses instead of the data's (seq_kd)
 
     def __post_init__(self) -> None:
         if self.kind not in ("fkl", "rkl", "jsd", "skl", "srkl"):
             raise ConfigError(f"loss.kind must be fkl/rkl/jsd/skl/srkl, got {self.kind!r}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ConfigError(f"loss.beta must lie in [0, 1], got {self.beta}")
+        if not 0.0 <= self.on_policy_fraction <= 1.0:
+            raise ConfigError(f"loss.on_policy_fraction must lie in [0, 1], got {self.on_policy_fraction}")
         if self.temperature <= 0:
             raise ConfigError(f"loss.temperature must be > 0, got {self.temperature}")
         if self.on_nonfinite not in ("raise", "skip"):
@@ -296,6 +303,21 @@ class TrainConfig:
             raise ConfigError(f"train.precision must be auto/bf16/fp32, got {self.precision!r}")
 
 
+@dataclass
+class GenerationConfig:
+    """Responses generated during training (``loss.on_policy_fraction``, ``loss.sequence_kd``)."""
+
+    max_new_tokens: int = 64  # longest generated response
+    temperature: float = 1.0  # sampling temperature of the student (and of the teacher unless teacher_greedy)
+    teacher_greedy: bool = False  # loss.sequence_kd: the teacher answers greedily instead of sampling
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ConfigError(f"generation.temperature must be > 0, got {self.temperature}")
+
+
 WANDB_MODES = ("offline", "online")
 
 
@@ -349,6 +371,14 @@ class StageConfig:
     log: LogConfig = field(default_factory=LogConfig)  # experiment trackers (mllm_kd/tracking.py)
     # the adapters of trainable.llm=lora (mllm_kd/lora.py)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)  # mllm_kd/train/on_policy.py
+
+    def __post_init__(self) -> None:
+        if self.teacher.cache and (self.loss.on_policy_fraction > 0 or self.loss.sequence_kd):
+            raise ConfigError(
+                "teacher.cache stores the teacher's outputs for the data set's responses only; "
+                "loss.on_policy_fraction > 0 and loss.sequence_kd need the teacher model (teacher.checkpoint)"
+            )
 
 
 def _to_container(node: Any) -> Any:
