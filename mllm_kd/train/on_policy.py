@@ -152,7 +152,9 @@ class ResponseSource:
         prompt_lens = prompt_lengths(batch["labels"], batch["attention_mask"])
         prompts = [batch["input_ids"][b, :n] for b, n in enumerate(prompt_lens)]
         device = model.llm.get_input_embeddings().weight.device
-        g = torch.Generator(device=device).manual_seed(derived_seed(self.seed, step, micro, self.rank, stream))
+        g = torch.Generator(device=device).manual_seed(
+            derived_seed(self.seed, step, micro, self.rank, stream)
+        )
         with _generating(model):
             responses = sample_tokens(
                 model,
