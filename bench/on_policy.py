@@ -112,8 +112,10 @@ def main(argv=None) -> dict:
                     gen_time.clear()
                 bench_step._sync(args.device)
                 t0 = time.perf_counter()
-                sums, bad = t._accumulate(iter([(batch, 1)]))
-                t._optimizer_step(skip=bad is not None)
+                _, bad = t._accumulate(iter([(batch, 1)]))
+                if bad:
+                    raise SystemExit(bad)
+                t._optimizer_step(skip=False)
                 t.state.step += 1
                 bench_step._sync(args.device)
                 if i >= args.warmup:
