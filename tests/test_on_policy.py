@@ -346,3 +346,20 @@ def test_on_policy_stage3_resumes_mid_epoch_with_the_same_weights(smoke_teacher,
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
     rows = [json.loads(ln) for ln in (tmp_path / "a/metrics.jsonl").read_text().splitlines()]
     assert [r["on_policy"] for r in rows] == on
+
+
+@pytest.mark.slow
+def test_bench_on_policy_prints_one_json_line():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "bench/on_policy.py", "--layers-scale", "0.05", "--batch", "2", "--steps", "1"]
+    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["on_policy_step_s"] > result["generation_s"] > 0
+    assert result["on_policy_vs_off"] == pytest.approx(
+        result["on_policy_step_s"] / result["off_policy_step_s"], rel=0.01
+    )
+    assert result["mean_response_tokens"] <= 8
