@@ -14,8 +14,9 @@ interleaved (off, on, off, on, ...) so that a change in the machine's load hits 
 A random student rarely produces a stop token, so every on-policy response is ``--max-new-tokens`` long: the
 figure is the cost at that length (a trained student that stops earlier costs less). The last line printed is
 one JSON object: median step times, their ratio (``on_policy_vs_off``; ``on_policy_vs_off_fastest`` is the
-ratio of the fastest steps, which other processes on a shared machine disturb least), the share of the
-on-policy step spent generating, and the response lengths.
+ratio of the fastest steps, which other processes on a shared machine disturb least), the same ratio in
+CPU seconds of the process (``on_policy_vs_off_cpu``: a shared machine's load changes it least, with
+``--threads 1`` least of all), the share of the on-policy step spent generating, and the response lengths.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed steps of each kind (after --warmup)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = p.parse_args(argv)
     preset = bench_step.PRESETS[args.preset]
     args.tokens = args.tokens or preset["tokens"]
@@ -72,6 +74,8 @@ def main(argv=None) -> dict:
     from mllm_kd.train.trainer import Trainer
 
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -107,12 +111,13 @@ def main(argv=None) -> dict:
             s.vision.train(False)
             trainers[name] = t
         times = {name: [] for name in trainers}
+        cpu = {name: [] for name in trainers}
         for i, batch in enumerate(batches):
             for name, t in trainers.items():
                 if name == "on_policy":
                     gen_time.clear()
                 bench_step._sync(args.device)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 _, bad = t._accumulate(iter([(batch, 1)]))
                 if bad:
                     raise SystemExit(bad)
@@ -121,6 +126,7 @@ def main(argv=None) -> dict:
                 bench_step._sync(args.device)
                 if i >= args.warmup:
                     times[name].append(time.perf_counter() - t0)
+                    cpu[name].append(time.process_time() - c0)
                     if name == "on_policy":
                         times.setdefault("generation", []).append(sum(gen_time))
         on_policy_module.sample_tokens = real_sample
@@ -144,6 +150,12 @@ def main(argv=None) -> dict:
         "on_policy_vs_off": round(med["on_policy"] / med["off_policy"], 3),
         # the fastest step of each kind: less sensitive to other processes' load on a shared machine
         "on_policy_vs_off_fastest": round(min(times["on_policy"]) / min(times["off_policy"]), 3),
+        # CPU seconds the process used (all its threads): what the step costs, whoever else runs
+        "off_policy_cpu_s": round(statistics.median(cpu["off_policy"]), 4),
+        "on_policy_cpu_s": round(statistics.median(cpu["on_policy"]), 4),
+        "on_policy_vs_off_cpu": round(
+            statistics.median(cpu["on_policy"]) / statistics.median(cpu["off_policy"]), 3
+        ),
         "generation_share_of_on_policy_step": round(med["generation"] / med["on_policy"], 3),
         "mean_response_tokens": round(sum(generated) / max(len(generated), 1), 2),
         "off_policy_spread_s": [round(min(times["off_policy"]), 4), round(max(times["off_policy"]), 4)],
