@@ -298,13 +298,16 @@ class LossConfig:
     w_rel: float = 1.0  # RDist on the visual logits' relation matrix
     kind: str = "fkl"  # fkl | rkl | jsd | skl | srkl
     temperature: float = 1.0  # tau; divergences are scaled by tau^2
-    beta: float = 0.5  # jsd mixture weight of the teacher
+    beta: float = 0.5  # jsd: generalised JSD's teacher weight (GKD's beta; 0: forward KL, 1: reverse KL)
     alpha: float = 0.1  # skew of skl / srkl
     fused: bool = True  # losses from hidden states + LM-head weights, chunked (false: the logits reference)
     chunk_size: int = 256  # positions per chunk of the fused losses (~5 x chunk_size x V floats at a time)
     on_nonfinite: str = (
         "raise"  # a NaN/inf loss: "raise" (stop, keep last checkpoint) or "skip" (drop the step, count it)
     )
+    # share of micro-batches whose response the student samples (GKD's lambda; mllm_kd/train/on_policy.py)
+    on_policy_fraction: float = 0.0
+    sequence_kd: bool = False  # train on the teacher's generated responses instead of the data's (seq_kd)
 
     def __post_init__(self) -> None:
         if self.kind not in ("fkl", "rkl", "jsd", "skl", "srkl"):
@@ -316,6 +319,12 @@ class LossConfig:
         check(finite(self.beta) and 0 <= self.beta <= 1, "loss.beta", "in [0, 1]", self.beta)
         check(finite(self.alpha) and 0 <= self.alpha <= 1, "loss.alpha", "in [0, 1]", self.alpha)
         check(self.chunk_size >= 1, "loss.chunk_size", ">= 1", self.chunk_size)
+        check(
+            finite(self.on_policy_fraction) and 0 <= self.on_policy_fraction <= 1,
+            "loss.on_policy_fraction",
+            "in [0, 1]",
+            self.on_policy_fraction,
+        )
         if self.on_nonfinite not in ("raise", "skip"):
             raise ConfigError(f"loss.on_nonfinite must be 'raise' or 'skip', got {self.on_nonfinite!r}")
 
@@ -428,6 +437,21 @@ class TrainConfig:
             raise ConfigError(f"train.precision must be auto/bf16/fp32, got {self.precision!r}")
 
 
+@dataclass
+class GenerationConfig:
+    """Responses generated during training (``loss.on_policy_fraction``, ``loss.sequence_kd``)."""
+
+    max_new_tokens: int = 64  # longest generated response
+    temperature: float = 1.0  # sampling temperature of the student (and of the teacher unless teacher_greedy)
+    teacher_greedy: bool = False  # loss.sequence_kd: the teacher answers greedily instead of sampling
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ConfigError(f"generation.temperature must be > 0, got {self.temperature}")
+
+
 WANDB_MODES = ("offline", "online")
 
 
@@ -481,9 +505,15 @@ class StageConfig:
     log: LogConfig = field(default_factory=LogConfig)  # experiment trackers (mllm_kd/tracking.py)
     # the adapters of trainable.llm=lora (mllm_kd/lora.py)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)  # mllm_kd/train/on_policy.py
 
     def __post_init__(self) -> None:
         check(bool(self.run_dir), "run_dir", "a directory", self.run_dir)
+        if self.teacher.cache and (self.loss.on_policy_fraction > 0 or self.loss.sequence_kd):
+            raise ConfigError(
+                "teacher.cache stores the teacher's outputs for the data set's responses only; "
+                "loss.on_policy_fraction > 0 and loss.sequence_kd need the teacher model (teacher.checkpoint)"
+            )
 
 
 def check_combinations(cfg: StageConfig, distills: bool) -> None:

@@ -224,3 +224,23 @@ def test_yes_no_prior_is_the_template_majority():
     # prior right on q2, q3 (2 of 3); the model agrees with it on q1, q2 (2 of 3); on the one question
     # the prior gets wrong (q1) the model is wrong too
     assert out == {"n": 3, "accuracy": 66.67, "agreement": 66.67, "accuracy_where_prior_wrong": 0.0}
+
+
+def test_ablation_on_policy_dft_starts_from_the_kd_students_sft(scratch):
+    """The on-policy DFT variant: the demo's kd student's SFT result, then DFT for the same optimizer steps."""
+    run, _, report = scratch
+    argv = ["--run-dir", str(run), "--recipe", "scratch", "--quick", "--seeds", "0"]
+    assert ablate.main([*argv, "--only", "kd", "dft_on_policy", "--on-policy-fraction", "1"]) == 0
+    table = json.loads((run / "ablation/report.json").read_text())
+    assert table["kd"]["accuracy"] == report["student_kd"]["accuracy"]
+    assert table["dft_on_policy"]["on_policy_fraction"] == 1.0 and set(table["dft_on_policy"]["seeds"]) == {
+        "0"
+    }
+    stage = "ablation/seed0/dft_on_policy/stage3"
+    assert _state(run, stage)["step"] == _state(run, "seed0/kd/stage3")["step"]
+    config = (run / stage / "final/config.yaml").read_text()
+    assert f"init_from: {run}/seed0/kd/stage2" in config
+    first = _first_metrics(run, stage)
+    assert first["on_policy"] == 1.0 and "ce" not in first and first["mdist_resp"] > 0
+    assert not (run / "ablation/seed0/kd").exists()  # the demo's kd student was reused, not retrained
+    assert "| dft_on_policy |" in (run / "ablation/report.md").read_text()

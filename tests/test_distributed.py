@@ -549,3 +549,24 @@ def test_soak_sigkill_at_random_steps_then_resume(recipe, tmp_path):
     assert_same(soak, tmp_path / "whole")
     torch.testing.assert_close(torch.tensor(losses(soak)), torch.tensor(losses(tmp_path / "whole")), **TOL)
     assert list((soak / "stage1/checkpoints").iterdir()) == []  # pruned, no temporary or .corrupt left
+
+
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp2", marks=pytest.mark.slow)])
+def test_on_policy_distillation_on_two_ranks(recipe, smoke_teacher, tmp_path, strategy):
+    # Each rank samples its own responses (lengths differ between ranks); the choice of on-policy
+    # micro-batches is the same on both, so neither waits for the other in a collective.
+    common = [
+        "train.batch_size=2",
+        "train.max_steps=4",
+        f"teacher.checkpoint={smoke_teacher}/teacher_sft",
+        "loss.w_resp=1",
+        "loss.on_policy_fraction=0.5",
+        "generation.max_new_tokens=5",
+        "train.seed=1",  # steps 1-3 off-policy, step 4 on-policy
+    ]
+    run(recipe, tmp_path, 2, *common, f"train.strategy={strategy}")
+    rows = [json.loads(ln) for ln in (tmp_path / "stage1/metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert {r["on_policy"] for r in rows} == {0.0, 1.0}
+    assert all(("ce" in r) == (r["on_policy"] == 0.0) for r in rows)
+    assert weights(tmp_path)

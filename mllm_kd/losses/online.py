@@ -59,11 +59,8 @@ def _divergence_and_grad(
         g.add_(p)
         return d, g, g.sum(-1), p
     if kind == "jsd":  # m = log(beta q + (1-beta) p); D = beta KL(q||m) + (1-beta) KL(p||m)
-        if beta <= 0.0 or beta >= 1.0:  # m equals one of the two: D = 0 identically
-            d = a.new_zeros(a.shape[0])
-            if not need_grad:
-                return d, None, None, None
-            return d, b.zero_(), d.clone(), a.exp_()
+        if beta <= 0.0 or beta >= 1.0:  # the ends are the KLs JSD(beta) interpolates (GKD): fkl, rkl
+            return _divergence_and_grad(a, b, "fkl" if beta <= 0.0 else "rkl", beta, alpha, need_grad)
         m = _log_mix(b, a, beta)
         q = b.exp()
         t1 = b.sub_(m).mul_(q).sum(-1)

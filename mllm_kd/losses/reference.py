@@ -51,7 +51,9 @@ def divergence_from_logprobs(
     Args:
         log_p_s, log_p_t: ``[..., V]`` float32 log-probabilities of student and teacher.
         kind: ``fkl`` KL(p_T || p_S); ``rkl`` KL(p_S || p_T); ``jsd`` generalised JSD with mixture
-            ``m = beta p_T + (1 - beta) p_S``: ``beta KL(p_T || m) + (1 - beta) KL(p_S || m)``;
+            ``m = beta p_T + (1 - beta) p_S``: ``beta KL(p_T || m) + (1 - beta) KL(p_S || m)``, and at
+            its ends the KLs it interpolates (GKD, Agarwal et al. 2024; TRL's ``generalized_jsd_loss``):
+            ``beta = 0`` gives ``fkl``, ``beta = 1`` gives ``rkl`` (the formula itself is 0 there);
             ``skl`` skew KL(p_T || alpha p_T + (1 - alpha) p_S); ``srkl`` skew reverse KL
             KL(p_S || alpha p_S + (1 - alpha) p_T) (DistiLLM).
     Returns:
@@ -62,6 +64,10 @@ def divergence_from_logprobs(
     if kind == "rkl":
         return _kl(log_p_s, log_p_t)
     if kind == "jsd":
+        if beta <= 0.0:
+            return _kl(log_p_t, log_p_s)
+        if beta >= 1.0:
+            return _kl(log_p_s, log_p_t)
         log_m = _log_mixture(log_p_t, log_p_s, beta)
         return beta * _kl(log_p_t, log_m) + (1.0 - beta) * _kl(log_p_s, log_m)
     if kind == "skl":

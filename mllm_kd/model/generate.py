@@ -1,9 +1,14 @@
-"""Batched greedy generation for evaluation: left padding, KV cache (transformers' ``generate``).
+"""Batched generation: greedy answers for evaluation, and sampled token ids for training.
 
-The prompt embeddings (text + projected image features) are built by :meth:`MultimodalLM.embed` and
-handed to the LLM's own ``generate`` as ``inputs_embeds``, so caching, position ids under left padding
-and stopping are transformers' well-tested code. Generation stops at EOS or the chat template's
-end-of-turn token.
+* :class:`Generator` (evaluation): the prompt embeddings (text + projected image features) are built by
+  :meth:`MultimodalLM.embed` and handed to the LLM's own ``generate`` as ``inputs_embeds``, so caching,
+  position ids under left padding and stopping are transformers' well-tested code.
+* :func:`sample_tokens` (on-policy distillation, sequence-level KD): the same left-padded prompt and KV
+  cache, decoded here because sampling must draw from a caller's seeded ``torch.Generator`` (reproducible
+  and resumable whatever else uses the global RNG), and because sharded models must run the same number
+  of forward passes on every rank (``fixed_length``).
+
+Generation stops at EOS or the chat template's end-of-turn token (:func:`stop_token_ids`).
 """
 
 from __future__ import annotations
@@ -58,11 +63,7 @@ class Generator:
         )
 
     def stop_ids(self) -> list[int]:
-        ids = {self.tokenizer.eos_token_id}
-        end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if isinstance(end, int) and end != self.tokenizer.unk_token_id:
-            ids.add(end)
-        return sorted(i for i in ids if i is not None)
+        return stop_token_ids(self.tokenizer)
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], pixel_values: list[torch.Tensor | None]) -> list[str]:
@@ -94,6 +95,97 @@ class Generator:
             pad_token_id=tok.pad_token_id,
         )
         return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """EOS and the ChatML end-of-turn token ``<|im_end|>`` when the tokenizer has one."""
+    ids = {tokenizer.eos_token_id}
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(end, int) and end != tokenizer.unk_token_id:
+        ids.add(end)
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def sample_tokens(
+    model: MultimodalLM,
+    prompts: list[torch.Tensor],
+    pixel_values: torch.Tensor | None,
+    max_new_tokens: int,
+    stop_ids: list[int],
+    pad_id: int,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    greedy: bool = False,
+    fixed_length: bool = False,
+) -> list[torch.Tensor]:
+    """Continue each prompt by sampling from ``softmax(logits / temperature)`` (or greedily), with a KV cache.
+
+    Args:
+        prompts: per sample, its ``[T_b]`` token ids (``num_visual_tokens`` ``<image>`` ids per image).
+        pixel_values: ``[N_images, 3, H, W]`` in the order the images appear in ``prompts`` (or None).
+        stop_ids: a sample's response ends with the first of these it produces.
+        generator: the source of randomness of the draws (on the model's device).
+        fixed_length: run ``max_new_tokens`` forward passes even when every sample has stopped (ranks of a
+            sharded model must all run the same collectives).
+    Returns:
+        per sample, the ``[n_b]`` generated ids, the stop token included when one was produced
+        (``1 <= n_b <= max_new_tokens``); never the ``<image>`` id.
+    """
+    device = model.llm.get_input_embeddings().weight.device
+    T = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), T), pad_id, dtype=torch.long, device=device)
+    attn = torch.zeros((len(prompts), T), dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
+        input_ids[b, T - len(p) :] = p.to(device)
+        attn[b, T - len(p) :] = 1
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
+    out = model.llm(
+        inputs_embeds=model.embed(input_ids, pixel_values),
+        attention_mask=attn,
+        position_ids=pos,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    steps = []
+    for i in range(max_new_tokens):
+        logits = out.logits[:, -1].float()
+        logits[:, model.image_token_id] = -float("inf")  # only the data pipeline places image tokens
+        if greedy:
+            nxt = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        steps.append(torch.where(done, pad_id, nxt))
+        done = done | torch.isin(nxt, stop)
+        if i + 1 == max_new_tokens or (not fixed_length and bool(done.all())):
+            break
+        attn = torch.cat([attn, attn.new_ones(len(prompts), 1)], dim=1)
+        pos = pos[:, -1:] + 1
+        out = model.llm(
+            input_ids=steps[-1][:, None],
+            attention_mask=attn,
+            position_ids=pos,
+            **_kv_cache(out),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+    tokens = torch.stack(steps, dim=1).cpu()
+    result = []
+    for row in tokens:
+        hits = torch.isin(row, stop.cpu()).nonzero()
+        result.append(row[: int(hits[0]) + 1] if len(hits) else row)
+    return result
+
+
+def _kv_cache(out) -> dict:
+    """The KV cache of a forward's output as the next forward's keyword (``cache`` in recent transformers,
+    ``past_key_values`` before)."""
+    if getattr(out, "cache", None) is not None:
+        return {"cache": out.cache}
+    return {"past_key_values": out.past_key_values}
 
 
 def read_questions(path: str | Path) -> list[dict]:

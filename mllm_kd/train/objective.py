@@ -94,15 +94,22 @@ class LossComputer:
         """Returns the weighted total and each unweighted term (float32 scalars).
 
         On the fused path the terms are detached values (for logging); only the total carries gradients.
+        A batch with ``on_policy`` True (the student's own responses, mllm_kd/train/on_policy.py) has no CE
+        term, and ``on_policy`` is reported as a term (1 or 0) whenever the batch says.
         """
         if self._choose_path(student) == "fused":
             head, t_head = self._heads
             if self.cache is not None:
-                return self._cached(student, batch, head)
-            return self._fused(student, batch, head, t_head)
-        if self.cache is not None:
-            return self._cached(student, batch, None)
-        return self._reference(student, batch)
+                total, terms = self._cached(student, batch, head)
+            else:
+                total, terms = self._fused(student, batch, head, t_head)
+        elif self.cache is not None:
+            total, terms = self._cached(student, batch, None)
+        else:
+            total, terms = self._reference(student, batch)
+        if "on_policy" in batch:
+            terms["on_policy"] = torch.tensor(float(batch["on_policy"]))
+        return total, terms
 
     def _cached(
         self, student: nn.Module, batch: dict, head: nn.Linear | None
@@ -134,7 +141,7 @@ class LossComputer:
 
     def _reference(self, student: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = student(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
-        terms = {"ce": causal_lm_loss(out.logits, batch["labels"])}
+        terms = {} if batch.get("on_policy") else {"ce": causal_lm_loss(out.logits, batch["labels"])}
         if self.teacher is not None:
             inner = unwrap(student)
             with torch.no_grad():
@@ -179,6 +186,7 @@ class LossComputer:
             settings=self.settings,
             chunk_size=self.loss.chunk_size,
             student_bias=head.bias,
+            with_ce=not batch.get("on_policy", False),
             **teacher_kw,
         )
 

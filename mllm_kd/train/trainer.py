@@ -50,6 +50,7 @@ from mllm_kd.runtime.preemption import StopRequest, clear_marker, ignore_stop_si
 from mllm_kd.teacher.cache import CachedTeacher
 from mllm_kd.tracking import StepMeter, Tracker, open_stage_tracker, train_metrics
 from mllm_kd.train.objective import LossComputer
+from mllm_kd.train.on_policy import ResponseSource
 from mllm_kd.train.optim import build_optimizer, cosine_with_warmup
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,8 @@ class Trainer:
             if plan.teacher == "model":
                 compile_decoder_layers(teacher.llm)
         self.loss_fn = LossComputer(cfg, teacher, plan)
+        # generated responses (on-policy distillation, sequence-level KD); None: the data set's
+        self.responses = ResponseSource.from_config(cfg, student, teacher, tokenizer, self.dist.rank)
         self.meter, self.tracker = StepMeter(self.device), Tracker()  # tracking: tokens/s, memory, trackers
         self.batches_per_epoch = math.ceil(data.num_samples / t.batch_size)  # per rank
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / t.grad_accum)
@@ -377,6 +380,8 @@ class Trainer:
             batch = _to_device(batch, self.device)
             with gradient_sync(self.model, enabled=k == n_micro):
                 with self.plan.autocast():
+                    if self.responses is not None:
+                        batch = self.responses(batch, self.state.step + 1, k)
                     total, terms = self.loss_fn(self.model, batch)
                 bad = bad or _check_finite(total, terms, self.state.step + 1)
                 if any_rank(self.dist, bad is not None):

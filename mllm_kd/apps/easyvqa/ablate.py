@@ -1,7 +1,7 @@
 """Ablations of the easy-VQA demo: what each LLaVA-KD ingredient contributes.
 
-    python -m mllm_kd.apps.easyvqa.ablate [--run-dir runs/demo] [--recipe pretrained|scratch] [--seed S] [--only NAME ...]
-                             [--jobs N] [key=value ...]
+    python -m mllm_kd.apps.easyvqa.ablate [--run-dir runs/demo] [--recipe pretrained|scratch] [--seeds 0,1]
+                             [--only NAME ...] [--on-policy-fraction F] [--jobs N] [key=value ...]
 
 Reuses the demo's data and teacher (``RUN/data``, ``RUN/teacher``; run ``python -m mllm_kd.apps.easyvqa.demo`` with the
 same ``--recipe`` first) and trains one student per variant under ``RUN/ablation/seed<S>/<name>``:
@@ -14,10 +14,17 @@ same ``--recipe`` first) and trains one student per variant under ``RUN/ablation
   visual-terms-only variant: MDist_vis + RDist);
 * ``baseline``: plain pre-training -> SFT (the demo's baseline);
 * ``baseline_matched``: plain pre-training -> SFT for as many steps as SFT + DFT together, so that a gain
-  of ``kd`` over it is not just more training.
+  of ``kd`` over it is not just more training;
+* ``dft_on_policy``: ``kd``'s own SFT result, then its DFT with on-policy distillation (GKD,
+  ``loss.on_policy_fraction`` = ``--on-policy-fraction``, 0.5 by default as TRL's ``lmbda``): the same
+  stage-3 config, data and optimizer steps as ``kd``'s DFT, so the two differ only in whose responses
+  the student learns from;
+* ``dft_seq_kd``: the same with sequence-level KD (``loss.sequence_kd``: the teacher's responses).
 
 Finished variants are skipped; ``kd``, ``baseline`` and ``baseline_matched`` reuse the demo's students of
-the same seed (``RUN/seed<S>/kd``, ...) when no ``key=value`` override is given, since they are the same runs. ``--jobs N``
+the same seed (``RUN/seed<S>/kd``, ...) when no ``key=value`` override is given, since they are the same runs
+(and the DFT-only variants start from that ``kd`` student's ``stage2``). ``--seeds 0,1`` runs every variant
+for each seed; the table gives the mean over seeds and each seed's accuracy. ``--jobs N``
 trains N variants at a time in separate processes, the CPU threads split between them (small models
 do not use two cores well, so two jobs on a 2-core machine take about half the time). Writes
 ``RUN/ablation/report.md`` and ``report.json``.
@@ -33,7 +40,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mllm_kd.apps.easyvqa.demo import NO_DISTILL, RECIPES, evaluate
+from mllm_kd.apps.easyvqa.demo import NO_DISTILL, RECIPES, _seeds, evaluate
 from mllm_kd.cli import setup_logging, stage_config
 from mllm_kd.errors import MllmKdError, exit_code
 
@@ -62,7 +69,11 @@ VARIANTS: dict[str, tuple[list[str], dict[str, list[str]], str]] = {
         {PT: NO_DISTILL, SFT: ["stages.stage2.train.epochs=2"]},
         "plain PT -> SFT for the steps of SFT + DFT (compute-matched)",
     ),
+    "dft_on_policy": ([DFT], {}, "kd's SFT -> DFT with on-policy distillation (GKD), kd's DFT steps"),
+    "dft_seq_kd": ([DFT], {DFT: ["loss.sequence_kd=true"]}, "kd's SFT -> DFT on the teacher's responses"),
 }
+# Variants that start from the kd variant's SFT result (no stage 1 / 2 of their own).
+FROM_KD_SFT = ("dft_on_policy", "dft_seq_kd")
 
 
 # Variants that are runs of the demo itself: (sub-directory of RUN, its last stage, the demo's role).
@@ -83,7 +94,13 @@ def _demo_checkpoint(run: Path, name: str, overrides: list[str], seed: int) -> P
 
 
 def train_variant(
-    run: Path, name: str, overrides: list[str], recipe: str, seed: int, quick: bool = False
+    run: Path,
+    name: str,
+    overrides: list[str],
+    recipe: str,
+    seed: int,
+    quick: bool = False,
+    on_policy_fraction: float = 0.5,
 ) -> Path:
     """Train one variant (``quick``: the demo's tiny ``--quick`` sizes); returns its final checkpoint."""
     from mllm_kd.stages import STAGES
@@ -99,6 +116,11 @@ def train_variant(
         f"teacher_dir={run / 'teacher'}",
         f"train.seed={seed}",
     ]
+    if name in FROM_KD_SFT:  # kd's SFT result (the demo's, or this ablation's kd with the overrides)
+        kd = train_variant(run, "kd", overrides, recipe, seed, quick)
+        base.append(f"init_from={kd.parent.parent / SFT}")
+    if name == "dft_on_policy":
+        per_stage = {DFT: [f"loss.on_policy_fraction={on_policy_fraction}"]}
     ckpt = None
     for stage in stages:
         quick_overrides = [*spec.quick, "train.progress=false"] if quick else []
@@ -111,7 +133,14 @@ def train_variant(
 
 
 def _train_in_parallel(
-    run: Path, names: list[str], jobs: int, overrides: list[str], recipe: str, seed: int, quick: bool
+    run: Path,
+    names: list[str],
+    jobs: int,
+    overrides: list[str],
+    recipe: str,
+    seed: int,
+    quick: bool,
+    on_policy_fraction: float,
 ) -> None:
     """Train and answer ``names`` in ``jobs`` child processes (round-robin), threads split evenly."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -120,13 +149,17 @@ def _train_in_parallel(
     logs.mkdir(parents=True, exist_ok=True)
     # The variants the demo already trained cost nothing: deal out only the others.
     todo = [n for n in names if not _demo_checkpoint(run, n, overrides, seed)]
+    independent = [n for n in todo if n not in FROM_KD_SFT]
+    groups = [independent[k::jobs] for k in range(jobs)]
+    # the DFT-only variants go with the job that trains kd (or all in one job): kd is trained once
+    holder = next((g for g in groups if "kd" in g), groups[0])
+    holder += [n for n in todo if n in FROM_KD_SFT]
     procs = []
-    for k in range(jobs):
-        group = todo[k::jobs]
+    for k, group in enumerate(groups):
         if not group:
             continue
         cmd = [sys.executable, "-m", "mllm_kd.apps.easyvqa.ablate", "--run-dir", str(run), "--only", *group]
-        cmd += ["--recipe", recipe, "--seed", str(seed)]
+        cmd += ["--recipe", recipe, "--seeds", str(seed), "--on-policy-fraction", str(on_policy_fraction)]
         cmd += ["--quick"] if quick else []
         cmd += overrides
         log_path = logs / f"job{k}.log"
@@ -147,6 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="variants trained at a time (separate processes)")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="pretrained", help="the demo's recipe")
     p.add_argument("--seed", type=int, default=0, help="the students' seed (the demo's seed<S> runs)")
+    p.add_argument("--seeds", type=_seeds, default=None, help="several seeds, e.g. 0,1 (instead of --seed)")
+    p.add_argument(
+        "--on-policy-fraction",
+        type=float,
+        default=0.5,
+        help="loss.on_policy_fraction of the dft_on_policy variant (GKD's lambda)",
+    )
     p.add_argument("--split", choices=("test", "val"), default="test", help="the questions scored")
     p.add_argument(
         "--quick", action="store_true", help="the tiny sizes of `mllm_kd.apps.easyvqa.demo --quick`"
@@ -156,48 +196,82 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     run = Path(args.run_dir)
     names = args.only or list(VARIANTS)
-    results = {}
+    seeds = args.seeds or (args.seed,)
+    per_seed: dict[str, dict[int, dict]] = {name: {} for name in names}
     try:
         if not (run / "teacher" / "teacher_sft" / "final").is_dir():
             raise MllmKdError(
                 f"no teacher in {run}/teacher: run `python -m mllm_kd.apps.easyvqa.demo --run-dir {run}` first"
             )
-        if args.jobs > 1:
-            _train_in_parallel(run, names, args.jobs, args.overrides, args.recipe, args.seed, args.quick)
-        for name in names:  # finished variants and answer files are reused: this only collects
-            ckpt = train_variant(run, name, args.overrides, args.recipe, args.seed, args.quick)
-            answers = run / "ablation" / "eval" / args.split / f"{name}-seed{args.seed}.answers.jsonl"
-            if ckpt == _demo_checkpoint(run, name, args.overrides, args.seed):
-                role = DEMO_RUNS[name][2]
-                demo_answers = run / "eval" / args.split / f"{role}-seed{args.seed}.answers.jsonl"
-                if demo_answers.is_file():
-                    answers = demo_answers  # the demo answered these questions with this very checkpoint
-            scores = evaluate(run / "data", args.split, answers, name, ckpt, redo=False)
-            results[name] = {
-                "accuracy": scores["accuracy"] / 100.0,
-                "by_type": scores["by_type"],
-                "what": VARIANTS[name][2],
-            }
+        for seed in seeds:
+            if args.jobs > 1:
+                _train_in_parallel(
+                    run,
+                    names,
+                    args.jobs,
+                    args.overrides,
+                    args.recipe,
+                    seed,
+                    args.quick,
+                    args.on_policy_fraction,
+                )
+            for name in names:  # finished variants and answer files are reused: this only collects
+                ckpt = train_variant(
+                    run, name, args.overrides, args.recipe, seed, args.quick, args.on_policy_fraction
+                )
+                per_seed[name][seed] = _score(run, name, ckpt, args.split, args.overrides, seed)
     except MllmKdError as e:
         return exit_code(e)
+    results = {name: _mean_over_seeds(name, per_seed[name]) for name in names}
+    if "dft_on_policy" in names:
+        results["dft_on_policy"]["on_policy_fraction"] = args.on_policy_fraction
     out = run / "ablation"
     (out / "report.json").write_text(json.dumps(results, indent=2))
-    types = sorted(next(iter(results.values()))["by_type"])
-    ref = results.get("kd", {}).get("accuracy")
-    lines = [
-        "| variant | what | accuracy | " + " | ".join(types) + " | vs kd |",
-        "|---|---|---|" + "---|" * len(types) + "---|",
-    ]
-    for name, r in results.items():
-        delta = f"{100 * (r['accuracy'] - ref):+.2f}" if ref is not None else ""
-        lines.append(
-            f"| {name} | {r['what']} | {100 * r['accuracy']:.2f} | "
-            + " | ".join(f"{r['by_type'][t]:.2f}" for t in types)
-            + f" | {delta} |"
-        )
+    lines = report_table(results)
     (out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def _score(run: Path, name: str, ckpt: Path, split: str, overrides: list[str], seed: int) -> dict:
+    answers = run / "ablation" / "eval" / split / f"{name}-seed{seed}.answers.jsonl"
+    if ckpt == _demo_checkpoint(run, name, overrides, seed):
+        role = DEMO_RUNS[name][2]
+        demo_answers = run / "eval" / split / f"{role}-seed{seed}.answers.jsonl"
+        if demo_answers.is_file():
+            answers = demo_answers  # the demo answered these questions with this very checkpoint
+    return evaluate(run / "data", split, answers, f"{name}-seed{seed}", ckpt, redo=False)
+
+
+def _mean_over_seeds(name: str, scores: dict[int, dict]) -> dict:
+    """Accuracy (a fraction) and per-type accuracy (percent), the mean over seeds, and each seed's accuracy."""
+    n = len(scores)
+    types = sorted(next(iter(scores.values()))["by_type"])
+    return {
+        "accuracy": sum(s["accuracy"] for s in scores.values()) / n / 100.0,
+        "by_type": {t: sum(s["by_type"][t] for s in scores.values()) / n for t in types},
+        "seeds": {str(seed): s["accuracy"] / 100.0 for seed, s in scores.items()},
+        "what": VARIANTS[name][2],
+    }
+
+
+def report_table(results: dict) -> list[str]:
+    """The markdown table: mean accuracy over seeds, per type, each seed, and the difference from kd."""
+    types = sorted(next(iter(results.values()))["by_type"])
+    ref = results.get("kd", {}).get("accuracy")
+    lines = [
+        "| variant | what | accuracy | " + " | ".join(types) + " | seeds | vs kd |",
+        "|---|---|---|" + "---|" * len(types) + "---|---|",
+    ]
+    for name, r in results.items():
+        delta = f"{100 * (r['accuracy'] - ref):+.2f}" if ref is not None else ""
+        each = " / ".join(f"{100 * a:.2f}" for a in r["seeds"].values())
+        lines.append(
+            f"| {name} | {r['what']} | {100 * r['accuracy']:.2f} | "
+            + " | ".join(f"{r['by_type'][t]:.2f}" for t in types)
+            + f" | {each} | {delta} |"
+        )
+    return lines
 
 
 if __name__ == "__main__":
