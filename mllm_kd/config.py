@@ -219,6 +219,9 @@ class LossConfig:
     alpha: float = 0.1  # skew of skl / srkl
     fused: bool = True  # losses from hidden states + LM-head weights, chunked (false: the logits reference)
     chunk_size: int = 256  # positions per chunk of the fused losses (~5 x chunk_size x V floats at a time)
+    # a teacher with another tokenizer: each model reads its own encoding, MDist across vocabularies on the
+    # aligned answer positions, visual grids pooled to the smaller one (docs/cross-tokenizer.md)
+    cross_tokenizer: bool = False
     on_nonfinite: str = (
         "raise"  # a NaN/inf loss: "raise" (stop, keep last checkpoint) or "skip" (drop the step, count it)
     )

@@ -15,6 +15,7 @@ import torch
 
 from mllm_kd.checkpoint.native import build_from_config, load_checkpoint_model, resolve_checkpoint
 from mllm_kd.config import ModelConfig, StageConfig
+from mllm_kd.data.cross_tokens import with_teacher_encoding
 from mllm_kd.data.datasets import build_train_data
 from mllm_kd.data.encoding import ImageProcessor
 from mllm_kd.errors import CheckpointError, ConfigError
@@ -25,7 +26,7 @@ from mllm_kd.runtime.device import seed_everything
 from mllm_kd.runtime.distributed import barrier, init_distributed
 from mllm_kd.runtime.plan import RunPlan, plan_run
 from mllm_kd.teacher.cache import CachedTeacher
-from mllm_kd.teacher.load import load_teacher
+from mllm_kd.teacher.load import load_teacher, load_teacher_preprocessing
 from mllm_kd.tracking import check_available
 from mllm_kd.train.trainer import StepHook, Trainer
 
@@ -96,6 +97,9 @@ def run_stage(
         world_size=dist_info.world_size,
         batch_size=cfg.train.batch_size,
     )
+    if cfg.loss.cross_tokenizer and plan.teacher == "model":  # the teacher reads its own encoding
+        t_tok, t_images = load_teacher_preprocessing(cfg, teacher)
+        data = with_teacher_encoding(data, cfg.data, tokenizer, teacher, t_tok, t_images, student.vocab_size)
     attach_lora(student, cfg, plan.device)  # trainable.llm=lora: adapters (mllm_kd/lora.py)
     trainable = apply_trainable(student, cfg.trainable)
     role = (

@@ -126,7 +126,7 @@ class Trainer:
             compile_decoder_layers(student.llm)
             if plan.teacher == "model":
                 compile_decoder_layers(teacher.llm)
-        self.loss_fn = LossComputer(cfg, teacher, plan)
+        self.loss_fn = LossComputer(cfg, teacher, plan, shared_vocab=data.shared_vocab)
         self.meter, self.tracker = StepMeter(self.device), Tracker()  # tracking: tokens/s, memory, trackers
         self.batches_per_epoch = math.ceil(data.num_samples / t.batch_size)  # per rank
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / t.grad_accum)
@@ -282,7 +282,7 @@ class Trainer:
             ds,
             batch_size=t.batch_size,
             sampler=self.data.sampler,
-            collate_fn=Collator(self.tokenizer.pad_token_id),
+            collate_fn=self.data.collate or Collator(self.tokenizer.pad_token_id),
             num_workers=self.cfg.data.num_workers,
             pin_memory=self.device.type == "cuda",
         )
