@@ -19,7 +19,12 @@ from mllm_kd.data.cross_tokens import align_positions, answer_keys, shared_vocab
 from mllm_kd.data.encoding import ConversationEncoder
 from mllm_kd.errors import CompatibilityError, ConfigError
 from mllm_kd.losses.cross_tokenizer import cross_tokenizer_loss, cross_vocab_divergence, pool_visual
-from mllm_kd.losses.reference import DistillSettings, divergence_from_logprobs, relation_distill, response_mask
+from mllm_kd.losses.reference import (
+    DistillSettings,
+    divergence_from_logprobs,
+    relation_distill,
+    response_mask,
+)
 from mllm_kd.model.tokenization import image_token_id, load_tokenizer, train_bpe_tokenizer
 
 
@@ -115,19 +120,26 @@ def test_divergence_equals_float64_reference(kind):
     got = cross_vocab_divergence(
         F.log_softmax(zs, -1), F.log_softmax(zt, -1), torch.tensor(shared_s), torch.tensor(shared_t), kind
     )
-    torch.testing.assert_close(got.double(), _reference64(zs, zt, shared_s, shared_t, kind), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        got.double(), _reference64(zs, zt, shared_s, shared_t, kind), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_divergence_limits():
     g = torch.Generator().manual_seed(1)
-    a, b = F.log_softmax(torch.randn(4, 6, generator=g), -1), F.log_softmax(torch.randn(4, 6, generator=g), -1)
+    a, b = (
+        F.log_softmax(torch.randn(4, 6, generator=g), -1),
+        F.log_softmax(torch.randn(4, 6, generator=g), -1),
+    )
     same = torch.arange(6)
     # One vocabulary: exactly the ordinary MDist.
-    torch.testing.assert_close(cross_vocab_divergence(a, b, same, same, "fkl"), divergence_from_logprobs(a, b, "fkl"))
+    torch.testing.assert_close(
+        cross_vocab_divergence(a, b, same, same, "fkl"), divergence_from_logprobs(a, b, "fkl")
+    )
     # No shared token: ULD, the L1 distance of the sorted probabilities (padded).
     none = torch.tensor([], dtype=torch.long)
     c = F.log_softmax(torch.randn(4, 9, generator=g), -1)
-    uld = (F.pad(a.exp().sort(-1, descending=True).values, (0, 3)) - c.exp().sort(-1, descending=True).values)
+    uld = F.pad(a.exp().sort(-1, descending=True).values, (0, 3)) - c.exp().sort(-1, descending=True).values
     torch.testing.assert_close(cross_vocab_divergence(a, c, none, none), uld.abs().sum(-1))
     # The same distribution under a permuted vocabulary: 0.
     perm = torch.randperm(6, generator=g)
@@ -182,9 +194,15 @@ def test_chunked_objective_equals_plain_autograd():
     tau = settings.temperature
     rows_s = torch.cat([zs[b, align_s[b][align_s[b] >= 0]] for b in range(B)])
     rows_t = torch.cat([zt[b, align_t[b][align_t[b] >= 0]] for b in range(B)])
-    div = lambda a, b: cross_vocab_divergence(  # noqa: E731
-        F.log_softmax(a / tau, -1), F.log_softmax(b / tau, -1), *shared, "fkl"
-    ).mean() * tau**2
+
+    def div(a, b):
+        return (
+            cross_vocab_divergence(
+                F.log_softmax(a / tau, -1), F.log_softmax(b / tau, -1), *shared, "fkl"
+            ).mean()
+            * tau**2
+        )
+
     mresp = div(rows_s, rows_t)
     vs = pool_visual(hs[vis].view(B, ns, d), ns) @ ws.t()
     vt = pool_visual(ht[tvis].view(B, nt, dt), ns) @ wt.t()
@@ -208,7 +226,7 @@ def test_other_vocabulary_is_refused_naming_the_option(two_tokenizers):
 
     chars, words = two_tokenizers
     model = SimpleNamespace(vocab_size=len(chars), num_visual_tokens=4)
-    with pytest.raises(CompatibilityError, match="loss.cross_tokenizer=true"):
+    with pytest.raises(CompatibilityError, match=r"loss\.cross_tokenizer=true"):
         check_compatible(model, words, model, chars, "T")
     check_compatible(model, words, model, chars, "T", cross_tokenizer=True)  # no refusal with the option
 
@@ -219,7 +237,7 @@ def test_cross_tokenizer_refuses_a_cached_teacher():
     cfg = resolve_stage_config(
         {"teacher": {"cache": "somewhere"}, "loss": {"cross_tokenizer": True}}, "stage2"
     )
-    with pytest.raises(ConfigError, match="loss.cross_tokenizer cannot use teacher.cache"):
+    with pytest.raises(ConfigError, match=r"loss\.cross_tokenizer cannot use teacher\.cache"):
         load_teacher(cfg, None, None)
 
 
@@ -262,10 +280,17 @@ def test_stages_distil_across_tokenizers(tmp_path):
     from mllm_kd.stages import STAGES
 
     make_synthetic(tmp_path / "data", n_images=8)
-    texts = [t["value"] for r in json.loads((tmp_path / "data" / "instruct.json").read_text()) for t in r["conversations"]]
+    texts = [
+        t["value"]
+        for r in json.loads((tmp_path / "data" / "instruct.json").read_text())
+        for t in r["conversations"]
+    ]
     train_bpe_tokenizer(texts, tmp_path / "teacher_tokenizer", vocab_size=320)
     recipe = _recipe(tmp_path)
-    cfg = lambda stage: resolve_stage_config(recipe, stage, STAGES[stage].defaults)  # noqa: E731
+
+    def cfg(stage):
+        return resolve_stage_config(recipe, stage, STAGES[stage].defaults)
+
     STAGES["teacher_pt"].run(cfg("teacher_pt"))
     before = None
     for stage in ("stage1", "stage2", "stage3"):

@@ -161,7 +161,9 @@ class TeacherEncodedDataset(Dataset):
     A sample too long for the teacher follows ``data.on_overflow`` like one too long for the student.
     """
 
-    def __init__(self, base: LlavaJsonDataset, teacher_encoder: ConversationEncoder, teacher_images: ImageProcessor):
+    def __init__(
+        self, base: LlavaJsonDataset, teacher_encoder: ConversationEncoder, teacher_images: ImageProcessor
+    ):
         self.base, self.encoder, self.images = base, teacher_encoder, teacher_images
 
     def __len__(self) -> int:
@@ -248,7 +250,9 @@ def with_teacher_encoding(
     """``data`` whose batches also hold the teacher's encoding (``loss.cross_tokenizer``), with the
     collate function and the shared vocabulary the cross-tokenizer loss needs."""
     if not isinstance(data.dataset, LlavaJsonDataset):
-        raise ConfigError("loss.cross_tokenizer needs data.format=llava_json (WebDataset shards are not supported)")
+        raise ConfigError(
+            "loss.cross_tokenizer needs data.format=llava_json (WebDataset shards are not supported)"
+        )
     encoder = ConversationEncoder(
         teacher_tok, cfg.template, teacher.num_visual_tokens, teacher.image_token_id, cfg.system_prompt
     )

@@ -221,7 +221,11 @@ def cross_tokenizer_loss(
     ht_rows = [teacher_hidden[b_of_row, t_of_row.clamp(min=0)]]
     targets = [targets_full[resp]]
     ce_w = [torch.full((n_resp,), w["ce"] / max(n_resp, 1), device=device)]
-    kd_w = [aligned.float() * (w["mdist_resp"] * tau2 / max(n_aligned, 1)) if settings.resp else aligned.float() * 0]
+    kd_w = [
+        aligned.float() * (w["mdist_resp"] * tau2 / max(n_aligned, 1))
+        if settings.resp
+        else aligned.float() * 0
+    ]
     rdist, gram_grad, n_vis = None, None, 0
     images = vis_mask is not None and teacher_vis_mask is not None and bool(vis_mask.any())
     if images and (settings.vis or settings.rel):
@@ -237,7 +241,9 @@ def cross_tokenizer_loss(
             gram_t = teacher_gram
             if gram_t is None:
                 with torch.no_grad():
-                    gram_t = head_gram(teacher_head_weight.detach(), None if teacher_bias is None else teacher_bias.detach())
+                    gram_t = head_gram(
+                        teacher_head_weight.detach(), None if teacher_bias is None else teacher_bias.detach()
+                    )
             with torch.no_grad(), torch.autocast(ht.device.type, enabled=False):
                 rel_t = relation_matrix(ht, gram_t, teacher_bias is not None)
             rdist, gram_grad = relation_term(hs, student_head_weight, student_bias, rel_t, w["rdist"])
