@@ -7,6 +7,8 @@ computes CE + MDist_resp + MDist_vis + RDist from the hidden states and the two 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -29,7 +31,7 @@ class CrossTokenizerObjective:
         settings: DistillSettings,
         weights: dict[str, float],
         shared_vocab: tuple[torch.Tensor, torch.Tensor] | None,
-        head_of: callable,
+        head_of: Callable[[nn.Module], nn.Linear | None],
     ):
         if shared_vocab is None:
             raise ConfigError(
