@@ -42,13 +42,18 @@ def load_teacher(
         )
     if cfg.teacher.cache:
         return load_cached_teacher(cfg, student, tokenizer, model_cfg or cfg.model)
-    return load_teacher_model(cfg, student, tokenizer, plan)
+    return load_teacher_model(cfg, student, tokenizer, plan, cross_tokenizer=cfg.loss.cross_tokenizer)
 
 
 def load_teacher_model(
-    cfg: StageConfig, student: MultimodalLM, tokenizer, plan: RunPlan | None = None
+    cfg: StageConfig,
+    student: MultimodalLM,
+    tokenizer,
+    plan: RunPlan | None = None,
+    cross_tokenizer: bool = False,
 ) -> MultimodalLM:
-    """Load ``teacher.checkpoint`` (quantised if ``teacher.quantize``) and check it against the student."""
+    """Load ``teacher.checkpoint`` (quantised if ``teacher.quantize``) and check it against the student
+    (its vocabulary and visual-token count too, unless ``cross_tokenizer``: the online loss handles both)."""
     if not cfg.teacher.checkpoint:
         raise ConfigError(
             f"{cfg.stage}: distillation needs teacher.checkpoint or teacher.cache "
@@ -63,7 +68,7 @@ def load_teacher_model(
     teacher, t_tok, _ = load_checkpoint_model(
         cfg.teacher.checkpoint, what="teacher.checkpoint", attn_device=plan.attn_device
     )
-    check_compatible(teacher, t_tok, student, tokenizer, cfg.teacher.checkpoint, cfg.loss.cross_tokenizer)
+    check_compatible(teacher, t_tok, student, tokenizer, cfg.teacher.checkpoint, cross_tokenizer)
     if cfg.teacher.quantize:
         n = quantize_llm(teacher.llm, cfg.teacher.quantize, plan.device)  # where the teacher will run
         log.info(
