@@ -220,6 +220,39 @@ def test_chunked_objective_equals_plain_autograd(ns, nt):
     torch.testing.assert_close(grad_w, ws.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["fkl", "jsd"])
+def test_one_tokenizer_gives_the_ordinary_objective(kind):
+    """Same vocabulary, same visual count, every response position aligned to itself: the cross-tokenizer
+    objective equals the fused same-vocabulary one, term by term and in its gradient."""
+    from mllm_kd.losses.fused import fused_distill_loss
+
+    g = torch.Generator().manual_seed(3)
+    B, T, d, dt, V, n = 2, 16, 8, 12, 11, 4
+    hs = torch.randn(B, T, d, generator=g, requires_grad=True)
+    ws = torch.randn(V, d, generator=g)
+    ht, wt = torch.randn(B, T, dt, generator=g), torch.randn(V, dt, generator=g)
+    labels = torch.full((B, T), -100)
+    labels[:, 9:15] = torch.randint(0, V, (B, 6), generator=g)
+    vis = torch.zeros(B, T, dtype=torch.bool)
+    vis[:, 2 : 2 + n] = True
+    resp = response_mask(labels)
+    align = torch.stack([resp[b].nonzero()[:, 0] for b in range(B)])
+    weights = {"ce": 1.0, "mdist_resp": 0.7, "mdist_vis": 0.5, "rdist": 0.3}
+    settings = DistillSettings(kind=kind, temperature=1.5)
+    total, terms = cross_tokenizer_loss(
+        hs, ws, labels, weights, ht, wt, align, align, (torch.arange(V), torch.arange(V)), settings,
+        vis_mask=vis, teacher_vis_mask=vis, num_visual_tokens=n, teacher_visual_tokens=n, chunk_size=5,
+    )  # fmt: skip
+    (grad,) = torch.autograd.grad(total, hs)
+    ref_total, ref_terms = fused_distill_loss(hs, ws, labels, weights, ht, wt, vis, n, settings, chunk_size=5)
+    (ref_grad,) = torch.autograd.grad(ref_total, hs)
+    assert float(terms["aligned"]) == 1.0
+    for name in ("ce", "mdist_resp", "mdist_vis", "rdist"):
+        torch.testing.assert_close(terms[name], ref_terms[name], rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------ refusals
 def test_other_vocabulary_is_refused_naming_the_option(two_tokenizers):
     from types import SimpleNamespace

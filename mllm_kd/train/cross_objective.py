@@ -22,7 +22,7 @@ from mllm_kd.runtime.distributed import unwrap
 
 
 class CrossTokenizerObjective:
-    """``(total, terms)`` of one two-tokenizer micro-batch; the heads are checked on the first call."""
+    """``(total, terms)`` of one two-tokenizer micro-batch (both LM heads checked on every call)."""
 
     def __init__(
         self,
