@@ -266,6 +266,22 @@ def test_other_vocabulary_is_refused_naming_the_option(two_tokenizers):
     check_compatible(model, words, model, chars, "T", cross_tokenizer=True)  # no refusal with the option
 
 
+def test_cross_tokenizer_refuses_webdataset_shards(two_tokenizers):
+    from types import SimpleNamespace
+
+    from mllm_kd.config import DataConfig
+    from mllm_kd.data.cross_tokens import with_teacher_encoding
+    from mllm_kd.data.datasets import TrainData
+
+    chars, words = two_tokenizers
+    data = TrainData(dataset=torch.utils.data.TensorDataset(torch.zeros(1)), sampler=None, num_samples=1)
+    teacher = SimpleNamespace(
+        num_visual_tokens=4, image_token_id=image_token_id(words), vocab_size=len(words)
+    )
+    with pytest.raises(ConfigError, match=r"data\.format=llava_json"):
+        with_teacher_encoding(data, DataConfig(), chars, teacher, words, None, len(chars))
+
+
 def test_cross_tokenizer_refuses_a_cached_teacher():
     from mllm_kd.teacher.load import load_teacher
 
