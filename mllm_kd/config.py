@@ -302,6 +302,9 @@ class LossConfig:
     alpha: float = 0.1  # skew of skl / srkl
     fused: bool = True  # losses from hidden states + LM-head weights, chunked (false: the logits reference)
     chunk_size: int = 256  # positions per chunk of the fused losses (~5 x chunk_size x V floats at a time)
+    # a teacher with another tokenizer: each model reads its own encoding, MDist across vocabularies on the
+    # aligned answer positions, visual grids pooled to the smaller one (docs/cross-tokenizer.md)
+    cross_tokenizer: bool = False
     on_nonfinite: str = (
         "raise"  # a NaN/inf loss: "raise" (stop, keep last checkpoint) or "skip" (drop the step, count it)
     )
@@ -509,6 +512,16 @@ class StageConfig:
 
     def __post_init__(self) -> None:
         check(bool(self.run_dir), "run_dir", "a directory", self.run_dir)
+        if self.teacher.cache and self.loss.cross_tokenizer:
+            raise ConfigError(
+                "loss.cross_tokenizer cannot use teacher.cache (the cache holds the teacher's outputs at the "
+                "student's positions); use the online teacher, teacher.checkpoint"
+            )
+        if self.loss.cross_tokenizer and (self.loss.on_policy_fraction > 0 or self.loss.sequence_kd):
+            raise ConfigError(
+                "loss.cross_tokenizer cannot be combined with loss.on_policy_fraction > 0 or loss.sequence_kd "
+                "(generated responses are not re-encoded with the teacher's tokenizer)"
+            )
         if self.teacher.cache and (self.loss.on_policy_fraction > 0 or self.loss.sequence_kd):
             raise ConfigError(
                 "teacher.cache stores the teacher's outputs for the data set's responses only; "

@@ -145,6 +145,11 @@ CONTRADICTIONS = [
     (["model.llm.gguf_file=m.gguf"], "model.llm.gguf_file"),
     (["optim.name=adamw8bit", "optim.fused=true"], "optim.fused"),
     (["model.vision.path=somewhere"], "model.vision"),
+    (["teacher.cache=c", "loss.on_policy_fraction=0.5"], "loss.on_policy_fraction"),
+    (["teacher.cache=c", "loss.sequence_kd=true"], "loss.sequence_kd"),
+    (["teacher.cache=c", "loss.cross_tokenizer=true"], "loss.cross_tokenizer cannot use teacher.cache"),
+    (["loss.cross_tokenizer=true", "loss.on_policy_fraction=0.5"], "generated responses are not re-encoded"),
+    (["loss.cross_tokenizer=true", "loss.sequence_kd=true"], "generated responses are not re-encoded"),
 ]
 
 

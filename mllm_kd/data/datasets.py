@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -250,6 +250,9 @@ class TrainData:
     dataset: Dataset | IterableDataset
     sampler: EpochSampler | None
     num_samples: int
+    collate: Callable | None = None  # the batches' collate function (None: Collator with the pad id)
+    # loss.cross_tokenizer: (student ids, teacher ids) of the tokens both vocabularies share
+    shared_vocab: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def build_train_data(

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import logging
 
-from mllm_kd.checkpoint.native import load_checkpoint_model
+from mllm_kd.checkpoint.hf_llava import is_hf_llava_dir
+from mllm_kd.checkpoint.native import load_checkpoint_model, read_model_config, resolve_checkpoint
 from mllm_kd.config import ModelConfig, StageConfig
 from mllm_kd.data.encoding import ImageProcessor
 from mllm_kd.errors import CompatibilityError, ConfigError
 from mllm_kd.model.multimodal import MultimodalLM
+from mllm_kd.model.tokenization import load_tokenizer
 from mllm_kd.runtime.plan import RunPlan, plan_run
 from mllm_kd.teacher.cache import CachedTeacher, check_loss_settings, open_cache
 from mllm_kd.teacher.fingerprint import expected_record
@@ -32,15 +34,26 @@ def load_teacher(
     stands in its place (checked against this stage's data, tokenizer and settings), and the loss reads
     its stored outputs. With ``teacher.quantize`` the teacher's LLM runs in 8 or 4 bits (bitsandbytes).
     """
+    if cfg.teacher.cache and cfg.loss.cross_tokenizer:
+        raise ConfigError(
+            "loss.cross_tokenizer cannot use teacher.cache: the cache holds top-k teacher outputs at the student's "
+            "positions, while distillation across tokenizers needs the teacher's whole distribution at its own "
+            "positions; run the teacher online (teacher.checkpoint, teacher.cache=null)"
+        )
     if cfg.teacher.cache:
         return load_cached_teacher(cfg, student, tokenizer, model_cfg or cfg.model)
-    return load_teacher_model(cfg, student, tokenizer, plan)
+    return load_teacher_model(cfg, student, tokenizer, plan, cross_tokenizer=cfg.loss.cross_tokenizer)
 
 
 def load_teacher_model(
-    cfg: StageConfig, student: MultimodalLM, tokenizer, plan: RunPlan | None = None
+    cfg: StageConfig,
+    student: MultimodalLM,
+    tokenizer,
+    plan: RunPlan | None = None,
+    cross_tokenizer: bool = False,
 ) -> MultimodalLM:
-    """Load ``teacher.checkpoint`` (quantised if ``teacher.quantize``) and check it against the student."""
+    """Load ``teacher.checkpoint`` (quantised if ``teacher.quantize``) and check it against the student
+    (its vocabulary and visual-token count too, unless ``cross_tokenizer``: the online loss handles both)."""
     if not cfg.teacher.checkpoint:
         raise ConfigError(
             f"{cfg.stage}: distillation needs teacher.checkpoint or teacher.cache "
@@ -55,7 +68,7 @@ def load_teacher_model(
     teacher, t_tok, _ = load_checkpoint_model(
         cfg.teacher.checkpoint, what="teacher.checkpoint", attn_device=plan.attn_device
     )
-    check_compatible(teacher, t_tok, student, tokenizer, cfg.teacher.checkpoint)
+    check_compatible(teacher, t_tok, student, tokenizer, cfg.teacher.checkpoint, cross_tokenizer)
     if cfg.teacher.quantize:
         n = quantize_llm(teacher.llm, cfg.teacher.quantize, plan.device)  # where the teacher will run
         log.info(
@@ -91,8 +104,13 @@ def load_cached_teacher(
     return cache
 
 
-def check_compatible(teacher: MultimodalLM, t_tok, student: MultimodalLM, s_tok, where: str) -> None:
-    """Teacher and student must see the same input ids: same vocabulary and visual-token layout."""
+def check_compatible(
+    teacher: MultimodalLM, t_tok, student: MultimodalLM, s_tok, where: str, cross_tokenizer: bool = False
+) -> None:
+    """Teacher and student must see the same input ids: same vocabulary and visual-token layout, unless
+    ``cross_tokenizer`` (``loss.cross_tokenizer``: each reads its own encoding; nothing to check here)."""
+    if cross_tokenizer:
+        return
     t_vocab, s_vocab = t_tok.get_vocab(), s_tok.get_vocab()
     if t_vocab != s_vocab:
         only_t = sorted(set(t_vocab) - set(s_vocab))[:5]
@@ -100,17 +118,31 @@ def check_compatible(teacher: MultimodalLM, t_tok, student: MultimodalLM, s_tok,
         raise CompatibilityError(
             f"teacher {where} has a different vocabulary from the student ({len(t_vocab)} vs {len(s_vocab)} tokens; "
             f"only in teacher: {only_t}, only in student: {only_s}). Logit distillation compares distributions token "
-            "by token, so both must use the same tokenizer: pick a student LLM of the teacher's family, or retrain "
-            "the teacher with the student's tokenizer."
+            "by token, so both must use the same tokenizer: pick a student LLM of the teacher's family, or set "
+            "loss.cross_tokenizer=true to distil across vocabularies (online teacher only; docs/cross-tokenizer.md)."
         )
     if teacher.vocab_size != student.vocab_size:
         raise CompatibilityError(
             f"teacher {where} outputs {teacher.vocab_size} logits but the student {student.vocab_size}; the LM heads "
-            "must have the same width (resize one of them to the other)."
+            "must have the same width (resize one of them to the other), or set loss.cross_tokenizer=true."
         )
     if teacher.num_visual_tokens != student.num_visual_tokens:
         raise CompatibilityError(
             f"teacher {where} produces {teacher.num_visual_tokens} visual tokens per image but the student "
             f"{student.num_visual_tokens}; they must match (same image size, patch size and drop_cls), since the "
-            "visual positions are distilled one to one."
+            "visual positions are distilled one to one (loss.cross_tokenizer=true pools the larger grid instead)."
         )
+
+
+def load_teacher_preprocessing(cfg: StageConfig, teacher: MultimodalLM):
+    """The teacher's own tokenizer and image preprocessing (``loss.cross_tokenizer``), read from the mllm_kd
+    checkpoint ``teacher.checkpoint`` (``teacher``: the loaded model). Returns ``(tokenizer, ImageProcessor)``."""
+    if is_hf_llava_dir(cfg.teacher.checkpoint):
+        raise ConfigError(
+            f"loss.cross_tokenizer needs teacher.checkpoint to be an mllm_kd checkpoint; {cfg.teacher.checkpoint} "
+            "is a Hugging Face LLaVA directory"
+        )
+    ckpt = resolve_checkpoint(cfg.teacher.checkpoint, "teacher.checkpoint")
+    vision = read_model_config(ckpt).vision
+    images = ImageProcessor(teacher.vision.image_size, list(vision.image_mean), list(vision.image_std))
+    return load_tokenizer(ckpt / "tokenizer"), images

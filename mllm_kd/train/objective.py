@@ -17,6 +17,7 @@ from mllm_kd.model.multimodal import MultimodalLM
 from mllm_kd.runtime.distributed import unwrap
 from mllm_kd.runtime.plan import RunPlan
 from mllm_kd.teacher.cache import CachedTeacher, check_loss_settings
+from mllm_kd.train.cross_objective import CrossTokenizerObjective
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,11 @@ class LossComputer:
     """
 
     def __init__(
-        self, cfg: StageConfig, teacher: MultimodalLM | CachedTeacher | None, plan: RunPlan | None = None
+        self,
+        cfg: StageConfig,
+        teacher: MultimodalLM | CachedTeacher | None,
+        plan: RunPlan | None = None,
+        shared_vocab: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         self.loss = cfg.loss
         self.fused = plan.fused if plan is not None else cfg.loss.fused
@@ -75,6 +80,11 @@ class LossComputer:
         self._teacher_gram: tuple[tuple, torch.Tensor] | None = None  # (weight identity, W^T W) cache
         self._heads: tuple[nn.Linear, nn.Linear | None] | None = None  # the fused path's heads, once chosen
         self._path: str | None = None  # "fused" or "reference", decided on the first batch
+        self.cross = None  # loss.cross_tokenizer with an online teacher: mllm_kd/train/cross_objective.py
+        if cfg.loss.cross_tokenizer and self.teacher is not None:
+            self.cross = CrossTokenizerObjective(
+                cfg, self.teacher, self.settings, self.weights, shared_vocab, fusable_head
+            )
 
     def _choose_path(self, student: nn.Module) -> str:
         if self._path is None:
@@ -97,6 +107,8 @@ class LossComputer:
         A batch with ``on_policy`` True (the student's own responses, mllm_kd/train/on_policy.py) has no CE
         term, and ``on_policy`` is reported as a term (1 or 0) whenever the batch says.
         """
+        if self.cross is not None:
+            return self.cross(student, batch)
         if self._choose_path(student) == "fused":
             head, t_head = self._heads
             if self.cache is not None:

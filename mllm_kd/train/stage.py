@@ -17,6 +17,7 @@ from mllm_kd.checkpoint.hf_llava import is_hf_llava_dir
 from mllm_kd.checkpoint.integrity import verify_checkpoint
 from mllm_kd.checkpoint.native import build_from_config, load_checkpoint_model, resolve_checkpoint
 from mllm_kd.config import ModelConfig, StageConfig, check_combinations
+from mllm_kd.data.cross_tokens import with_teacher_encoding
 from mllm_kd.data.datasets import build_train_data
 from mllm_kd.data.encoding import ImageProcessor
 from mllm_kd.data.records import load_llava_json
@@ -28,7 +29,7 @@ from mllm_kd.runtime.device import seed_everything
 from mllm_kd.runtime.distributed import barrier, init_distributed
 from mllm_kd.runtime.plan import RunPlan, plan_run
 from mllm_kd.teacher.cache import CachedTeacher
-from mllm_kd.teacher.load import load_teacher
+from mllm_kd.teacher.load import load_teacher, load_teacher_preprocessing
 from mllm_kd.tracking import check_available
 from mllm_kd.train.trainer import StepHook, Trainer
 
@@ -136,6 +137,9 @@ def run_stage(
         batch_size=cfg.train.batch_size,
         records=records,
     )
+    if cfg.loss.cross_tokenizer and plan.teacher == "model":  # the teacher reads its own encoding
+        t_tok, t_images = load_teacher_preprocessing(cfg, teacher)
+        data = with_teacher_encoding(data, cfg.data, tokenizer, teacher, t_tok, t_images, student.vocab_size)
     attach_lora(student, cfg, plan.device)  # trainable.llm=lora: adapters (mllm_kd/lora.py)
     trainable = apply_trainable(student, cfg.trainable)
     role = (

@@ -126,7 +126,7 @@ class Trainer:
             compile_decoder_layers(student.llm)
             if plan.teacher == "model":
                 compile_decoder_layers(teacher.llm)
-        self.loss_fn = LossComputer(cfg, teacher, plan)
+        self.loss_fn = LossComputer(cfg, teacher, plan, shared_vocab=data.shared_vocab)
         # generated responses (on-policy distillation, sequence-level KD); None: the data set's
         self.responses = ResponseSource.from_config(cfg, student, teacher, tokenizer, self.dist.rank)
         self.meter, self.tracker = StepMeter(self.device), Tracker()  # tracking: tokens/s, memory, trackers
@@ -286,7 +286,7 @@ class Trainer:
             ds,
             batch_size=t.batch_size,
             sampler=self.data.sampler,
-            collate_fn=Collator(self.tokenizer.pad_token_id),
+            collate_fn=self.data.collate or Collator(self.tokenizer.pad_token_id),
             num_workers=self.cfg.data.num_workers,
             worker_init_fn=ignore_stop_signals,  # preemption is the training process's job
             pin_memory=self.device.type == "cuda",

@@ -1,0 +1,137 @@
+"""The cross-tokenizer objective (``loss.cross_tokenizer``) against the same-vocabulary fused objective
+and against a plain logits implementation of itself: forward + backward time and peak memory.
+
+    python bench/cross_tokenizer.py --vocab 32000 --teacher-vocab 48000 --tokens 512 --visual 64
+
+Variants (each in a fresh subprocess): ``fused`` — :func:`mllm_kd.losses.fused.fused_distill_loss` with a
+teacher of the student's vocabulary (what the stage runs without the option); ``cross`` —
+:func:`mllm_kd.losses.cross_tokenizer.cross_tokenizer_loss` with a teacher of ``--teacher-vocab`` tokens,
+half of the student's shared, every response position aligned, ``--teacher-visual`` visual tokens pooled
+to ``--visual``; ``logits`` — the same terms from the full ``[B, T, V]`` logits of both models with
+autograd. Peak memory: the resident-set high-water mark (``VmHWM``) over the pass minus the resident set
+before it (Linux; see bench/kd_loss.py). The last line printed is a JSON object of all variants.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from kd_loss import _reset_peak_rss, _rss_kib, _trim_heap
+
+VARIANTS = ("fused", "cross", "logits")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--teacher-vocab", type=int, default=48000)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--tokens", type=int, default=512, help="tokens per sample (visual + response)")
+    p.add_argument("--visual", type=int, default=64, help="student visual tokens per sample")
+    p.add_argument("--teacher-visual", type=int, default=256, help="teacher visual tokens per sample")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def run_worker(args) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from mllm_kd.losses.cross_tokenizer import cross_tokenizer_loss, cross_vocab_divergence, pool_visual
+    from mllm_kd.losses.fused import fused_distill_loss
+    from mllm_kd.losses.reference import DistillSettings, relation_distill
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    g = torch.Generator().manual_seed(0)
+    B, T, V, d, n = args.batch, args.tokens, args.vocab, args.hidden, args.visual
+    Vt, nt = (V, n) if args.worker == "fused" else (args.teacher_vocab, args.teacher_visual)
+    Tt = T - n + nt
+    hs = torch.randn(B, T, d, generator=g).requires_grad_()
+    ws = (torch.randn(V, d, generator=g) * d**-0.5).requires_grad_()
+    ht, wt = torch.randn(B, Tt, d, generator=g), torch.randn(Vt, d, generator=g) * d**-0.5
+    vis = torch.zeros(B, T, dtype=torch.bool)
+    vis[:, 1 : 1 + n] = True
+    tvis = torch.zeros(B, Tt, dtype=torch.bool)
+    tvis[:, 1 : 1 + nt] = True
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    labels[:, 1 + n :] = torch.randint(0, V, (B, T - 1 - n), generator=g)
+    resp_pos = torch.arange(n, T - 1).expand(B, -1)  # every response position aligned
+    align_t = resp_pos - n + nt
+    shared = (torch.arange(0, V, 2), torch.arange(0, V, 2) % Vt)
+    settings = DistillSettings()
+    weights = {"ce": 1.0, "mdist_resp": 1.0, "mdist_vis": 1.0, "rdist": 1.0}
+
+    def step():
+        if args.worker == "fused":
+            total, _ = fused_distill_loss(
+                hs, ws, labels, weights, ht, wt, vis, n, settings, chunk_size=args.chunk_size
+            )
+        elif args.worker == "cross":
+            total, _ = cross_tokenizer_loss(
+                hs, ws, labels, weights, ht, wt, resp_pos, align_t, shared, settings, vis, tvis, n, nt,
+                chunk_size=args.chunk_size,
+            )  # fmt: skip
+        else:
+            zs, zt = hs @ ws.t(), ht @ wt.t()
+
+            def div(a, b):
+                log_a, log_b = F.log_softmax(a, -1), F.log_softmax(b, -1)
+                return cross_vocab_divergence(log_a, log_b, *shared).mean()
+
+            rs = torch.cat([zs[b, resp_pos[b]] for b in range(B)])
+            rt = torch.cat([zt[b, align_t[b]] for b in range(B)])
+            vs = pool_visual(hs[vis].view(B, n, d), n) @ ws.t()
+            vt = pool_visual(ht[tvis].view(B, nt, d), n) @ wt.t()
+            ce = F.cross_entropy(zs[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
+            total = ce + div(rs, rt) + div(vs.reshape(-1, V), vt.reshape(-1, Vt)) + relation_distill(vs, vt)
+        total.backward()
+        hs.grad = ws.grad = None
+
+    step()  # warm-up
+    times, peaks = [], []
+    for _ in range(args.repeats):
+        _trim_heap()
+        base = _rss_kib("VmRSS")
+        _reset_peak_rss()
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+        peaks.append((_rss_kib("VmHWM") - base) * 1024)
+    return {
+        "variant": args.worker,
+        "seconds": statistics.median(times),
+        "peak_bytes": statistics.median(peaks),
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_worker(args)))
+        return 0
+    results = {}
+    for variant in args.variants.split(","):
+        cmd = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--worker", variant]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            results[variant] = {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+            continue
+        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = results[variant]
+        print(f"{variant:7s} {r['seconds']:.3f} s  peak {r['peak_bytes'] / 2**20:.0f} MiB", flush=True)
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
