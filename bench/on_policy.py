@@ -67,6 +67,7 @@ def main(argv=None) -> dict:
     import step as bench_step
     import torch
 
+    from mllm_kd.data.datasets import TrainData
     from mllm_kd.model.multimodal import apply_trainable
     from mllm_kd.model.tokenization import image_token_id
     from mllm_kd.runtime.plan import plan_run
@@ -106,7 +107,7 @@ def main(argv=None) -> dict:
             s = copy.deepcopy(student)
             apply_trainable(s, c.trainable)
             plan = dataclasses.replace(plan_run(c, distill=True), teacher="model")
-            t = Trainer(c, plan, s, teacher, bench_step._Data(len(batches) * args.batch), tok, c.model)
+            t = Trainer(c, plan, s, teacher, TrainData(None, None, len(batches) * args.batch), tok, c.model)
             t.model.train()
             s.vision.train(False)
             trainers[name] = t

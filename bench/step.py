@@ -368,11 +368,6 @@ def build_models(args, cfg, tok):
     return student, teacher, t_cfg
 
 
-class _Data:  # what Trainer reads of the stage's data (the batches come from make_batches)
-    def __init__(self, n: int):
-        self.num_samples, self.dataset, self.sampler = n, None, None
-
-
 # -------------------------------------------------------------------------------------------- memory
 class Memory:
     """Peak memory of the timed steps: total, and above what was allocated before each step."""
@@ -413,6 +408,7 @@ def _mllm_kd_step(args, cfg, student, teacher, tok, batches, work: Path, cached:
     """Returns ``step(batch) -> loss`` running the stages' Trainer; ``cached``: through a teacher cache."""
     import torch
 
+    from mllm_kd.data.datasets import TrainData
     from mllm_kd.model.multimodal import apply_trainable
     from mllm_kd.runtime.plan import plan_run
     from mllm_kd.train.trainer import Trainer
@@ -422,7 +418,9 @@ def _mllm_kd_step(args, cfg, student, teacher, tok, batches, work: Path, cached:
         teacher = write_cache(args, cfg, teacher, batches, work / "cache")
         torch.cuda.empty_cache() if args.device == "cuda" else None
     plan = dataclasses.replace(plan_run(cfg, distill=True), teacher="cache" if cached else "model")
-    trainer = Trainer(cfg, plan, student, teacher, _Data(len(batches) * args.batch), tok, cfg.model)
+    trainer = Trainer(
+        cfg, plan, student, teacher, TrainData(None, None, len(batches) * args.batch), tok, cfg.model
+    )
     trainer.model.train()
     student.vision.train(False)
     losses = []

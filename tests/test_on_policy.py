@@ -294,7 +294,7 @@ def test_refusals(models, smoke_data):
         stage_config(
             SMOKE, "stage3", [f"run_dir={smoke_data}", "teacher.cache=/x", "loss.on_policy_fraction=0.5"]
         )
-    with pytest.raises(ConfigError, match=r"loss\.on_policy_fraction must lie in \[0, 1\]"):
+    with pytest.raises(ConfigError, match=r"loss\.on_policy_fraction must be in \[0, 1\]"):
         LossConfig(on_policy_fraction=1.5)
     with pytest.raises(ConfigError, match="teacher model"):
         ResponseSource.from_config(_cfg(on_policy_fraction=0.5), student, None, Tokenizer())

@@ -34,12 +34,6 @@ def load_teacher(
     stands in its place (checked against this stage's data, tokenizer and settings), and the loss reads
     its stored outputs. With ``teacher.quantize`` the teacher's LLM runs in 8 or 4 bits (bitsandbytes).
     """
-    if cfg.teacher.cache and cfg.loss.cross_tokenizer:
-        raise ConfigError(
-            "loss.cross_tokenizer cannot use teacher.cache: the cache holds top-k teacher outputs at the student's "
-            "positions, while distillation across tokenizers needs the teacher's whole distribution at its own "
-            "positions; run the teacher online (teacher.checkpoint, teacher.cache=null)"
-        )
     if cfg.teacher.cache:
         return load_cached_teacher(cfg, student, tokenizer, model_cfg or cfg.model)
     return load_teacher_model(cfg, student, tokenizer, plan, cross_tokenizer=cfg.loss.cross_tokenizer)
