@@ -118,12 +118,25 @@ def read_text(path: Path, what: str = "annotation file") -> str:
 
 
 def read_json(path: Path, what: str = "annotation file") -> Any:
-    """Load a JSON file; a missing or invalid file is a :class:`DataError` naming it."""
+    """Load a JSON file; a missing or invalid file, or a key written twice in one object, is a
+    :class:`DataError` naming it."""
     text = read_text(path, what)
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=lambda pairs: no_repeated_keys(pairs, path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e})") from e
+
+
+def no_repeated_keys(pairs: list[tuple[str, Any]], path: Path) -> dict:
+    """A JSON object's pairs -> dict; a key written twice (json.loads would keep the last) is a DataError."""
+    out = dict(pairs)
+    if len(out) < len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise DataError(
+            f"{path}: key {twice!r} appears twice in one JSON object (a question_id given twice?)"
+        )
+    return out
 
 
 def iter_jsonl(path: Path, what: str = "annotation file") -> Iterator[tuple[int, dict]]:

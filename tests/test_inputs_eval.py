@@ -120,6 +120,43 @@ def test_bad_annotation_file_exits_2_naming_file(capsys, tmp_path, content, expe
     assert str(ann) in line and expected in line
 
 
+def _vqa(qid):
+    return {"question_id": qid, "answers": [{"answer": "x"}], "answer_type": "other", "question_type": "what"}
+
+
+# Every task's annotations with one id given twice: (task, {file name: content}, the path to pass, expected)
+DUPLICATE_CASES = [
+    ("vqav2", {"ann.json": json.dumps({"annotations": [_vqa(0), _vqa(1), _vqa(0)]})}, "ann.json",
+     "annotations[2]: question_id 0 appears twice (first at"),
+    ("textvqa", {"t.json": json.dumps({"data": [{"question_id": 0, "answers": ["x"], "image_id": "a"}] * 2})},
+     "t.json", "data[1]: question_id 0 appears twice"),
+    ("vizwiz", {"v.json": json.dumps([{"image": "a.jpg", "question": "q", "answers": [{"answer": "x"}],
+                                      "answer_type": "other"}] * 2)}, "v.json", "item 1: image 'a.jpg' appears twice"),
+    ("gqa", {"g.json": '{"0": {"answer": "x"}, "1": {"answer": "y"}, "0": {"answer": "z"}}'}, "g.json",
+     "key '0' appears twice in one JSON object"),
+    ("scienceqa", {"pid_splits.json": '{"test": ["0", "1", "0"]}',
+                   "problems.json": '{"0": {"answer": 0}, "1": {"answer": 1}}'}, ".",
+     "split test: question_id '0' appears twice"),
+    ("scienceqa", {"pid_splits.json": '{"test": ["0"]}',
+                   "problems.json": '{"0": {"answer": 0}, "0": {"answer": 1}}'}, ".",
+     "key '0' appears twice in one JSON object"),
+    ("mmbench", {"m.tsv": "index\tquestion\thint\tA\tB\tanswer\tcategory\n0\tq\t\ta\tb\tA\tc\n0\tq\t\ta\tb\tA\tc\n"},
+     "m.tsv", ":3: index 0 appears twice"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("task, files, target, expected", DUPLICATE_CASES, ids=lambda x: str(x)[:12])
+def test_every_task_refuses_an_id_given_twice(capsys, tmp_path, task, files, target, expected):
+    for name, content in files.items():
+        (tmp_path / name).write_text(content)
+    preds = tmp_path / "answers.jsonl"
+    preds.write_bytes(_lines(*GOOD_LINES))
+    out = tmp_path / "scores.json"
+    argv = ["score", "--task", task, "--predictions", str(preds), "--annotations", str(tmp_path / target)]
+    line = refused(capsys, [*argv, "--out", str(out)], out)
+    assert expected in line, line
+
+
 def test_missing_files_exit_2(capsys, tmp_path):
     preds = tmp_path / "answers.jsonl"
     preds.write_text(GOOD_LINES[0] + "\n")

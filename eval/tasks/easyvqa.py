@@ -23,6 +23,7 @@ from mllm_kd.eval.core import (
     index_unique,
     iter_jsonl,
     mean_by,
+    no_repeated_keys,
     pct,
     qid_key,
     read_text,
@@ -38,18 +39,6 @@ class EasyVQAData:
     items: dict[str, dict]  # question id -> {"answer", "type", ...}
 
 
-def _no_repeated_keys(pairs: list[tuple[str, Any]], path: Path) -> dict:
-    """A JSON object's pairs -> dict; a key written twice (json.loads would keep the last) is a DataError."""
-    out = dict(pairs)
-    if len(out) < len(pairs):
-        seen: set[str] = set()
-        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise DataError(
-            f"{path}: key {twice!r} appears twice in one JSON object (a question_id given twice?)"
-        )
-    return out
-
-
 class EasyVQATask(Task):
     name = "easyvqa"
 
@@ -57,7 +46,7 @@ class EasyVQATask(Task):
         self.check_split(split)
         text = read_text(path)
         try:
-            data: Any = json.loads(text, object_pairs_hook=lambda pairs: _no_repeated_keys(pairs, path))
+            data: Any = json.loads(text, object_pairs_hook=lambda pairs: no_repeated_keys(pairs, path))
             where = [f"{path}: record {i}" for i in range(len(data))] if isinstance(data, list) else []
         except json.JSONDecodeError:
             lines = list(iter_jsonl(path))  # JSONL; a bad line is reported with its number

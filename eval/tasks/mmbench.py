@@ -76,6 +76,8 @@ class MMBenchTask(Task):
             for n, rec in enumerate(csv.DictReader(f, delimiter="\t"), 2):
                 try:
                     idx = int(float(rec["index"]))
+                    if idx in data.rows:
+                        raise DataError(f"{path}:{n}: index {idx} appears twice in the MMBench TSV")
                     options = []
                     for letter in LETTERS:
                         if _blank(rec.get(letter)):

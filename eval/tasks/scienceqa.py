@@ -33,9 +33,9 @@ from mllm_kd.eval.core import (
     Question,
     Task,
     get_field,
+    index_unique,
     mean_by,
     pct,
-    qid_key,
     ratio,
     read_json,
     unique_by_qid,
@@ -78,7 +78,8 @@ class ScienceQATask(Task):
         missing = [pid for pid in splits[split] if pid not in problems]
         if missing:
             raise DataError(f"{path / 'problems.json'}: split {split} lists unknown problems {missing[:5]}")
-        return SQAData(path, split, {qid_key(pid): problems[pid] for pid in splits[split]})
+        where = f"{path / 'pid_splits.json'}: split {split}"
+        return SQAData(path, split, index_unique((pid, problems[pid], where) for pid in splits[split]))
 
     def questions(self, path: Path, split: str | None = None) -> list[Question]:
         data = self.load(path, split)

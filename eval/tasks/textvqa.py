@@ -21,6 +21,7 @@ from mllm_kd.eval.core import (
     Question,
     Task,
     get_field,
+    index_unique,
     pct,
     qid_key,
     read_json,
@@ -57,11 +58,19 @@ class TextVQATask(Task):
 
     def load(self, path: Path, split: str | None = None) -> TextVQAData:
         self.check_split(split)
+        data = self._data(path)
+        where = [f"{path}: data[{i}]" for i in range(len(data))]
         out = TextVQAData(path, {}, {})
-        for i, item in enumerate(self._data(path)):
-            where = f"{path}: data[{i}]"
-            qid = qid_key(get_field(item, "question_id", where))
-            out.answers[qid] = [evalai_normalize(a) for a in get_field(item, "answers", where)]
+        out.answers = index_unique(  # a question_id twice is an error naming both items
+            (
+                get_field(item, "question_id", w),
+                [evalai_normalize(a) for a in get_field(item, "answers", w)],
+                w,
+            )
+            for item, w in zip(data, where)
+        )
+        for item in data:
+            qid = qid_key(item["question_id"])
             out.by_image[(str(item.get("image_id")), str(item.get("question", "")).lower())] = qid
         return out
 

@@ -77,11 +77,14 @@ class VizWizTask(Task):
 
     def load(self, path: Path, split: str | None = None) -> VQAData:
         self.check_split(split)
-        ids, items = [], {}
+        ids, items, first = [], {}, {}
         for i, item in enumerate(self._items(path)):
             where = f"{path}: item {i}"
             image = str(get_field(item, "image", where))
+            if image in first:  # the image file name is VizWiz's question id
+                raise DataError(f"{where}: image {image!r} appears twice (first at {first[image]})")
             ids.append(image)
+            first[image] = where
             if item.get("answers"):
                 gts = [get_field(a, "answer", f"{where}.answers") for a in item["answers"]]
                 if not all(isinstance(g, str) for g in gts):

@@ -33,6 +33,7 @@ from mllm_kd.eval.core import (
     Task,
     find_one,
     get_field,
+    index_unique,
     official_pct,
     qid_key,
     read_json,
@@ -153,21 +154,11 @@ class VQAv2Task(Task):
         path = self._file(path)
         data = read_json(path)
         if isinstance(data, dict) and isinstance(data.get("annotations"), list):
-            items: dict[str, VQAItem] = {}
-            for i, a in enumerate(data["annotations"]):
-                where = f"{path}: annotations[{i}]"
-                records = get_field(a, "answers", where)
-                if not isinstance(records, list) or not records:
-                    raise DataError(f"{where}: 'answers' must be a non-empty list")
-                gts = [get_field(x, "answer", f"{where}.answers") for x in records]
-                if not all(isinstance(g, str) for g in gts):
-                    raise DataError(f"{where}: every human answer must be a string")
-                items[qid_key(get_field(a, "question_id", where))] = VQAItem(
-                    gts,
-                    str(get_field(a, "answer_type", where)),
-                    str(get_field(a, "question_type", where)),
-                    record_identity(records),
-                )
+            where = [f"{path}: annotations[{i}]" for i in range(len(data["annotations"]))]
+            items = index_unique(  # a question_id twice is an error naming both records
+                (get_field(a, "question_id", w), _vqa_item(a, w), w)
+                for a, w in zip(data["annotations"], where)
+            )
             return VQAData(path, [a["question_id"] for a in data["annotations"]], items)
         if isinstance(data, dict) and isinstance(data.get("questions"), list):
             return VQAData(
@@ -203,3 +194,19 @@ class VQAv2Task(Task):
         self, predictions: list[Prediction], annotations: VQAData, path: Path
     ) -> dict[str, Any]:
         return write_upload(predictions, annotations, path, "question_id")
+
+
+def _vqa_item(a: Any, where: str) -> VQAItem:
+    """One record of a VQA annotations file: the ten human answers and the answer / question types."""
+    records = get_field(a, "answers", where)
+    if not isinstance(records, list) or not records:
+        raise DataError(f"{where}: 'answers' must be a non-empty list")
+    gts = [get_field(x, "answer", f"{where}.answers") for x in records]
+    if not all(isinstance(g, str) for g in gts):
+        raise DataError(f"{where}: every human answer must be a string")
+    return VQAItem(
+        gts,
+        str(get_field(a, "answer_type", where)),
+        str(get_field(a, "question_type", where)),
+        record_identity(records),
+    )
