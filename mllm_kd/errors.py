@@ -1,6 +1,8 @@
 """The errors mllm-kd raises for bad input. The command-line entry points print them and exit 2."""
 
+import argparse
 import sys
+from typing import NoReturn
 
 
 class MllmKdError(Exception):
@@ -32,3 +34,12 @@ def exit_code(e: MllmKdError) -> int:
     (a multi-line message, e.g. a YAML parser's, is joined), no traceback; the exit status is 2."""
     print("error: " + " ".join(str(e).split()), file=sys.stderr)
     return 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with its own errors (a missing option, ``--batch-size abc``) reported like every other
+    input error: one line ``error: ...`` and exit status 2, instead of the usage text and then the error."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {self.prog}: {message} (--help shows the usage)", file=sys.stderr)
+        sys.exit(2)

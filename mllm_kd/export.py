@@ -14,12 +14,11 @@ See :mod:`mllm_kd.checkpoint.hf_llava` for the mapping and for what the layout c
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from mllm_kd.cli import setup_logging
-from mllm_kd.errors import ConfigError, MllmKdError, exit_code
+from mllm_kd.errors import ArgumentParser, ConfigError, MllmKdError, exit_code
 from mllm_kd.model_card import add_card_arguments, card_options
 
 
@@ -67,7 +66,7 @@ def _weight_bytes(checkpoint: str | Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m mllm_kd.export",
         description="Write an mllm_kd checkpoint as a Hugging Face LLaVA model + processor directory.",
     )

@@ -366,3 +366,43 @@ def test_the_real_entry_point_prints_one_line_and_no_traceback(tmp_path):
         f"error: {SMOKE} (stage stage1): optim.lr must be > 0, got -1.0"
     ]
     assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------------- argument errors (argparse)
+def _entry(module: str):
+    import importlib
+
+    main_fn = importlib.import_module(module).main
+    if module == "mllm_kd.cli":
+        return lambda argv: main_fn(["stage1"], "python -m mllm_kd.stage1", "stage 1", argv)
+    return main_fn
+
+
+ARGUMENT_ERRORS = [
+    ("mllm_kd.cli", [], "--config"),  # the stage commands
+    ("mllm_kd.cli", ["--config"], "--config: expected one argument"),
+    ("mllm_kd.export", ["--checkpoint", "x"], "--out"),
+    ("mllm_kd.cache_teacher", ["--config", "c", "--batch-size", "abc"], "'abc'"),
+    ("mllm_kd.eval.cli", ["score", "--task", "nope"], "nope"),
+    ("mllm_kd.eval.cli", ["frobnicate"], "frobnicate"),
+    ("mllm_kd.data_prep.easyvqa", ["--out", "o", "--shard-size", "x"], "--shard-size"),
+    (
+        "mllm_kd.data_prep.synthetic",
+        ["--bogus"],
+        "mllm_kd.data_prep.synthetic: the following arguments are required: --out",
+    ),
+    ("mllm_kd.data_prep.weights", ["nope"], "nope"),
+    ("mllm_kd.apps.easyvqa.demo", ["--seeds"], "--seeds"),
+    ("mllm_kd.apps.easyvqa.ablate", ["--bogus"], "--bogus"),
+    ("mllm_kd.eval.lmms", ["--bogus"], "required: --questions"),
+]
+
+
+@pytest.mark.parametrize("module, argv, expected", ARGUMENT_ERRORS, ids=lambda x: str(x)[:30])
+def test_argument_errors_are_one_line_and_exit_2(capsys, module, argv, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        _entry(module)(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err

@@ -15,12 +15,11 @@ questions (docs/evaluation.md, "lmms-eval").
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
 
-from mllm_kd.errors import DataError, MllmKdError, exit_code
+from mllm_kd.errors import ArgumentParser, DataError, MllmKdError, exit_code
 from mllm_kd.eval.core import iter_jsonl, qid_key, require_file
 
 HERE = Path(__file__).resolve().parent
@@ -72,9 +71,7 @@ def write_task(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m mllm_kd.eval.lmms", description="easy-VQA as a local lmms-eval task"
-    )
+    p = ArgumentParser(prog="python -m mllm_kd.eval.lmms", description="easy-VQA as a local lmms-eval task")
     p.add_argument("--questions", type=Path, required=True, help="test_questions.jsonl (LLaVA question file)")
     p.add_argument("--answers", type=Path, required=True, help="test_answers.json")
     p.add_argument(

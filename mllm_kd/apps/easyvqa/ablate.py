@@ -32,7 +32,6 @@ do not use two cores well, so two jobs on a 2-core machine take about half the t
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -42,7 +41,7 @@ from pathlib import Path
 
 from mllm_kd.apps.easyvqa.demo import NO_DISTILL, RECIPES, _seeds, evaluate
 from mllm_kd.cli import setup_logging, stage_config
-from mllm_kd.errors import MllmKdError, exit_code
+from mllm_kd.errors import ArgumentParser, MllmKdError, exit_code
 
 log = logging.getLogger("mllm_kd.apps.easyvqa.ablate")
 PT, SFT, DFT = "stage1", "stage2", "stage3"
@@ -172,9 +171,7 @@ def _train_in_parallel(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m mllm_kd.apps.easyvqa.ablate", description=__doc__.splitlines()[0]
-    )
+    p = ArgumentParser(prog="python -m mllm_kd.apps.easyvqa.ablate", description=__doc__.splitlines()[0])
     p.add_argument("--run-dir", default="runs/demo")
     p.add_argument("--only", nargs="*", choices=list(VARIANTS), help="run only these variants")
     p.add_argument("--jobs", type=int, default=1, help="variants trained at a time (separate processes)")

@@ -38,7 +38,7 @@ from pathlib import Path
 from mllm_kd.apps.easyvqa.report import STUDENT_ROLES, gaps, summarise, write_report, yes_no_prior
 from mllm_kd.cli import setup_logging, stage_config
 from mllm_kd.configs import config_path
-from mllm_kd.errors import ConfigError, MllmKdError, exit_code
+from mllm_kd.errors import ArgumentParser, ConfigError, MllmKdError, exit_code
 from mllm_kd.tracking import log_scores
 
 log = logging.getLogger("mllm_kd.apps.easyvqa.demo")
@@ -365,7 +365,7 @@ def _seeds(text: str) -> tuple[int, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m mllm_kd.apps.easyvqa.demo",
         description="easy-VQA: teacher -> plain, compute-matched and LLaVA-KD students",
     )
