@@ -43,6 +43,11 @@ def finite(x: float) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+def check_fraction(x: float, key: str) -> None:
+    """:func:`check` that ``x`` is a real number in [0, 1]."""
+    check(finite(x) and 0 <= x <= 1, key, "in [0, 1]", x)
+
+
 @dataclass
 class VisionConfig:
     """The vision tower. Exactly one of ``path``, ``config`` or ``checkpoint`` gives its weights."""
@@ -269,12 +274,7 @@ class DataConfig:
         if self.on_error not in ("skip", "raise"):
             raise ConfigError(f"data.on_error must be 'skip' or 'raise', got {self.on_error!r}")
         check(self.max_length >= 1, "data.max_length", ">= 1", self.max_length)
-        check(
-            finite(self.max_skip_fraction) and 0 <= self.max_skip_fraction <= 1,
-            "data.max_skip_fraction",
-            "in [0, 1]",
-            self.max_skip_fraction,
-        )
+        check_fraction(self.max_skip_fraction, "data.max_skip_fraction")
         check(self.num_workers >= 0, "data.num_workers", ">= 0", self.num_workers)
         check(
             self.max_samples is None or self.max_samples >= 1,
@@ -319,15 +319,10 @@ class LossConfig:
             w = getattr(self, key)
             check(finite(w) and w >= 0, f"loss.{key}", "a finite weight >= 0", w)
         check(finite(self.temperature) and self.temperature > 0, "loss.temperature", "> 0", self.temperature)
-        check(finite(self.beta) and 0 <= self.beta <= 1, "loss.beta", "in [0, 1]", self.beta)
-        check(finite(self.alpha) and 0 <= self.alpha <= 1, "loss.alpha", "in [0, 1]", self.alpha)
+        check_fraction(self.beta, "loss.beta")
+        check_fraction(self.alpha, "loss.alpha")
         check(self.chunk_size >= 1, "loss.chunk_size", ">= 1", self.chunk_size)
-        check(
-            finite(self.on_policy_fraction) and 0 <= self.on_policy_fraction <= 1,
-            "loss.on_policy_fraction",
-            "in [0, 1]",
-            self.on_policy_fraction,
-        )
+        check_fraction(self.on_policy_fraction, "loss.on_policy_fraction")
         if self.on_nonfinite not in ("raise", "skip"):
             raise ConfigError(f"loss.on_nonfinite must be 'raise' or 'skip', got {self.on_nonfinite!r}")
 
@@ -377,7 +372,7 @@ class OptimConfig:
         )
         for key in ("warmup_ratio", "min_lr_ratio"):
             x = getattr(self, key)
-            check(finite(x) and 0 <= x <= 1, f"optim.{key}", "in [0, 1]", x)
+            check_fraction(x, f"optim.{key}")
         check(
             finite(self.max_grad_norm) and self.max_grad_norm >= 0,
             "optim.max_grad_norm",
