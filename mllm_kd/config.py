@@ -507,12 +507,6 @@ class StageConfig:
 
     def __post_init__(self) -> None:
         check(bool(self.run_dir), "run_dir", "a directory", self.run_dir)
-        if self.teacher.cache and self.loss.cross_tokenizer:
-            raise ConfigError(
-                "loss.cross_tokenizer cannot use teacher.cache: the cache holds top-k teacher outputs at the "
-                "student's positions, while distillation across tokenizers needs the teacher's whole distribution "
-                "at its own positions; run the teacher online (teacher.checkpoint, teacher.cache=null)"
-            )
         if self.loss.cross_tokenizer and (self.loss.on_policy_fraction > 0 or self.loss.sequence_kd):
             raise ConfigError(
                 "loss.cross_tokenizer cannot be combined with loss.on_policy_fraction > 0 or loss.sequence_kd "

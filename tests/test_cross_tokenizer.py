@@ -282,9 +282,11 @@ def test_cross_tokenizer_refuses_webdataset_shards(two_tokenizers):
         with_teacher_encoding(data, DataConfig(), chars, teacher, words, None, len(chars))
 
 
-def test_cross_tokenizer_refuses_a_cached_teacher():
-    with pytest.raises(ConfigError, match=r"loss\.cross_tokenizer cannot use teacher\.cache"):
-        resolve_stage_config({"teacher": {"cache": "somewhere"}, "loss": {"cross_tokenizer": True}}, "stage2")
+def test_cross_tokenizer_accepts_a_cached_teacher():
+    cfg = resolve_stage_config(
+        {"teacher": {"cache": "somewhere"}, "loss": {"cross_tokenizer": True}}, "stage2"
+    )
+    assert cfg.loss.cross_tokenizer and cfg.teacher.cache == "somewhere"
 
 
 # ------------------------------------------------------------------------------- stages 1-3, end to end
@@ -321,23 +323,34 @@ def _recipe(root: Path) -> dict:
     }
 
 
-def test_stages_distil_across_tokenizers(tmp_path):
+@pytest.fixture(scope="module")
+def cross_run(tmp_path_factory):
+    """A run directory with the generated data, a teacher tokenizer trained on its answers (320 tokens) and a
+    teacher (16 visual tokens) trained one step; returns ``(root, recipe)``."""
     from mllm_kd.data_prep.synthetic import make_synthetic
     from mllm_kd.stages import STAGES
 
-    make_synthetic(tmp_path / "data", n_images=8)
+    root = tmp_path_factory.mktemp("cross_run")
+    make_synthetic(root / "data", n_images=8)
     texts = [
         t["value"]
-        for r in json.loads((tmp_path / "data" / "instruct.json").read_text())
+        for r in json.loads((root / "data" / "instruct.json").read_text())
         for t in r["conversations"]
     ]
-    train_bpe_tokenizer(texts, tmp_path / "teacher_tokenizer", vocab_size=320)
-    recipe = _recipe(tmp_path)
+    train_bpe_tokenizer(texts, root / "teacher_tokenizer", vocab_size=320)
+    recipe = _recipe(root)
+    STAGES["teacher_pt"].run(resolve_stage_config(recipe, "teacher_pt", STAGES["teacher_pt"].defaults))
+    return root, recipe
+
+
+def test_stages_distil_across_tokenizers(cross_run):
+    from mllm_kd.stages import STAGES
+
+    tmp_path, recipe = cross_run
 
     def cfg(stage):
         return resolve_stage_config(recipe, stage, STAGES[stage].defaults)
 
-    STAGES["teacher_pt"].run(cfg("teacher_pt"))
     before = None
     for stage in ("stage1", "stage2", "stage3"):
         out = STAGES[stage].run(cfg(stage))
@@ -358,3 +371,201 @@ def test_stages_distil_across_tokenizers(tmp_path):
             changed = [k for k in weights if k.startswith("llm.") and not torch.equal(weights[k], before[k])]
             assert changed, f"{stage}: no LLM weight changed"
         before = weights
+
+
+# ------------------------------------------------------------------- from a cached teacher (teacher.cache)
+def _pair_maps(shared, vocab, teacher_vocab):
+    """(teacher id -> student id, vocab for a token the student lacks), the student's shared tokens, the
+    teacher's: as the cache builder maps them."""
+    to_student = torch.full((teacher_vocab,), vocab)
+    to_student[shared[1]] = shared[0]
+    in_shared = torch.zeros(vocab, dtype=torch.bool)
+    in_shared[shared[0]] = True
+    shared_t = torch.zeros(teacher_vocab, dtype=torch.bool)
+    shared_t[shared[1]] = True
+    return to_student, in_shared, shared_t
+
+
+def _topk_rows(zt, k, to_student, shared_t):
+    """What the cache holds for teacher logits rows ``zt`` (top-k log p, student ids, log p_rest, its shared
+    part), written out here at full precision."""
+    lt = F.log_softmax(zt, -1)
+    top, idx = lt.topk(k, -1)
+    others = lt.scatter(1, idx, float("-inf"))
+    return (
+        top,
+        to_student[idx],
+        others.logsumexp(-1),
+        others.masked_fill(~shared_t, float("-inf")).logsumexp(-1),
+    )
+
+
+@pytest.mark.parametrize("kind", ["fkl", "rkl", "jsd", "skl", "srkl"])
+def test_topk_divergence_with_the_whole_vocabulary_equals_the_online_one(kind):
+    """k = V_T: nothing is truncated, and the divergence from the top-k equals cross_vocab_divergence in
+    float64, values and gradients."""
+    from mllm_kd.losses.cached_cross import topk_cross_divergence
+
+    g = torch.Generator().manual_seed(4)
+    V, Vt = 9, 12
+    shared = (torch.tensor([0, 3, 5, 8]), torch.tensor([11, 2, 4, 0]))
+    to_student, in_shared, shared_t = _pair_maps(shared, V, Vt)
+    zs = (torch.randn(6, V, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    zt = torch.randn(6, Vt, generator=g, dtype=torch.float64) * 3
+    ref = cross_vocab_divergence(F.log_softmax(zs, -1), F.log_softmax(zt, -1), *shared, kind)
+    got = topk_cross_divergence(
+        F.log_softmax(zs, -1), *_topk_rows(zt, Vt, to_student, shared_t), in_shared, kind
+    )
+    assert got.dtype == torch.float64 and (ref > 1e-3).all()
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    w = torch.rand(6, generator=g, dtype=torch.float64)
+    grads = [torch.autograd.grad((x * w).sum(), zs)[0] for x in (got, ref)]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+
+
+def test_topk_divergence_on_a_peaked_teacher_is_a_close_lower_bound():
+    """k = 32 of 300 teacher tokens, a peaked teacher (about 2% of its mass outside the top 32) and a student
+    near it on the shared tokens: within 2% of the full divergence, never above it, and the gradient points
+    the same way (cosine > 0.999)."""
+    from mllm_kd.losses.cached_cross import topk_cross_divergence
+
+    g = torch.Generator().manual_seed(0)
+    N, V, Vt, S = 64, 200, 300, 120
+    shared = (torch.randperm(V, generator=g)[:S], torch.randperm(Vt, generator=g)[:S])
+    to_student, in_shared, shared_t = _pair_maps(shared, V, Vt)
+    zt = torch.randn(N, Vt, generator=g, dtype=torch.float64) * 4
+    zs = torch.randn(N, V, generator=g, dtype=torch.float64) * 4
+    zs[:, shared[0]] = zt[:, shared[1]] + torch.randn(N, S, generator=g, dtype=torch.float64)
+    zs.requires_grad_()
+    top = _topk_rows(zt, 32, to_student, shared_t)
+    assert 0.01 < float(top[2].exp().mean()) < 0.03  # the teacher's mass left out
+    for kind in ("fkl", "rkl", "jsd"):
+        ref = cross_vocab_divergence(F.log_softmax(zs, -1), F.log_softmax(zt, -1), *shared, kind)
+        got = topk_cross_divergence(F.log_softmax(zs, -1), *top, in_shared, kind)
+        assert (got <= ref + 1e-12).all(), kind
+        assert float(1 - got.mean().detach() / ref.mean()) < 0.02, kind
+        g_ref, g_got = (torch.autograd.grad(x.mean(), zs)[0].flatten() for x in (ref, got))
+        assert F.cosine_similarity(g_ref, g_got, dim=0) > 0.999, kind
+
+
+@pytest.mark.parametrize("ns,nt", [(4, 16), (16, 4)], ids=["teacher-grid-pooled", "student-grid-pooled"])
+def test_cached_objective_with_the_whole_vocabulary_equals_the_online_one(ns, nt):
+    """cached_cross_tokenizer_loss, from the rows a cross-tokenizer cache holds with k = V_T (aligned rows at
+    the teacher's positions, pooled visual rows, relation matrices), equals cross_tokenizer_loss: terms and
+    gradients wrt the student's hidden states and head."""
+    from mllm_kd.losses.cached import CachedBatch
+    from mllm_kd.losses.cached_cross import CrossCachedBatch, cached_cross_tokenizer_loss
+
+    g = torch.Generator().manual_seed(5)
+    B, T, Tt, d, dt, V, Vt = 2, 26, 29, 8, 10, 11, 13
+    hs = torch.randn(B, T, d, generator=g, requires_grad=True)
+    ws = torch.randn(V, d, generator=g, requires_grad=True)
+    ht, wt = torch.randn(B, Tt, dt, generator=g), torch.randn(Vt, dt, generator=g)
+    labels = torch.full((B, T), -100)
+    labels[:, 20:25] = torch.randint(0, V, (B, 5), generator=g)
+    vis = torch.zeros(B, T, dtype=torch.bool)
+    vis[:, 1 : 1 + ns] = True
+    tvis = torch.zeros(B, Tt, dtype=torch.bool)
+    tvis[:, 0:nt] = True
+    align_s = torch.tensor([[19, 21, 23], [20, 22, -1]])
+    align_t = torch.tensor([[28, 20, 24], [21, 26, -1]])
+    shared = (torch.tensor([0, 3, 5, 9]), torch.tensor([2, 3, 12, 7]))
+    weights = {"ce": 1.0, "mdist_resp": 0.7, "mdist_vis": 0.5, "rdist": 0.3}
+    settings = DistillSettings(kind="jsd")
+    total, terms = cross_tokenizer_loss(
+        hs, ws, labels, weights, ht, wt, align_s, align_t, shared, settings,
+        vis_mask=vis, teacher_vis_mask=tvis, num_visual_tokens=ns, teacher_visual_tokens=nt, chunk_size=3,
+    )  # fmt: skip
+    want = torch.autograd.grad(total, [hs, ws])
+
+    n = min(ns, nt)
+    pooled = pool_visual(ht[tvis].view(B, nt, dt), n)
+    rows, positions, sample = [], [], []
+    for b in range(B):
+        keep = align_s[b] >= 0
+        rows += [ht[b, align_t[b][keep]], pooled[b]]
+        positions += [align_s[b][keep], torch.full((n,), -1)]
+        sample.append(torch.full((int(keep.sum()) + n,), b))
+    to_student, in_shared, shared_t = _pair_maps(shared, V, Vt)
+    top, idx, rest, rest_shared = _topk_rows(torch.cat(rows) @ wt.t(), Vt, to_student, shared_t)
+    zv = pooled @ wt.t()
+    cached = CrossCachedBatch(
+        CachedBatch(top, idx, rest, zv @ zv.transpose(1, 2)),
+        rest_shared, torch.cat(positions), torch.cat(sample), in_shared, n,
+    )  # fmt: skip
+    got_total, got_terms = cached_cross_tokenizer_loss(
+        hs, ws, labels, weights, cached, settings, vis, ns, chunk_size=4
+    )
+    got = torch.autograd.grad(got_total, [hs, ws])
+    assert got_terms.keys() == terms.keys() == {"ce", "mdist_resp", "mdist_vis", "rdist", "aligned"}
+    for name in terms:
+        torch.testing.assert_close(got_terms[name], terms[name], rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(got_total, total, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _first_step(stage, cfg):
+    from mllm_kd.stages import STAGES
+
+    metrics = {}
+    out = STAGES[stage].run(cfg, on_step=lambda step, m: metrics.setdefault(step, m))
+    return metrics, out
+
+
+def test_stage1_from_a_cross_tokenizer_cache_of_the_whole_vocabulary_matches_the_online_teacher(cross_run):
+    """A cache with k = V_T: stage 1's first step from it has the online cross-tokenizer teacher's terms, up
+    to the float16 rounding of the stored log-probabilities (relative 2^-11 of each log p) and relations."""
+    from mllm_kd.stages import STAGES
+    from mllm_kd.teacher.build import build_teacher_cache
+
+    root, recipe = cross_run
+    from mllm_kd.checkpoint.native import load_checkpoint_model
+
+    base = ["train.max_steps=1", f"output_dir={root}/s1_online"]
+    teacher_vocab = load_checkpoint_model(root / "teacher_pt")[0].vocab_size
+    full = [f"teacher.cache_topk={teacher_vocab}"]
+    cfg = resolve_stage_config(recipe, "stage1", STAGES["stage1"].defaults, [*base, *full])
+    manifest = build_teacher_cache(cfg, root / "cache_s1", progress=False)
+    cross = manifest["layout"]["cross_tokenizer"]
+    assert cross["visual_rows_per_image"] == 4 and cross["teacher_visual_tokens"] == 16
+    assert cross["teacher_vocab_size"] == teacher_vocab and 0 < cross["aligned_fraction"] <= 1
+    stats = manifest["stats"]
+    assert stats["rows"] == stats["response_rows"] + 4 * stats["images"] and stats["mean_leftover_mass"] == 0
+    online, _ = _first_step("stage1", cfg)
+    cached_cfg = resolve_stage_config(
+        recipe, "stage1", STAGES["stage1"].defaults,
+        [*base, *full, f"output_dir={root}/s1_cached", f"teacher.cache={root}/cache_s1"],
+    )  # fmt: skip
+    cached, _ = _first_step("stage1", cached_cfg)
+    on, off = online[1], cached[1]
+    assert off["aligned"] == on["aligned"] == pytest.approx(cross["aligned_fraction"], abs=0.2)
+    assert off["mdist_resp"] == pytest.approx(on["mdist_resp"], rel=2e-3)
+    assert off["mdist_vis"] == pytest.approx(on["mdist_vis"], rel=2e-3)
+    assert off["rdist"] == pytest.approx(on["rdist"], abs=1e-4)
+    assert off["loss"] == pytest.approx(on["loss"], rel=2e-3)
+
+
+def test_stage3_trains_from_a_cross_tokenizer_cache(cross_run):
+    """The default k = 32 of the teacher's 320 tokens: stage 3 reads only the cache (no teacher checkpoint
+    given), every term is finite and positive, and gradients reach the student."""
+    from mllm_kd.stages import STAGES
+    from mllm_kd.teacher.build import build_teacher_cache
+
+    root, recipe = cross_run
+    common = ["init_from=null", "train.max_steps=2"]
+    cfg = resolve_stage_config(recipe, "stage3", STAGES["stage3"].defaults, common)
+    manifest = build_teacher_cache(cfg, root / "cache_s3", progress=False)
+    assert manifest["layout"]["k"] == 32 and manifest["stats"]["mean_leftover_mass"] > 0
+    run = [
+        *common,
+        f"output_dir={root}/s3_cached",
+        f"teacher.cache={root}/cache_s3",
+        "teacher.checkpoint=null",
+    ]
+    STAGES["stage3"].run(resolve_stage_config(recipe, "stage3", STAGES["stage3"].defaults, run))
+    rows = [json.loads(line) for line in (root / "s3_cached" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        assert all(math.isfinite(row[k]) and row[k] > 0 for k in ("loss", "mdist_resp", "mdist_vis", "rdist"))
+        assert row["aligned"] > 0.2 and row["grad_norm"] > 0, row

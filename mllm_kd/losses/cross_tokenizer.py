@@ -96,24 +96,11 @@ def _unshared(log_p: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
     return log_p[:, keep]
 
 
-def cross_vocab_chunks(
-    h_t: torch.Tensor,
-    w_t: torch.Tensor,
-    b_t: torch.Tensor | None,
-    shared_s: torch.Tensor,
-    shared_t: torch.Tensor,
-    opts: dict,
-) -> Callable:
-    """The chunk function (:data:`mllm_kd.losses.kernel.ChunkFn`) of a teacher with another vocabulary.
-
-    ``h_t [N, d_t]``: the teacher's hidden state for each of the ``N`` student rows (rows whose ``kd_w`` is
-    0 are not read); ``w_t [V_T, d_t]`` / ``b_t``: its head. ``opts``: ``kind``, ``temperature``, ``beta``,
-    ``alpha``, ``teacher_dtype``. CE uses the student's targets; the divergence is
-    :func:`cross_vocab_divergence`. Gradients by autograd within the chunk.
-    """
-    tau = float(opts["temperature"])
-    wt = w_t.detach().to(opts["teacher_dtype"])
-    bt = None if b_t is None else b_t.detach().to(opts["teacher_dtype"])
+def autograd_chunks(divergence: Callable, temperature: float) -> Callable:
+    """A chunk function (:data:`mllm_kd.losses.kernel.ChunkFn`) whose gradient comes from autograd on the
+    chunk: CE on the student's targets, and ``divergence(rows, active, log_p_s)`` ``[n_active]`` at the rows
+    whose ``kd_w`` is not 0 (``log_p_s``: the student's ``log_softmax(z / temperature)`` there)."""
+    tau = float(temperature)
 
     def chunk(rows, student_logits, targets, ce_w, kd_w, need_grad):
         zs = student_logits().detach().requires_grad_(need_grad)
@@ -124,17 +111,8 @@ def cross_vocab_chunks(
                 ce = F.cross_entropy(zs, targets, ignore_index=IGNORE_INDEX, reduction="none")
             d = zs.new_zeros(zs.shape[0])
             if bool(active.any()):
-                zt = head_logits(h_t[rows][active].detach().to(wt.dtype), wt, bt)
-                d_active = cross_vocab_divergence(
-                    F.log_softmax(zs[active] / tau, dim=-1),
-                    F.log_softmax(zt / tau, dim=-1),
-                    shared_s,
-                    shared_t,
-                    kind=opts["kind"],
-                    beta=opts["beta"],
-                    alpha=opts["alpha"],
-                )
-                d = d.masked_scatter(active, d_active)
+                d_active = divergence(rows, active, F.log_softmax(zs[active] / tau, dim=-1))
+                d = d.masked_scatter(active, d_active.to(d.dtype))
             grad = None
             if need_grad:
                 objective = (ce * ce_w).sum() + (torch.where(active, d, 0.0) * kd_w).sum()
@@ -142,6 +120,39 @@ def cross_vocab_chunks(
         return ce.detach(), d.detach(), grad
 
     return chunk
+
+
+def cross_vocab_chunks(
+    h_t: torch.Tensor,
+    w_t: torch.Tensor,
+    b_t: torch.Tensor | None,
+    shared_s: torch.Tensor,
+    shared_t: torch.Tensor,
+    opts: dict,
+) -> Callable:
+    """The chunk function (:func:`autograd_chunks`) of a teacher with another vocabulary.
+
+    ``h_t [N, d_t]``: the teacher's hidden state for each of the ``N`` student rows (rows whose ``kd_w`` is
+    0 are not read); ``w_t [V_T, d_t]`` / ``b_t``: its head. ``opts``: ``kind``, ``temperature``, ``beta``,
+    ``alpha``, ``teacher_dtype``. The divergence is :func:`cross_vocab_divergence`.
+    """
+    tau = float(opts["temperature"])
+    wt = w_t.detach().to(opts["teacher_dtype"])
+    bt = None if b_t is None else b_t.detach().to(opts["teacher_dtype"])
+
+    def divergence(rows, active, log_p_s):
+        zt = head_logits(h_t[rows][active].detach().to(wt.dtype), wt, bt)
+        return cross_vocab_divergence(
+            log_p_s,
+            F.log_softmax(zt / tau, dim=-1),
+            shared_s,
+            shared_t,
+            kind=opts["kind"],
+            beta=opts["beta"],
+            alpha=opts["alpha"],
+        )
+
+    return autograd_chunks(divergence, tau)
 
 
 def pool_visual(h: torch.Tensor, n_out: int) -> torch.Tensor:
@@ -202,31 +213,16 @@ def cross_tokenizer_loss(
         ``aligned``, the fraction of response positions that have a teacher position.
     """
     bsz, t_len = labels.shape
-    tau2 = settings.temperature**2
-    w = {k: float(weights.get(k, 0.0)) for k in ("ce", "mdist_resp", "mdist_vis", "rdist")}
     device = student_hidden.device
     resp = response_mask(labels)
-    targets_full = torch.full_like(labels, IGNORE_INDEX)
-    targets_full[:, :-1] = labels[:, 1:]
     t_index = torch.full((bsz, t_len), -1, dtype=torch.long, device=device)
     has = align_student >= 0
     rows_b = torch.arange(bsz, device=device).unsqueeze(1).expand_as(align_student)
     t_index[rows_b[has], align_student[has]] = align_teacher[has].to(device)
     b_of_row = resp.nonzero()[:, 0]
     t_of_row = t_index[resp]
-    aligned = t_of_row >= 0
-    n_resp, n_aligned = int(resp.sum()), int(aligned.sum())
-
-    h_rows = [student_hidden[resp]]
     ht_rows = [teacher_hidden[b_of_row, t_of_row.clamp(min=0)]]
-    targets = [targets_full[resp]]
-    ce_w = [torch.full((n_resp,), w["ce"] / max(n_resp, 1), device=device)]
-    kd_w = [
-        aligned.float() * (w["mdist_resp"] * tau2 / max(n_aligned, 1))
-        if settings.resp
-        else aligned.float() * 0
-    ]
-    rdist, gram_grad, n_vis = None, None, 0
+    hs_vis, rel_t = None, None
     images = vis_mask is not None and teacher_vis_mask is not None and bool(vis_mask.any())
     if images and (settings.vis or settings.rel):
         hs = student_hidden[vis_mask].view(-1, num_visual_tokens, student_hidden.shape[-1])
@@ -236,7 +232,7 @@ def cross_tokenizer_loss(
                 f"the batch holds {hs.shape[0]} images for the student but {ht.shape[0]} for the teacher"
             )
         n = min(num_visual_tokens, teacher_visual_tokens)
-        hs, ht = pool_visual(hs, n), pool_visual(ht.detach(), n)
+        hs_vis, ht = pool_visual(hs, n), pool_visual(ht.detach(), n)
         if settings.rel:
             gram_t = teacher_gram
             if gram_t is None:
@@ -246,14 +242,8 @@ def cross_tokenizer_loss(
                     )
             with torch.no_grad(), torch.autocast(ht.device.type, enabled=False):
                 rel_t = relation_matrix(ht, gram_t, teacher_bias is not None)
-            rdist, gram_grad = relation_term(hs, student_head_weight, student_bias, rel_t, w["rdist"])
         if settings.vis:
-            n_vis = hs.shape[0] * n
-            h_rows.append(hs.reshape(n_vis, -1))
-            ht_rows.append(ht.reshape(n_vis, -1))
-            targets.append(torch.full((n_vis,), IGNORE_INDEX, dtype=torch.long, device=device))
-            ce_w.append(torch.zeros(n_vis, device=device))
-            kd_w.append(torch.full((n_vis,), w["mdist_vis"] * tau2 / n_vis, device=device))
+            ht_rows.append(ht.reshape(-1, ht.shape[-1]))
     h_t = torch.cat(ht_rows).detach()
     opts = {
         "kind": settings.kind,
@@ -265,16 +255,64 @@ def cross_tokenizer_loss(
     chunks = cross_vocab_chunks(
         h_t, teacher_head_weight, teacher_bias, shared[0].to(device), shared[1].to(device), opts
     )
+    return cross_terms(
+        student_hidden, student_head_weight, student_bias, labels, weights, settings,
+        t_of_row >= 0, hs_vis, rel_t, chunks, chunk_size,
+    )  # fmt: skip
+
+
+def cross_terms(
+    student_hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    head_bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    weights: Mapping[str, float],
+    settings: DistillSettings,
+    aligned: torch.Tensor,
+    visual: torch.Tensor | None,
+    rel_t: torch.Tensor | None,
+    chunks: Callable,
+    chunk_size: int,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The terms of :func:`cross_tokenizer_loss` once the teacher's side is known, whatever its source (the
+    teacher's hidden states, or a cache: :mod:`mllm_kd.losses.cached_cross`).
+
+    Rows, in the order ``chunks`` (a :data:`~mllm_kd.losses.kernel.ChunkFn`) reads its teacher data: the
+    student's response positions (row-major), then, when ``settings.vis``, the pooled visual rows
+    ``visual [n_images, n, d]`` (image-major). ``aligned``: bool ``[n_resp]``, the response rows that have a
+    teacher row (MDist_resp; the others keep their CE only). ``rel_t``: ``[n_images, n, n]`` the teacher's
+    relation matrices of the pooled grid (any scale), or None.
+    """
+    tau2 = settings.temperature**2
+    w = {k: float(weights.get(k, 0.0)) for k in ("ce", "mdist_resp", "mdist_vis", "rdist")}
+    device = student_hidden.device
+    resp = response_mask(labels)
+    targets_full = torch.full_like(labels, IGNORE_INDEX)
+    targets_full[:, :-1] = labels[:, 1:]
+    n_resp, n_aligned = int(resp.sum()), int(aligned.sum())
+    h_rows = [student_hidden[resp]]
+    targets = [targets_full[resp]]
+    ce_w = [torch.full((n_resp,), w["ce"] / max(n_resp, 1), device=device)]
+    kd_w = [aligned.float() * (w["mdist_resp"] * tau2 / max(n_aligned, 1) if settings.resp else 0.0)]
+    rdist, gram_grad, n_vis = None, None, 0
+    if visual is not None and settings.rel:
+        rdist, gram_grad = relation_term(visual, head_weight, head_bias, rel_t, w["rdist"])
+    if visual is not None and settings.vis:
+        n_vis = visual.shape[0] * visual.shape[1]
+        h_rows.append(visual.reshape(n_vis, -1))
+        targets.append(torch.full((n_vis,), IGNORE_INDEX, dtype=torch.long, device=device))
+        ce_w.append(torch.zeros(n_vis, device=device))
+        kd_w.append(torch.full((n_vis,), w["mdist_vis"] * tau2 / max(n_vis, 1), device=device))
     h_all = torch.cat(h_rows)
     total, ce, d = head_loss(
         h_all,
-        student_head_weight,
-        student_bias,
+        head_weight,
+        head_bias,
         torch.cat(targets),
         torch.cat(ce_w),
         torch.cat(kd_w),
         chunks,
-        compute_dtype(h_all, student_head_weight),
+        compute_dtype(h_all, head_weight),
         chunk_size,
         gram_grad,
     )
@@ -282,7 +320,7 @@ def cross_tokenizer_loss(
     terms = {"ce": ce[:n_resp].mean().detach() if n_resp else zero}
     if settings.resp:
         terms["mdist_resp"] = (d[:n_resp][aligned].mean() * tau2).detach() if n_aligned else zero
-    if settings.vis and images:
+    if settings.vis and visual is not None:
         terms["mdist_vis"] = (d[n_resp:].mean() * tau2).detach() if n_vis else zero
     if rdist is not None:
         terms["rdist"] = rdist.detach()

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -23,17 +22,20 @@ from mllm_kd.atomic import atomic_dir
 from mllm_kd.data.datasets import Collator, build_train_data
 from mllm_kd.data.encoding import ImageProcessor, SampleSkipped
 from mllm_kd.errors import ConfigError
-from mllm_kd.losses.head import head_gram, head_logits, relation_matrix
+from mllm_kd.losses.head import head_gram, relation_matrix
 from mllm_kd.losses.reference import response_mask
 from mllm_kd.runtime.device import autocast_dtype, pick_device
+from mllm_kd.teacher.cache_cross import CrossCache
 from mllm_kd.teacher.cache_format import (
     CACHE_VERSION,
+    CROSS_FILES,
     FILES,
     INDEX,
     MANIFEST,
     relation_size,
     relation_values,
     sample_hash,
+    teacher_topk,
 )
 from mllm_kd.teacher.fingerprint import expected_record, teacher_fingerprint
 from mllm_kd.teacher.load import load_teacher_model
@@ -63,26 +65,13 @@ def teacher_rows(
     w, b = head.weight, head.bias
     vis = ids == teacher.image_token_id
     rows = response_mask(labels) | vis
-    h_rows = hidden[rows]
-    logp_parts, idx_parts, rest_parts = [], [], []
-    with torch.autocast(ids.device.type, enabled=False):
-        for i0 in range(0, h_rows.shape[0], chunk_size):
-            hs = h_rows[i0 : i0 + chunk_size]
-            z = head_logits(hs.to(w.dtype), w, b)  # float32 [c, V]
-            logp = F.log_softmax(z, dim=-1)
-            top, idx = logp.topk(k, dim=-1)
-            rest = torch.logsumexp(logp.scatter(1, idx, float("-inf")), dim=-1)
-            logp_parts.append(top.half().cpu())
-            idx_parts.append(idx.cpu())
-            rest_parts.append(rest.cpu())
-        n_vis = teacher.num_visual_tokens
-        rels = None
-        if vis.any():
+    logp, idx, rest, _ = teacher_topk(hidden[rows], w, b, k, chunk_size)
+    n_vis = teacher.num_visual_tokens
+    rels = None
+    if vis.any():
+        with torch.autocast(ids.device.type, enabled=False):
             hv = hidden[vis].view(-1, n_vis, hidden.shape[-1])
             rels = relation_matrix(hv, gram, b is not None).cpu()
-    logp = torch.cat(logp_parts) if logp_parts else torch.zeros(0, k, dtype=torch.float16)
-    idx = torch.cat(idx_parts) if idx_parts else torch.zeros(0, k, dtype=torch.long)
-    rest = torch.cat(rest_parts) if rest_parts else torch.zeros(0)
     counts = rows.sum(1).tolist()
     img_counts = (vis.sum(1) // n_vis).tolist()
     out, r0, m0 = [], 0, 0
@@ -124,17 +113,20 @@ class CacheWriter:
 
     A context manager: the files close on exit, and the index is written then. :meth:`describe` gives the
     manifest's ``layout`` and ``stats``; the caller adds what the cache was built for and writes it.
+    ``cross``: a cache for ``loss.cross_tokenizer`` (the per-row files of :data:`CROSS_FILES` too; each
+    sample also holds ``rest_shared`` and ``positions``).
     """
 
-    def __init__(self, directory: Path, index_dtype: str, num_visual_tokens: int):
+    def __init__(self, directory: Path, index_dtype: str, num_visual_tokens: int, cross: bool = False):
         self.directory, self.index_dtype, self.n_vis = Path(directory), index_dtype, num_visual_tokens
+        self.names = {**FILES, **({k: CROSS_FILES[k] for k in ("rest_shared", "positions")} if cross else {})}
         self.index: dict[str, list] = {
             k: [] for k in ("ids", "hashes", "row_start", "n_rows", "n_images", "rel_start")
         }
         self.stats = {"samples": 0, "rows": 0, "response_rows": 0, "visual_rows": 0, "images": 0}
         self.rel_n = 0
         self.leftover = 0.0  # sum over rows of the teacher's mass outside the top k
-        self.files = {name: open(self.directory / fname, "wb") for name, fname in FILES.items()}  # noqa: SIM115
+        self.files = {name: open(self.directory / fname, "wb") for name, fname in self.names.items()}  # noqa: SIM115
 
     def add(self, samples: list[dict]) -> None:
         for s in samples:
@@ -148,6 +140,9 @@ class CacheWriter:
             self.files["indices"].write(np.ascontiguousarray(s["indices"], dtype=self.index_dtype).tobytes())
             self.files["rest"].write(np.ascontiguousarray(s["rest"], dtype=np.float32).tobytes())
             self.files["relation"].write(np.ascontiguousarray(s["relation"], dtype=np.float16).tobytes())
+            if "rest_shared" in self.files:
+                self.files["rest_shared"].write(np.ascontiguousarray(s["rest_shared"], np.float32).tobytes())
+                self.files["positions"].write(np.ascontiguousarray(s["positions"], np.int32).tobytes())
             self.rel_n += len(s["relation"])
             self.leftover += float(np.exp(s["rest"].astype(np.float64)).sum())
             self.stats["samples"] += 1
@@ -167,7 +162,7 @@ class CacheWriter:
 
     def describe(self, k: int, rank: int) -> dict:
         """The manifest's ``layout`` and ``stats`` of what was written (after the files are closed)."""
-        sizes = {name: (self.directory / fname).stat().st_size for name, fname in FILES.items()}
+        sizes = {name: (self.directory / fname).stat().st_size for name, fname in self.names.items()}
         total_bytes = sum(sizes.values())
         rows = max(self.stats["rows"], 1)
         return {
@@ -181,7 +176,7 @@ class CacheWriter:
                 "rows": self.stats["rows"],
                 "relation_values": self.rel_n,
                 "row_order": "response | visual positions of each sample, row-major",
-                "files": FILES,
+                "files": self.names,
             },
             "stats": {
                 **self.stats,
@@ -212,7 +207,7 @@ def build_teacher_cache(
     k_req, rank = cfg.teacher.cache_topk, cfg.teacher.cache_relation_rank
     dev = pick_device(device or cfg.train.device)
     student, tokenizer, model_cfg = init_model(cfg, cfg.model)
-    teacher = load_teacher_model(cfg, student, tokenizer)
+    teacher = load_teacher_model(cfg, student, tokenizer, cross_tokenizer=cfg.loss.cross_tokenizer)
     images = ImageProcessor(
         student.vision.image_size, list(model_cfg.vision.image_mean), list(model_cfg.vision.image_std)
     )
@@ -223,19 +218,24 @@ def build_teacher_cache(
         cfg, tokenizer, student.num_visual_tokens, student.image_token_id, student.vocab_size, images
     )
     vocab = student.vocab_size
+    # loss.cross_tokenizer: both encodings, rows at the teacher's aligned and pooled positions
+    cross = CrossCache(cfg, data, tokenizer, student, teacher) if cfg.loss.cross_tokenizer else None
+    data = cross.data if cross else data
     del student
-    if k_req >= vocab:
+    if cross is None and k_req >= vocab:
         raise ConfigError(f"teacher.cache_topk={k_req} must be smaller than the vocabulary ({vocab})")
     amp = autocast_dtype(cfg.train.precision, dev)
     teacher.to(dev, dtype=amp or torch.float32).eval().requires_grad_(False)
     head = teacher.llm.get_output_embeddings()
     gram = head_gram(head.weight.detach(), None if head.bias is None else head.bias.detach())
-    collate = Collator(tokenizer.pad_token_id)
+    collate = cross.collate if cross else Collator(tokenizer.pad_token_id)
+    n_vis = cross.n_pool if cross else record["num_visual_tokens"]
+    index_dtype = _index_dtype(vocab + 1 if cross else vocab)  # cross: the student's vocabulary size + 1 ids
     bs = batch_size or cfg.train.batch_size
     started = time.perf_counter()
     skipped = 0
     with atomic_dir(out) as tmp:
-        with CacheWriter(tmp, _index_dtype(vocab), record["num_visual_tokens"]) as writer:
+        with CacheWriter(tmp, index_dtype, n_vis, cross=cross is not None) as writer:
             pending: list[dict] = []
             bar = tqdm(total=data.num_samples, desc="cache_teacher", disable=not progress, dynamic_ncols=True)
 
@@ -244,8 +244,9 @@ def build_teacher_cache(
                     return
                 batch = collate(pending)
                 batch = {kk: v.to(dev) if isinstance(v, torch.Tensor) else v for kk, v in batch.items()}
+                rows = cross.rows if cross else teacher_rows
                 with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    writer.add(teacher_rows(teacher, batch, k_req, rank, gram, cfg.loss.chunk_size))
+                    writer.add(rows(teacher, batch, k_req, rank, gram, cfg.loss.chunk_size))
                 bar.update(len(pending))
                 pending.clear()
 
@@ -274,6 +275,8 @@ def build_teacher_cache(
             "data_path": str(cfg.data.path),
             **writer.describe(k_req, rank),
         }
+        if cross:
+            manifest["layout"]["cross_tokenizer"] = cross.finish(tmp, writer.stats["response_rows"])
         manifest["stats"].update(skipped=skipped, seconds=round(time.perf_counter() - started, 3))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     stats = manifest["stats"]

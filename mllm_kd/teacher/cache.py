@@ -2,7 +2,9 @@
 
 A stage run with ``teacher.cache=DIR`` opens the cache (:func:`open_cache`), refuses it unless it was built
 for this stage's data, tokenizer and settings (:meth:`CachedTeacher.check`), and looks up each batch's
-teacher outputs by sample id and a hash of its tokens (:meth:`CachedTeacher.lookup`).
+teacher outputs by sample id and a hash of its tokens (:meth:`CachedTeacher.lookup`). A cache built for
+``loss.cross_tokenizer`` (:mod:`mllm_kd.teacher.cache_cross`) is read by the same class and its lookup
+returns a :class:`~mllm_kd.losses.cached_cross.CrossCachedBatch`.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import torch
 
 from mllm_kd.errors import CompatibilityError, ConfigError
 from mllm_kd.losses.cached import CachedBatch
+from mllm_kd.losses.cached_cross import CrossCachedBatch
 from mllm_kd.losses.reference import KD_KINDS
 from mllm_kd.teacher.cache_format import (
     CACHE_VERSION,
+    CROSS_FILES,
     FILES,
     INDEX,
     MANIFEST,
@@ -54,19 +58,32 @@ class CachedTeacher:
         layout = self.manifest["layout"]
         self.k = int(layout["k"])
         self.rank = int(layout["relation_rank"])
-        self.n_vis = int(self.manifest["built_for"]["num_visual_tokens"])
+        self.cross: dict | None = layout.get("cross_tokenizer")  # a cache for loss.cross_tokenizer
+        self.n_vis = int(
+            self.cross["visual_rows_per_image"]
+            if self.cross
+            else self.manifest["built_for"]["num_visual_tokens"]
+        )
         rows, rel_values = int(layout["rows"]), int(layout["relation_values"])
         self.rel_size = relation_size(self.n_vis, self.rank)
 
         def memmap(name: str, dtype: str, shape: tuple[int, ...]):
             if math.prod(shape) == 0:
                 return np.zeros(shape, dtype=dtype)
-            return np.memmap(self.directory / FILES[name], dtype=dtype, mode="r", shape=shape)
+            path = self.directory / {**FILES, **CROSS_FILES}[name]
+            return np.memmap(path, dtype=dtype, mode="r", shape=shape)
 
         self.logprobs = memmap("logprobs", "float16", (rows, self.k))
         self.indices = memmap("indices", layout["index_dtype"], (rows, self.k))
         self.rest = memmap("rest", "float32", (rows,))
         self.relation = memmap("relation", "float16", (rel_values,))
+        self.in_shared = None
+        if self.cross:
+            self.rest_shared = memmap("rest_shared", "float32", (rows,))
+            self.positions = memmap("positions", "int32", (rows,))
+            shared = np.fromfile(self.directory / CROSS_FILES["shared"], dtype=np.int32)
+            self.in_shared = torch.zeros(int(self.cross["student_vocab_size"]), dtype=torch.bool)
+            self.in_shared[torch.from_numpy(shared.astype(np.int64))] = True
         index = json.loads((self.directory / INDEX).read_text())
         self.ids: list[str] = index["ids"]
         self.hashes: list[str] = index["hashes"]
@@ -117,6 +134,12 @@ class CachedTeacher:
             raise CompatibilityError(
                 f"sample {sid!r} is not in the teacher cache {self.directory} ({len(self.ids)} samples): "
                 "was it built for this data set (and data.max_samples)?"
+                + (
+                    " A cross-tokenizer cache also leaves out the samples the teacher's encoding skipped "
+                    "(too long for its tokenizer with data.on_overflow=skip, or unreadable)"
+                    if self.cross
+                    else ""
+                )
             )
         for i in entries:
             if self.hashes[i] == digest:
@@ -132,18 +155,19 @@ class CachedTeacher:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
-        rows: torch.Tensor,
+        rows: torch.Tensor | None,
         device: torch.device | str,
-    ) -> CachedBatch:
-        """The cached outputs for a batch (any size, any order) at its distilled ``rows`` (bool ``[B, T]``)."""
+    ) -> CachedBatch | CrossCachedBatch:
+        """The cached outputs for a batch (any size, any order) at its distilled ``rows`` (bool ``[B, T]``;
+        None for a cross-tokenizer cache, whose rows are the aligned and pooled positions it stores)."""
         ids_cpu, labels_cpu = input_ids.cpu().numpy(), labels.cpu().numpy()
         lengths = attention_mask.sum(1).cpu().tolist()
-        counts = rows.sum(1).cpu().tolist()
+        counts = None if rows is None else rows.sum(1).cpu().tolist()
         row_slices, rel_slices = [], []
         for b, sid in enumerate(sample_ids):
             n = int(lengths[b])
             i = self._entry(str(sid), sample_hash(ids_cpu[b, :n], labels_cpu[b, :n]))
-            if int(self.n_rows[i]) != counts[b]:
+            if counts is not None and int(self.n_rows[i]) != counts[b]:
                 raise CompatibilityError(
                     f"sample {sid!r}: the teacher cache {self.directory} holds {self.n_rows[i]} distilled "
                     f"positions, the batch has {counts[b]}"
@@ -164,7 +188,18 @@ class CachedTeacher:
         if rel_slices:
             values = torch.from_numpy(gather(self.relation, rel_slices).astype(np.float32)).to(device)
             relation = relation_from_values(values.view(-1, self.rel_size), self.n_vis, self.rank)
-        return CachedBatch(logprobs.to(device), indices.to(device), rest.to(device), relation)
+        cached = CachedBatch(logprobs.to(device), indices.to(device), rest.to(device), relation)
+        if not self.cross:
+            return cached
+        sizes = [s.stop - s.start for s in row_slices]
+        return CrossCachedBatch(
+            rows=cached,
+            rest_shared=torch.from_numpy(np.array(gather(self.rest_shared, row_slices))).to(device),
+            positions=torch.from_numpy(gather(self.positions, row_slices).astype(np.int64)).to(device),
+            sample=torch.from_numpy(np.repeat(np.arange(len(sizes)), sizes)).to(device),
+            in_shared=self.in_shared.to(device),
+            visual_rows=self.n_vis,
+        )
 
 
 _OPEN: dict[tuple, CachedTeacher] = {}

@@ -25,6 +25,14 @@ sample: id, hash, first row, rows, images, first relation value), and flat binar
 ``numpy.memmap``: ``topk_logprobs.bin`` ``[rows, k]``, ``topk_indices.bin`` ``[rows, k]``,
 ``rest_logprob.bin`` ``[rows]``, ``relation.bin`` (all relation values). The directory is written under a
 temporary name and renamed into place. What the manifest records is :mod:`mllm_kd.teacher.fingerprint`.
+
+A cache for ``loss.cross_tokenizer`` (:mod:`mllm_kd.teacher.cache_cross`) has the same files with other
+rows: each *aligned* response position (the teacher's row at its own position) and each *pooled* visual
+position; its top-k indices are student ids (the shared token of the same text) or the student's
+vocabulary size (a token the student does not have); and three more files (:data:`CROSS_FILES`):
+``rest_shared_logprob.bin`` ``[rows]`` (the part of ``log p_rest`` on shared tokens),
+``student_positions.bin`` ``[rows]`` int32 (the student position each response row is compared at, -1 for
+a visual row) and ``shared_student_ids.bin`` (the student ids of the shared tokens).
 """
 
 from __future__ import annotations
@@ -33,6 +41,9 @@ import hashlib
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+from mllm_kd.losses.head import head_logits
 
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"
@@ -43,6 +54,11 @@ FILES = {
     "rest": "rest_logprob.bin",
     "relation": "relation.bin",
 }
+CROSS_FILES = {  # a cache for loss.cross_tokenizer: per row, then once
+    "rest_shared": "rest_shared_logprob.bin",
+    "positions": "student_positions.bin",
+    "shared": "shared_student_ids.bin",
+}
 
 
 def sample_hash(input_ids: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> str:
@@ -52,6 +68,40 @@ def sample_hash(input_ids: torch.Tensor | np.ndarray, labels: torch.Tensor | np.
     h.update(b"|")
     h.update(np.asarray(labels, dtype=np.int64).tobytes())
     return h.hexdigest()[:20]
+
+
+@torch.no_grad()
+def teacher_topk(
+    h_rows: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    k: int,
+    chunk_size: int = 256,
+    shared: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """What the cache stores for the teacher's rows ``h_rows [N, d]`` and head, ``chunk_size`` rows at a time.
+
+    Returns CPU tensors: the top-``k`` log-probabilities ``[N, k]`` (float16, descending), their indices
+    ``[N, k]``, ``log p_rest`` ``[N]`` (float32, the log-sum-exp of the other log-probabilities) and, with
+    ``shared`` (bool ``[V]``), the part of ``log p_rest`` on the shared tokens ``[N]`` (else None).
+    """
+    parts: list[list[torch.Tensor]] = [[], [], [], []]
+    with torch.autocast(h_rows.device.type, enabled=False):
+        for i0 in range(0, h_rows.shape[0], chunk_size):
+            z = head_logits(h_rows[i0 : i0 + chunk_size].to(weight.dtype), weight, bias)  # float32 [c, V]
+            logp = F.log_softmax(z, dim=-1)
+            top, idx = logp.topk(k, dim=-1)
+            others = logp.scatter(1, idx, float("-inf"))
+            parts[0].append(top.half().cpu())
+            parts[1].append(idx.cpu())
+            parts[2].append(torch.logsumexp(others, dim=-1).cpu())
+            if shared is not None:
+                parts[3].append(torch.logsumexp(others.masked_fill(~shared, float("-inf")), dim=-1).cpu())
+    if not parts[0]:
+        empty = torch.zeros(0)
+        return torch.zeros(0, k, dtype=torch.float16), torch.zeros(0, k, dtype=torch.long), empty, empty
+    rest_shared = torch.cat(parts[3]) if shared is not None else None
+    return torch.cat(parts[0]), torch.cat(parts[1]), torch.cat(parts[2]), rest_shared
 
 
 # ------------------------------------------------------------------------------------------- relations

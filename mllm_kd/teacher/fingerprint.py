@@ -78,7 +78,7 @@ def expected_record(
 ) -> dict:
     """What a cache must have been built for to serve stage ``cfg`` (compared field by field)."""
     template = ConversationEncoder(tokenizer, cfg.data.template, num_visual_tokens, image_token_id).template
-    return {
+    record = {
         "data": data_fingerprint(cfg.data),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "max_length": cfg.data.max_length,
@@ -92,6 +92,9 @@ def expected_record(
         "relation_rank": cfg.teacher.cache_relation_rank,
         "teacher_quantize": cfg.teacher.quantize,
     }
+    if cfg.loss.cross_tokenizer:  # rows at the teacher's own positions; its template follows data.template
+        record.update(cross_tokenizer=True, teacher_template_setting=cfg.data.template)
+    return record
 
 
 _FIELD_NAMES = {
@@ -116,6 +119,8 @@ _FIELD_NAMES = {
     "k": "k (teacher.cache_topk)",
     "relation_rank": "teacher.cache_relation_rank",
     "teacher_quantize": "teacher.quantize",
+    "cross_tokenizer": "loss.cross_tokenizer",
+    "teacher_template_setting": "data.template of the teacher's encoding (loss.cross_tokenizer)",
 }
 
 

@@ -113,7 +113,7 @@ def check_compatible(
             f"teacher {where} has a different vocabulary from the student ({len(t_vocab)} vs {len(s_vocab)} tokens; "
             f"only in teacher: {only_t}, only in student: {only_s}). Logit distillation compares distributions token "
             "by token, so both must use the same tokenizer: pick a student LLM of the teacher's family, or set "
-            "loss.cross_tokenizer=true to distil across vocabularies (online teacher only; docs/cross-tokenizer.md)."
+            "loss.cross_tokenizer=true to distil across vocabularies (docs/cross-tokenizer.md)."
         )
     if teacher.vocab_size != student.vocab_size:
         raise CompatibilityError(

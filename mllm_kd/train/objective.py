@@ -80,10 +80,10 @@ class LossComputer:
         self._teacher_gram: tuple[tuple, torch.Tensor] | None = None  # (weight identity, W^T W) cache
         self._heads: tuple[nn.Linear, nn.Linear | None] | None = None  # the fused path's heads, once chosen
         self._path: str | None = None  # "fused" or "reference", decided on the first batch
-        self.cross = None  # loss.cross_tokenizer with an online teacher: mllm_kd/train/cross_objective.py
-        if cfg.loss.cross_tokenizer and self.teacher is not None:
+        self.cross = None  # loss.cross_tokenizer, a teacher model or its cache: train/cross_objective.py
+        if cfg.loss.cross_tokenizer and teacher is not None:
             self.cross = CrossTokenizerObjective(
-                cfg, self.teacher, self.settings, self.weights, shared_vocab, fusable_head
+                cfg, teacher, self.settings, self.weights, shared_vocab, fusable_head
             )
 
     def _choose_path(self, student: nn.Module) -> str:
