@@ -546,16 +546,25 @@ def test_stage1_from_a_cross_tokenizer_cache_of_the_whole_vocabulary_matches_the
     assert off["loss"] == pytest.approx(on["loss"], rel=2e-3)
 
 
-def test_stage3_trains_from_a_cross_tokenizer_cache(cross_run):
-    """The default k = 32 of the teacher's 320 tokens: stage 3 reads only the cache (no teacher checkpoint
-    given), every term is finite and positive, and gradients reach the student."""
+@pytest.fixture(scope="module")
+def stage3_cache(cross_run):
+    """A cross-tokenizer cache for stage 3 (default k = 32; the student built fresh: init_from=null)."""
     from mllm_kd.stages import STAGES
     from mllm_kd.teacher.build import build_teacher_cache
 
     root, recipe = cross_run
     common = ["init_from=null", "train.max_steps=2"]
     cfg = resolve_stage_config(recipe, "stage3", STAGES["stage3"].defaults, common)
-    manifest = build_teacher_cache(cfg, root / "cache_s3", progress=False)
+    return build_teacher_cache(cfg, root / "cache_s3", progress=False), common
+
+
+def test_stage3_trains_from_a_cross_tokenizer_cache(cross_run, stage3_cache):
+    """The default k = 32 of the teacher's 320 tokens: stage 3 reads only the cache (no teacher checkpoint
+    given), every term is finite and positive, and gradients reach the student."""
+    from mllm_kd.stages import STAGES
+
+    root, recipe = cross_run
+    manifest, common = stage3_cache
     assert manifest["layout"]["k"] == 32 and manifest["stats"]["mean_leftover_mass"] > 0
     run = [
         *common,
@@ -569,3 +578,32 @@ def test_stage3_trains_from_a_cross_tokenizer_cache(cross_run):
     for row in rows:
         assert all(math.isfinite(row[k]) and row[k] > 0 for k in ("loss", "mdist_resp", "mdist_vis", "rdist"))
         assert row["aligned"] > 0.2 and row["grad_norm"] > 0, row
+
+
+def test_a_cross_tokenizer_cache_is_refused_for_another_student_encoding(cross_run, stage3_cache, tmp_path):
+    """The cache's record names the student's tokenizer, template and visual-token count, and that it was
+    built for loss.cross_tokenizer: a stage that differs in any of them is refused, naming it."""
+    from mllm_kd.stages import STAGES
+    from mllm_kd.teacher.load import load_teacher
+    from mllm_kd.train.stage import init_model
+
+    root, recipe = cross_run
+    _, common = stage3_cache
+
+    def load(*overrides, tokenizer=None):
+        args = [*common, f"teacher.cache={root}/cache_s3", *overrides]
+        cfg = resolve_stage_config(recipe, "stage3", STAGES["stage3"].defaults, args)
+        student, tok, model_cfg = init_model(cfg, cfg.model)
+        return load_teacher(cfg, student, tokenizer or tok, model_cfg)
+
+    assert load().cross["teacher_visual_tokens"] == 16  # the right one is accepted
+    for overrides, match in (
+        (["data.template=plain"], r"data\.template \(resolved\): cache 'chat'"),
+        (["model.vision.config.patch_size=8"], "visual tokens per image: cache 4, this stage 16"),
+        (["loss.cross_tokenizer=false"], r"loss\.cross_tokenizer: cache True, this stage None"),
+    ):
+        with pytest.raises(CompatibilityError, match=match):
+            load(*overrides)
+    other = load_tokenizer(train_bpe_tokenizer(["some other text entirely"] * 10, tmp_path / "tok", 300))
+    with pytest.raises(CompatibilityError, match="tokenizer vocabulary: cache"):
+        load(tokenizer=other)
