@@ -7,8 +7,10 @@ Variants (each in a fresh subprocess): ``fused`` — :func:`mllm_kd.losses.fused
 teacher of the student's vocabulary (what the stage runs without the option); ``cross`` —
 :func:`mllm_kd.losses.cross_tokenizer.cross_tokenizer_loss` with a teacher of ``--teacher-vocab`` tokens,
 half of the student's shared, every response position aligned, ``--teacher-visual`` visual tokens pooled
-to ``--visual``; ``logits`` — the same terms from the full ``[B, T, V]`` logits of both models with
-autograd. Peak memory: the resident-set high-water mark (``VmHWM``) over the pass minus the resident set
+to ``--visual``; ``cached`` — the same objective against a cached teacher
+(:func:`mllm_kd.losses.cached_cross.cached_cross_tokenizer_loss`, the teacher's top ``--k`` at the same rows,
+built before the timed passes as the cache would hold them; tau = 1 for every variant); ``logits`` — the
+same terms from the full ``[B, T, V]`` logits of both models with autograd. Peak memory: the resident-set high-water mark (``VmHWM``) over the pass minus the resident set
 before it (Linux; see bench/kd_loss.py). The last line printed is a JSON object of all variants.
 """
 
@@ -24,7 +26,7 @@ from pathlib import Path
 
 from kd_loss import _reset_peak_rss, _rss_kib, _trim_heap
 
-VARIANTS = ("fused", "cross", "logits")
+VARIANTS = ("fused", "cross", "cached", "logits")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,6 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--teacher-visual", type=int, default=256, help="teacher visual tokens per sample")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--k", type=int, default=32, help="cached: teacher log-probabilities kept per row")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -47,6 +50,7 @@ def run_worker(args) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from mllm_kd.losses.cached_cross import cached_cross_tokenizer_loss
     from mllm_kd.losses.cross_tokenizer import cross_tokenizer_loss, cross_vocab_divergence, pool_visual
     from mllm_kd.losses.fused import fused_distill_loss
     from mllm_kd.losses.reference import DistillSettings, relation_distill
@@ -76,6 +80,10 @@ def run_worker(args) -> dict:
             total, _ = fused_distill_loss(
                 hs, ws, labels, weights, ht, wt, vis, n, settings, chunk_size=args.chunk_size
             )
+        elif args.worker == "cached":
+            total, _ = cached_cross_tokenizer_loss(
+                hs, ws, labels, weights, cached, settings, vis, n, chunk_size=args.chunk_size
+            )
         elif args.worker == "cross":
             total, _ = cross_tokenizer_loss(
                 hs, ws, labels, weights, ht, wt, resp_pos, align_t, shared, settings, vis, tvis, n, nt,
@@ -97,6 +105,8 @@ def run_worker(args) -> dict:
         total.backward()
         hs.grad = ws.grad = None
 
+    if args.worker == "cached":
+        cached = _cache_rows(args, ht, wt, tvis, resp_pos, align_t, shared, n, nt, Vt, V)
     step()  # warm-up
     times, peaks = [], []
     for _ in range(args.repeats):
@@ -112,6 +122,37 @@ def run_worker(args) -> dict:
         "seconds": statistics.median(times),
         "peak_bytes": statistics.median(peaks),
     }
+
+
+def _cache_rows(args, ht, wt, tvis, resp_pos, align_t, shared, n, nt, Vt, V):
+    """The :class:`~mllm_kd.losses.cached_cross.CrossCachedBatch` a cross-tokenizer cache holds for the
+    batch (what :mod:`mllm_kd.teacher.cache_cross` stores, float16 log-probabilities included)."""
+    import torch
+
+    from mllm_kd.losses.cached import CachedBatch
+    from mllm_kd.losses.cached_cross import CrossCachedBatch
+    from mllm_kd.losses.cross_tokenizer import pool_visual
+    from mllm_kd.teacher.cache_format import teacher_topk
+
+    B, d = ht.shape[0], ht.shape[-1]
+    pooled = pool_visual(ht[tvis].view(B, nt, d), n)
+    rows, positions, sample = [], [], []
+    for b in range(B):
+        rows += [ht[b, align_t[b]], pooled[b]]
+        positions += [resp_pos[b], torch.full((n,), -1)]
+        sample.append(torch.full((resp_pos.shape[1] + n,), b))
+    shared_t = torch.zeros(Vt, dtype=torch.bool)
+    shared_t[shared[1]] = True
+    to_student = torch.full((Vt,), V)
+    to_student[shared[1]] = shared[0]
+    top, idx, rest, rest_shared = teacher_topk(torch.cat(rows), wt, None, args.k, args.chunk_size, shared_t)
+    zv = pooled @ wt.t()
+    in_shared = torch.zeros(V, dtype=torch.bool)
+    in_shared[shared[0]] = True
+    return CrossCachedBatch(
+        CachedBatch(top.float(), to_student[idx], rest, zv @ zv.transpose(1, 2)),
+        rest_shared, torch.cat(positions), torch.cat(sample), in_shared, n,
+    )  # fmt: skip
 
 
 def main(argv=None) -> int:

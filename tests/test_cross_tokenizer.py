@@ -548,14 +548,25 @@ def test_stage1_from_a_cross_tokenizer_cache_of_the_whole_vocabulary_matches_the
 
 @pytest.fixture(scope="module")
 def stage3_cache(cross_run):
-    """A cross-tokenizer cache for stage 3 (default k = 32; the student built fresh: init_from=null)."""
-    from mllm_kd.stages import STAGES
-    from mllm_kd.teacher.build import build_teacher_cache
+    """A cross-tokenizer cache for stage 3, built by the command (default k = 32; the student built fresh:
+    init_from=null); returns its manifest and the overrides it was built with."""
+    from omegaconf import OmegaConf
+
+    from mllm_kd import cache_teacher
 
     root, recipe = cross_run
+    OmegaConf.save(OmegaConf.create(recipe), root / "recipe.yaml")
     common = ["init_from=null", "train.max_steps=2"]
-    cfg = resolve_stage_config(recipe, "stage3", STAGES["stage3"].defaults, common)
-    return build_teacher_cache(cfg, root / "cache_s3", progress=False), common
+    argv = [
+        "--config",
+        str(root / "recipe.yaml"),
+        "--stage",
+        "stage3",
+        *common,
+        f"teacher.cache={root}/cache_s3",
+    ]
+    assert cache_teacher.main(argv) == 0
+    return json.loads((root / "cache_s3" / "manifest.json").read_text()), common
 
 
 def test_stage3_trains_from_a_cross_tokenizer_cache(cross_run, stage3_cache):

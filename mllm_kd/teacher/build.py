@@ -182,7 +182,9 @@ class CacheWriter:
                 **self.stats,
                 "bytes": sizes,
                 "total_bytes": total_bytes,
-                "bytes_per_row_topk": k * (2 + np.dtype(self.index_dtype).itemsize) + 4,
+                # + log p_rest (+ its shared part and the student position in a cross-tokenizer cache)
+                "bytes_per_row_topk": k * (2 + np.dtype(self.index_dtype).itemsize)
+                + (12 if "positions" in self.names else 4),
                 "bytes_per_distilled_token": total_bytes / rows,
                 "bytes_per_image_relation": relation_size(self.n_vis, rank) * 2,
                 "mean_leftover_mass": self.leftover / rows,
@@ -309,4 +311,9 @@ def describe(manifest: dict) -> dict:
         "bytes_per_row_topk": s["bytes_per_row_topk"],
         "mean_leftover_mass": round(s["mean_leftover_mass"], 5),
         "seconds": s["seconds"],
+        **(
+            {"aligned_fraction": round(lay["cross_tokenizer"]["aligned_fraction"], 4)}
+            if "cross_tokenizer" in lay
+            else {}
+        ),
     }
