@@ -12,6 +12,13 @@ to ``--visual``; ``cached`` — the same objective against a cached teacher
 built before the timed passes as the cache would hold them; tau = 1 for every variant); ``logits`` — the
 same terms from the full ``[B, T, V]`` logits of both models with autograd. Peak memory: the resident-set high-water mark (``VmHWM``) over the pass minus the resident set
 before it (Linux; see bench/kd_loss.py). The last line printed is a JSON object of all variants.
+
+``--truncation``: instead of timing, the error of the cached divergence
+(:func:`~mllm_kd.losses.cached_cross.topk_cross_divergence`, top ``--topks``) against the full
+:func:`~mllm_kd.losses.cross_tokenizer.cross_vocab_divergence`, float64, on 64 rows of a teacher
+``softmax(s * N(0, 1))`` for the sharpness ``s`` in ``--scales``, and a student equal to it plus N(0, 1) noise
+on the shared tokens: the teacher's mass outside the top k, the relative error of the mean divergence and
+the cosine between the two gradients wrt the student's logits.
 """
 
 from __future__ import annotations
@@ -42,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=32, help="cached: teacher log-probabilities kept per row")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--truncation", action="store_true", help="measure the top-k error instead of time")
+    p.add_argument("--topks", default="8,32,128", help="--truncation: k values")
+    p.add_argument("--scales", default="2,4,6", help="--truncation: teacher sharpness values")
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -155,8 +165,64 @@ def _cache_rows(args, ht, wt, tvis, resp_pos, align_t, shared, n, nt, Vt, V):
     )  # fmt: skip
 
 
+def truncation(args) -> list[dict]:
+    """The cached divergence's error against the full one (module docstring, ``--truncation``)."""
+    import torch
+    import torch.nn.functional as F
+
+    from mllm_kd.losses.cached_cross import topk_cross_divergence
+    from mllm_kd.losses.cross_tokenizer import cross_vocab_divergence
+
+    g = torch.Generator().manual_seed(0)
+    N, V, Vt = 64, args.vocab, args.teacher_vocab
+    S = min(V, Vt) // 2
+    shared = (torch.randperm(V, generator=g)[:S], torch.randperm(Vt, generator=g)[:S])
+    to_student = torch.full((Vt,), V)
+    to_student[shared[1]] = shared[0]
+    in_shared, shared_t = torch.zeros(V, dtype=torch.bool), torch.zeros(Vt, dtype=torch.bool)
+    in_shared[shared[0]], shared_t[shared[1]] = True, True
+    out = []
+    for scale in (float(x) for x in args.scales.split(",")):
+        zt = torch.randn(N, Vt, generator=g, dtype=torch.float64) * scale
+        zs = torch.randn(N, V, generator=g, dtype=torch.float64) * scale
+        zs[:, shared[0]] = zt[:, shared[1]] + torch.randn(N, S, generator=g, dtype=torch.float64)
+        zs.requires_grad_()
+        lt = F.log_softmax(zt, -1)
+        for kind in ("fkl", "rkl", "jsd"):
+            full = cross_vocab_divergence(F.log_softmax(zs, -1), lt, *shared, kind).mean()
+            (g_full,) = torch.autograd.grad(full, zs)
+            for k in (int(x) for x in args.topks.split(",")):
+                top, idx = lt.topk(k, -1)
+                others = lt.scatter(1, idx, float("-inf"))
+                rest_shared = others.masked_fill(~shared_t, float("-inf")).logsumexp(-1)
+                rest = others.logsumexp(-1)
+                cut = topk_cross_divergence(
+                    F.log_softmax(zs, -1), top, to_student[idx], rest, rest_shared, in_shared, kind
+                ).mean()
+                (g_cut,) = torch.autograd.grad(cut, zs)
+                row = {
+                    "scale": scale,
+                    "kind": kind,
+                    "k": k,
+                    "leftover": float(rest.exp().mean()),
+                    "relative_error": float((full - cut) / full),
+                    "grad_cosine": float(F.cosine_similarity(g_full.flatten(), g_cut.flatten(), dim=0)),
+                }
+                print(
+                    " ".join(
+                        f"{key} {val:.4g}" if isinstance(val, float) else f"{key} {val}"
+                        for key, val in row.items()
+                    )
+                )
+                out.append(row)
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.truncation:
+        print(json.dumps(truncation(args)))
+        return 0
     if args.worker:
         print(json.dumps(run_worker(args)))
         return 0

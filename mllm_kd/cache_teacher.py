@@ -9,8 +9,10 @@ losses need to ``teacher.cache`` (or ``--out``); then run the stage with the sam
     python -m mllm_kd.stage3 --config configs/smoke.yaml run_dir=runs/smoke \\
         teacher.cache=runs/smoke/teacher_cache/stage3
 
-See :mod:`mllm_kd.teacher.cache_format` for the format and :mod:`mllm_kd.losses.cached` for the loss. Prints a JSON summary (sizes, bytes per
-distilled token) as its last line.
+With ``loss.cross_tokenizer=true`` the cache holds the teacher's rows at its own aligned and pooled
+positions (:mod:`mllm_kd.teacher.cache_cross`, docs/cross-tokenizer.md). See
+:mod:`mllm_kd.teacher.cache_format` for the format and :mod:`mllm_kd.losses.cached` for the loss. Prints a
+JSON summary (sizes, bytes per distilled token) as its last line.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ The manifest records the data (a SHA-256 of the LLaVA JSON file, or the shard na
 tokenizer (hashes of the vocabulary and the chat template), the teacher checkpoint (a fingerprint of its
 files: each small file hashed whole, large files by their size and 64 evenly spaced 64 KiB blocks),
 ``max_length``, the template, the system prompt, the visual-token count, the image preprocessing, ``k``,
-the relation representation and the quantisation. :meth:`mllm_kd.teacher.cache.CachedTeacher.check`
+the relation representation and the quantisation; for ``loss.cross_tokenizer``, that option and
+``data.template`` (the teacher's encoding: its tokenizer is part of the checkpoint's fingerprint). :meth:`mllm_kd.teacher.cache.CachedTeacher.check`
 refuses a cache whose record differs from the stage's, naming every difference.
 """
 
