@@ -15,7 +15,8 @@ by buckets:
 * **ULD**: the teacher's sorted non-shared probabilities are known for its ``k_N`` largest (the non-shared
   tokens of the top ``k``, in order); the rest of the sorted vector is one bucket of mass
   ``p_rest_N = p_rest - p_rest_S``: ``sum_{i < k_N} |s_i - t_i| + |sum_{i >= k_N} s_i - p_rest_N|``, with
-  ``s`` the student's sorted non-shared probabilities.
+  ``s`` the student's sorted non-shared probabilities, of which only the top ``k`` are needed (the tail is
+  the student's non-shared mass minus them): a top-k of each row, not the sort the online loss does.
 
 Both parts are lower bounds of the full-vocabulary values (an f-divergence can only shrink when categories
 are merged; ``|sum a - sum b| <= sum |a - b|``), exact when the teacher's mass outside the top ``k`` is 0,
@@ -101,14 +102,17 @@ def topk_cross_divergence(
         cond_s = torch.cat([q_stored, q_bucket], 1) - log_q_shared
         matched = divergence_from_logprobs(cond_s, t_cat - log_mass_t, kind=kind, beta=beta, alpha=alpha)
         d = d + log_mass_t.squeeze(-1).exp() * matched
-    s = log_q[:, ~in_shared].exp().sort(dim=-1, descending=True).values
+    # ULD needs the student's sorted non-shared probabilities only as far as the teacher's are known (k_N <=
+    # k); the rest of them is one sum, its non-shared mass minus those: a top-k, not a sort of the row.
+    k = t_logp.shape[1]
+    k_s = min(k, int((~in_shared).sum()))
+    not_shared = torch.where(in_shared, none, log_q)
+    s = F.pad(not_shared.topk(k_s, dim=-1).values.exp(), (0, k - k_s))
     t = torch.where(sh, 0.0, t_logp.exp()).sort(dim=-1, descending=True).values
-    width = max(s.shape[1], t.shape[1])
-    if width:
-        s, t = F.pad(s, (0, width - s.shape[1])), F.pad(t, (0, width - t.shape[1]))
-        known = torch.arange(width, device=log_q.device) < (~sh).sum(1, keepdim=True)
+    if k:
+        known = torch.arange(k, device=log_q.device) < (~sh).sum(1, keepdim=True)
         rest_n = (t_rest.exp() - t_rest_shared.exp()).clamp(min=0)
-        tail = torch.where(known, 0.0, s).sum(-1)
+        tail = (not_shared.logsumexp(-1).exp() - torch.where(known, s, 0.0).sum(-1)).clamp(min=0)
         d = d + torch.where(known, (s - t).abs(), 0.0).sum(-1) + (tail - rest_n).abs()
     return d
 
