@@ -92,11 +92,13 @@ def topk_cross_divergence(
     sh = t_idx < v
     none = log_q.new_tensor(_NONE)
     d = log_q.new_zeros(n)
+    mass_not_shared = log_q.new_ones(n)  # the student's probability mass on tokens the teacher does not have
     if bool(in_shared.any()):
         stored = torch.zeros(n, v + 1, dtype=torch.bool, device=log_q.device).scatter_(1, t_idx, True)[:, :v]
         q_stored = log_q.gather(1, t_idx.masked_fill(~sh, 0)).masked_fill(~sh, _NONE)
         q_bucket = torch.where(in_shared & ~stored, log_q, none).logsumexp(-1, keepdim=True)
-        log_q_shared = torch.where(in_shared, log_q, none).logsumexp(-1, keepdim=True)
+        log_q_shared = torch.cat([q_stored, q_bucket], 1).logsumexp(-1, keepdim=True)
+        mass_not_shared = (1 - log_q_shared.squeeze(-1).exp()).clamp(min=0)
         t_cat = torch.cat([t_logp.masked_fill(~sh, _NONE), t_rest_shared.clamp(min=_NONE)[:, None]], 1)
         log_mass_t = t_cat.logsumexp(-1, keepdim=True)
         cond_s = torch.cat([q_stored, q_bucket], 1) - log_q_shared
@@ -112,7 +114,7 @@ def topk_cross_divergence(
     if k:
         known = torch.arange(k, device=log_q.device) < (~sh).sum(1, keepdim=True)
         rest_n = (t_rest.exp() - t_rest_shared.exp()).clamp(min=0)
-        tail = (not_shared.logsumexp(-1).exp() - torch.where(known, s, 0.0).sum(-1)).clamp(min=0)
+        tail = (mass_not_shared - torch.where(known, s, 0.0).sum(-1)).clamp(min=0)
         d = d + torch.where(known, (s - t).abs(), 0.0).sum(-1) + (tail - rest_n).abs()
     return d
 
