@@ -205,7 +205,7 @@ def truncation(args) -> list[dict]:
                     "kind": kind,
                     "k": k,
                     "leftover": float(rest.exp().mean()),
-                    "relative_error": float((full - cut) / full),
+                    "relative_error": float((full - cut).detach() / full.detach()),
                     "grad_cosine": float(F.cosine_similarity(g_full.flatten(), g_cut.flatten(), dim=0)),
                 }
                 print(
