@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_CLIP
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mllm_kd.config import resolve_stage_config
 from mllm_kd.data.cross_tokens import align_positions, answer_keys, shared_vocabulary
@@ -448,6 +449,21 @@ def test_topk_divergence_on_a_peaked_teacher_is_a_close_lower_bound():
         assert F.cosine_similarity(g_ref, g_got, dim=0) > 0.999, kind
 
 
+class _LargestResult(TorchDispatchMode):
+    """The largest number of elements of a tensor any op returns inside the mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
 @pytest.mark.parametrize("ns,nt", [(4, 16), (16, 4)], ids=["teacher-grid-pooled", "student-grid-pooled"])
 def test_cached_objective_with_the_whole_vocabulary_equals_the_online_one(ns, nt):
     """cached_cross_tokenizer_loss, from the rows a cross-tokenizer cache holds with k = V_T (aligned rows at
@@ -493,10 +509,12 @@ def test_cached_objective_with_the_whole_vocabulary_equals_the_online_one(ns, nt
         CachedBatch(top, idx, rest, zv @ zv.transpose(1, 2)),
         rest_shared, torch.cat(positions), torch.cat(sample), in_shared, n,
     )  # fmt: skip
-    got_total, got_terms = cached_cross_tokenizer_loss(
-        hs, ws, labels, weights, cached, settings, vis, ns, chunk_size=4
-    )
-    got = torch.autograd.grad(got_total, [hs, ws])
+    with _LargestResult() as largest:  # the memory bound: no [B, T, V] tensor, forward or backward
+        got_total, got_terms = cached_cross_tokenizer_loss(
+            hs, ws, labels, weights, cached, settings, vis, ns, chunk_size=4
+        )
+        got = torch.autograd.grad(got_total, [hs, ws])
+    assert largest.numel <= max(B * T * d, V * d, 4 * (V + 1)) < B * T * V
     assert got_terms.keys() == terms.keys() == {"ce", "mdist_resp", "mdist_vis", "rdist", "aligned"}
     for name in terms:
         torch.testing.assert_close(got_terms[name], terms[name], rtol=1e-5, atol=1e-6, msg=name)
