@@ -636,3 +636,37 @@ def test_a_cross_tokenizer_cache_is_refused_for_another_student_encoding(cross_r
     other = load_tokenizer(train_bpe_tokenizer(["some other text entirely"] * 10, tmp_path / "tok", 300))
     with pytest.raises(CompatibilityError, match="tokenizer vocabulary: cache"):
         load(tokenizer=other)
+
+
+def test_samples_too_long_for_the_teacher_are_left_out_of_the_cache_and_the_stage(cross_run):
+    """data.max_length=80: the 8 instruction samples with an image fit the student (65 tokens) but not the
+    teacher (101: 16 visual tokens, its own tokenizer). The cache lists them, and the stage's data read from
+    it skips exactly those, as the online two-tokenizer data set does."""
+    from mllm_kd.data.cross_tokens import TeacherSkipped
+    from mllm_kd.data.datasets import build_train_data
+    from mllm_kd.data.encoding import ImageProcessor
+    from mllm_kd.stages import STAGES
+    from mllm_kd.teacher.build import build_teacher_cache
+    from mllm_kd.teacher.cache import open_cache
+    from mllm_kd.train.stage import init_model
+
+    root, recipe = cross_run
+    args = ["init_from=null", "data.max_length=80"]
+    cfg = resolve_stage_config(recipe, "stage3", STAGES["stage3"].defaults, args)
+    manifest = build_teacher_cache(cfg, root / "cache_s3_short", progress=False)
+    listed = manifest["layout"]["cross_tokenizer"]["teacher_skipped"]
+    assert len(listed) == 8 and manifest["stats"]["samples"] == 1 and manifest["stats"]["skipped"] == 8
+    student, tok, model_cfg = init_model(cfg, cfg.model)
+    images = ImageProcessor(
+        student.vision.image_size, model_cfg.vision.image_mean, model_cfg.vision.image_std
+    )
+    data = build_train_data(cfg.data, tok, student.num_visual_tokens, student.image_token_id, images)
+    assert not any(isinstance(data.dataset[i], TeacherSkipped) for i in range(len(data.dataset)))
+    kept = open_cache(root / "cache_s3_short").without_skipped(data).dataset
+    items = [kept[i] for i in range(len(kept))]
+    dropped = [x for x in items if isinstance(x, TeacherSkipped)]
+    assert sorted(x.sample_id for x in dropped) == sorted(listed)
+    assert all("skipped for the teacher when the teacher cache" in str(x) for x in dropped)
+    assert [x["id"] for x in items if not isinstance(x, TeacherSkipped)] == open_cache(
+        root / "cache_s3_short"
+    ).ids

@@ -153,6 +153,14 @@ def shared_vocabulary(
 
 
 # ------------------------------------------------------------------------------------------ data
+class TeacherSkipped(SampleSkipped):
+    """A sample whose student encoding is fine but whose teacher encoding is skipped (``sample_id``)."""
+
+    def __init__(self, message: str, sample_id: str):
+        super().__init__(message)
+        self.sample_id = sample_id
+
+
 class TeacherEncodedDataset(Dataset):
     """A :class:`LlavaJsonDataset` whose samples also hold the teacher's encoding and the alignment.
 
@@ -182,11 +190,11 @@ class TeacherEncodedDataset(Dataset):
             s_keys = answer_keys(self.base.encoder, rec["conversations"])
             t_keys = answer_keys(self.encoder, rec["conversations"])
         except SampleSkipped as e:
-            return e
+            return TeacherSkipped(str(e), item["id"])
         except DataError as e:
             if cfg.on_error == "raise":
                 raise
-            return SampleSkipped(str(e))
+            return TeacherSkipped(str(e), item["id"])
         s_pos, t_pos = align_positions(s_keys, item["labels"].tolist(), t_keys)
         item.update(
             teacher_input_ids=t["input_ids"],
@@ -236,6 +244,24 @@ class TwoTokenizerCollator:
             align_teacher=align_t,
         )
         return batch
+
+
+class WithoutSamples(Dataset):
+    """``base`` whose samples ``skip`` (ids) are :class:`TeacherSkipped`: a stage trained from a
+    cross-tokenizer cache drops the samples whose teacher encoding was skipped when the cache was built, as
+    the online stage drops them."""
+
+    def __init__(self, base: Dataset, skip: set[str], why: str):
+        self.base, self.skip, self.why = base, skip, why
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict | SampleSkipped:
+        item = self.base[i]
+        if isinstance(item, SampleSkipped) or item["id"] not in self.skip:
+            return item
+        return TeacherSkipped(f"sample {item['id']!r}: {self.why}", item["id"])
 
 
 def with_teacher_encoding(

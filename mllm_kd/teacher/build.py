@@ -97,15 +97,14 @@ def teacher_rows(
 
 
 def _iter_samples(data):
-    """The data set's samples in index order (a WebDataset in stream order), skipped ones as None."""
+    """The data set's samples in index order (a WebDataset in stream order), skipped ones as
+    :class:`SampleSkipped`."""
     ds = data.dataset
     if data.sampler is not None:
         for i in range(len(ds)):
-            item = ds[i]
-            yield None if isinstance(item, SampleSkipped) else item
+            yield ds[i]
     else:
-        for item in ds:
-            yield None if isinstance(item, SampleSkipped) else item
+        yield from ds
 
 
 class CacheWriter:
@@ -253,8 +252,10 @@ def build_teacher_cache(
                 pending.clear()
 
             for item in _iter_samples(data):
-                if item is None:
+                if isinstance(item, SampleSkipped):
                     skipped += 1
+                    if cross:
+                        cross.skipped(item)
                     bar.update(1)
                     continue
                 pending.append(item)

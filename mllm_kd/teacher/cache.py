@@ -12,11 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mllm_kd.data.cross_tokens import WithoutSamples
+from mllm_kd.data.datasets import TrainData
 from mllm_kd.errors import CompatibilityError, ConfigError
 from mllm_kd.losses.cached import CachedBatch
 from mllm_kd.losses.cached_cross import CrossCachedBatch
@@ -97,6 +100,15 @@ class CachedTeacher:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def without_skipped(self, data: TrainData) -> TrainData:
+        """``data`` without the samples a cross-tokenizer cache left out because the teacher's encoding
+        skipped them (too long for its tokenizer, or unreadable), as the online stage drops them."""
+        skip = set((self.cross or {}).get("teacher_skipped", []))
+        if not skip:
+            return data
+        why = f"skipped for the teacher when the teacher cache {self.directory} was built"
+        return replace(data, dataset=WithoutSamples(data.dataset, skip, why))
 
     def check(self, expected: dict, teacher_checkpoint: str | None = None) -> None:
         """Refuse (:class:`CompatibilityError`) a cache built for other data, tokenizer or settings."""

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from mllm_kd.data.cross_tokens import with_teacher_encoding
+from mllm_kd.data.cross_tokens import TeacherSkipped, with_teacher_encoding
 from mllm_kd.data.datasets import TrainData
+from mllm_kd.data.encoding import SampleSkipped
 from mllm_kd.errors import ConfigError
 from mllm_kd.losses.cross_tokenizer import pool_visual
 from mllm_kd.losses.head import relation_matrix
@@ -60,6 +61,7 @@ class CrossCache:
         self.shared_t[shared_t] = True
         self.n_pool = min(student.num_visual_tokens, teacher.num_visual_tokens)
         self.student_resp = 0  # the student's response positions, aligned or not
+        self.teacher_skipped: list[str] = []  # ids of samples only the teacher's encoding skipped
         self.layout = {
             "visual_rows_per_image": self.n_pool,
             "student_vocab_size": student.vocab_size,
@@ -74,6 +76,12 @@ class CrossCache:
     @property
     def collate(self):
         return self.data.collate
+
+    def skipped(self, item: SampleSkipped) -> None:
+        """Note a skipped sample: one that only the teacher's encoding skipped is listed in the manifest, and
+        a stage trained from the cache drops it too (:meth:`mllm_kd.teacher.cache.CachedTeacher.without_skipped`)."""
+        if isinstance(item, TeacherSkipped):
+            self.teacher_skipped.append(item.sample_id)
 
     @torch.no_grad()
     def rows(
@@ -143,5 +151,6 @@ class CrossCache:
         return {
             **self.layout,
             "aligned_fraction": response_rows / max(self.student_resp, 1),
+            "teacher_skipped": self.teacher_skipped,
             "shared_file": CROSS_FILES["shared"],
         }

@@ -140,6 +140,8 @@ def run_stage(
     if cfg.loss.cross_tokenizer and plan.teacher == "model":  # the teacher reads its own encoding
         t_tok, t_images = load_teacher_preprocessing(cfg, teacher)
         data = with_teacher_encoding(data, cfg.data, tokenizer, teacher, t_tok, t_images, student.vocab_size)
+    elif cfg.loss.cross_tokenizer and plan.teacher == "cache":  # less what the teacher's encoding skipped
+        data = teacher.without_skipped(data)
     attach_lora(student, cfg, plan.device)  # trainable.llm=lora: adapters (mllm_kd/lora.py)
     trainable = apply_trainable(student, cfg.trainable)
     role = (
