@@ -174,6 +174,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--profile", action="store_true", help="print torch.profiler's table of one step per variant"
     )
     p.add_argument("--profile-rows", type=int, default=25)
+    p.add_argument(
+        "--memory-breakdown",
+        action="store_true",
+        help="one more step per variant with the live tensors tracked: what is live at the peak (bench/step_memory.py)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -433,6 +438,14 @@ def _mllm_kd_step(args, cfg, student, teacher, tok, batches, work: Path, cached:
         losses.append(sums["loss"])
         return sums
 
+    step.modules = {
+        "student vision tower": student.vision,
+        "student projector": student.projector,
+        "student LLM forward": student.llm.get_decoder(),
+    }
+    if not cached:
+        step.modules["teacher forward"] = teacher
+    step.params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
     return step, trainer.device
 
 
@@ -560,6 +573,14 @@ def _plain_step(args, student, teacher, tok, t_cfg, cfg, use_liger: bool):
         opt.zero_grad(set_to_none=True)
         return {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
 
+    step.modules = {
+        "student vision tower": hs.model.vision_tower,
+        "student projector": hs.model.multi_modal_projector,
+        "student LLM forward": hs.model.language_model,
+        "student LM head (logits)": hs.lm_head,
+        "teacher forward": ht,
+    }
+    step.params = params
     return step
 
 
@@ -604,9 +625,13 @@ def run_worker(args) -> dict:
             mem.after()
             times.append(dt)
         first = first or terms
-    profile = None
+    profile = breakdown = None
     if args.profile:
         profile = _profile(args, step, batches[-1])
+    if args.memory_breakdown:
+        from step_memory import measure
+
+        breakdown = measure(step, batches[-1], step.modules, step.params)
     return {
         "variant": args.worker,
         "median_s": statistics.median(times),
@@ -617,6 +642,7 @@ def run_worker(args) -> dict:
         "first_step": first,
         "attention": attention,
         "profile": profile,
+        "memory_breakdown": breakdown,
     }
 
 
@@ -703,6 +729,17 @@ def main(argv=None) -> int:
             )
             if r.get("profile"):
                 print(f"--- profile of {v}\n{r.pop('profile')}")
+            if r.get("memory_breakdown"):
+                mb = r["memory_breakdown"]
+                print(
+                    f"--- live tensors at the peak of {v}: {_mib(mb['peak_bytes'])}, during {mb['peak_during']}"
+                )
+                for phase, ph in mb["phases"].items():
+                    print(f"  at the peak of the {phase}: {_mib(ph['peak_bytes'])}")
+                    for label, n in ph["by_label"].items():
+                        print(f"    {_mib(n):>10}  {label}")
+                    largest = "; ".join(f"{_mib(n)} {made} ({label})" for label, n, made in ph["largest"])
+                    print(f"    largest: {largest}")
     for v in variants:
         if not runs[v]:
             continue

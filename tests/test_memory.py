@@ -1,0 +1,142 @@
+"""The training step's memory: one gradient buffer for a tied embedding / head, activation checkpointing.
+Each saving is checked to leave the loss and the gradients as they were."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_CLIP
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import mllm_kd.model.multimodal as multimodal
+from mllm_kd.config import LLMConfig, LossConfig, ModelConfig, ProjectorConfig, StageConfig, VisionConfig
+from mllm_kd.model.multimodal import build_model
+from mllm_kd.model.tied import tied_embedding, tied_lookup
+from mllm_kd.train.objective import LossComputer
+
+VOCAB, IMG_ID = 200, 199
+
+
+class _NewTensorsOfShape(TorchDispatchMode):
+    """Counts the operator outputs of ``shape`` that own fresh storage (not views of, or in place on, an input)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.made = tuple(shape), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        ins = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        fresh = isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() not in ins
+        if fresh and tuple(out.shape) == self.shape:
+            self.made.append(func.__name__)
+        return out
+
+
+def test_tied_lookup_equals_embedding_and_head():
+    """Values and the weight's gradient as nn.Embedding + a linear head on the same weight, padding row
+    included (no gradient from the lookup), with and without the head using the weight."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(50, 8, padding_idx=3)
+    ids = torch.tensor([[3, 1, 4, 1], [5, 9, 3, 6]])
+    h = torch.randn(2, 4, 8)
+    for use_head in (True, False):
+        emb.zero_grad(set_to_none=True)
+        e = emb(ids)
+        ref = e.square().sum() + (F.linear(h, emb.weight).logsumexp(-1).sum() if use_head else 0)
+        ref.backward()
+        ref_grad = emb.weight.grad.clone()
+        emb.zero_grad(set_to_none=True)
+        e2, w = tied_lookup(emb, ids)
+        torch.testing.assert_close(e2, e.detach())
+        got = e2.square().sum() + (F.linear(h, w).logsumexp(-1).sum() if use_head else 0)
+        got.backward()
+        torch.testing.assert_close(got, ref)
+        torch.testing.assert_close(emb.weight.grad, ref_grad)
+        assert emb.weight.grad[3].abs().sum() == (ref_grad[3].abs().sum())  # padding row: head's share only
+
+
+def _tiny_student(tie: bool = True, layers: int = 1):
+    llm = {
+        "model_type": "qwen2",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": tie,
+    }
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vision=VisionConfig(config=dict(TINY_CLIP)), projector=ProjectorConfig(), llm=LLMConfig(config=llm)
+    )
+    model = build_model(cfg, image_token_id=IMG_ID, vocab_size=VOCAB)
+    model.vision.requires_grad_(False)
+    return model
+
+
+def _batch(n_vis: int):
+    g = torch.Generator().manual_seed(0)
+    T = n_vis + 10
+    ids = torch.randint(0, IMG_ID, (2, T), generator=g)
+    ids[:, 1 : 1 + n_vis] = IMG_ID
+    labels = torch.full((2, T), -100)
+    labels[:, T - 4 :] = ids[:, T - 4 :]
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones(2, T, dtype=torch.long),
+        "pixel_values": torch.randn(2, 3, 32, 32, generator=g),
+        "labels": labels,
+    }
+
+
+def _step(student, teacher, batch, fused: bool):
+    """Loss, gradients and the head-sized tensors the backward pass allocated."""
+    student.zero_grad(set_to_none=True)
+    loss_fn = LossComputer(StageConfig(loss=LossConfig(fused=fused, chunk_size=16)), teacher)
+    total, _ = loss_fn(student, batch)
+    with _NewTensorsOfShape((VOCAB, 32)) as made:
+        total.backward()
+    grads = {k: p.grad.clone() for k, p in student.named_parameters() if p.grad is not None}
+    return total.detach(), grads, made.made
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_tied_student_one_head_buffer_same_loss_and_gradients(fused, monkeypatch):
+    """A tied student's step: the same loss and gradients as plain autograd; the fused path's backward
+    allocates no head-sized tensor (plain autograd: the embedding's dense gradient and the sum of the two)."""
+    student = _tiny_student()
+    teacher = _tiny_student(tie=False).eval().requires_grad_(False)
+    assert tied_embedding(student.llm) is student.llm.get_input_embeddings()
+    assert tied_embedding(teacher.llm) is None  # untied (and frozen)
+    batch = _batch(student.num_visual_tokens)
+    total, grads, made = _step(student, teacher, batch, fused)
+    monkeypatch.setattr(multimodal, "tied_embedding", lambda llm: None)
+    ref_total, ref_grads, ref_made = _step(student, teacher, batch, fused)
+    assert total.item() == pytest.approx(ref_total.item(), rel=1e-6)
+    assert set(grads) == set(ref_grads) and "llm.model.embed_tokens.weight" in grads
+    for k, g in ref_grads.items():
+        torch.testing.assert_close(grads[k], g, rtol=1e-5, atol=1e-7, msg=k)
+    assert "embedding_dense_backward.default" in ref_made and len(ref_made) >= len(made) + 2
+    if fused:
+        assert made == []
+
+
+def test_tied_lookup_only_for_a_trained_tied_embedding():
+    student = _tiny_student()
+    embed = student.llm.get_input_embeddings()
+    embed.weight.requires_grad_(False)
+    assert tied_embedding(student.llm) is None  # frozen: nothing to save
+    embed.weight.requires_grad_(True)
+    handle = embed.register_forward_hook(lambda *a: None)
+    assert tied_embedding(student.llm) is None  # a hook expects the module to run
+    handle.remove()
+    batch = _batch(student.num_visual_tokens)
+    with torch.no_grad():
+        out = student(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    assert out.head_weight is None  # no gradients, no alias
+    out = student(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    assert out.head_weight is not None and out.head_weight.data_ptr() == embed.weight.data_ptr()
