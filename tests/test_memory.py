@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import mllm_kd.model.multimodal as multimodal
 from mllm_kd.config import LLMConfig, LossConfig, ModelConfig, ProjectorConfig, StageConfig, VisionConfig
+from mllm_kd.model.llm import checkpoint_decoder_layers
 from mllm_kd.model.multimodal import build_model
 from mllm_kd.model.tied import tied_embedding, tied_lookup
 from mllm_kd.train.objective import LossComputer
@@ -140,3 +141,94 @@ def test_tied_lookup_only_for_a_trained_tied_embedding():
     assert out.head_weight is None  # no gradients, no alias
     out = student(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
     assert out.head_weight is not None and out.head_weight.data_ptr() == embed.weight.data_ptr()
+
+
+# ------------------------------------------------------------------------------ activation checkpointing
+def _loss_and_grads(student, teacher, batch):
+    student.zero_grad(set_to_none=True)
+    total, _ = LossComputer(StageConfig(loss=LossConfig(chunk_size=16)), teacher)(student, batch)
+    total.backward()
+    return total.detach(), {k: p.grad.clone() for k, p in student.named_parameters() if p.grad is not None}
+
+
+def _assert_same_step(student, teacher, batch, prepare):
+    """The loss and gradients of ``student`` before and after ``prepare(student)`` (checkpointing, ...)."""
+    ref_total, ref_grads = _loss_and_grads(student, teacher, batch)
+    keys = list(student.state_dict())
+    assert prepare(student) == 2
+    assert list(student.state_dict()) == keys  # checkpoints and resumes see the same weights
+    total, grads = _loss_and_grads(student, teacher, batch)
+    assert total.item() == pytest.approx(ref_total.item(), rel=1e-6)
+    assert set(grads) == set(ref_grads)
+    for k, g in ref_grads.items():
+        torch.testing.assert_close(grads[k], g, rtol=1e-5, atol=1e-7, msg=k)
+
+
+class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Bytes saved for the backward pass while active (what activation checkpointing removes)."""
+
+    def __init__(self):
+        self.bytes = 0
+        super().__init__(self._pack, lambda t: t)
+
+    def _pack(self, t):
+        self.bytes += t.numel() * t.element_size()
+        return t
+
+
+def test_gradient_checkpointing_same_loss_and_gradients_fewer_saved_tensors():
+    student = _tiny_student(layers=2).train()
+    teacher = _tiny_student(tie=False, layers=1).eval().requires_grad_(False)
+    batch = _batch(student.num_visual_tokens)
+    args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    before = _SavedBytes()
+    with before:
+        student(*args, return_logits=False)
+    _assert_same_step(student, teacher, batch, lambda s: checkpoint_decoder_layers(s.llm))
+    assert type(student.llm.get_decoder().layers[0]).__name__.startswith("Checkpointed")
+    assert checkpoint_decoder_layers(student.llm) == 2  # idempotent: no checkpoint inside a checkpoint
+    assert type(student.llm.get_decoder().layers[0]).__mro__[1].__name__ == "Qwen2DecoderLayer"
+    after = _SavedBytes()
+    with after:
+        student(*args, return_logits=False)
+    assert after.bytes < before.bytes / 2
+    student.eval()  # evaluation and generation run the layers as they are
+    evaluating = _SavedBytes()
+    with evaluating:
+        student(*args, return_logits=False)
+    assert evaluating.bytes == before.bytes
+
+
+def test_gradient_checkpointing_composes_with_lora():
+    pytest.importorskip("peft")
+    from mllm_kd.config import LoraConfig, TrainableConfig
+    from mllm_kd.lora import attach
+    from mllm_kd.model.multimodal import apply_trainable
+
+    student = _tiny_student(layers=2).train()
+    cfg = StageConfig(trainable=TrainableConfig(vision="frozen", llm="lora"), lora=LoraConfig(r=4, dropout=0))
+    assert attach(student, cfg) > 0
+    apply_trainable(student, cfg.trainable)
+    for name, p in student.named_parameters():  # the adapters start at zero: make them matter
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    teacher = _tiny_student(tie=False, layers=1).eval().requires_grad_(False)
+    _assert_same_step(
+        student, teacher, _batch(student.num_visual_tokens), lambda s: checkpoint_decoder_layers(s.llm)
+    )
+
+
+@pytest.mark.slow  # compiling forward and backward: about 40 s on 2 shared cores
+def test_gradient_checkpointing_composes_with_compile():
+    """Checkpointing first, then torch.compile of each layer (the trainer's order): the same step."""
+    from mllm_kd.model.llm import compile_decoder_layers
+
+    student = _tiny_student(layers=2).train()
+    teacher = _tiny_student(tie=False, layers=1).eval().requires_grad_(False)
+    torch._dynamo.reset()
+
+    def both(s):
+        checkpoint_decoder_layers(s.llm)
+        return compile_decoder_layers(s.llm)
+
+    _assert_same_step(student, teacher, _batch(student.num_visual_tokens), both)
