@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_CLIP
+from conftest import SMOKE, TINY_CLIP
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -232,3 +232,66 @@ def test_gradient_checkpointing_composes_with_compile():
         return compile_decoder_layers(s.llm)
 
     _assert_same_step(student, teacher, _batch(student.num_visual_tokens), both)
+
+
+def test_stage_with_gradient_checkpointing_trains_and_resumes_like_without(
+    smoke_teacher, tmp_path, monkeypatch
+):
+    """Stage 1 with its LLM trained: ``train.gradient_checkpointing=true`` gives every step's loss and the
+    final weights of the run without it, also when stopped after step 3 and resumed from step 2's checkpoint."""
+    from safetensors.torch import load_file
+
+    from mllm_kd.cli import stage_config
+    from mllm_kd.stages import STAGES
+
+    common = [
+        f"data_dir={smoke_teacher}/data",
+        f"teacher.checkpoint={smoke_teacher}/teacher_sft",
+        f"model.vision.checkpoint={smoke_teacher}/teacher_sft",
+        f"model.tokenizer={smoke_teacher}/data/tokenizer",
+        "trainable.llm=full",
+        "train.batch_size=2",
+        "train.max_steps=4",
+        "train.save_every=2",
+    ]
+
+    def cfg(run, *more):
+        return stage_config(SMOKE, "stage1", [f"run_dir={run}", *common, *more])
+
+    ref: dict[int, float] = {}
+    ref_final = STAGES["stage1"].run(cfg(tmp_path / "a"), on_step=lambda s, m: ref.__setitem__(s, m["loss"]))
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_3(step, metrics):
+        if step == 3:
+            raise Stop
+
+    import mllm_kd.train.trainer as trainer
+
+    checkpointed = []
+    monkeypatch.setattr(
+        trainer, "checkpoint_decoder_layers", lambda llm: checkpointed.append(checkpoint_decoder_layers(llm))
+    )
+    ckpt_cfg = cfg(tmp_path / "b", "train.gradient_checkpointing=true")
+    assert ckpt_cfg.train.gradient_checkpointing is True
+    with pytest.raises(Stop):
+        STAGES["stage1"].run(ckpt_cfg, on_step=stop_after_3)
+    got: dict[int, float] = {}
+    final = STAGES["stage1"].run(ckpt_cfg, on_step=lambda s, m: got.__setitem__(s, m["loss"]))
+    assert sorted(got) == [3, 4] and checkpointed == [1, 1]  # the smoke student's one layer, in both runs
+    for step in got:
+        assert got[step] == pytest.approx(ref[step], rel=1e-5), step
+    wa, wb = load_file(ref_final / "model.safetensors"), load_file(final / "model.safetensors")
+    assert set(wa) == set(wb)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_gradient_checkpointing_must_be_a_bool():
+    from mllm_kd.config import TrainConfig
+    from mllm_kd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train\.gradient_checkpointing must be true or false, got 'yes'"):
+        TrainConfig(gradient_checkpointing="yes")
