@@ -295,3 +295,15 @@ def test_gradient_checkpointing_must_be_a_bool():
 
     with pytest.raises(ConfigError, match=r"train\.gradient_checkpointing must be true or false, got 'yes'"):
         TrainConfig(gradient_checkpointing="yes")
+
+
+def test_tied_lookup_with_an_expanded_head_gradient():
+    """A head gradient autograd hands over as an expanded tensor (the weight summed) is copied, not written."""
+    emb = nn.Embedding(10, 4)
+    ids = torch.tensor([1, 1, 3])
+    e, w = tied_lookup(emb, ids)
+    (e.sum() + w.sum()).backward()
+    expected = torch.ones(10, 4)
+    expected[1] += 2
+    expected[3] += 1
+    torch.testing.assert_close(emb.weight.grad, expected)

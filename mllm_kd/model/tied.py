@@ -32,6 +32,8 @@ class _TiedLookup(torch.autograd.Function):
             rows = rows.masked_fill((idx == ctx.padding_idx).unsqueeze(1), 0)
         if g_head is None:
             g_head = rows.new_zeros(ctx.shape)
+        elif 0 in g_head.stride():  # an expanded gradient (the weight summed somewhere) cannot be written to
+            g_head = g_head.clone()
         return g_head.index_add_(0, idx, rows.to(g_head.dtype)), None, None
 
 
@@ -50,6 +52,7 @@ def tied_embedding(llm: nn.Module) -> nn.Embedding | None:
 
 
 def tied_lookup(embed: nn.Embedding, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(embed(ids), head_weight)``: ``head_weight`` aliases ``embed.weight``; use it for the LM head's
-    logits (or the fused losses) so that both gradients meet in one buffer."""
+    """``(embed(ids), head_weight)``: ``head_weight`` aliases ``embed.weight``; use it as the LM head's weight
+    (``F.linear`` or the fused losses, whose weight gradients are fresh tensors the backward may add into)
+    so that both gradients meet in one buffer."""
     return _TiedLookup.apply(embed.weight, ids, embed.padding_idx)
