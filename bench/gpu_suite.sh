@@ -163,6 +163,6 @@ STEP=(bench/step.py --preset paper --device "${STEP_DEVICE:-cuda}" ${STEP_ARGS:-
 step bench_step_paper 560 "$PY" "${STEP[@]}" --steps 5 --warmup 2 \
     --variants mllm_kd,plain,liger,mllm_kd_cached,mllm_kd_ckpt,plain_ckpt,mllm_kd_compiled
 step profile_step_paper 120 "$PY" "${STEP[@]}" --steps 1 --warmup 2 --variants mllm_kd,mllm_kd_cached --profile
-step memory_step_paper 300 "$PY" "${STEP[@]}" --steps 1 --warmup 1 --variants mllm_kd,mllm_kd_ckpt,plain,plain_ckpt \
+step bench_step_paper_memory 300 "$PY" "${STEP[@]}" --steps 1 --warmup 1 --variants mllm_kd,mllm_kd_ckpt,plain,plain_ckpt \
     --memory-breakdown
 echo "=== done ($(date -u +%H:%M:%S))"
