@@ -2,7 +2,7 @@
 
 Plain autograd gives a tied ``[V, d]`` weight two gradients, the head's and ``nn.Embedding``'s dense
 backward, and sums them into a third tensor before the parameter's ``.grad`` takes it: three ``V x d``
-float32 buffers at the end of the backward pass (113 MiB each at SmolLM2's V = 49,152, d = 576).
+float32 buffers at the end of the backward pass (108 MiB each at SmolLM2's V = 49,152, d = 576).
 :func:`tied_lookup` does the lookup and hands back the weight to use as the head's, as outputs of one
 autograd node; its backward receives the head's gradient and adds the looked-up rows' gradients into it
 in place (``index_add_``), so the weight gets one buffer. Same sum, summed in another order.
