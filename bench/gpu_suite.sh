@@ -15,10 +15,12 @@
 # 5. with STAGE3_MEMORY=1: bench/stage3_memory.py at V=151,936 (its fixtures alone take minutes; alone:
 #    STAGE3_MEMORY=1 SKIP='tests|bench_kd|bench_teacher|profile|quant' bash bench/gpu_suite.sh OUT_DIR).
 # 6. bench/step.py --preset paper: one whole stage-3 step (Qwen2.5-3B teacher, Qwen2.5-0.5B student, SigLIP-so400m
-#    at 384 px, 4 x 2,048 tokens, bf16) for mllm_kd (online, cached, compiled), plain transformers + F.kl_div and
-#    liger-kernel's fused losses, with MFU against the measured bf16 matmul peak; then the online and cached
-#    steps under torch.profiler (where the time goes, which attention kernel runs).
-#    The whole of step 6 alone: SKIP='tests|bench_kd|bench_teacher|bench_opt|profile_teacher' (about 6 minutes).
+#    at 384 px, 4 x 2,048 tokens, bf16) for mllm_kd (online, cached, compiled, activation-checkpointed), plain
+#    transformers + F.kl_div (without and with activation checkpointing) and liger-kernel's fused losses, with
+#    MFU against the measured bf16 matmul peak; then the online and cached steps under torch.profiler (where
+#    the time goes, which attention kernel runs) and what is live at each phase's peak (--memory-breakdown).
+#    The whole of step 6 alone: SKIP='tests|bench_kd|bench_teacher|bench_opt|profile_teacher' (about 6 minutes before the
+#    two checkpointed variants and the memory breakdown were added; not re-timed since).
 # Packages the device lacks (liger-kernel, omegaconf, webdataset, braceexpand) are installed from .whl/ when that
 # folder holds their wheels (see docs/performance.md, "On a GPU").
 # Each step has its own time limit; a step that fails does not stop the others. Everything printed goes
@@ -158,7 +160,9 @@ step bench_stage3_memory 420 "$PY" bench/stage3_memory.py --device cuda --vocab 
 # (a trial on a CPU: STEP_DEVICE=cpu STEP_ARGS="--layers-scale 0.05 --batch 1 --tokens 1024 --response 200")
 # shellcheck disable=SC2206
 STEP=(bench/step.py --preset paper --device "${STEP_DEVICE:-cuda}" ${STEP_ARGS:-})
-step bench_step_paper 400 "$PY" "${STEP[@]}" --steps 5 --warmup 2 \
-    --variants mllm_kd,plain,liger,mllm_kd_cached,mllm_kd_compiled
+step bench_step_paper 560 "$PY" "${STEP[@]}" --steps 5 --warmup 2 \
+    --variants mllm_kd,plain,liger,mllm_kd_cached,mllm_kd_ckpt,plain_ckpt,mllm_kd_compiled
 step profile_step_paper 120 "$PY" "${STEP[@]}" --steps 1 --warmup 2 --variants mllm_kd,mllm_kd_cached --profile
+step bench_step_paper_memory 300 "$PY" "${STEP[@]}" --steps 1 --warmup 1 --variants mllm_kd,mllm_kd_ckpt,plain,plain_ckpt \
+    --memory-breakdown
 echo "=== done ($(date -u +%H:%M:%S))"

@@ -22,6 +22,10 @@ weights on the same batches (fixed seed), each in a fresh process:
   its default implementation.
 * ``mllm_kd_compiled`` (only when asked for with ``--variants``): ``mllm_kd`` with ``train.compile=true``
   (each decoder layer of student and teacher through ``torch.compile``; the first warm-up step compiles).
+* ``mllm_kd_ckpt``: ``mllm_kd`` with ``train.gradient_checkpointing=true`` (each student decoder layer
+  recomputed in the backward pass).
+* ``plain_ckpt``: ``plain`` with transformers' activation checkpointing of the student
+  (``gradient_checkpointing_enable()``, which LLaVA's and TinyLLaVA's training scripts turn on by default).
 * ``liger`` (CUDA only): the plain models run to their final hidden states, and the student's CE and both
   MDist terms go through liger-kernel's ``LigerFusedLinearCrossEntropyLoss`` and ``LigerFusedLinearJSD``
   (``jsd_beta=0``: forward KL); RDist from the logits at the visual positions only.
@@ -50,9 +54,19 @@ total peak and the peak above what is allocated before a step (the models, the o
 the same for every variant but the cached one, which holds no teacher). ``memory_vs_plain`` is the ratio of
 the latter, ``total_memory_vs_plain`` of the former.
 
+The MFU of the checkpointed variants counts the same model FLOPs (the recomputed forward is overhead, as
+in PaLM's definition).
+
+``--memory-breakdown`` runs one more step per variant with every tensor the step creates tracked
+(bench/step_memory.py) and prints, for the forward, the backward and the optimizer phase, what is live at
+that phase's peak: activations by model part, the loss's buffers, gradients, temporaries.
+
 The LAST line printed is one JSON object: ``speed_vs_plain`` (plain step time / mllm_kd step time),
 ``memory_vs_plain``, ``total_memory_vs_plain``, ``mfu`` (mllm_kd's), ``cached_speedup`` (mllm_kd step time /
-mllm_kd_cached step time), on CUDA ``speed_vs_liger`` and ``memory_vs_liger``, and every variant's figures.
+mllm_kd_cached step time); with activation checkpointing, like for like ``speed_ckpt_vs_plain_ckpt`` /
+``memory_ckpt_vs_plain_ckpt`` (mllm_kd_ckpt against plain_ckpt) and across ``speed_ckpt_vs_plain`` /
+``memory_ckpt_vs_plain`` (mllm_kd_ckpt against plain without it), each with ``total_memory_*`` and
+``loss_*``; on CUDA ``speed_vs_liger`` and ``memory_vs_liger``; and every variant's figures.
 """
 
 from __future__ import annotations
@@ -73,8 +87,8 @@ for p in (ROOT, ROOT / "bench"):
     if str(p) not in sys.path:  # run as a script from a checkout
         sys.path.insert(0, str(p))
 
-VARIANTS = ("mllm_kd", "mllm_kd_cached", "plain", "liger", "mllm_kd_compiled")
-DEFAULT_VARIANTS = ("mllm_kd", "mllm_kd_cached", "plain", "liger")
+VARIANTS = ("mllm_kd", "mllm_kd_cached", "plain", "liger", "mllm_kd_compiled", "mllm_kd_ckpt", "plain_ckpt")
+DEFAULT_VARIANTS = ("mllm_kd", "mllm_kd_cached", "plain", "liger", "mllm_kd_ckpt", "plain_ckpt")
 
 
 def _llama(layers: int) -> dict:  # SmolLM2-135M-Instruct's architecture
@@ -174,6 +188,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--profile", action="store_true", help="print torch.profiler's table of one step per variant"
     )
     p.add_argument("--profile-rows", type=int, default=25)
+    p.add_argument(
+        "--memory-breakdown",
+        action="store_true",
+        help="one more step per variant with the live tensors tracked: what is live at the peak (bench/step_memory.py)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -340,6 +359,8 @@ def stage3_config(args, work: Path):
     overrides = ["init_from=null", *list(args.set)]
     if args.worker == "mllm_kd_compiled":
         overrides.append("train.compile=true")
+    if args.worker == "mllm_kd_ckpt":
+        overrides.append("train.gradient_checkpointing=true")
     if args.chunk_size:
         overrides.append(f"loss.chunk_size={args.chunk_size}")
     return resolve_stage_config(recipe, "stage3", stage3.DEFAULTS, overrides, source="bench/step.py")
@@ -433,6 +454,14 @@ def _mllm_kd_step(args, cfg, student, teacher, tok, batches, work: Path, cached:
         losses.append(sums["loss"])
         return sums
 
+    step.modules = {
+        "student vision tower": student.vision,
+        "student projector": student.projector,
+        "student LLM forward": student.llm.get_decoder(),
+    }
+    if not cached:
+        step.modules["teacher forward"] = teacher
+    step.params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
     return step, trainer.device
 
 
@@ -468,7 +497,7 @@ def write_cache(args, cfg, teacher, batches, out: Path):
     return open_cache(out)
 
 
-def _plain_models(args, student, teacher, tok, t_cfg, cfg):
+def _plain_models(args, student, teacher, tok, t_cfg, cfg, ckpt: bool = False):
     import torch
 
     from mllm_kd.checkpoint.hf_llava import build_hf_llava
@@ -480,15 +509,19 @@ def _plain_models(args, student, teacher, tok, t_cfg, cfg):
     hs.to(args.device).train()
     ht.to(args.device, dtype=amp or torch.float32).eval().requires_grad_(False)
     hs.model.vision_tower.requires_grad_(False).eval()  # stage 3: vision frozen, projector + LLM train
+    if ckpt:  # what LLaVA's and TinyLLaVA's training scripts (and HF Trainer's gradient_checkpointing) call
+        enable = getattr(hs, "activation_checkpointing_enable", None) or hs.gradient_checkpointing_enable
+        enable()
     return hs, ht, amp
 
 
-def _plain_step(args, student, teacher, tok, t_cfg, cfg, use_liger: bool):
-    """Returns ``step(batch) -> loss``: HF LLaVA teacher and student, the loss written out (or liger's)."""
+def _plain_step(args, student, teacher, tok, t_cfg, cfg, use_liger: bool, ckpt: bool = False):
+    """Returns ``step(batch) -> loss``: HF LLaVA teacher and student, the loss written out (or liger's);
+    ``ckpt``: the student with transformers' activation checkpointing."""
     import torch
     import torch.nn.functional as F
 
-    hs, ht, amp = _plain_models(args, student, teacher, tok, t_cfg, cfg)
+    hs, ht, amp = _plain_models(args, student, teacher, tok, t_cfg, cfg, ckpt)
     del student, teacher
     params = [p for p in hs.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-5)
@@ -560,6 +593,14 @@ def _plain_step(args, student, teacher, tok, t_cfg, cfg, use_liger: bool):
         opt.zero_grad(set_to_none=True)
         return {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
 
+    step.modules = {
+        "student vision tower": hs.model.vision_tower,
+        "student projector": hs.model.multi_modal_projector,
+        "student LLM forward": hs.model.language_model,
+        "student LM head (logits)": hs.lm_head,
+        "teacher forward": ht,
+    }
+    step.params = params
     return step
 
 
@@ -582,7 +623,16 @@ def run_worker(args) -> dict:
         )
         del teacher
     else:
-        step = _plain_step(args, student, teacher, tok, t_cfg, cfg, use_liger=args.worker == "liger")
+        step = _plain_step(
+            args,
+            student,
+            teacher,
+            tok,
+            t_cfg,
+            cfg,
+            use_liger=args.worker == "liger",
+            ckpt=args.worker == "plain_ckpt",
+        )
         del student, teacher
     import gc
 
@@ -604,9 +654,13 @@ def run_worker(args) -> dict:
             mem.after()
             times.append(dt)
         first = first or terms
-    profile = None
+    profile = breakdown = None
     if args.profile:
         profile = _profile(args, step, batches[-1])
+    if args.memory_breakdown:
+        from step_memory import measure
+
+        breakdown = measure(step, batches[-1], step.modules, step.params)
     return {
         "variant": args.worker,
         "median_s": statistics.median(times),
@@ -617,6 +671,7 @@ def run_worker(args) -> dict:
         "first_step": first,
         "attention": attention,
         "profile": profile,
+        "memory_breakdown": breakdown,
     }
 
 
@@ -703,6 +758,17 @@ def main(argv=None) -> int:
             )
             if r.get("profile"):
                 print(f"--- profile of {v}\n{r.pop('profile')}")
+            if r.get("memory_breakdown"):
+                mb = r["memory_breakdown"]
+                print(
+                    f"--- live tensors at the peak of {v}: {_mib(mb['peak_bytes'])}, during {mb['peak_during']}"
+                )
+                for phase, ph in mb["phases"].items():
+                    print(f"  at the peak of the {phase}: {_mib(ph['peak_bytes'])}")
+                    for label, n in ph["by_label"].items():
+                        print(f"    {_mib(n):>10}  {label}")
+                    largest = "; ".join(f"{_mib(n)} {made} ({label})" for label, n, made in ph["largest"])
+                    print(f"    largest: {largest}")
     for v in variants:
         if not runs[v]:
             continue
@@ -750,6 +816,16 @@ def main(argv=None) -> int:
         out["loss_vs_plain"] = m["first_step"]["loss"] / ref["first_step"]["loss"] - 1
     if "median_s" in m:
         out["mfu"] = m["mfu"]
+    for ours, theirs, key in (
+        ("mllm_kd_ckpt", "plain_ckpt", "ckpt_vs_plain_ckpt"),  # like for like: both checkpointed
+        ("mllm_kd_ckpt", "plain", "ckpt_vs_plain"),  # checkpointed mllm_kd against plain without it
+    ):
+        a, b = results.get(ours, {}), results.get(theirs, {})
+        if "median_s" in a and "median_s" in b:
+            out[f"speed_{key}"] = b["median_s"] / a["median_s"]
+            out[f"memory_{key}"] = a["peak_step_bytes"] / b["peak_step_bytes"]
+            out[f"total_memory_{key}"] = a["peak_total_bytes"] / b["peak_total_bytes"]
+            out[f"loss_{key}"] = a["first_step"]["loss"] / b["first_step"]["loss"] - 1
     c = results.get("mllm_kd_cached", {})
     if "median_s" in m and "median_s" in c:
         out["cached_speedup"] = m["median_s"] / c["median_s"]

@@ -406,6 +406,8 @@ class TrainConfig:
     teacher_strategy: str = "replicate"  # with several processes: "replicate" the teacher or "fsdp2" shard it
     deterministic: bool = False  # torch.use_deterministic_algorithms for bit-exact resumes
     compile: bool = False  # torch.compile each decoder layer of student and teacher (see docs/performance.md)
+    # recompute each student decoder layer's activations in the backward pass (docs/performance.md)
+    gradient_checkpointing: bool = False
     progress: bool = True  # show a progress bar
 
     def __post_init__(self) -> None:
@@ -433,6 +435,12 @@ class TrainConfig:
             )
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.precision must be auto/bf16/fp32, got {self.precision!r}")
+        check(
+            isinstance(self.gradient_checkpointing, bool),
+            "train.gradient_checkpointing",
+            "true or false",
+            self.gradient_checkpointing,
+        )
 
 
 @dataclass

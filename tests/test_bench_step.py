@@ -72,8 +72,8 @@ def test_cached_step_leaves_the_teacher_out():
 
 
 def test_tiny_run_of_every_cpu_variant():
-    """The CPU dry run: mllm_kd (eager and train.compile), its cached teacher and plain transformers; the
-    same loss from the same weights."""
+    """The CPU dry run: mllm_kd (eager, train.compile, train.gradient_checkpointing), its cached teacher and
+    plain transformers (with and without activation checkpointing); the same loss from the same weights."""
     cmd = [
         sys.executable,
         str(ROOT / "bench" / "step.py"),
@@ -88,11 +88,18 @@ def test_tiny_run_of_every_cpu_variant():
         "--warmup",
         "1",
         "--variants",
-        "mllm_kd,mllm_kd_cached,plain,mllm_kd_compiled",
+        "mllm_kd,mllm_kd_cached,plain,mllm_kd_compiled,mllm_kd_ckpt,plain_ckpt",
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, timeout=600)
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(res["variants"]) == {"mllm_kd", "mllm_kd_cached", "plain", "mllm_kd_compiled"}
+    assert set(res["variants"]) == {
+        "mllm_kd",
+        "mllm_kd_cached",
+        "plain",
+        "mllm_kd_compiled",
+        "mllm_kd_ckpt",
+        "plain_ckpt",
+    }
     for name, v in res["variants"].items():
         assert "error" not in v, (name, v)
         assert v["median_s"] > 0 and v["peak_total_bytes"] > v["peak_step_bytes"] > 0
@@ -103,6 +110,54 @@ def test_tiny_run_of_every_cpu_variant():
     compiled = res["variants"]["mllm_kd_compiled"]["first_step"]
     for k in first:  # train.compile changes the kernels, not the step
         assert compiled[k] == pytest.approx(first[k], rel=1e-4, abs=1e-6), k
+    for k in first:  # checkpointing recomputes the same activations
+        assert res["variants"]["mllm_kd_ckpt"]["first_step"][k] == pytest.approx(
+            first[k], rel=1e-6, abs=1e-7
+        ), k
+    # like for like (both checkpointed) and across (mllm_kd_ckpt against plain without it), next to the
+    # unchanged mllm_kd-against-plain ratios
+    for key in ("ckpt_vs_plain_ckpt", "ckpt_vs_plain"):
+        assert res[f"speed_{key}"] > 0 and res[f"memory_{key}"] > 0, key
+        assert abs(res[f"loss_{key}"]) < 1e-5, key
+    plain, plain_ckpt = res["variants"]["plain"], res["variants"]["plain_ckpt"]
+    assert res["memory_ckpt_vs_plain"] == pytest.approx(
+        res["variants"]["mllm_kd_ckpt"]["peak_step_bytes"] / plain["peak_step_bytes"]
+    )
+    assert res["speed_ckpt_vs_plain_ckpt"] == pytest.approx(
+        plain_ckpt["median_s"] / res["variants"]["mllm_kd_ckpt"]["median_s"]
+    )
+    assert res["memory_vs_plain"] == pytest.approx(
+        res["variants"]["mllm_kd"]["peak_step_bytes"] / plain["peak_step_bytes"]
+    )
     assert set(first) >= {"ce", "mdist_resp", "mdist_vis", "rdist"}
     assert res["speed_vs_plain"] > 0 and res["memory_vs_plain"] > 0 and res["cached_speedup"] > 0
     assert res["variants"]["mllm_kd_cached"]["model_flops"] < res["variants"]["mllm_kd"]["model_flops"]
+
+
+def test_memory_breakdown_attributes_live_tensors():
+    """bench/step.py --memory-breakdown: activations by module at the forward's peak, parameter gradients
+    told apart from the backward's temporaries, nothing counted that existed before the step."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from step_memory import measure
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.SiLU(), torch.nn.Linear(1024, 256))
+    opt = torch.optim.AdamW(mlp.parameters())
+    x = torch.randn(512, 256)
+
+    def step(batch):
+        mlp(batch).square().mean().backward()
+        torch.nn.utils.clip_grad_norm_(mlp.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step(x)  # AdamW's state exists before the measured step, as in the benchmark
+    res = measure(step, x, {"mlp": mlp}, mlp.parameters())
+    f32 = 4
+    forward = res["phases"]["forward"]["by_label"]
+    # two [512, 1024] activations (Linear, SiLU) and the [512, 256] output; the loss's square
+    assert forward["mlp"] == (2 * 512 * 1024 + 512 * 256) * f32
+    assert forward["loss"] == 512 * 256 * f32 + f32
+    grads = sum(p.numel() for p in mlp.parameters()) * f32
+    assert res["phases"]["clipping + optimizer"]["by_label"]["parameter gradients, backward"] == grads
+    assert res["peak_bytes"] == max(p["peak_bytes"] for p in res["phases"].values())

@@ -132,9 +132,20 @@ def reference(recipe, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_two_ranks_equal_one_rank_with_twice_the_batch(recipe, reference, tmp_path, strategy):
-    run(recipe, tmp_path, 2, "train.batch_size=2", f"train.strategy={strategy}")
+@pytest.mark.parametrize(
+    ("strategy", "extra"),
+    [
+        pytest.param("ddp", (), id="ddp"),
+        pytest.param("fsdp2", (), id="fsdp2"),
+        # activation checkpointing recomputes each layer inside DDP's and FSDP2's backward hooks
+        pytest.param("ddp", ("train.gradient_checkpointing=true",), marks=pytest.mark.slow, id="ddp-ckpt"),
+        pytest.param(
+            "fsdp2", ("train.gradient_checkpointing=true",), marks=pytest.mark.slow, id="fsdp2-ckpt"
+        ),
+    ],
+)
+def test_two_ranks_equal_one_rank_with_twice_the_batch(recipe, reference, tmp_path, strategy, extra):
+    run(recipe, tmp_path, 2, "train.batch_size=2", f"train.strategy={strategy}", *extra)
     torch.testing.assert_close(torch.tensor(losses(tmp_path)), torch.tensor(losses(reference)), **TOL)
     assert_same(tmp_path, reference)
     # only rank 0 wrote: one metrics line per step, one final checkpoint

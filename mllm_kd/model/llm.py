@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mllm_kd.config import LLMConfig
 from mllm_kd.errors import ConfigError
@@ -66,6 +68,34 @@ def keep_decoder_layers(llm: nn.Module, keep: list[int]) -> None:
     llm.config.num_hidden_layers = len(new)
     if getattr(llm.config, "layer_types", None) is not None:
         llm.config.layer_types = [llm.config.layer_types[i] for i in keep]
+
+
+def checkpoint_decoder_layers(llm: nn.Module) -> int:
+    """Activation checkpointing of each decoder layer (``torch.utils.checkpoint``, non-reentrant), in place.
+
+    While training with gradients, a layer keeps only its inputs and recomputes its activations in the
+    backward pass. Each layer becomes an instance of a subclass whose ``forward`` checkpoints the original
+    one (what FSDP2 does for its hooks): parameter names, state dicts and module hooks (FSDP2's, applied
+    later) are unchanged and stay outside the recomputed region; ``torch.compile`` of the layer traces the
+    checkpoint. Idempotent. Returns the number of layers checkpointed.
+    """
+    layers = llm.get_decoder().layers
+    for layer in layers:
+        if not getattr(type(layer), "_mllm_kd_checkpointed", False):
+            layer.__class__ = _checkpointed(type(layer))
+    return len(layers)
+
+
+@functools.cache
+def _checkpointed(cls: type) -> type:
+    def forward(self, *args, **kwargs):
+        inner = super(sub, self).forward
+        if self.training and torch.is_grad_enabled():
+            return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+        return inner(*args, **kwargs)
+
+    sub = type(f"Checkpointed{cls.__name__}", (cls,), {"forward": forward, "_mllm_kd_checkpointed": True})
+    return sub
 
 
 def compile_decoder_layers(llm: nn.Module) -> int:

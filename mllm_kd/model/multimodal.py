@@ -16,11 +16,13 @@ import re
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mllm_kd.config import ModelConfig, ProjectorConfig, TrainableConfig
 from mllm_kd.errors import ConfigError
 from mllm_kd.model.llm import build_llm
+from mllm_kd.model.tied import tied_embedding, tied_lookup
 from mllm_kd.model.vision import build_vision_tower
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,10 @@ def build_projector(cfg: ProjectorConfig, vision_dim: int, llm_dim: int) -> nn.M
 class MLLMOutput:
     logits: torch.Tensor | None  # [B, T, V] (None when not asked for)
     hidden: torch.Tensor  # [B, T, d_llm] final hidden states (after the final norm)
+    # the LM head's weight for losses computed from ``hidden``: with a tied, trained embedding an alias
+    # through which the head's and the embedding's gradients meet in one buffer (mllm_kd/model/tied.py);
+    # None: the head module's own
+    head_weight: torch.Tensor | None = None
 
 
 class MultimodalLM(nn.Module):
@@ -77,14 +83,24 @@ class MultimodalLM(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings ``[B, T, d]`` with the image features written at the ``<image>`` positions."""
+        return self._embed(input_ids, pixel_values, None)[0]
+
+    def _embed(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, tied: nn.Embedding | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(embeds, head_weight)``; ``tied``: look up through :func:`~mllm_kd.model.tied.tied_lookup`."""
         vis_mask = input_ids == self.image_token_id
-        embed = self.llm.get_input_embeddings()
-        embeds = embed(input_ids.masked_fill(vis_mask, 0))
+        lookup = input_ids.masked_fill(vis_mask, 0)
+        head_weight = None
+        if tied is None:
+            embeds = self.llm.get_input_embeddings()(lookup)
+        else:
+            embeds, head_weight = tied_lookup(tied, lookup)
         n_vis = int(vis_mask.sum())
         if n_vis == 0:
             if pixel_values is not None and pixel_values.shape[0] > 0:
                 raise ValueError(f"{pixel_values.shape[0]} images given but the batch has no <image> tokens")
-            return embeds
+            return embeds, head_weight
         if pixel_values is None:
             raise ValueError("the batch has <image> tokens but no pixel_values")
         feats = self.encode_images(pixel_values)
@@ -94,7 +110,7 @@ class MultimodalLM(nn.Module):
             )
         embeds = embeds.clone()
         embeds[vis_mask] = feats.reshape(-1, feats.shape[-1]).to(embeds.dtype)
-        return embeds
+        return embeds, head_weight
 
     def forward(
         self,
@@ -111,13 +127,17 @@ class MultimodalLM(nn.Module):
             pixel_values: ``[N_images, 3, H, W]`` in the order the images appear in the batch.
             return_logits: False skips the LM head (fused losses work from ``hidden``).
         """
-        embeds = self.embed(input_ids, pixel_values)
+        tied = tied_embedding(self.llm) if torch.is_grad_enabled() else None
+        embeds, head_weight = self._embed(input_ids, pixel_values, tied)
         decoder = self.llm.get_decoder()
         hidden = decoder(
             inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state
-        logits = self.llm.get_output_embeddings()(hidden) if return_logits else None
-        return MLLMOutput(logits=logits, hidden=hidden)
+        head = self.llm.get_output_embeddings()
+        logits = None
+        if return_logits:
+            logits = head(hidden) if head_weight is None else F.linear(hidden, head_weight, head.bias)
+        return MLLMOutput(logits=logits, hidden=hidden, head_weight=head_weight)
 
 
 def build_model(

@@ -137,10 +137,10 @@ class LossComputer:
             return cached_distill_loss_reference(
                 logits, labels, vis_mask, inner.num_visual_tokens, cached, self.weights, self.settings
             )
-        hidden = student(ids, attn, batch["pixel_values"], return_logits=False).hidden
+        out = student(ids, attn, batch["pixel_values"], return_logits=False)
         return cached_distill_loss(
-            hidden,
-            head.weight,
+            out.hidden,
+            _head_weight(out, head),
             labels,
             vis_mask,
             inner.num_visual_tokens,
@@ -176,7 +176,7 @@ class LossComputer:
         self, student: nn.Module, batch: dict, head: nn.Linear, t_head: nn.Linear | None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ids, attn, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
-        hidden = student(ids, attn, pixels, return_logits=False).hidden
+        out = student(ids, attn, pixels, return_logits=False)
         teacher_kw = {}
         if self.teacher is not None and t_head is not None:
             inner = unwrap(student)
@@ -191,8 +191,8 @@ class LossComputer:
                 "teacher_gram": self._cached_teacher_gram(t_head) if self.settings.rel else None,
             }
         return fused_distill_loss(
-            hidden,
-            head.weight,
+            out.hidden,
+            _head_weight(out, head),
             batch["labels"],
             self.weights,
             settings=self.settings,
@@ -210,6 +210,11 @@ class LossComputer:
             with torch.no_grad():
                 self._teacher_gram = (key, head_gram(w.detach(), None if b is None else b.detach()))
         return self._teacher_gram[1]
+
+
+def _head_weight(out, head: nn.Linear) -> torch.Tensor:
+    """The head weight the forward handed back (a tied embedding's alias: one gradient buffer), else the head's."""
+    return head.weight if out.head_weight is None else out.head_weight
 
 
 def fusable_head(model: nn.Module) -> nn.Linear | None:

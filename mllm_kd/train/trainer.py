@@ -34,7 +34,7 @@ from mllm_kd.config import ModelConfig, StageConfig
 from mllm_kd.data.datasets import Collator, TrainData
 from mllm_kd.errors import CheckpointError, TrainingError
 from mllm_kd.lora import checkpoint_files, lora_layers, merged_state_dict, resume_weights
-from mllm_kd.model.llm import compile_decoder_layers
+from mllm_kd.model.llm import checkpoint_decoder_layers, compile_decoder_layers
 from mllm_kd.model.multimodal import MultimodalLM
 from mllm_kd.runtime.distributed import (
     any_rank,
@@ -115,6 +115,8 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         t = cfg.train
         self.student.to(self.device)
+        if t.gradient_checkpointing:  # before FSDP2 wraps the layers (its hooks stay outside the recompute)
+            checkpoint_decoder_layers(student.llm)
         self.model = wrap_student(
             student, self.dist, t.strategy, self.device
         )  # what the forward runs through
