@@ -5,7 +5,8 @@ import json
 import pytest
 
 from mllm_kd.apps.easyvqa import ablate
-from mllm_kd.apps.easyvqa.demo import ROLES, STUDENTS, main, yes_no_prior
+from mllm_kd.apps.easyvqa.demo import ROLES, STUDENTS, main
+from mllm_kd.apps.easyvqa.report import yes_no_prior
 from mllm_kd.apps.easyvqa.teachers import QUICK_VOCAB
 from mllm_kd.eval.normalize import simple_normalize
 
