@@ -327,3 +327,23 @@ def test_gemma3_chat_template_renders_gemma_turns(tmp_path):
     ]
     with_system = ConversationEncoder(tok, "chat", 4, 0, system_prompt="Be brief.").segments(conv)
     assert with_system[0][0].startswith(f"{bos}<start_of_turn>user\nBe brief.\n\n<image>")
+
+
+def test_data_aligned_share_counts_positions_predicting_a_shared_boundary(tmp_path):
+    """The answer 'red', then ChatML's <|im_end|> and newline. A position is aligned when the token it
+    predicts starts at a character where a teacher token starts; the newline after the end of turn is a
+    template token and never is."""
+    from mllm_kd.apps.easyvqa.teachers import data_aligned_share
+    from mllm_kd.model.tokenization import load_tokenizer, train_bpe_tokenizer
+
+    whole = load_tokenizer(train_bpe_tokenizer(["red shape", "what colour"] * 50, tmp_path / "a", 300))
+    chars = load_tokenizer(train_bpe_tokenizer(["blue"] * 50, tmp_path / "b", 262))
+    assert whole.tokenize("red") == ["red"] and chars.tokenize("red") == ["r", "e", "d"]
+    record = {
+        "conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red"}]
+    }
+    # 'red', <|im_end|>, newline: 'red' (char 0) and the end (char 3) aligned
+    assert data_aligned_share([record], whole, whole) == {"response": 3, "aligned": 2, "share": 0.6667}
+    assert data_aligned_share([record], whole, chars)["aligned"] == 2  # the teacher's 'r' starts at 0 too
+    # 'r', 'e', 'd', <|im_end|>, newline: 'e' and 'd' start inside the teacher's 'red'
+    assert data_aligned_share([record], chars, whole) == {"response": 5, "aligned": 2, "share": 0.4}

@@ -106,3 +106,26 @@ def aligned_share(student_dir: Path) -> dict[str, float]:
         if values:
             out[stage] = round(statistics.fmean(values), 4)
     return out
+
+
+def data_aligned_share(records: list[dict], student_tok, teacher_tok, system_prompt: str | None = "") -> dict:
+    """Before any training: how many of the student's response positions in ``records`` (their chat
+    template for both tokenizers) have a teacher position, by the rule of ``loss.cross_tokenizer``
+    (:func:`mllm_kd.data.cross_tokens.align_positions`). ``{"response": n, "aligned": k, "share": k / n}``."""
+    from mllm_kd.data.cross_tokens import align_positions, answer_keys
+    from mllm_kd.data.encoding import ConversationEncoder
+    from mllm_kd.losses import IGNORE_INDEX
+    from mllm_kd.model.tokenization import image_token_id
+
+    student, teacher = (
+        ConversationEncoder(tok, "chat", 1, image_token_id(tok), system_prompt=system_prompt)
+        for tok in (student_tok, teacher_tok)
+    )
+    response = aligned = 0
+    for record in records:
+        conv = record["conversations"]
+        _, labels = student(conv)
+        positions, _ = align_positions(answer_keys(student, conv), labels, answer_keys(teacher, conv))
+        response += sum(label != IGNORE_INDEX for label in labels[1:])
+        aligned += len(positions)
+    return {"response": response, "aligned": aligned, "share": round(aligned / max(response, 1), 4)}
