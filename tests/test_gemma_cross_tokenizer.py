@@ -72,3 +72,33 @@ def test_gemma3_teaches_smollm2_across_tokenizers(smoke_data, tmp_path):
                 assert row["aligned"] > 0.3 and row["mdist_resp"] > 0, row
             print(f"\n{stage}:", json.dumps(rows))
     print("\nelapsed seconds after each step:", json.dumps(times))
+
+
+def test_gemma3_270m_export_renders_gemma_turns_and_stops_at_end_of_turn(tmp_path):
+    """The demo's ``--teacher-llm gemma3-270m`` weights: dequantised once, Gemma 3's chat template, and
+    ``<end_of_turn>`` as EOS so that generation stops where the template closes an answer."""
+    from mllm_kd.data_prep.weights import export_gemma3_270m
+    from mllm_kd.model.generate import stop_token_ids
+    from mllm_kd.model.tokenization import load_tokenizer
+
+    out = export_gemma3_270m(tmp_path / "gemma3-270m")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "gemma3_text" and config["vocab_size"] == 262144
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    assert (
+        export_gemma3_270m(out) == out and (out / "model.safetensors").stat().st_mtime_ns == stamp
+    )  # cached
+    tok = load_tokenizer(out)
+    messages = [
+        {"role": "system", "content": ""},
+        {"role": "user", "content": "<image>\nWhat color is the shape?"},
+        {"role": "assistant", "content": "red"},
+    ]
+    text = tok.apply_chat_template(messages, tokenize=False)
+    assert text == (
+        "<bos><start_of_turn>user\n<image>\nWhat color is the shape?<end_of_turn>\n<start_of_turn>model\n"
+        "red<end_of_turn>\n"
+    )
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids[0] == tok.bos_token_id == 2 and ids.count(tok.eos_token_id) == 2
+    assert tok.eos_token == "<end_of_turn>" and stop_token_ids(tok) == [tok.eos_token_id]

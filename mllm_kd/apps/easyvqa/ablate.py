@@ -39,7 +39,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mllm_kd.apps.easyvqa.demo import NO_DISTILL, RECIPES, _seeds, evaluate
+from mllm_kd.apps.easyvqa.demo import NO_DISTILL, RECIPES, _seeds
+from mllm_kd.apps.easyvqa.scoring import evaluate
 from mllm_kd.cli import setup_logging, stage_config
 from mllm_kd.errors import ArgumentParser, MllmKdError, exit_code
 

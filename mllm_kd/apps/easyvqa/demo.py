@@ -3,7 +3,7 @@ phase of the job, in the order it runs; the report is in report.py.)
 
     python -m mllm_kd.apps.easyvqa.demo [--run-dir runs/demo] [--recipe pretrained|scratch] [--seeds 0,1]
                            [--split test|val] [--questions N] [--captions N] [--teacher-dir DIR]
-                           [--redo] [--quick] [key=value ...]
+                           [--teacher-llm gemma3-270m] [--redo] [--quick] [key=value ...]
 
 1. prepares easy-VQA (``RUN/data``) and, for the pretrained recipe, the offline weights (``RUN/models``:
    SmolLM2-135M-Instruct dequantised once from its GGUF file, torchvision's MobileNetV2 file);
@@ -22,7 +22,8 @@ random, the teacher's vision tower trained from scratch; the control where disti
 ``--split val`` scores the validation split carved from the training images (for choosing
 hyper-parameters) instead of the test questions. Every step is skipped when its result exists
 (``--redo`` redoes them). ``key=value`` overrides apply to every stage. ``--quick`` is the tests'
-variant: a few hundred examples and tiny random models.
+variant: a few hundred examples and tiny random models. ``--teacher-llm gemma3-270m`` also trains a teacher
+with that LLM and the ``kd`` student taught by it across tokenizers (teachers.py), reported next to the others.
 """
 
 from __future__ import annotations
@@ -35,7 +36,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mllm_kd.apps.easyvqa.report import STUDENT_ROLES, gaps, summarise, write_report, yes_no_prior
+from mllm_kd.apps.easyvqa.report import (
+    STUDENT_ROLES,
+    gaps,
+    other_roles,
+    summarise,
+    write_report,
+)
+from mllm_kd.apps.easyvqa.scoring import evaluate
+from mllm_kd.apps.easyvqa.teachers import STUDENT_OVERRIDES, TEACHER_LLMS, aligned_share
 from mllm_kd.cli import setup_logging, stage_config
 from mllm_kd.configs import config_path
 from mllm_kd.errors import ArgumentParser, ConfigError, MllmKdError, exit_code
@@ -145,13 +154,22 @@ def matched_overrides(recipe: Recipe, common: list[str]) -> list[str]:
 
 
 def train_role(
-    run: Path, recipe: Recipe, role: str, overrides: list[str], redo: bool, teacher_dir: Path, seed: int
+    run: Path,
+    recipe: Recipe,
+    role: str,
+    overrides: list[str],
+    redo: bool,
+    teacher_dir: Path,
+    seed: int,
+    sub: str | None = None,
 ) -> tuple[Path, float, list[str]]:
-    """Train one model's stages; returns its final checkpoint, the training seconds, and the stages."""
+    """Train one model's stages; returns its final checkpoint, the training seconds, and the stages.
+
+    ``sub``: a student's directory under ``RUN/seed<s>`` other than its role's."""
     from mllm_kd.stages import STAGES
 
     spec = ROLES[role]
-    run_dir = teacher_dir if role == "teacher" else run / f"seed{seed}" / spec.sub
+    run_dir = teacher_dir if role == "teacher" else run / f"seed{seed}" / (sub or spec.sub)
     common = [
         f"run_dir={run_dir}",
         f"data_dir={run / 'data'}",
@@ -175,54 +193,6 @@ def train_role(
         seconds += json.loads((ckpt / "trainer_state.json").read_text())["elapsed"]
     assert ckpt is not None
     return ckpt, seconds, stages
-
-
-def evaluate(data: Path, split: str, answers: Path, model_id: str, ckpt: Path, redo: bool) -> dict:
-    """Answer ``data/<split>_questions.jsonl`` into ``answers`` (greedy) and score it.
-
-    Exact match overall and per type, plus the yes/no template prior (:func:`yes_no_prior`): its own
-    accuracy on these questions and how often the model's yes/no answers agree with it.
-    """
-
-    from mllm_kd.checkpoint.native import load_checkpoint_model
-    from mllm_kd.data_prep.easyvqa_questions import train_template_prior
-    from mllm_kd.eval.core import read_predictions
-    from mllm_kd.eval.run import training_template
-    from mllm_kd.eval.tasks.easyvqa import EasyVQATask
-    from mllm_kd.model.generate import Generator, answer_file, read_questions
-    from mllm_kd.model.multimodal import count_parameters
-    from mllm_kd.runtime.device import pick_device
-
-    if redo and answers.exists():
-        answers.unlink()
-    device = pick_device()
-    model, tok, model_cfg = load_checkpoint_model(ckpt)
-    template, system_prompt = training_template(ckpt)
-    gen = Generator.from_model(
-        model.to(device),
-        tok,
-        template=template,
-        system_prompt=system_prompt,
-        image_mean=model_cfg.vision.image_mean,
-        image_std=model_cfg.vision.image_std,
-        max_new_tokens=4,
-    )
-    questions = read_questions(data / f"{split}_questions.jsonl")
-    answer_file(gen, questions, data / "images", answers, model_id=model_id, batch_size=128)
-    task = EasyVQATask()
-    predictions = read_predictions(answers)
-    scores = task.score(predictions, task.load(data / f"{split}_answers.json"))
-    return {
-        "parameters": count_parameters(model),
-        "llm_parameters": count_parameters(model.llm),
-        **scores,
-        "yes_no_prior": yes_no_prior(
-            train_template_prior(),
-            json.loads((data / f"{split}_answers.json").read_text()),
-            questions,
-            predictions,
-        ),
-    }
 
 
 class Phases:
@@ -265,14 +235,18 @@ def run_demo(
     quick: bool = False,
     teacher_dir: Path | None = None,
     teacher_overrides: list[str] | None = None,
+    teacher_llm: str | None = None,
 ) -> dict:
     """The whole demo into ``run``; ``teacher_dir`` reuses (or trains into) a teacher elsewhere.
 
     ``overrides`` apply to every stage, ``teacher_overrides`` to the teacher's stages only (after them).
+    ``teacher_llm`` (a key of :data:`TEACHER_LLMS`): also a teacher with that LLM and the ``kd`` student it
+    teaches across tokenizers.
     """
     from mllm_kd.data_prep.easyvqa import prepare_easyvqa
 
     spec = RECIPES[recipe]
+    other = TEACHER_LLMS[teacher_llm] if teacher_llm else None
     started = time.perf_counter()
     teacher_dir = teacher_dir or run / "teacher"
     marks_before = _work_marks(run, teacher_dir)
@@ -285,6 +259,9 @@ def run_demo(
     if spec.pretrained_weights and not quick:
         with phases("weights"):
             prepare_weights(run / "models")
+    if other is not None:
+        with phases(f"weights {other.name}"):
+            other.prepare(run, quick)
     overrides = [*(spec.quick if quick else ()), *(["train.progress=false"] if quick else []), *overrides]
     models: dict[str, dict] = {}  # "<role>" or "<role>/seed<s>" -> result
     with phases("teacher"):
@@ -292,6 +269,22 @@ def run_demo(
             run, spec, "teacher", overrides + (teacher_overrides or []), redo, teacher_dir, seed=0
         )
     models["teacher"] = {"checkpoint": str(ckpt), "train_seconds": round(seconds, 1), "stages": stages}
+    if other is not None:
+        with phases(other.teacher_role):
+            ckpt, seconds, stages = train_role(
+                run,
+                spec,
+                "teacher",
+                [*overrides, *other.teacher_overrides(quick), *(teacher_overrides or [])],
+                redo,
+                other.teacher_dir(run),
+                seed=0,
+            )
+        models[other.teacher_role] = {
+            "checkpoint": str(ckpt),
+            "train_seconds": round(seconds, 1),
+            "stages": stages,
+        }
     for seed in seeds:
         for role in STUDENTS:
             seeded = [*overrides, f"train.seed={seed}"]
@@ -301,6 +294,18 @@ def run_demo(
                 "checkpoint": str(ckpt),
                 "train_seconds": round(seconds, 1),
                 "stages": stages,
+            }
+        if other is not None:
+            seeded = [*overrides, f"train.seed={seed}", *STUDENT_OVERRIDES]
+            with phases(f"{other.student_role}, seed {seed}"):
+                ckpt, seconds, stages = train_role(
+                    run, spec, "student_kd", seeded, redo, other.teacher_dir(run), seed, sub=other.student_sub
+                )
+            models[f"{other.student_role}/seed{seed}"] = {
+                "checkpoint": str(ckpt),
+                "train_seconds": round(seconds, 1),
+                "stages": stages,
+                "aligned": aligned_share(ckpt.parent.parent),
             }
     for key, result in models.items():
         answers = run / "eval" / split / f"{key.replace('/', '-')}.answers.jsonl"
@@ -312,6 +317,10 @@ def run_demo(
     results: dict = {"teacher": models["teacher"]}
     for role in STUDENTS:
         results[role] = summarise({s: models[f"{role}/seed{s}"] for s in seeds})
+    if other is not None:
+        results[other.teacher_role] = models[other.teacher_role]
+        results[other.student_role] = summarise({s: models[f"{other.student_role}/seed{s}"] for s in seeds})
+        results["teacher_llm"] = other.name
     wall = time.perf_counter() - started
     # "seconds": the time spent producing these results, over every invocation that did some of the
     # work; a re-run that only finds finished stages and answers keeps the earlier total.
@@ -321,6 +330,9 @@ def run_demo(
     results["wall_seconds"] = round(wall, 1)
     results.update(recipe=recipe, split=split, seeds=list(seeds), overrides=overrides)
     results["gaps"] = gaps(results)
+    if other is not None:
+        delta = 100 * (results[other.student_role]["accuracy"] - results["student_kd"]["accuracy"])
+        results["gaps"][f"{other.student_role}_minus_student_kd"] = round(delta, 2)
     results["phases"] = {name: round(dt, 1) for name, dt in phases.rows}  # this invocation's
     write_report(run, results, _loss_curves(run, results))
     log.info("the demo's phases in this invocation (finished work is skipped):\n%s", phases.table())
@@ -398,6 +410,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="captions of the pre-training stages (default: the recipe's)",
     )
+    p.add_argument(
+        "--teacher-llm",
+        choices=sorted(TEACHER_LLMS),
+        default=None,
+        help="also a teacher with this LLM (another family) and the kd student it teaches across tokenizers",
+    )
     p.add_argument("--redo", action="store_true", help="redo finished stages and evaluations")
     p.add_argument(
         "--quick", action="store_true", help="tiny random models, a few hundred examples (the tests' variant)"
@@ -426,11 +444,13 @@ def main(argv: list[str] | None = None) -> int:
             quick=args.quick,
             teacher_dir=args.teacher_dir,
             teacher_overrides=[f"train.seed={args.teacher_seed}"],
+            teacher_llm=args.teacher_llm,
         )
     except MllmKdError as e:
         return exit_code(e)
     print((run / "report.md").read_text())
-    print(json.dumps({k: results[k]["accuracy"] for k in ROLES} | {"seconds": results["seconds"]}))
+    roles = [*ROLES, *other_roles(results)]
+    print(json.dumps({k: results[k]["accuracy"] for k in roles} | {"seconds": results["seconds"]}))
     return 0
 
 

@@ -12,6 +12,12 @@ from mllm_kd.eval.core import pct
 STUDENT_ROLES = ("student_baseline", "student_matched", "student_kd")
 
 
+def other_roles(results: dict) -> list[str]:
+    """The roles of a teacher of another family (``demo --teacher-llm``), when the results have them."""
+    name = results.get("teacher_llm")
+    return [f"teacher_{name}", f"student_kd_{name}"] if name else []
+
+
 def yes_no_prior(prior: dict[str, str], truth: dict, questions: list[dict], predictions) -> dict:
     """How a model's yes/no answers relate to the template prior (``prior``: template -> the answer its
     wording predicts, :func:`~mllm_kd.data_prep.easyvqa.template_prior`).
@@ -99,7 +105,7 @@ def write_report(run: Path, results: dict, curves: dict[str, list[dict]]) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    roles = ["teacher", *STUDENT_ROLES]
+    roles = ["teacher", *STUDENT_ROLES, *other_roles(results)]
     (run / "report.json").write_text(json.dumps(results, indent=2))
     fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 3), squeeze=False)
     for ax, (name, rows) in zip(axes[0], curves.items()):
@@ -124,7 +130,7 @@ def write_report(run: Path, results: dict, curves: dict[str, list[dict]]) -> Non
         for seed_result in r.get("seeds", {}).values():  # each seed as a dot over the mean's bar
             pts = [seed_result["accuracy"] * 100] + [seed_result["by_type"][t] for t in types]
             ax.plot(xs, pts, "k.", markersize=3)
-    ax.set_xticks([x + 1.5 * width for x in range(len(types) + 1)], ["overall", *types])
+    ax.set_xticks([x + (len(roles) - 1) / 2 * width for x in range(len(types) + 1)], ["overall", *types])
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=7)
@@ -165,9 +171,31 @@ def write_report(run: Path, results: dict, curves: dict[str, list[dict]]) -> Non
         f"student: {g['kd_minus_matched']:+.2f} (spreads: kd {g['spread_kd']:.2f}, matched "
         f"{g['spread_matched']:.2f}); share of the teacher-to-plain-student gap closed: {g['gap_closed']}.",
         "",
+        *_other_teacher_lines(results),
         "![loss curves](loss_curves.png)",
         "",
         "![accuracy](accuracy.png)",
         "",
     ]
     (run / "report.md").write_text("\n".join(lines))
+
+
+def _other_teacher_lines(results: dict) -> list[str]:
+    """The comparison of the two teachers' students (``demo --teacher-llm``), with the aligned shares."""
+    roles = other_roles(results)
+    if not roles:
+        return []
+    teacher, student = (results[r] for r in roles)
+    seeds = "; ".join(
+        f"seed {s}: {100 * r['accuracy']:.2f}, aligned "
+        + ", ".join(f"{stage} {share:.3f}" for stage, share in r.get("aligned", {}).items())
+        for s, r in student["seeds"].items()
+    )
+    return [
+        f"Teacher of another family ({results['teacher_llm']}): teacher {100 * teacher['accuracy']:.2f} against "
+        f"{100 * results['teacher']['accuracy']:.2f}; the LLaVA-KD student it teaches across tokenizers "
+        f"{100 * student['accuracy']:.2f} against {100 * results['student_kd']['accuracy']:.2f} "
+        f"({results['gaps'][f'{roles[1]}_minus_student_kd']:+.2f} points). Per seed ({seeds}; aligned: the "
+        "share of response positions with a teacher counterpart, mean over the stage's logged steps).",
+        "",
+    ]
