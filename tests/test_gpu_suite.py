@@ -25,7 +25,7 @@ def test_gpu_suite_step_benchmarks_run_on_a_cpu(tmp_path):
         "PYTHON": sys.executable,
         "SKIP": "tests|bench_kd|bench_teacher|bench_opt|profile",
         "STEP_DEVICE": "cpu",
-        "STEP_ARGS": "--layers-scale 0.05 --batch 1 --tokens 512 --response 64",
+        "STEP_ARGS": "--layers-scale 0.05 --batch 1 --tokens 1024 --response 200",
     }
     proc = subprocess.run(
         ["bash", "bench/gpu_suite.sh", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500
@@ -36,6 +36,8 @@ def test_gpu_suite_step_benchmarks_run_on_a_cpu(tmp_path):
         assert f"=== {step}: exit 0" in log, log[-3000:]
     results = {r["step"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
     assert set(results) == {"bench_step_paper", "bench_step_paper_memory"}
+    for r in results.values():  # a variant that could not run is reported in the JSON, not by the exit status
+        assert not [v for v in r["variants"].values() if "error" in v], r["variants"]
     step = results["bench_step_paper"]
     # the ratios the goals are stated in, computed from the variants measured in the same run
     for key in ("speed_vs_plain", "memory_vs_plain", "mfu", "memory_ckpt_vs_plain_ckpt"):
