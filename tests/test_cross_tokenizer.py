@@ -162,11 +162,9 @@ def test_pool_visual():
 
 
 # ------------------------------------------------------------------------------- the chunked objective
-@pytest.mark.parametrize("ns,nt", [(4, 16), (16, 4)], ids=["teacher-grid-pooled", "student-grid-pooled"])
-def test_chunked_objective_equals_plain_autograd(ns, nt):
-    """cross_tokenizer_loss (chunks of 3 rows, gradients in the forward pass) against the same terms from
-    full logits with autograd: values and the gradients wrt hidden states and both heads' inputs."""
-    g = torch.Generator().manual_seed(2)
+def _toy_pair(g, ns, nt):
+    """A student (V=11, d=8, 26 positions) and a teacher (V=13, d=10, 29 positions) of two samples: hidden
+    states, heads, labels, visual masks (ns / nt positions), aligned positions, shared tokens, weights."""
     B, T, Tt, d, dt, V, Vt = 2, 26, 29, 8, 10, 11, 13
     hs = torch.randn(B, T, d, generator=g, requires_grad=True)
     ws = torch.randn(V, d, generator=g, requires_grad=True)
@@ -181,6 +179,16 @@ def test_chunked_objective_equals_plain_autograd(ns, nt):
     align_t = torch.tensor([[28, 20, 24], [21, 26, -1]])
     shared = (torch.tensor([0, 3, 5, 9]), torch.tensor([2, 3, 12, 7]))
     weights = {"ce": 1.0, "mdist_resp": 0.7, "mdist_vis": 0.5, "rdist": 0.3}
+    return hs, ws, ht, wt, labels, vis, tvis, align_s, align_t, shared, weights
+
+
+@pytest.mark.parametrize("ns,nt", [(4, 16), (16, 4)], ids=["teacher-grid-pooled", "student-grid-pooled"])
+def test_chunked_objective_equals_plain_autograd(ns, nt):
+    """cross_tokenizer_loss (chunks of 3 rows, gradients in the forward pass) against the same terms from
+    full logits with autograd: values and the gradients wrt hidden states and both heads' inputs."""
+    g = torch.Generator().manual_seed(2)
+    B, d, dt, V, Vt = 2, 8, 10, 11, 13
+    hs, ws, ht, wt, labels, vis, tvis, align_s, align_t, shared, weights = _toy_pair(g, ns, nt)
     settings = DistillSettings(kind="fkl", temperature=2.0)
     total, terms = cross_tokenizer_loss(
         hs, ws, labels, weights, ht, wt, align_s, align_t, shared, settings,
@@ -473,20 +481,8 @@ def test_cached_objective_with_the_whole_vocabulary_equals_the_online_one(ns, nt
     from mllm_kd.losses.cached_cross import CrossCachedBatch, cached_cross_tokenizer_loss
 
     g = torch.Generator().manual_seed(5)
-    B, T, Tt, d, dt, V, Vt = 2, 26, 29, 8, 10, 11, 13
-    hs = torch.randn(B, T, d, generator=g, requires_grad=True)
-    ws = torch.randn(V, d, generator=g, requires_grad=True)
-    ht, wt = torch.randn(B, Tt, dt, generator=g), torch.randn(Vt, dt, generator=g)
-    labels = torch.full((B, T), -100)
-    labels[:, 20:25] = torch.randint(0, V, (B, 5), generator=g)
-    vis = torch.zeros(B, T, dtype=torch.bool)
-    vis[:, 1 : 1 + ns] = True
-    tvis = torch.zeros(B, Tt, dtype=torch.bool)
-    tvis[:, 0:nt] = True
-    align_s = torch.tensor([[19, 21, 23], [20, 22, -1]])
-    align_t = torch.tensor([[28, 20, 24], [21, 26, -1]])
-    shared = (torch.tensor([0, 3, 5, 9]), torch.tensor([2, 3, 12, 7]))
-    weights = {"ce": 1.0, "mdist_resp": 0.7, "mdist_vis": 0.5, "rdist": 0.3}
+    B, T, d, dt, V, Vt = 2, 26, 8, 10, 11, 13
+    hs, ws, ht, wt, labels, vis, tvis, align_s, align_t, shared, weights = _toy_pair(g, ns, nt)
     settings = DistillSettings(kind="jsd")
     total, terms = cross_tokenizer_loss(
         hs, ws, labels, weights, ht, wt, align_s, align_t, shared, settings,

@@ -28,7 +28,12 @@ def test_gpu_suite_step_benchmarks_run_on_a_cpu(tmp_path):
         "STEP_ARGS": "--layers-scale 0.05 --batch 1 --tokens 1024 --response 200",
     }
     proc = subprocess.run(
-        ["bash", "bench/gpu_suite.sh", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500
+        ["bash", "bench/gpu_suite.sh", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
     )
     log = (out / "suite.log").read_text()
     assert proc.returncode == 0, log[-3000:]
