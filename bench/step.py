@@ -24,6 +24,9 @@ weights on the same batches (fixed seed), each in a fresh process:
   (each decoder layer of student and teacher through ``torch.compile``; the first warm-up step compiles).
 * ``mllm_kd_ckpt``: ``mllm_kd`` with ``train.gradient_checkpointing=true`` (each student decoder layer
   recomputed in the backward pass).
+* ``mllm_kd_eager_ops`` (only when asked for with ``--variants``): ``mllm_kd`` with
+  ``train.lean_activations=false`` (the student's RMSNorms and SwiGLU MLPs as transformers runs them, keeping
+  every intermediate for the backward; mllm_kd/model/lean.py).
 * ``plain_ckpt``: ``plain`` with transformers' activation checkpointing of the student
   (``gradient_checkpointing_enable()``, which LLaVA's and TinyLLaVA's training scripts turn on by default).
 * ``liger`` (CUDA only): the plain models run to their final hidden states, and the student's CE and both
@@ -66,7 +69,8 @@ The LAST line printed is one JSON object: ``speed_vs_plain`` (plain step time / 
 mllm_kd_cached step time); with activation checkpointing, like for like ``speed_ckpt_vs_plain_ckpt`` /
 ``memory_ckpt_vs_plain_ckpt`` (mllm_kd_ckpt against plain_ckpt) and across ``speed_ckpt_vs_plain`` /
 ``memory_ckpt_vs_plain`` (mllm_kd_ckpt against plain without it), each with ``total_memory_*`` and
-``loss_*``; on CUDA ``speed_vs_liger`` and ``memory_vs_liger``; and every variant's figures.
+``loss_*``; with ``mllm_kd_eager_ops``, ``speed_lean_vs_eager_ops`` / ``memory_lean_vs_eager_ops`` (mllm_kd
+against it); on CUDA ``speed_vs_liger`` and ``memory_vs_liger``; and every variant's figures.
 """
 
 from __future__ import annotations
@@ -87,7 +91,16 @@ for p in (ROOT, ROOT / "bench"):
     if str(p) not in sys.path:  # run as a script from a checkout
         sys.path.insert(0, str(p))
 
-VARIANTS = ("mllm_kd", "mllm_kd_cached", "plain", "liger", "mllm_kd_compiled", "mllm_kd_ckpt", "plain_ckpt")
+VARIANTS = (
+    "mllm_kd",
+    "mllm_kd_cached",
+    "plain",
+    "liger",
+    "mllm_kd_compiled",
+    "mllm_kd_ckpt",
+    "plain_ckpt",
+    "mllm_kd_eager_ops",
+)
 DEFAULT_VARIANTS = ("mllm_kd", "mllm_kd_cached", "plain", "liger", "mllm_kd_ckpt", "plain_ckpt")
 
 
@@ -361,6 +374,8 @@ def stage3_config(args, work: Path):
         overrides.append("train.compile=true")
     if args.worker == "mllm_kd_ckpt":
         overrides.append("train.gradient_checkpointing=true")
+    if args.worker == "mllm_kd_eager_ops":
+        overrides.append("train.lean_activations=false")
     if args.chunk_size:
         overrides.append(f"loss.chunk_size={args.chunk_size}")
     return resolve_stage_config(recipe, "stage3", stage3.DEFAULTS, overrides, source="bench/step.py")
@@ -819,6 +834,7 @@ def main(argv=None) -> int:
     for ours, theirs, key in (
         ("mllm_kd_ckpt", "plain_ckpt", "ckpt_vs_plain_ckpt"),  # like for like: both checkpointed
         ("mllm_kd_ckpt", "plain", "ckpt_vs_plain"),  # checkpointed mllm_kd against plain without it
+        ("mllm_kd", "mllm_kd_eager_ops", "lean_vs_eager_ops"),  # train.lean_activations on against off
     ):
         a, b = results.get(ours, {}), results.get(theirs, {})
         if "median_s" in a and "median_s" in b:

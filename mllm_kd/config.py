@@ -408,6 +408,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile each decoder layer of student and teacher (see docs/performance.md)
     # recompute each student decoder layer's activations in the backward pass (docs/performance.md)
     gradient_checkpointing: bool = False
+    # the student LLM's RMSNorms and SwiGLU MLPs keep less for the backward, recomputing pointwise parts
+    # (mllm_kd/model/lean.py; same loss and gradients, see docs/performance.md)
+    lean_activations: bool = True
     progress: bool = True  # show a progress bar
 
     def __post_init__(self) -> None:
@@ -440,6 +443,12 @@ class TrainConfig:
             "train.gradient_checkpointing",
             "true or false",
             self.gradient_checkpointing,
+        )
+        check(
+            isinstance(self.lean_activations, bool),
+            "train.lean_activations",
+            "true or false",
+            self.lean_activations,
         )
 
 

@@ -34,6 +34,7 @@ from mllm_kd.config import ModelConfig, StageConfig
 from mllm_kd.data.datasets import Collator, TrainData
 from mllm_kd.errors import CheckpointError, TrainingError
 from mllm_kd.lora import checkpoint_files, lora_layers, merged_state_dict, resume_weights
+from mllm_kd.model.lean import lean_decoder_ops
 from mllm_kd.model.llm import checkpoint_decoder_layers, compile_decoder_layers
 from mllm_kd.model.multimodal import MultimodalLM
 from mllm_kd.runtime.distributed import (
@@ -115,6 +116,8 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         t = cfg.train
         self.student.to(self.device)
+        if t.lean_activations:  # before DDP / FSDP2 / compile, like checkpointing (mllm_kd/model/lean.py)
+            log.info("lean RMSNorm / SwiGLU MLP: %d student LLM modules", lean_decoder_ops(student.llm))
         if t.gradient_checkpointing:  # before FSDP2 wraps the layers (its hooks stay outside the recompute)
             checkpoint_decoder_layers(student.llm)
         self.model = wrap_student(
