@@ -17,7 +17,7 @@ from mllm_kd.errors import ConfigError
 from mllm_kd.model.lean import RMSNormFunction, SwiGLUFunction, lean_decoder_ops
 from mllm_kd.model.llm import checkpoint_decoder_layers
 
-D, I, LAYERS = 32, 48, 2
+D, FF, LAYERS = 32, 48, 2
 ARCH = {
     "llama": {"model_type": "llama", "num_key_value_heads": 2},
     "qwen2": {"model_type": "qwen2", "num_key_value_heads": 1},
@@ -31,7 +31,7 @@ def _llm(arch: str, dtype=torch.float32):
     cfg = AutoConfig.for_model(
         kw.pop("model_type"),
         hidden_size=D,
-        intermediate_size=I,
+        intermediate_size=FF,
         num_hidden_layers=LAYERS,
         num_attention_heads=4,
         vocab_size=64,
@@ -40,7 +40,7 @@ def _llm(arch: str, dtype=torch.float32):
     )
     torch.manual_seed(0)
     llm = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(dtype).train()
-    for name, p in llm.named_parameters():  # norms start at ones: make their weight gradients matter
+    for p in llm.parameters():  # norms start at ones: make their weight gradients matter
         if p.dim() == 1:
             nn.init.normal_(p, 1.0, 0.2)
     return llm
@@ -107,7 +107,9 @@ def test_functions_match_autograd_at_float64():
         dy = torch.randn(2, 3, 8, dtype=torch.float64, generator=g)
         got, want = lean(), ref()
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-        for a, b in zip(torch.autograd.grad(got, inputs, dy), torch.autograd.grad(want, inputs, dy), strict=True):
+        for a, b in zip(
+            torch.autograd.grad(got, inputs, dy), torch.autograd.grad(want, inputs, dy), strict=True
+        ):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
@@ -157,7 +159,7 @@ def test_lean_llm_same_loss_gradients_state_dict_fewer_saved_bytes(arch):
     tokens = ids.numel()
     # per layer: the two norms' normalised x (d floats a token), the MLP's silu(gate) and silu(gate) * up
     # (I each); and the final norm's normalised x. Everything else the layers keep is kept as before.
-    removed = (LAYERS * (2 * D + 2 * I) + D) * tokens * 4
+    removed = (LAYERS * (2 * D + 2 * FF) + D) * tokens * 4
     assert before.bytes - after.bytes == removed, (before.bytes, after.bytes)
     evaluating = _SavedActivations(lean)
     with torch.no_grad(), evaluating:  # evaluation / generation: the original forwards
@@ -277,7 +279,15 @@ def test_bf16_autocast_casts_like_the_linears():
             normed = layer.post_attention_layernorm(xi)
             out = layer.mlp(normed)
         out.float().square().mean().backward()
-        outs.append((normed, out, xi.grad, layer.mlp.gate_proj.weight.grad, layer.post_attention_layernorm.weight.grad))
+        outs.append(
+            (
+                normed,
+                out,
+                xi.grad,
+                layer.mlp.gate_proj.weight.grad,
+                layer.post_attention_layernorm.weight.grad,
+            )
+        )
     for a, b in zip(*outs, strict=True):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=1e-3)
@@ -308,12 +318,12 @@ def test_lean_composes_with_compile():
 def test_stage_with_lean_activations_trains_like_without(smoke_teacher, tmp_path, monkeypatch):
     """Stage 1 with its LLM trained: the default (train.lean_activations=true) gives every step's loss and
     the final weights of the run with transformers' own forwards (false)."""
+    from conftest import SMOKE
     from safetensors.torch import load_file
 
     import mllm_kd.train.trainer as trainer
     from mllm_kd.cli import stage_config
     from mllm_kd.stages import STAGES
-    from conftest import SMOKE
 
     common = [
         f"data_dir={smoke_teacher}/data",
@@ -328,10 +338,14 @@ def test_stage_with_lean_activations_trains_like_without(smoke_teacher, tmp_path
     monkeypatch.setattr(trainer, "lean_decoder_ops", lambda llm: swapped.append(lean_decoder_ops(llm)) or 0)
     runs = {}
     for lean in (True, False):
-        cfg = stage_config(SMOKE, "stage1", [f"run_dir={tmp_path / str(lean)}", *common, f"train.lean_activations={lean}"])
+        cfg = stage_config(
+            SMOKE, "stage1", [f"run_dir={tmp_path / str(lean)}", *common, f"train.lean_activations={lean}"]
+        )
         assert cfg.train.lean_activations is lean
         losses: dict[int, float] = {}
-        final = STAGES["stage1"].run(cfg, on_step=lambda s, m, losses=losses: losses.__setitem__(s, m["loss"]))
+        final = STAGES["stage1"].run(
+            cfg, on_step=lambda s, m, losses=losses: losses.__setitem__(s, m["loss"])
+        )
         runs[lean] = losses, load_file(final / "model.safetensors")
     assert swapped == [4]  # the smoke student's one layer (two norms, the MLP) and the final norm
     (got, wa), (ref, wb) = runs[True], runs[False]

@@ -137,9 +137,7 @@ with contextlib.suppress(ImportError):  # transformers' "silu" activation (its o
 
 
 def _plain_linear(m: object) -> bool:
-    return (
-        type(m) is nn.Linear and m.bias is None and not m._forward_hooks and not m._forward_pre_hooks
-    )
+    return type(m) is nn.Linear and m.bias is None and not m._forward_hooks and not m._forward_pre_hooks
 
 
 def _is_swiglu_mlp(m: nn.Module) -> bool:
@@ -170,7 +168,9 @@ def _probe_agrees(m: nn.Module, lean, width: int) -> bool:
         ref = type(m).forward(m, x)
     with torch.enable_grad(), _no_autocast(p.device.type):
         got = lean(m, x.requires_grad_(True))
-    return got is not None and ref.shape == got.shape and torch.allclose(got.detach(), ref, rtol=1e-4, atol=1e-5)
+    return (
+        got is not None and ref.shape == got.shape and torch.allclose(got.detach(), ref, rtol=1e-4, atol=1e-5)
+    )
 
 
 def _uses_grad(*tensors: torch.Tensor) -> bool:
