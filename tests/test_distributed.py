@@ -142,6 +142,10 @@ def reference(recipe, tmp_path_factory):
         pytest.param(
             "fsdp2", ("train.gradient_checkpointing=true",), marks=pytest.mark.slow, id="fsdp2-ckpt"
         ),
+        # the reference runs the lean RMSNorm / MLP (the default); transformers' own forwards sharded equal it
+        pytest.param(
+            "fsdp2", ("train.lean_activations=false",), marks=pytest.mark.slow, id="fsdp2-eager-ops"
+        ),
     ],
 )
 def test_two_ranks_equal_one_rank_with_twice_the_batch(recipe, reference, tmp_path, strategy, extra):
