@@ -72,8 +72,9 @@ def test_cached_step_leaves_the_teacher_out():
 
 
 def test_tiny_run_of_every_cpu_variant():
-    """The CPU dry run: mllm_kd (eager, train.compile, train.gradient_checkpointing), its cached teacher and
-    plain transformers (with and without activation checkpointing); the same loss from the same weights."""
+    """The CPU dry run: mllm_kd (eager, train.compile, train.gradient_checkpointing, without the lean decoder
+    ops), its cached teacher and plain transformers (with and without activation checkpointing); the same loss
+    from the same weights."""
     cmd = [
         sys.executable,
         str(ROOT / "bench" / "step.py"),
@@ -88,7 +89,7 @@ def test_tiny_run_of_every_cpu_variant():
         "--warmup",
         "1",
         "--variants",
-        "mllm_kd,mllm_kd_cached,plain,mllm_kd_compiled,mllm_kd_ckpt,plain_ckpt",
+        "mllm_kd,mllm_kd_cached,plain,mllm_kd_compiled,mllm_kd_ckpt,plain_ckpt,mllm_kd_eager_ops",
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, timeout=600)
     res = json.loads(out.stdout.strip().splitlines()[-1])
@@ -99,6 +100,7 @@ def test_tiny_run_of_every_cpu_variant():
         "mllm_kd_compiled",
         "mllm_kd_ckpt",
         "plain_ckpt",
+        "mllm_kd_eager_ops",
     }
     for name, v in res["variants"].items():
         assert "error" not in v, (name, v)
@@ -113,6 +115,11 @@ def test_tiny_run_of_every_cpu_variant():
     for k in first:  # checkpointing recomputes the same activations
         assert res["variants"]["mllm_kd_ckpt"]["first_step"][k] == pytest.approx(
             first[k], rel=1e-6, abs=1e-7
+        ), k
+    assert abs(res["loss_lean_vs_eager_ops"]) < 1e-6 and res["memory_lean_vs_eager_ops"] > 0
+    for k in first:  # the lean RMSNorm / MLP compute the same step as transformers' forwards
+        assert res["variants"]["mllm_kd_eager_ops"]["first_step"][k] == pytest.approx(
+            first[k], rel=1e-5, abs=1e-7
         ), k
     # like for like (both checkpointed) and across (mllm_kd_ckpt against plain without it), next to the
     # unchanged mllm_kd-against-plain ratios
