@@ -169,7 +169,9 @@ def _probe_agrees(m: nn.Module, lean, width: int) -> bool:
     with torch.enable_grad(), _no_autocast(p.device.type):
         got = lean(m, x.requires_grad_(True))
     tol = 1e-4 if torch.finfo(p.dtype).bits >= 32 else 2e-2  # the same operators; half types round more
-    return got is not None and ref.shape == got.shape and torch.allclose(got.detach(), ref, rtol=tol, atol=tol)
+    return (
+        got is not None and ref.shape == got.shape and torch.allclose(got.detach(), ref, rtol=tol, atol=tol)
+    )
 
 
 def _uses_grad(*tensors: torch.Tensor) -> bool:
