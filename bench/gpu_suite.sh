@@ -35,9 +35,11 @@
 # STEP_STEPS (timed steps of bench_step_paper, default 5), STEP_WARMUP (warm-up steps of every step.py run;
 # default 2 for bench_step_paper and profile_step_paper, 1 for bench_step_paper_memory), STEP_VARIANTS
 # (bench_step_paper's variants, default all seven; liger needs CUDA). Each variant runs once (step.py's
-# --repeats 1); the profile and the memory breakdown time one step. A dry run on a CPU (about N min, 2 cores):
-#   STEP_DEVICE=cpu STEP_ARGS="--layers-scale 0.05 --batch 1 --tokens 1024 --response 200" STEP_STEPS=1 \
-#     STEP_WARMUP=1 STEP_VARIANTS=mllm_kd,plain,mllm_kd_cached,mllm_kd_ckpt,plain_ckpt,mllm_kd_compiled \
+# --repeats 1); the profile and the memory breakdown time one step. The dry run on a CPU that
+# tests/test_gpu_suite.py runs (paper widths, one layer per model, V=8,192, 768 tokens; about 10 min on 2 busy cores):
+#   STEP_DEVICE=cpu STEP_ARGS="--layers-scale 0.03 --vision-layers 1 --vocab 8192 --batch 1 --tokens 768 \
+#     --response 32 --chunk-size 256" STEP_STEPS=1 STEP_WARMUP=1 \
+#     STEP_VARIANTS=mllm_kd,plain,mllm_kd_cached,mllm_kd_ckpt,plain_ckpt,mllm_kd_compiled \
 #     SKIP='tests|bench_kd|bench_teacher|bench_opt|profile_teacher' bash bench/gpu_suite.sh OUT_DIR
 set -u
 OUT=${1:?usage: bash bench/gpu_suite.sh OUT_DIR [DEMO_DIR]}

@@ -170,11 +170,11 @@ def test_step_knobs_reach_every_step_benchmark(tmp_path):
 
 
 # The dry run's sizes: the paper preset's widths (Qwen2.5-3B's 2048 and 0.5B's 896, SigLIP-so400m's 1152 at
-# 384 px, 729 visual tokens), one decoder layer each, one vision layer, a 32,000-word vocabulary, 768 tokens
+# 384 px, 729 visual tokens), one decoder layer each, one vision layer, an 8,192-word vocabulary, 768 tokens
 # (32 response), loss chunks of 256 rows (several per step, as on the GPU).
 DRY_RUN = {
     "STEP_DEVICE": "cpu",
-    "STEP_ARGS": "--layers-scale 0.03 --vision-layers 1 --vocab 32000 --batch 1 --tokens 768 --response 32 "
+    "STEP_ARGS": "--layers-scale 0.03 --vision-layers 1 --vocab 8192 --batch 1 --tokens 768 --response 32 "
     "--chunk-size 256",
     "STEP_STEPS": "1",
     "STEP_WARMUP": "1",
