@@ -4,6 +4,7 @@ so that the script a GPU session runs is known to work before device time is spe
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -167,6 +168,33 @@ def test_step_knobs_reach_every_step_benchmark(tmp_path):
     assert _opt(bench, "--variants") == "mllm_kd,plain"
     assert _opt(profile, "--variants") == "mllm_kd,mllm_kd_cached"
     assert _opt(memory, "--variants") == "mllm_kd,mllm_kd_ckpt,plain,plain_ckpt"
+
+
+def test_quick_trial_options_shrink_only_what_they_name():
+    """bench/step.py's --vision-layers and --vocab (the dry run's) override the preset's, leaving the widths."""
+    spec = importlib.util.spec_from_file_location("bench_step", ROOT / "bench" / "step.py")
+    step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step)
+    paper = step.PRESETS["paper"]
+    args = step.parse_args(
+        ["--preset", "paper", "--layers-scale", "0.03", "--vision-layers", "1", "--vocab", "8192"]
+    )
+    sh = step.shapes(args)
+    assert sh["student"]["vocab_size"] == sh["teacher"]["vocab_size"] == 8192
+    assert sh["student"]["num_hidden_layers"] == sh["teacher"]["num_hidden_layers"] == 1
+    assert sh["vision"]["num_hidden_layers"] == 1
+    for part in ("student", "teacher", "vision"):
+        for key in ("hidden_size", "intermediate_size", "num_attention_heads"):
+            assert sh[part][key] == paper[part][key], (part, key)
+    assert (sh["vision"]["image_size"], sh["vision"]["patch_size"]) == (384, 14)  # 729 visual tokens
+    # the preset itself is not changed
+    assert paper["student"]["vocab_size"] == 151936 and paper["vision"]["num_hidden_layers"] == 27
+    full = step.step_flops(step.parse_args(["--preset", "paper", "--layers-scale", "0.03"]), cached=False)
+    small = step.step_flops(args, cached=False)
+    layer = 4 * 1152**2 + 2 * 1152 * 4304  # one SigLIP-so400m layer's matmul weights
+    left_out = 2 * layer * 4 * 729 * 26  # 26 of 27 layers, 729 patches of each of the preset's 4 images
+    assert full["student_vision"] - small["student_vision"] == left_out
+    assert small["total"] < full["total"]
 
 
 # The dry run's sizes: the paper preset's widths (Qwen2.5-3B's 2048 and 0.5B's 896, SigLIP-so400m's 1152 at
