@@ -36,7 +36,8 @@
 # default 2 for bench_step_paper and profile_step_paper, 1 for bench_step_paper_memory), STEP_VARIANTS
 # (bench_step_paper's variants, default all seven; liger needs CUDA). Each variant runs once (step.py's
 # --repeats 1); the profile and the memory breakdown time one step. The dry run on a CPU that
-# tests/test_gpu_suite.py runs (paper widths, one layer per model, V=8,192, 768 tokens; about 10 min on 2 busy cores):
+# tests/test_gpu_suite.py runs (paper widths, one layer per model, V=8,192, 768 tokens; 7 min on 2 cores
+# shared with other jobs):
 #   STEP_DEVICE=cpu STEP_ARGS="--layers-scale 0.03 --vision-layers 1 --vocab 8192 --batch 1 --tokens 768 \
 #     --response 32 --chunk-size 256" STEP_STEPS=1 STEP_WARMUP=1 \
 #     STEP_VARIANTS=mllm_kd,plain,mllm_kd_cached,mllm_kd_ckpt,plain_ckpt,mllm_kd_compiled \
