@@ -13,7 +13,6 @@ SUITE_LAST=$(mktemp)
 
 # Reads a benchmark's JSON last line on stdin; appends it to RES (with "step": NAME) when asked; prints the
 # variants that report an error, one "name: last error line" per line; exits 1 when the line is not JSON.
-# shellcheck disable=SC2016
 SUITE_CHECK='
 import json, sys
 name, res = sys.argv[1], sys.argv[2]
