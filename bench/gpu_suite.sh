@@ -23,11 +23,25 @@
 #    two checkpointed variants and the memory breakdown were added; not re-timed since).
 # Packages the device lacks (liger-kernel, omegaconf, webdataset, braceexpand) are installed from .whl/ when that
 # folder holds their wheels (see docs/performance.md, "On a GPU").
-# Each step has its own time limit; a step that fails does not stop the others. Everything printed goes
-# to OUT_DIR/suite.log; each benchmark's JSON line and the quantisation table go to OUT_DIR/results.jsonl.
+# Each step has its own time limit; a step that fails does not stop the others. A step fails when it exits
+# non-zero or runs past its limit, or when its benchmark's JSON reports a variant that failed inside it (the
+# benchmarks run each variant in a subprocess and exit 0 regardless): the log says "=== NAME: FAILED" and
+# which variants, the last line lists the failed steps and the script then exits 1 (bench/suite_step.sh).
+# Everything printed goes to OUT_DIR/suite.log; each benchmark's JSON line and the quantisation table go to
+# OUT_DIR/results.jsonl.
 # For a trial elsewhere: SKIP (a regex of step names to leave out), QUANT_ARGS (extra stage-3 overrides,
 # e.g. "train.device=cpu train.max_steps=3"), EVAL_ARGS (extra eval options, e.g. "--device cpu --limit 50"),
-# STEP_DEVICE and STEP_ARGS (bench/step.py's device and extra options).
+# STEP_DEVICE and STEP_ARGS (bench/step.py's device and extra options), and for step 6's length:
+# STEP_STEPS (timed steps of bench_step_paper, default 5), STEP_WARMUP (warm-up steps of every step.py run;
+# default 2 for bench_step_paper and profile_step_paper, 1 for bench_step_paper_memory), STEP_VARIANTS
+# (bench_step_paper's variants, default all seven; liger needs CUDA). Each variant runs once (step.py's
+# --repeats 1); the profile and the memory breakdown time one step. The dry run on a CPU that
+# tests/test_gpu_suite.py runs (paper widths, one layer per model, V=8,192, 768 tokens; 7 min on 2 cores
+# shared with other jobs):
+#   STEP_DEVICE=cpu STEP_ARGS="--layers-scale 0.03 --vision-layers 1 --vocab 8192 --batch 1 --tokens 768 \
+#     --response 32 --chunk-size 256" STEP_STEPS=1 STEP_WARMUP=1 \
+#     STEP_VARIANTS=mllm_kd,plain,mllm_kd_cached,mllm_kd_ckpt,plain_ckpt,mllm_kd_compiled \
+#     SKIP='tests|bench_kd|bench_teacher|bench_opt|profile_teacher' bash bench/gpu_suite.sh OUT_DIR
 set -u
 OUT=${1:?usage: bash bench/gpu_suite.sh OUT_DIR [DEMO_DIR]}
 DEMO=${2:-}
@@ -37,20 +51,10 @@ OUT=$(cd "$OUT" && pwd)
 exec > >(tee -a "$OUT/suite.log") 2>&1
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 RES="$OUT/results.jsonl"
-LAST=$(mktemp)
-
-step() {  # step NAME SECONDS CMD...: run with a limit, keep the JSON last line of a benchmark
-    local name=$1 limit=$2 t0=$SECONDS rc
-    shift 2
-    if [[ -n ${SKIP:-} && $name =~ $SKIP ]]; then echo "=== $name: skipped"; return; fi
-    echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s): $*"
-    timeout "$limit" "$@" 2>&1 | tee "$LAST"
-    rc=${PIPESTATUS[0]}
-    echo "=== $name: exit $rc after $((SECONDS - t0)) s"
-    if [[ $name == bench_* ]] && tail -n 1 "$LAST" | grep -q '^{'; then
-        tail -n 1 "$LAST" | "$PY" -c "import json,sys; d=json.load(sys.stdin); d['step']='$name'; print(json.dumps(d))" >>"$RES"
-    fi
-}
+# step NAME SECONDS CMD... and suite_summary: a step that exits non-zero, runs past its limit or whose benchmark
+# reports a variant that failed inside it is counted as failed; the rest of the suite still runs
+# shellcheck source=bench/suite_step.sh
+source "$(dirname "${BASH_SOURCE[0]}")/suite_step.sh"
 
 if compgen -G ".whl/*.whl" >/dev/null; then  # wheels carried to a machine without a package index
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
@@ -157,12 +161,13 @@ fi
 step bench_stage3_memory 420 "$PY" bench/stage3_memory.py --device cuda --vocab 151936 --student-hidden 896 \
     --teacher-hidden 2048
 # one whole stage-3 step at the paper's shapes: every variant (the compiled one last), then two profiles
-# (a trial on a CPU: STEP_DEVICE=cpu STEP_ARGS="--layers-scale 0.05 --batch 1 --tokens 1024 --response 200")
+# (a trial on a CPU: the dry-run command in the header)
 # shellcheck disable=SC2206
 STEP=(bench/step.py --preset paper --device "${STEP_DEVICE:-cuda}" ${STEP_ARGS:-})
-step bench_step_paper 560 "$PY" "${STEP[@]}" --steps 5 --warmup 2 \
-    --variants mllm_kd,plain,liger,mllm_kd_cached,mllm_kd_ckpt,plain_ckpt,mllm_kd_compiled
-step profile_step_paper 120 "$PY" "${STEP[@]}" --steps 1 --warmup 2 --variants mllm_kd,mllm_kd_cached --profile
-step bench_step_paper_memory 300 "$PY" "${STEP[@]}" --steps 1 --warmup 1 --variants mllm_kd,mllm_kd_ckpt,plain,plain_ckpt \
-    --memory-breakdown
-echo "=== done ($(date -u +%H:%M:%S))"
+step bench_step_paper 560 "$PY" "${STEP[@]}" --steps "${STEP_STEPS:-5}" --warmup "${STEP_WARMUP:-2}" \
+    --variants "${STEP_VARIANTS:-mllm_kd,plain,liger,mllm_kd_cached,mllm_kd_ckpt,plain_ckpt,mllm_kd_compiled}"
+step profile_step_paper 120 "$PY" "${STEP[@]}" --steps 1 --warmup "${STEP_WARMUP:-2}" --variants mllm_kd,mllm_kd_cached \
+    --profile
+step bench_step_paper_memory 300 "$PY" "${STEP[@]}" --steps 1 --warmup "${STEP_WARMUP:-1}" \
+    --variants mllm_kd,mllm_kd_ckpt,plain,plain_ckpt --memory-breakdown
+suite_summary

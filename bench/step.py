@@ -184,6 +184,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=None, help="tokens per sample (default: the preset's)")
     p.add_argument("--response", type=int, default=None, help="response tokens per sample")
     p.add_argument("--layers-scale", type=float, default=1.0, help="scale both LLMs' depth (quick trials)")
+    p.add_argument("--vision-layers", type=int, default=None, help="the vision tower's depth (quick trials)")
+    p.add_argument("--vocab", type=int, default=None, help="both LLMs' vocabulary size (quick trials)")
     p.add_argument("--steps", type=int, default=6, help="timed steps per variant (after --warmup)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument(
@@ -224,10 +226,12 @@ def _scaled(cfg: dict, scale: float) -> dict:
 
 def shapes(args) -> dict:
     preset = PRESETS[args.preset]
+    vocab = {"vocab_size": args.vocab} if args.vocab else {}
+    vision_layers = {"num_hidden_layers": args.vision_layers} if args.vision_layers else {}
     return {
-        "student": _scaled(preset["student"], args.layers_scale),
-        "teacher": _scaled(preset["teacher"], args.layers_scale),
-        "vision": preset["vision"],
+        "student": _scaled({**preset["student"], **vocab}, args.layers_scale),
+        "teacher": _scaled({**preset["teacher"], **vocab}, args.layers_scale),
+        "vision": {**preset["vision"], **vision_layers},
     }
 
 
