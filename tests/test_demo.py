@@ -362,7 +362,7 @@ def test_ablation_jobs_deal_seeds_and_keep_kd_before_its_dft_variants(tmp_path, 
     monkeypatch.setattr(ablate, "_demo_checkpoint", lambda run, name, overrides, seed: None)
     monkeypatch.setattr(ablate.os, "cpu_count", lambda: 4)
     names = ["no_rel", "kd", "dft_on_policy", "dft_seq_kd"]
-    with pytest.raises(ablate.MllmKdError, match="seed1-no_rel.log"):
+    with pytest.raises(ablate.MllmKdError, match=r"seed1-no_rel\.log"):
         ablate._train_in_parallel(tmp_path, names, 2, [], "scratch", (0, 1), True, 0.5)
     assert sorted(calls) == [
         (0, ("kd", "dft_on_policy", "dft_seq_kd"), "2"),
