@@ -185,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m mllm_kd.apps.easyvqa.ablate", description=__doc__.splitlines()[0])
     p.add_argument("--run-dir", default="runs/demo")
     p.add_argument("--only", nargs="*", choices=list(VARIANTS), help="run only these variants")
-    p.add_argument("--jobs", type=int, default=1, help="variants or seeds trained at a time (separate processes)")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="variants or seeds trained at a time (separate processes)"
+    )
     p.add_argument("--recipe", choices=sorted(RECIPES), default="pretrained", help="the demo's recipe")
     p.add_argument("--seed", type=int, default=0, help="the students' seed (the demo's seed<S> runs)")
     p.add_argument("--seeds", type=_seeds, default=None, help="several seeds, e.g. 0,1 (instead of --seed)")
