@@ -347,3 +347,26 @@ def test_data_aligned_share_counts_positions_predicting_a_shared_boundary(tmp_pa
     assert data_aligned_share([record], whole, chars)["aligned"] == 2  # the teacher's 'r' starts at 0 too
     # 'r', 'e', 'd', <|im_end|>, newline: 'e' and 'd' start inside the teacher's 'red'
     assert data_aligned_share([record], chars, whole) == {"response": 5, "aligned": 2, "share": 0.4}
+
+
+def test_ablation_jobs_deal_seeds_and_keep_kd_before_its_dft_variants(tmp_path, monkeypatch):
+    """--jobs shares its slots between seeds; kd and the DFT-only variants from its SFT are one unit."""
+    calls = []
+
+    def fake_run(cmd, env, stdout, stderr):
+        only = cmd[cmd.index("--only") + 1 : cmd.index("--recipe")]
+        calls.append((int(cmd[cmd.index("--seeds") + 1]), tuple(only), env["OMP_NUM_THREADS"]))
+        return type("Done", (), {"returncode": 1 if only == ["no_rel"] and calls[-1][0] == 1 else 0})()
+
+    monkeypatch.setattr(ablate.subprocess, "run", fake_run)
+    monkeypatch.setattr(ablate, "_demo_checkpoint", lambda run, name, overrides, seed: None)
+    monkeypatch.setattr(ablate.os, "cpu_count", lambda: 4)
+    names = ["no_rel", "kd", "dft_on_policy", "dft_seq_kd"]
+    with pytest.raises(ablate.MllmKdError, match=r"seed1-no_rel\.log"):
+        ablate._train_in_parallel(tmp_path, names, 2, [], "scratch", (0, 1), True, 0.5)
+    assert sorted(calls) == [
+        (0, ("kd", "dft_on_policy", "dft_seq_kd"), "2"),
+        (0, ("no_rel",), "2"),
+        (1, ("kd", "dft_on_policy", "dft_seq_kd"), "2"),
+        (1, ("no_rel",), "2"),
+    ]

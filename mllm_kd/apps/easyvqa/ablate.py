@@ -25,8 +25,8 @@ Finished variants are skipped; ``kd``, ``baseline`` and ``baseline_matched`` reu
 the same seed (``RUN/seed<S>/kd``, ...) when no ``key=value`` override is given, since they are the same runs
 (and the DFT-only variants start from that ``kd`` student's ``stage2``). ``--seeds 0,1`` runs every variant
 for each seed; the table gives the mean over seeds and each seed's accuracy. ``--jobs N``
-trains N variants at a time in separate processes, the CPU threads split between them (small models
-do not use two cores well, so two jobs on a 2-core machine take about half the time). Writes
+trains N variants or seeds at a time in separate processes, the CPU threads split between them (small
+models do not use two cores well, so two jobs on a 2-core machine take about half the time). Writes
 ``RUN/ablation/report.md`` and ``report.json``.
 """
 
@@ -37,6 +37,7 @@ import logging
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mllm_kd.apps.easyvqa.demo import NO_DISTILL, RECIPES, _seeds
@@ -138,35 +139,44 @@ def _train_in_parallel(
     jobs: int,
     overrides: list[str],
     recipe: str,
-    seed: int,
+    seeds: tuple[int, ...],
     quick: bool,
     on_policy_fraction: float,
 ) -> None:
-    """Train and answer ``names`` in ``jobs`` child processes (round-robin), threads split evenly."""
+    """Train and answer ``names`` for every seed in ``jobs`` child processes at a time, threads split evenly.
+
+    The work is dealt as units of (seed, variants): each variant on its own, except that ``kd`` and the
+    DFT-only variants that start from its SFT result form one unit (``kd`` is trained once, first). Units
+    of every seed share the ``jobs`` slots, so ``--seeds 0,1 --only kd dft_on_policy --jobs 2`` trains
+    the two seeds side by side."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     logs = run / "ablation" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    # The variants the demo already trained cost nothing: deal out only the others.
-    todo = [n for n in names if not _demo_checkpoint(run, n, overrides, seed)]
-    independent = [n for n in todo if n not in FROM_KD_SFT]
-    groups = [independent[k::jobs] for k in range(jobs)]
-    # the DFT-only variants go with the job that trains kd (or all in one job): kd is trained once
-    holder = next((g for g in groups if "kd" in g), groups[0])
-    holder += [n for n in todo if n in FROM_KD_SFT]
-    procs = []
-    for k, group in enumerate(groups):
-        if not group:
-            continue
+    units: list[tuple[int, list[str]]] = []
+    for seed in seeds:
+        # The variants the demo already trained cost nothing: deal out only the others.
+        todo = [n for n in names if not _demo_checkpoint(run, n, overrides, seed)]
+        after_kd = [n for n in todo if n in FROM_KD_SFT]
+        alone = [n for n in todo if n not in FROM_KD_SFT and not (after_kd and n == "kd")]
+        units += [(seed, [n]) for n in alone]
+        if after_kd:
+            units.append((seed, ["kd", *after_kd] if "kd" in todo else after_kd))
+
+    def train(unit: tuple[int, list[str]]) -> Path | None:
+        seed, group = unit
         cmd = [sys.executable, "-m", "mllm_kd.apps.easyvqa.ablate", "--run-dir", str(run), "--only", *group]
         cmd += ["--recipe", recipe, "--seeds", str(seed), "--on-policy-fraction", str(on_policy_fraction)]
         cmd += ["--quick"] if quick else []
         cmd += overrides
-        log_path = logs / f"job{k}.log"
-        log.info("job %d (%d threads): %s -> %s", k, threads, " ".join(group), log_path)
+        log_path = logs / f"seed{seed}-{group[0]}.log"
+        log.info("seed %d (%d threads): %s -> %s", seed, threads, " ".join(group), log_path)
         with log_path.open("w") as out:
-            procs.append((subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT), log_path))
-    failed = [str(path) for proc, path in procs if proc.wait() != 0]
+            code = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+        return log_path if code != 0 else None
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # a thread per slot, each waiting on one child
+        failed = [str(path) for path in pool.map(train, units) if path is not None]
     if failed:
         raise MllmKdError(f"ablation jobs failed; see {', '.join(failed)}")
 
@@ -175,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m mllm_kd.apps.easyvqa.ablate", description=__doc__.splitlines()[0])
     p.add_argument("--run-dir", default="runs/demo")
     p.add_argument("--only", nargs="*", choices=list(VARIANTS), help="run only these variants")
-    p.add_argument("--jobs", type=int, default=1, help="variants trained at a time (separate processes)")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="variants or seeds trained at a time (separate processes)"
+    )
     p.add_argument("--recipe", choices=sorted(RECIPES), default="pretrained", help="the demo's recipe")
     p.add_argument("--seed", type=int, default=0, help="the students' seed (the demo's seed<S> runs)")
     p.add_argument("--seeds", type=_seeds, default=None, help="several seeds, e.g. 0,1 (instead of --seed)")
@@ -201,18 +213,18 @@ def main(argv: list[str] | None = None) -> int:
             raise MllmKdError(
                 f"no teacher in {run}/teacher: run `python -m mllm_kd.apps.easyvqa.demo --run-dir {run}` first"
             )
+        if args.jobs > 1:
+            _train_in_parallel(
+                run,
+                names,
+                args.jobs,
+                args.overrides,
+                args.recipe,
+                seeds,
+                args.quick,
+                args.on_policy_fraction,
+            )
         for seed in seeds:
-            if args.jobs > 1:
-                _train_in_parallel(
-                    run,
-                    names,
-                    args.jobs,
-                    args.overrides,
-                    args.recipe,
-                    seed,
-                    args.quick,
-                    args.on_policy_fraction,
-                )
             for name in names:  # finished variants and answer files are reused: this only collects
                 ckpt = train_variant(
                     run, name, args.overrides, args.recipe, seed, args.quick, args.on_policy_fraction
