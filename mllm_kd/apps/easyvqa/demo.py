@@ -60,6 +60,7 @@ class Recipe:
     prepare: dict  # prepare_easyvqa keyword arguments (quick runs shrink them)
     pretrained_weights: bool  # needs RUN/models (SmolLM2 + MobileNetV2)
     quick: tuple[str, ...]  # overrides of the tests' tiny variant
+    teacher_seed: int = 0  # train.seed of the teachers' stages (``--teacher-seed`` overrides it)
 
 
 QUICK_SCRATCH = (
@@ -99,6 +100,8 @@ RECIPES = {
         {"val_images": 200, "test_sample": 3000, "shuffle": True},
         True,
         QUICK_PRETRAINED,
+        # chosen on the validation split: seeds 0 and 1 differ by 49 points of colour (docs/demo.md)
+        teacher_seed=1,
     ),
     "scratch": Recipe(config_path("easyvqa_scratch.yaml"), {}, False, QUICK_SCRATCH),
 }
@@ -263,6 +266,7 @@ def run_demo(
         with phases(f"weights {other.name}"):
             other.prepare(run, quick)
     overrides = [*(spec.quick if quick else ()), *(["train.progress=false"] if quick else []), *overrides]
+    teacher_overrides = [f"train.seed={spec.teacher_seed}", *(teacher_overrides or [])]
     models: dict[str, dict] = {}  # "<role>" or "<role>/seed<s>" -> result
     with phases("teacher"):
         ckpt, seconds, stages = train_role(
@@ -384,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", default="runs/demo")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="pretrained")
     p.add_argument("--seeds", type=_seeds, default=(0, 1), help="the students' seeds (train.seed), e.g. 0,1")
-    p.add_argument("--teacher-seed", type=int, default=0, help="seed of the teacher's stages")
+    p.add_argument("--teacher-seed", type=int, help="seed of the teacher's stages (default: the recipe's)")
     p.add_argument(
         "--split",
         choices=("test", "val"),
@@ -443,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
             redo=args.redo,
             quick=args.quick,
             teacher_dir=args.teacher_dir,
-            teacher_overrides=[f"train.seed={args.teacher_seed}"],
+            teacher_overrides=[] if args.teacher_seed is None else [f"train.seed={args.teacher_seed}"],
             teacher_llm=args.teacher_llm,
         )
     except MllmKdError as e:
