@@ -305,22 +305,6 @@ def test_lean_activations_must_be_a_bool():
         TrainConfig(lean_activations=1)
 
 
-@pytest.mark.slow  # compiling forward and backward: tens of seconds on 2 shared cores
-def test_lean_composes_with_compile():
-    """Lean ops, then torch.compile of each layer (the trainer's order): the same step."""
-    from mllm_kd.model.llm import compile_decoder_layers
-
-    student = _tiny_student(layers=2).train()
-    teacher = _tiny_student(tie=False, layers=1).eval().requires_grad_(False)
-    torch._dynamo.reset()
-
-    def both(s):
-        lean_decoder_ops(s.llm)
-        return compile_decoder_layers(s.llm)
-
-    _assert_same_step(student, teacher, _batch(student.num_visual_tokens), both)
-
-
 def test_stage_with_lean_activations_trains_like_without(smoke_teacher, tmp_path, monkeypatch):
     """Stage 1 with its LLM trained: the default (train.lean_activations=true) gives every step's loss and
     the final weights of the run with transformers' own forwards (false)."""

@@ -219,16 +219,20 @@ def test_gradient_checkpointing_composes_with_lora():
 
 
 @pytest.mark.slow  # compiling forward and backward: about 40 s on 2 shared cores
-def test_gradient_checkpointing_composes_with_compile():
-    """Checkpointing first, then torch.compile of each layer (the trainer's order): the same step."""
+@pytest.mark.parametrize("transform", ["checkpointing", "lean_activations"])
+def test_layer_transforms_compose_with_compile(transform):
+    """Checkpointing or the lean RMSNorm / MLP first, then torch.compile of each layer (the trainer's
+    order): the same step."""
+    from mllm_kd.model.lean import lean_decoder_ops
     from mllm_kd.model.llm import compile_decoder_layers
 
+    first = {"checkpointing": checkpoint_decoder_layers, "lean_activations": lean_decoder_ops}[transform]
     student = _tiny_student(layers=2).train()
     teacher = _tiny_student(tie=False, layers=1).eval().requires_grad_(False)
     torch._dynamo.reset()
 
     def both(s):
-        checkpoint_decoder_layers(s.llm)
+        first(s.llm)
         return compile_decoder_layers(s.llm)
 
     _assert_same_step(student, teacher, _batch(student.num_visual_tokens), both)
