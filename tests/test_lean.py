@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from test_memory import _assert_same_step, _batch, _tiny_student
+from test_memory import _assert_same_step, _batch, _tiny_student, stage1_llm_overrides
 from test_memory import _loss_and_grads as _step_loss_and_grads
 from torch import nn
 
@@ -315,15 +315,7 @@ def test_stage_with_lean_activations_trains_like_without(smoke_teacher, tmp_path
     from mllm_kd.cli import stage_config
     from mllm_kd.stages import STAGES
 
-    common = [
-        f"data_dir={smoke_teacher}/data",
-        f"teacher.checkpoint={smoke_teacher}/teacher_sft",
-        f"model.vision.checkpoint={smoke_teacher}/teacher_sft",
-        f"model.tokenizer={smoke_teacher}/data/tokenizer",
-        "trainable.llm=full",
-        "train.batch_size=2",
-        "train.max_steps=3",
-    ]
+    common = [*stage1_llm_overrides(smoke_teacher), "train.max_steps=3"]
     swapped = []
     monkeypatch.setattr(trainer, "lean_decoder_ops", lambda llm: swapped.append(lean_decoder_ops(llm)) or 0)
     runs = {}

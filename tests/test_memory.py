@@ -238,6 +238,18 @@ def test_layer_transforms_compose_with_compile(transform):
     _assert_same_step(student, teacher, _batch(student.num_visual_tokens), both)
 
 
+def stage1_llm_overrides(smoke_teacher) -> list[str]:
+    """Stage 1 of the smoke config on the session's smoke teacher, with the student's LLM trained."""
+    return [
+        f"data_dir={smoke_teacher}/data",
+        f"teacher.checkpoint={smoke_teacher}/teacher_sft",
+        f"model.vision.checkpoint={smoke_teacher}/teacher_sft",
+        f"model.tokenizer={smoke_teacher}/data/tokenizer",
+        "trainable.llm=full",
+        "train.batch_size=2",
+    ]
+
+
 def test_stage_with_gradient_checkpointing_trains_and_resumes_like_without(
     smoke_teacher, tmp_path, monkeypatch
 ):
@@ -248,16 +260,7 @@ def test_stage_with_gradient_checkpointing_trains_and_resumes_like_without(
     from mllm_kd.cli import stage_config
     from mllm_kd.stages import STAGES
 
-    common = [
-        f"data_dir={smoke_teacher}/data",
-        f"teacher.checkpoint={smoke_teacher}/teacher_sft",
-        f"model.vision.checkpoint={smoke_teacher}/teacher_sft",
-        f"model.tokenizer={smoke_teacher}/data/tokenizer",
-        "trainable.llm=full",
-        "train.batch_size=2",
-        "train.max_steps=4",
-        "train.save_every=2",
-    ]
+    common = [*stage1_llm_overrides(smoke_teacher), "train.max_steps=4", "train.save_every=2"]
 
     def cfg(run, *more):
         return stage_config(SMOKE, "stage1", [f"run_dir={run}", *common, *more])
