@@ -68,7 +68,8 @@ def validate_record(rec: Any, where: str) -> None:
         if (
             not isinstance(turn, dict)
             or not isinstance(turn.get("value"), str)
-            or turn.get("from") not in ROLES
+            or not isinstance(turn.get("from"), str)  # a list or dict role is malformed, not a TypeError
+            or turn["from"] not in ROLES
         ):
             raise DataError(
                 f"{where}: sample {sid!r} turn {i} is malformed: expected {{'from': 'human'|'gpt', 'value': str}}, got {turn!r:.120}"
