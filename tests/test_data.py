@@ -347,7 +347,11 @@ def test_preflight_missing_and_invalid_file(tmp_path):
     [
         ([{"value": "<image> hi"}, {"from": "gpt", "value": "a"}], "ok.png", "turn 0 is malformed"),
         ([{"from": "human", "value": 3}, {"from": "gpt", "value": "a"}], None, "turn 0 is malformed"),
-        ([{"from": [], "value": "<image> hi"}, {"from": "gpt", "value": "a"}], "ok.png", "turn 0 is malformed"),
+        (
+            [{"from": [], "value": "<image> hi"}, {"from": "gpt", "value": "a"}],
+            "ok.png",
+            "turn 0 is malformed",
+        ),
         (
             [{"from": "gpt", "value": "a"}, {"from": "human", "value": "<image> hi"}],
             "ok.png",
