@@ -78,10 +78,10 @@ def llava665k_like(n: int, seed: int) -> tuple[list[int], list[bool]]:
 
 
 def easyvqa_lengths(data: Path, tokenizer: Path) -> tuple[list[int], list[bool]]:
-    from mllm_kd.config import load_recipe, resolve_stage_config
     from mllm_kd.data.encoding import ConversationEncoder
     from mllm_kd.data.records import load_llava_json, record_images
     from mllm_kd.model.tokenization import image_token_id, load_tokenizer
+    from mllm_kd.recipe import load_recipe, resolve_stage_config
     from mllm_kd.stages import stage3
 
     recipe = load_recipe(ROOT / "configs" / "easyvqa.yaml")

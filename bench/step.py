@@ -360,7 +360,7 @@ def make_batches(
 
 
 def stage3_config(args, work: Path):
-    from mllm_kd.config import resolve_stage_config
+    from mllm_kd.recipe import resolve_stage_config
     from mllm_kd.stages import stage3
 
     sh = shapes(args)

@@ -241,7 +241,7 @@ def stage_overrides(args, fx: dict, out_dir: str, steps: int, extra: list[str] =
 
 
 def stage3_config(args, fx: dict, out_dir: str, steps: int, extra: list[str] = ()):
-    from mllm_kd.config import resolve_stage_config
+    from mllm_kd.recipe import resolve_stage_config
     from mllm_kd.stages import STAGES
 
     return resolve_stage_config(

@@ -7,8 +7,9 @@ import logging
 import sys
 from pathlib import Path
 
-from mllm_kd.config import StageConfig, check_combinations, load_recipe, resolve_stage_config
+from mllm_kd.config import StageConfig
 from mllm_kd.errors import ArgumentParser, ConfigError, MllmKdError, exit_code
+from mllm_kd.recipe import check_combinations, load_recipe, resolve_stage_config
 from mllm_kd.runtime.preemption import PREEMPTED_EXIT, Preempted
 from mllm_kd.stages import STAGES
 

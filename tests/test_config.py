@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 
 from mllm_kd.cli import stage_config
-from mllm_kd.config import STAGE_NAMES, resolve_stage_config
+from mllm_kd.config import STAGE_NAMES
 from mllm_kd.errors import ConfigError
+from mllm_kd.recipe import resolve_stage_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))

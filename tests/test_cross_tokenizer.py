@@ -15,7 +15,6 @@ from conftest import TINY_CLIP
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mllm_kd.config import resolve_stage_config
 from mllm_kd.data.cross_tokens import align_positions, answer_keys, shared_vocabulary
 from mllm_kd.data.encoding import ConversationEncoder
 from mllm_kd.errors import CompatibilityError, ConfigError
@@ -27,6 +26,7 @@ from mllm_kd.losses.reference import (
     response_mask,
 )
 from mllm_kd.model.tokenization import image_token_id, load_tokenizer, train_bpe_tokenizer
+from mllm_kd.recipe import resolve_stage_config
 
 
 # ------------------------------------------------------------------------------------------ alignment

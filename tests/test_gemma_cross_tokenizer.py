@@ -17,8 +17,8 @@ import math
 import pytest
 from conftest import TINY_CLIP
 
-from mllm_kd.config import resolve_stage_config
 from mllm_kd.data_prep.weights import SMOLLM2_GGUF, gemma3_270m_gguf, smollm2_dir
+from mllm_kd.recipe import resolve_stage_config
 
 pytestmark = [
     pytest.mark.slow,

@@ -11,8 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mllm_kd.cli import main, stage_config
-from mllm_kd.config import StageConfig, resolve_stage_config
+from mllm_kd.config import StageConfig
 from mllm_kd.errors import ConfigError
+from mllm_kd.recipe import resolve_stage_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"

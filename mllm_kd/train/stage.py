@@ -16,7 +16,7 @@ import torch
 from mllm_kd.checkpoint.hf_llava import is_hf_llava_dir
 from mllm_kd.checkpoint.integrity import verify_checkpoint
 from mllm_kd.checkpoint.native import build_from_config, load_checkpoint_model, resolve_checkpoint
-from mllm_kd.config import ModelConfig, StageConfig, check_combinations
+from mllm_kd.config import ModelConfig, StageConfig
 from mllm_kd.data.cross_tokens import with_teacher_encoding
 from mllm_kd.data.datasets import build_train_data
 from mllm_kd.data.encoding import ImageProcessor
@@ -25,6 +25,7 @@ from mllm_kd.errors import CheckpointError, ConfigError
 from mllm_kd.lora import attach as attach_lora
 from mllm_kd.model.multimodal import MultimodalLM, apply_trainable, count_parameters
 from mllm_kd.model.tokenization import load_tokenizer
+from mllm_kd.recipe import check_combinations
 from mllm_kd.runtime.device import seed_everything
 from mllm_kd.runtime.distributed import barrier, init_distributed
 from mllm_kd.runtime.plan import RunPlan, plan_run
