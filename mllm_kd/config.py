@@ -123,6 +123,9 @@ class ProjectorConfig:
     """Maps vision features to the LLM's embedding space."""
 
     type: str = "mlp2x_gelu"  # "linear" or "mlp{N}x_gelu" (N linear layers with GELU between)
+    checkpoint: str | None = (
+        None  # start from the projector weights of this mllm_kd checkpoint (e.g. the teacher's; same shapes)
+    )
 
     def __post_init__(self) -> None:
         m = re.fullmatch(r"mlp(\d+)x_gelu", self.type)

@@ -35,6 +35,12 @@ def check_combinations(cfg: StageConfig, distills: bool) -> None:
         raise ConfigError(
             f"{cfg.stage}: trainable.vision, trainable.projector and trainable.llm are all frozen: nothing would train"
         )
+    if cfg.init_from and cfg.model.projector.checkpoint:
+        raise ConfigError(
+            f"{cfg.stage}: model.projector.checkpoint initialises a freshly built model, but init_from="
+            f"{cfg.init_from} loads a whole one; set it for a stage without init_from (stages.<name>.model...) "
+            "or set init_from=null"
+        )
     if cfg.lora.quantize and tr.llm != "lora":
         raise ConfigError(f"lora.quantize={cfg.lora.quantize} needs trainable.llm=lora, got {tr.llm!r}")
     if t.strategy == "fsdp2":

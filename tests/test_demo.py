@@ -3,10 +3,11 @@
 import json
 
 import pytest
+from omegaconf import OmegaConf
 
 from mllm_kd.apps.easyvqa import ablate
-from mllm_kd.apps.easyvqa.demo import ROLES, STUDENTS, main
-from mllm_kd.apps.easyvqa.report import yes_no_prior
+from mllm_kd.apps.easyvqa.demo import STUDENTS, main
+from mllm_kd.apps.easyvqa.report import STUDENT_ROLES, yes_no_prior
 from mllm_kd.apps.easyvqa.teachers import QUICK_VOCAB
 from mllm_kd.eval.normalize import simple_normalize
 
@@ -38,7 +39,8 @@ def test_scratch_demo_reports_every_role(scratch):
     _, code, report = scratch
     assert code == 0
     assert report["recipe"] == "scratch" and report["seeds"] == [0]
-    for role in ROLES:
+    assert not any(role in report for role in ("student_kd_tproj", "student_matched_tproj"))  # widths differ
+    for role in ("teacher", *STUDENT_ROLES):
         r = report[role]
         assert set(r["by_type"]) == {"shape", "color", "yes/no"}
         assert set(r["yes_no_prior"]) >= {"accuracy", "agreement"}
@@ -51,7 +53,7 @@ def test_scratch_demo_scores_are_the_answer_files_scored(scratch):
     those answers."""
     run, _, report = scratch
     truth = json.loads((run / "data/test_answers.json").read_text())
-    for role in ROLES:
+    for role in ("teacher", *STUDENT_ROLES):
         r = report[role]
         assert r["n"] == 120 and r["missing"] == 0
         key = role if role == "teacher" else f"{role}-seed0"
@@ -79,7 +81,7 @@ def test_compute_matched_student_trains_as_many_steps_as_sft_plus_dft(scratch):
 def test_scratch_demo_writes_the_report_and_plots(scratch):
     run, _, _ = scratch
     md = (run / "report.md").read_text()
-    assert all(f"| {role} |" in md for role in ROLES)
+    assert all(f"| {role} |" in md for role in ("teacher", *STUDENT_ROLES))
     for png in ("loss_curves.png", "accuracy.png"):
         assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (run / png).stat().st_size > 1000
@@ -96,7 +98,7 @@ def test_scratch_demo_times_each_phase(scratch):
     _, _, report = scratch
     phases = report["phases"]
     assert list(phases)[:2] == ["data", "teacher"]
-    assert {f"{role}, seed 0" for role in STUDENTS} <= set(phases)
+    assert {f"{role}, seed 0" for role in STUDENT_ROLES} <= set(phases)
     assert {f"evaluate {role}" for role in ("teacher",)} <= set(phases)
     assert all(v >= 0 for v in phases.values())
     assert phases["teacher"] > 0
@@ -155,6 +157,28 @@ def test_pretrained_demo_averages_two_seeds_on_the_validation_split(pretrained):
     assert g["kd_minus_matched"] == pytest.approx(
         100 * (report["student_kd"]["accuracy"] - report["student_matched"]["accuracy"]), abs=0.01
     )
+
+
+def test_tproj_students_start_from_the_teachers_projector(pretrained):
+    """No stage 1: the first stage builds the student with the teacher's projector, and the compute-matched
+    one trains stage2 for as many steps as the kd one's stage2 + stage3."""
+    run, _, report = pretrained
+    teacher = run / "teacher/teacher_sft"
+    for sub, first in (("kd_tproj", "stage2"), ("matched_tproj", "stage2")):
+        assert not (run / "seed0" / sub / "stage1").exists()
+        cfg = OmegaConf.load(run / "seed0" / sub / first / "final/config.yaml")
+        assert cfg.init_from is None and cfg.model.projector.checkpoint == str(teacher)
+        model = OmegaConf.load(run / "seed0" / sub / first / "final/model.yaml")
+        assert model.projector.checkpoint is None  # the checkpoint stands alone
+    kd = sum(_state(run, f"seed1/kd_tproj/{stage}")["step"] for stage in ("stage2", "stage3"))
+    assert _state(run, "seed1/matched_tproj/stage2")["step"] == kd == 10
+    assert report["student_kd_tproj"]["stages"][0] == "projector of teacher/teacher_sft"
+    g, acc = report["gaps"], {r: 100 * report[r]["accuracy"] for r in STUDENTS}
+    assert g["kd_tproj_minus_matched"] == pytest.approx(acc["student_kd_tproj"] - acc["student_matched"], abs=0.01)
+    assert g["kd_tproj_minus_matched_tproj"] == pytest.approx(
+        acc["student_kd_tproj"] - acc["student_matched_tproj"], abs=0.01
+    )
+    assert "| student_kd_tproj |" in (run / "report.md").read_text()
 
 
 def test_pretrained_demo_models_have_the_recipe_shape(pretrained):

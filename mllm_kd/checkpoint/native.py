@@ -33,7 +33,13 @@ from safetensors.torch import load_model, save_file, save_model
 from mllm_kd.atomic import atomic_dir
 from mllm_kd.checkpoint.hf_llava import is_hf_llava_dir, load_hf_llava
 from mllm_kd.checkpoint.integrity import MANIFEST, verify_checkpoint, write_manifest
-from mllm_kd.config import ModelConfig, StageConfig, config_to_yaml, model_config_from_dict
+from mllm_kd.config import (
+    ModelConfig,
+    ProjectorConfig,
+    StageConfig,
+    config_to_yaml,
+    model_config_from_dict,
+)
 from mllm_kd.errors import CheckpointError, ConfigError
 from mllm_kd.model.multimodal import MultimodalLM, build_model
 from mllm_kd.model.tokenization import image_token_id, load_tokenizer
@@ -59,6 +65,7 @@ def describe_model(model: MultimodalLM, cfg: ModelConfig) -> dict:
     else:
         vision.update(backend="open_clip", config=model.vision.arch_config)
     vision.update(path=None, checkpoint=None, open_clip_model=None, weights=None)
+    d["projector"]["checkpoint"] = None  # the weights are in this checkpoint now
     d["llm"].update(path=None, gguf_file=None, keep_layers=None, config=model.llm.config.to_dict())
     d["tokenizer"] = None
     return _jsonable(d)
@@ -197,34 +204,63 @@ def _is_tied(model: MultimodalLM, key: str) -> bool:
     return key.endswith("lm_head.weight") and bool(getattr(model.llm.config, "tie_word_embeddings", False))
 
 
-def vision_from_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The vision config (dict) and vision weights of another checkpoint (e.g. the teacher's).
+def part_from_checkpoint(path: str | Path, part: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The config (dict) and weights of one part (``vision`` or ``projector``) of another checkpoint, e.g.
+    the teacher's: what ``model.<part>.checkpoint`` names.
 
-    ``path`` may also be a Hugging Face LLaVA directory (its ``vision_tower``).
+    ``path`` may also be a Hugging Face LLaVA directory (its ``vision_tower`` / ``multi_modal_projector``).
     """
+    key = f"model.{part}.checkpoint"
     if is_hf_llava_dir(path):
-        model, _, model_cfg = load_hf_llava(path, what="model.vision.checkpoint")
-        return _jsonable(asdict(model_cfg.vision)), model.vision.state_dict()
-    ckpt = resolve_checkpoint(path, "model.vision.checkpoint", verify=True)
-    vision_cfg = OmegaConf.to_container(OmegaConf.load(ckpt / "model.yaml"))["vision"]
+        model, _, model_cfg = load_hf_llava(path, what=key)
+        return _jsonable(asdict(getattr(model_cfg, part))), getattr(model, part).state_dict()
+    ckpt = resolve_checkpoint(path, key, verify=True)
+    part_cfg = OmegaConf.to_container(OmegaConf.load(ckpt / "model.yaml"))[part]
+    prefix = f"{part}."
     with safe_open(str(ckpt / WEIGHTS), framework="pt") as f:
-        weights = {k[len("vision.") :]: f.get_tensor(k) for k in f.keys() if k.startswith("vision.")}  # noqa: SIM118 (safe_open is not a dict)
-    return vision_cfg, weights
+        weights = {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}  # noqa: SIM118 (safe_open is not a dict)
+    return part_cfg, weights
 
 
 def build_from_config(cfg: ModelConfig, tokenizer, device: str | torch.device = "cpu") -> MultimodalLM:
-    """Build a fresh model from a config, resolving ``vision.checkpoint`` (reuse another model's tower)."""
+    """Build a fresh model from a config, resolving ``vision.checkpoint`` (reuse another model's tower) and
+    ``projector.checkpoint`` (start from another model's projector, e.g. the teacher's)."""
+    vision_weights = None
     if cfg.vision.checkpoint:
-        vision_cfg, weights = vision_from_checkpoint(cfg.vision.checkpoint)
+        vision_cfg, vision_weights = part_from_checkpoint(cfg.vision.checkpoint, "vision")
         inherited = model_config_from_dict({"vision": vision_cfg}).vision
         cfg = ModelConfig(vision=inherited, projector=cfg.projector, llm=cfg.llm, tokenizer=cfg.tokenizer)
-        model = build_model(cfg, image_token_id(tokenizer), len(tokenizer), device=device)
-        model.vision.load_state_dict(weights)
-        return model
-    if not (
+    elif not (
         cfg.vision.path or cfg.vision.config or cfg.vision.open_clip_model or cfg.vision.torchvision_model
     ):
         raise ConfigError(
             "model.vision needs one of path / config / open_clip_model / torchvision_model / checkpoint"
         )
-    return build_model(cfg, image_token_id(tokenizer), len(tokenizer), device=device)
+    model = build_model(cfg, image_token_id(tokenizer), len(tokenizer), device=device)
+    if vision_weights is not None:
+        model.vision.load_state_dict(vision_weights)
+    if cfg.projector.checkpoint:
+        _load_projector(model.projector, cfg.projector)
+    return model
+
+
+def _load_projector(projector: torch.nn.Module, cfg: ProjectorConfig) -> None:
+    """Copy ``cfg.checkpoint``'s projector weights into ``projector`` (ConfigError unless type and shapes match)."""
+    source_cfg, weights = part_from_checkpoint(cfg.checkpoint, "projector")
+    where = f"model.projector.checkpoint={cfg.checkpoint}"
+    if source_cfg.get("type") != cfg.type:
+        raise ConfigError(
+            f"{where} holds a {source_cfg.get('type')!r} projector, this model's is {cfg.type!r}"
+        )
+    own = projector.state_dict()
+    wrong = [
+        f"{k}: {tuple(weights[k].shape) if k in weights else 'missing'} there, {tuple(v.shape)} here"
+        for k, v in own.items()
+        if k not in weights or weights[k].shape != v.shape
+    ]
+    if wrong:
+        raise ConfigError(
+            f"{where}: its projector does not fit this model (vision width and LLM width must match): "
+            + "; ".join(wrong[:3])
+        )
+    projector.load_state_dict(weights)

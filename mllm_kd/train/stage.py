@@ -75,8 +75,9 @@ def check_inputs(cfg: StageConfig, model_cfg: ModelConfig, plan: RunPlan) -> lis
     if cfg.init_from:
         _check_checkpoint(cfg.init_from, f"{cfg.stage}: the previous stage's directory (init_from)")
     else:
-        if model_cfg.vision.checkpoint:
-            _check_checkpoint(model_cfg.vision.checkpoint, "model.vision.checkpoint")
+        for part in ("vision", "projector"):
+            if getattr(model_cfg, part).checkpoint:
+                _check_checkpoint(getattr(model_cfg, part).checkpoint, f"model.{part}.checkpoint")
         tok = model_cfg.tokenizer or model_cfg.llm.path
         if tok and not Path(tok).exists():
             key = "model.tokenizer" if model_cfg.tokenizer else "model.llm.path"

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from mllm_kd.apps.easyvqa.report import (
     STUDENT_ROLES,
+    TPROJ_ROLES,
     gaps,
     other_roles,
     summarise,
@@ -61,6 +62,8 @@ class Recipe:
     pretrained_weights: bool  # needs RUN/models (SmolLM2 + MobileNetV2)
     quick: tuple[str, ...]  # overrides of the tests' tiny variant
     teacher_seed: int = 0  # train.seed of the teachers' stages (``--teacher-seed`` overrides it)
+    # the students that start from the teacher's projector (TPROJ_ROLES) too: where its shapes fit the student's
+    teacher_projector: bool = False
 
 
 QUICK_SCRATCH = (
@@ -102,6 +105,7 @@ RECIPES = {
         QUICK_PRETRAINED,
         # chosen on the validation split: seeds 0 and 1 differ by 49 points of colour (docs/demo.md)
         teacher_seed=1,
+        teacher_projector=True,  # same frozen tower, same LLM width
     ),
     "scratch": Recipe(config_path("easyvqa_scratch.yaml"), {}, False, QUICK_SCRATCH),
 }
@@ -114,16 +118,31 @@ class Role:
     stages: tuple[str, ...]
     overrides: tuple[str, ...]
     pt_from: str | None = None  # reuse this role's stage1 (same config and seed) instead of training one
+    matched: bool = False  # stage2 for as many optimizer steps as stage2 + stage3: compute-matched
+    # no stage 1: the first stage builds the student with the teacher's trained projector (model.projector.checkpoint)
+    teacher_projector: bool = False
 
 
 ROLES = {
     "teacher": Role("teacher", ("teacher_pt", "teacher_sft"), ()),
     "student_baseline": Role("baseline", ("stage1", "stage2"), tuple(NO_DISTILL)),
-    "student_matched": Role("matched", ("stage2",), tuple(NO_DISTILL), pt_from="student_baseline"),
+    "student_matched": Role(
+        "matched", ("stage2",), tuple(NO_DISTILL), pt_from="student_baseline", matched=True
+    ),
     "student_kd": Role("kd", ("stage1", "stage2", "stage3"), ()),
+    "student_matched_tproj": Role(
+        "matched_tproj", ("stage2",), tuple(NO_DISTILL), matched=True, teacher_projector=True
+    ),
+    "student_kd_tproj": Role("kd_tproj", ("stage2", "stage3"), (), teacher_projector=True),
 }
-STUDENTS = list(STUDENT_ROLES)
+STUDENTS = [*STUDENT_ROLES, *TPROJ_ROLES]
 assert set(ROLES) == {"teacher", *STUDENTS}
+
+
+def recipe_students(recipe: Recipe) -> list[str]:
+    """The student roles a recipe trains: the comparison fixed in advance, and where the teacher's projector
+    fits the student, the two that start from it."""
+    return [*STUDENT_ROLES, *(TPROJ_ROLES if recipe.teacher_projector else ())]
 
 
 def prepare_weights(models: Path) -> None:
@@ -184,8 +203,15 @@ def train_role(
     if spec.pt_from is not None:
         pt = run / f"seed{seed}" / ROLES[spec.pt_from].sub / "stage1" / "final"
         seconds += json.loads((pt / "trainer_state.json").read_text())["elapsed"]
-        common += [f"stages.stage2.init_from={pt}", *matched_overrides(recipe, common)]
+        common.append(f"stages.stage2.init_from={pt}")
         stages = [f"stage1 (of {ROLES[spec.pt_from].sub})", *stages]
+    if spec.teacher_projector:  # the first stage builds the student, with the teacher's projector
+        first = spec.stages[0]
+        projector = teacher_dir / "teacher_sft"
+        common += [f"stages.{first}.init_from=null", f"stages.{first}.model.projector.checkpoint={projector}"]
+        stages = [f"projector of {projector.parent.name}/{projector.name}", *stages]
+    if spec.matched:
+        common += matched_overrides(recipe, common)
     if redo:
         common.append("overwrite=true")
     ckpt = None
@@ -289,8 +315,9 @@ def run_demo(
             "train_seconds": round(seconds, 1),
             "stages": stages,
         }
+    students = recipe_students(spec)
     for seed in seeds:
-        for role in STUDENTS:
+        for role in students:
             seeded = [*overrides, f"train.seed={seed}"]
             with phases(f"{role}, seed {seed}"):
                 ckpt, seconds, stages = train_role(run, spec, role, seeded, redo, teacher_dir, seed)
@@ -319,7 +346,7 @@ def run_demo(
         result["accuracy"] = result["accuracy"] / 100.0
         log.info("%s: accuracy %.4f %s", key, result["accuracy"], result["by_type"])
     results: dict = {"teacher": models["teacher"]}
-    for role in STUDENTS:
+    for role in students:
         results[role] = summarise({s: models[f"{role}/seed{s}"] for s in seeds})
     if other is not None:
         results[other.teacher_role] = models[other.teacher_role]
@@ -362,6 +389,8 @@ def _loss_curves(run: Path, results: dict) -> dict[str, list[dict]]:
     curves = {}
     seed = results["seeds"][0]
     for role, spec in ROLES.items():
+        if role != "teacher" and role not in results:
+            continue
         base = run / "teacher" if role == "teacher" else run / f"seed{seed}" / spec.sub
         for stage in spec.stages:
             path = base / stage / "metrics.jsonl"
@@ -453,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     except MllmKdError as e:
         return exit_code(e)
     print((run / "report.md").read_text())
-    roles = [*ROLES, *other_roles(results)]
+    roles = ["teacher", *recipe_students(RECIPES[args.recipe]), *other_roles(results)]
     print(json.dumps({k: results[k]["accuracy"] for k in roles} | {"seconds": results["seconds"]}))
     return 0
 

@@ -10,6 +10,13 @@ from pathlib import Path
 from mllm_kd.eval.core import pct
 
 STUDENT_ROLES = ("student_baseline", "student_matched", "student_kd")
+# compute-matched and LLaVA-KD students that start from the teacher's trained projector instead of stage 1
+TPROJ_ROLES = ("student_matched_tproj", "student_kd_tproj")
+
+
+def student_roles(results: dict) -> list[str]:
+    """The student roles the results hold, in the report's order."""
+    return [r for r in (*STUDENT_ROLES, *TPROJ_ROLES) if r in results]
 
 
 def other_roles(results: dict) -> list[str]:
@@ -79,9 +86,9 @@ def summarise(per_seed: dict[int, dict]) -> dict:
 
 def gaps(results: dict) -> dict:
     """The comparison fixed in advance, in accuracy points (means over seeds)."""
-    acc = {r: 100 * results[r]["accuracy"] for r in ("teacher", *STUDENT_ROLES)}
+    acc = {r: 100 * results[r]["accuracy"] for r in ("teacher", *student_roles(results))}
     teacher_gap = acc["teacher"] - acc["student_baseline"]
-    return {
+    out = {
         "kd_minus_baseline": round(acc["student_kd"] - acc["student_baseline"], 2),
         "kd_minus_matched": round(acc["student_kd"] - acc["student_matched"], 2),
         "matched_minus_baseline": round(acc["student_matched"] - acc["student_baseline"], 2),
@@ -92,6 +99,19 @@ def gaps(results: dict) -> dict:
         "spread_kd": round(100 * results["student_kd"]["spread"], 2),
         "spread_matched": round(100 * results["student_matched"]["spread"], 2),
     }
+    if all(
+        r in acc for r in TPROJ_ROLES
+    ):  # the teacher's projector: with and without the distillation losses
+        out |= {
+            "kd_tproj_minus_matched": round(acc["student_kd_tproj"] - acc["student_matched"], 2),
+            "kd_tproj_minus_matched_tproj": round(acc["student_kd_tproj"] - acc["student_matched_tproj"], 2),
+            "gap_closed_kd_tproj": round((acc["student_kd_tproj"] - acc["student_baseline"]) / teacher_gap, 3)
+            if teacher_gap > 0
+            else None,
+            "spread_kd_tproj": round(100 * results["student_kd_tproj"]["spread"], 2),
+            "spread_matched_tproj": round(100 * results["student_matched_tproj"]["spread"], 2),
+        }
+    return out
 
 
 def write_report(run: Path, results: dict, curves: dict[str, list[dict]]) -> None:
@@ -105,7 +125,7 @@ def write_report(run: Path, results: dict, curves: dict[str, list[dict]]) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    roles = ["teacher", *STUDENT_ROLES, *other_roles(results)]
+    roles = ["teacher", *student_roles(results), *other_roles(results)]
     (run / "report.json").write_text(json.dumps(results, indent=2))
     fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 3), squeeze=False)
     for ax, (name, rows) in zip(axes[0], curves.items()):
@@ -171,6 +191,7 @@ def write_report(run: Path, results: dict, curves: dict[str, list[dict]]) -> Non
         f"student: {g['kd_minus_matched']:+.2f} (spreads: kd {g['spread_kd']:.2f}, matched "
         f"{g['spread_matched']:.2f}); share of the teacher-to-plain-student gap closed: {g['gap_closed']}.",
         "",
+        *_tproj_lines(g),
         *_other_teacher_lines(results),
         "![loss curves](loss_curves.png)",
         "",
@@ -178,6 +199,19 @@ def write_report(run: Path, results: dict, curves: dict[str, list[dict]]) -> Non
         "",
     ]
     (run / "report.md").write_text("\n".join(lines))
+
+
+def _tproj_lines(g: dict) -> list[str]:
+    if "kd_tproj_minus_matched" not in g:
+        return []
+    return [
+        "Starting from the teacher's trained projector instead of stage 1 (`_tproj`): LLaVA-KD minus the "
+        f"compute-matched plain student: {g['kd_tproj_minus_matched']:+.2f} points; minus the compute-matched "
+        f"student that also starts from the teacher's projector: {g['kd_tproj_minus_matched_tproj']:+.2f} "
+        f"(spreads: kd_tproj {g['spread_kd_tproj']:.2f}, matched_tproj {g['spread_matched_tproj']:.2f}); share "
+        f"of the teacher-to-plain-student gap closed: {g['gap_closed_kd_tproj']}.",
+        "",
+    ]
 
 
 def _other_teacher_lines(results: dict) -> list[str]:
