@@ -48,6 +48,13 @@ def test_scratch_demo_reports_every_role(scratch):
     assert report["seconds"] > 0
 
 
+def test_teacher_projector_is_refused_where_it_does_not_fit(tmp_path, capsys):
+    run = tmp_path / "demo"
+    assert main(["--run-dir", str(run), *SCRATCH_ARGS, "--teacher-projector"]) == 2
+    assert "does not fit its student" in capsys.readouterr().err
+    assert not run.exists()
+
+
 def test_scratch_demo_scores_are_the_answer_files_scored(scratch):
     """Every (quick) test question answered by every model, and the reported accuracy is exact match on
     those answers."""
@@ -135,7 +142,20 @@ def pretrained(tmp_path_factory):
     """The pretrained recipe's shape (torchvision tower, a layer-subset student) with tiny random parts,
     two seeds, scored on the validation split: ``(run_dir, exit code, report)``."""
     run = tmp_path_factory.mktemp("pretrained") / "demo"
-    code = main(["--run-dir", str(run), "--quick", "--seeds", "0,1", "--split", "val", "--questions", "40"])
+    code = main(
+        [
+            "--run-dir",
+            str(run),
+            "--quick",
+            "--seeds",
+            "0,1",
+            "--split",
+            "val",
+            "--questions",
+            "40",
+            "--teacher-projector",
+        ]
+    )
     return run, code, _report(run)
 
 
@@ -174,7 +194,9 @@ def test_tproj_students_start_from_the_teachers_projector(pretrained):
     assert _state(run, "seed1/matched_tproj/stage2")["step"] == kd == 10
     assert report["student_kd_tproj"]["stages"][0] == "projector of teacher/teacher_sft"
     g, acc = report["gaps"], {r: 100 * report[r]["accuracy"] for r in STUDENTS}
-    assert g["kd_tproj_minus_matched"] == pytest.approx(acc["student_kd_tproj"] - acc["student_matched"], abs=0.01)
+    assert g["kd_tproj_minus_matched"] == pytest.approx(
+        acc["student_kd_tproj"] - acc["student_matched"], abs=0.01
+    )
     assert g["kd_tproj_minus_matched_tproj"] == pytest.approx(
         acc["student_kd_tproj"] - acc["student_matched_tproj"], abs=0.01
     )
