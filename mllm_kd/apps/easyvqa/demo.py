@@ -1,5 +1,5 @@
-"""The main job: easy-VQA, from teacher to distilled student, in one command. (About 400 lines: every
-phase of the job, in the order it runs; the report is in report.py.)
+"""The main job: easy-VQA, from teacher to distilled student, in one command. (About 450 lines: every
+phase of the job, in the order it runs; the report is in report.py, the phase timer in phases.py.)
 
     python -m mllm_kd.apps.easyvqa.demo [--run-dir runs/demo] [--recipe pretrained|scratch] [--seeds 0,1]
                            [--split test|val] [--questions N] [--captions N] [--teacher-dir DIR]
@@ -32,13 +32,13 @@ students with stage 1 replaced by the teacher's trained projector (``model.proje
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mllm_kd.apps.easyvqa.phases import Phases
 from mllm_kd.apps.easyvqa.report import (
     STUDENT_ROLES,
     TPROJ_ROLES,
@@ -232,35 +232,6 @@ def train_role(
     return ckpt, seconds, stages
 
 
-class Phases:
-    """One log line per phase of the demo as it starts and ends (with its elapsed time), and the table of
-    them all at the end: ``with phases("teacher"): ...`` then :meth:`table`."""
-
-    def __init__(self) -> None:
-        self.rows: list[tuple[str, float]] = []
-        self.started = time.perf_counter()
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        t0 = time.perf_counter()
-        log.info("== phase %d: %s", len(self.rows) + 1, name)
-        yield
-        dt = time.perf_counter() - t0
-        self.rows.append((name, dt))
-        log.info(
-            "== phase %d: %s done in %.0f s (%.0f s since the start)",
-            len(self.rows),
-            name,
-            dt,
-            time.perf_counter() - self.started,
-        )
-
-    def table(self) -> str:
-        total = sum(dt for _, dt in self.rows)
-        lines = ["| phase | seconds |", "|---|---|", *(f"| {n} | {dt:,.0f} |" for n, dt in self.rows)]
-        return "\n".join([*lines, f"| total | {total:,.0f} |"])
-
-
 def run_demo(
     run: Path,
     overrides: list[str],
@@ -293,7 +264,7 @@ def run_demo(
     prepare = {**spec.prepare, **(QUICK_PREPARE if quick else {})}
     if quick and "val_images" in prepare:
         prepare["val_images"], prepare["test_sample"] = 8, None
-    phases = Phases()
+    phases = Phases(log)
     with phases("data"):
         prepare_easyvqa(run / "data", log=log.info, **prepare)
     if spec.pretrained_weights and not quick:

@@ -85,31 +85,37 @@ def summarise(per_seed: dict[int, dict]) -> dict:
 
 
 def gaps(results: dict) -> dict:
-    """The comparison fixed in advance, in accuracy points (means over seeds)."""
+    """The comparison fixed in advance, in accuracy points (means over seeds); with the ``_tproj`` students,
+    the same for the LLaVA-KD one that starts from the teacher's projector, and it against its own
+    compute-matched counterpart (the teacher's projector with and without the distillation losses)."""
     acc = {r: 100 * results[r]["accuracy"] for r in ("teacher", *student_roles(results))}
     teacher_gap = acc["teacher"] - acc["student_baseline"]
+
+    def minus(a: str, b: str) -> float:
+        return round(acc[f"student_{a}"] - acc[f"student_{b}"], 2)
+
+    def closed(kd: str) -> float | None:  # share of the teacher-to-plain-student gap the student closes
+        gained = acc[f"student_{kd}"] - acc["student_baseline"]
+        return round(gained / teacher_gap, 3) if teacher_gap > 0 else None
+
+    def spread(role: str) -> float:
+        return round(100 * results[f"student_{role}"]["spread"], 2)
+
     out = {
-        "kd_minus_baseline": round(acc["student_kd"] - acc["student_baseline"], 2),
-        "kd_minus_matched": round(acc["student_kd"] - acc["student_matched"], 2),
-        "matched_minus_baseline": round(acc["student_matched"] - acc["student_baseline"], 2),
-        # share of the teacher-to-plain-student gap the distilled student closes
-        "gap_closed": round((acc["student_kd"] - acc["student_baseline"]) / teacher_gap, 3)
-        if teacher_gap > 0
-        else None,
-        "spread_kd": round(100 * results["student_kd"]["spread"], 2),
-        "spread_matched": round(100 * results["student_matched"]["spread"], 2),
+        "kd_minus_baseline": minus("kd", "baseline"),
+        "kd_minus_matched": minus("kd", "matched"),
+        "matched_minus_baseline": minus("matched", "baseline"),
+        "gap_closed": closed("kd"),
+        "spread_kd": spread("kd"),
+        "spread_matched": spread("matched"),
     }
-    if all(
-        r in acc for r in TPROJ_ROLES
-    ):  # the teacher's projector: with and without the distillation losses
+    if all(r in acc for r in TPROJ_ROLES):
         out |= {
-            "kd_tproj_minus_matched": round(acc["student_kd_tproj"] - acc["student_matched"], 2),
-            "kd_tproj_minus_matched_tproj": round(acc["student_kd_tproj"] - acc["student_matched_tproj"], 2),
-            "gap_closed_kd_tproj": round((acc["student_kd_tproj"] - acc["student_baseline"]) / teacher_gap, 3)
-            if teacher_gap > 0
-            else None,
-            "spread_kd_tproj": round(100 * results["student_kd_tproj"]["spread"], 2),
-            "spread_matched_tproj": round(100 * results["student_matched_tproj"]["spread"], 2),
+            "kd_tproj_minus_matched": minus("kd_tproj", "matched"),
+            "kd_tproj_minus_matched_tproj": minus("kd_tproj", "matched_tproj"),
+            "gap_closed_kd_tproj": closed("kd_tproj"),
+            "spread_kd_tproj": spread("kd_tproj"),
+            "spread_matched_tproj": spread("matched_tproj"),
         }
     return out
 
