@@ -23,7 +23,10 @@ weights on the same batches (fixed seed), each in a fresh process:
 * ``mllm_kd_compiled`` (only when asked for with ``--variants``): ``mllm_kd`` with ``train.compile=true``
   (each decoder layer of student and teacher through ``torch.compile``; the first warm-up step compiles).
 * ``mllm_kd_ckpt``: ``mllm_kd`` with ``train.gradient_checkpointing=true`` (each student decoder layer
-  recomputed in the backward pass).
+  recomputed in the backward pass). The stages' default (``null``) turns it on for a CPU and off on CUDA, so
+  on a CPU ``mllm_kd`` is this variant and ``mllm_kd_no_ckpt`` (``train.gradient_checkpointing=false``)
+  the step without it; on CUDA ``mllm_kd`` runs without it. Each variant's JSON says which
+  (``checkpoint_layers``).
 * ``mllm_kd_eager_ops`` (only when asked for with ``--variants``): ``mllm_kd`` with
   ``train.lean_activations=false`` (the student's RMSNorms and SwiGLU MLPs as transformers runs them, keeping
   every intermediate for the backward; mllm_kd/model/lean.py).
@@ -69,7 +72,7 @@ The LAST line printed is one JSON object: ``speed_vs_plain`` (plain step time / 
 mllm_kd_cached step time); with activation checkpointing, like for like ``speed_ckpt_vs_plain_ckpt`` /
 ``memory_ckpt_vs_plain_ckpt`` (mllm_kd_ckpt against plain_ckpt) and across ``speed_ckpt_vs_plain`` /
 ``memory_ckpt_vs_plain`` (mllm_kd_ckpt against plain without it), each with ``total_memory_*`` and
-``loss_*``; with ``mllm_kd_eager_ops``, ``speed_lean_vs_eager_ops`` / ``memory_lean_vs_eager_ops`` (mllm_kd
+``loss_*``; without it, ``*_no_ckpt_vs_plain`` (mllm_kd_no_ckpt against plain); with ``mllm_kd_eager_ops``, ``speed_lean_vs_eager_ops`` / ``memory_lean_vs_eager_ops`` (mllm_kd
 against it); on CUDA ``speed_vs_liger`` and ``memory_vs_liger``; and every variant's figures.
 """
 
@@ -98,10 +101,19 @@ VARIANTS = (
     "liger",
     "mllm_kd_compiled",
     "mllm_kd_ckpt",
+    "mllm_kd_no_ckpt",
     "plain_ckpt",
     "mllm_kd_eager_ops",
 )
-DEFAULT_VARIANTS = ("mllm_kd", "mllm_kd_cached", "plain", "liger", "mllm_kd_ckpt", "plain_ckpt")
+DEFAULT_VARIANTS = (
+    "mllm_kd",
+    "mllm_kd_cached",
+    "plain",
+    "liger",
+    "mllm_kd_ckpt",
+    "mllm_kd_no_ckpt",
+    "plain_ckpt",
+)
 
 
 def _llama(layers: int) -> dict:  # SmolLM2-135M-Instruct's architecture
@@ -378,6 +390,8 @@ def stage3_config(args, work: Path):
         overrides.append("train.compile=true")
     if args.worker == "mllm_kd_ckpt":
         overrides.append("train.gradient_checkpointing=true")
+    if args.worker == "mllm_kd_no_ckpt":
+        overrides.append("train.gradient_checkpointing=false")
     if args.worker == "mllm_kd_eager_ops":
         overrides.append("train.lean_activations=false")
     if args.chunk_size:
@@ -481,6 +495,7 @@ def _mllm_kd_step(args, cfg, student, teacher, tok, batches, work: Path, cached:
     if not cached:
         step.modules["teacher forward"] = teacher
     step.params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    step.checkpoint_layers = plan.checkpoint_layers
     return step, trainer.device
 
 
@@ -689,6 +704,7 @@ def run_worker(args) -> dict:
         "peak_step_bytes": mem.step,
         "first_step": first,
         "attention": attention,
+        "checkpoint_layers": getattr(step, "checkpoint_layers", args.worker == "plain_ckpt"),
         "profile": profile,
         "memory_breakdown": breakdown,
     }
@@ -838,6 +854,11 @@ def main(argv=None) -> int:
     for ours, theirs, key in (
         ("mllm_kd_ckpt", "plain_ckpt", "ckpt_vs_plain_ckpt"),  # like for like: both checkpointed
         ("mllm_kd_ckpt", "plain", "ckpt_vs_plain"),  # checkpointed mllm_kd against plain without it
+        (
+            "mllm_kd_no_ckpt",
+            "plain",
+            "no_ckpt_vs_plain",
+        ),  # mllm_kd without checkpointing (a CPU's default: on)
         ("mllm_kd", "mllm_kd_eager_ops", "lean_vs_eager_ops"),  # train.lean_activations on against off
     ):
         a, b = results.get(ours, {}), results.get(theirs, {})

@@ -89,7 +89,7 @@ def test_tiny_run_of_every_cpu_variant():
         "--warmup",
         "1",
         "--variants",
-        "mllm_kd,mllm_kd_cached,plain,mllm_kd_compiled,mllm_kd_ckpt,plain_ckpt,mllm_kd_eager_ops",
+        "mllm_kd,mllm_kd_cached,plain,mllm_kd_compiled,mllm_kd_ckpt,mllm_kd_no_ckpt,plain_ckpt,mllm_kd_eager_ops",
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, timeout=600)
     res = json.loads(out.stdout.strip().splitlines()[-1])
@@ -99,9 +99,14 @@ def test_tiny_run_of_every_cpu_variant():
         "plain",
         "mllm_kd_compiled",
         "mllm_kd_ckpt",
+        "mllm_kd_no_ckpt",
         "plain_ckpt",
         "mllm_kd_eager_ops",
     }
+    # on a CPU the stages' default checkpoints the student's layers (train.gradient_checkpointing=null)
+    ckpt = {name: v["checkpoint_layers"] for name, v in res["variants"].items()}
+    assert ckpt["mllm_kd"] and ckpt["mllm_kd_ckpt"] and ckpt["plain_ckpt"] and ckpt["mllm_kd_cached"]
+    assert not ckpt["mllm_kd_no_ckpt"] and not ckpt["plain"]
     for name, v in res["variants"].items():
         assert "error" not in v, (name, v)
         assert v["median_s"] > 0 and v["peak_total_bytes"] > v["peak_step_bytes"] > 0
@@ -113,9 +118,8 @@ def test_tiny_run_of_every_cpu_variant():
     for k in first:  # train.compile changes the kernels, not the step
         assert compiled[k] == pytest.approx(first[k], rel=1e-4, abs=1e-6), k
     for k in first:  # checkpointing recomputes the same activations
-        assert res["variants"]["mllm_kd_ckpt"]["first_step"][k] == pytest.approx(
-            first[k], rel=1e-6, abs=1e-7
-        ), k
+        for v in ("mllm_kd_ckpt", "mllm_kd_no_ckpt"):
+            assert res["variants"][v]["first_step"][k] == pytest.approx(first[k], rel=1e-6, abs=1e-7), (v, k)
     assert abs(res["loss_lean_vs_eager_ops"]) < 1e-6 and res["memory_lean_vs_eager_ops"] > 0
     for k in first:  # the lean RMSNorm / MLP compute the same step as transformers' forwards
         assert res["variants"]["mllm_kd_eager_ops"]["first_step"][k] == pytest.approx(
@@ -123,7 +127,7 @@ def test_tiny_run_of_every_cpu_variant():
         ), k
     # like for like (both checkpointed) and across (mllm_kd_ckpt against plain without it), next to the
     # unchanged mllm_kd-against-plain ratios
-    for key in ("ckpt_vs_plain_ckpt", "ckpt_vs_plain"):
+    for key in ("ckpt_vs_plain_ckpt", "ckpt_vs_plain", "no_ckpt_vs_plain"):
         assert res[f"speed_{key}"] > 0 and res[f"memory_{key}"] > 0, key
         assert abs(res[f"loss_{key}"]) < 1e-5, key
     plain, plain_ckpt = res["variants"]["plain"], res["variants"]["plain_ckpt"]

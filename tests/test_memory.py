@@ -253,8 +253,9 @@ def stage1_llm_overrides(smoke_teacher) -> list[str]:
 def test_stage_with_gradient_checkpointing_trains_and_resumes_like_without(
     smoke_teacher, tmp_path, monkeypatch
 ):
-    """Stage 1 with its LLM trained: ``train.gradient_checkpointing=true`` gives every step's loss and the
-    final weights of the run without it, also when stopped after step 3 and resumed from step 2's checkpoint."""
+    """Stage 1 with its LLM trained: activation checkpointing (``train.gradient_checkpointing`` left at null,
+    which turns it on for a CPU) gives every step's loss and the final weights of the run with it set to
+    false, also when stopped after step 3 and resumed from step 2's checkpoint."""
     from safetensors.torch import load_file
 
     from mllm_kd.cli import stage_config
@@ -266,7 +267,17 @@ def test_stage_with_gradient_checkpointing_trains_and_resumes_like_without(
         return stage_config(SMOKE, "stage1", [f"run_dir={run}", *common, *more])
 
     ref: dict[int, float] = {}
-    ref_final = STAGES["stage1"].run(cfg(tmp_path / "a"), on_step=lambda s, m: ref.__setitem__(s, m["loss"]))
+    import mllm_kd.train.trainer as trainer
+
+    checkpointed = []
+    monkeypatch.setattr(
+        trainer, "checkpoint_decoder_layers", lambda llm: checkpointed.append(checkpoint_decoder_layers(llm))
+    )
+    ref_final = STAGES["stage1"].run(
+        cfg(tmp_path / "a", "train.gradient_checkpointing=false"),
+        on_step=lambda s, m: ref.__setitem__(s, m["loss"]),
+    )
+    assert checkpointed == []
 
     class Stop(Exception):
         pass
@@ -275,14 +286,8 @@ def test_stage_with_gradient_checkpointing_trains_and_resumes_like_without(
         if step == 3:
             raise Stop
 
-    import mllm_kd.train.trainer as trainer
-
-    checkpointed = []
-    monkeypatch.setattr(
-        trainer, "checkpoint_decoder_layers", lambda llm: checkpointed.append(checkpoint_decoder_layers(llm))
-    )
-    ckpt_cfg = cfg(tmp_path / "b", "train.gradient_checkpointing=true")
-    assert ckpt_cfg.train.gradient_checkpointing is True
+    ckpt_cfg = cfg(tmp_path / "b")
+    assert ckpt_cfg.train.gradient_checkpointing is None
     with pytest.raises(Stop):
         STAGES["stage1"].run(ckpt_cfg, on_step=stop_after_3)
     got: dict[int, float] = {}
@@ -296,12 +301,35 @@ def test_stage_with_gradient_checkpointing_trains_and_resumes_like_without(
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-def test_gradient_checkpointing_must_be_a_bool():
+def test_gradient_checkpointing_must_be_a_bool_or_null():
     from mllm_kd.config import TrainConfig
     from mllm_kd.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"train\.gradient_checkpointing must be true or false, got 'yes'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"train\.gradient_checkpointing must be true, false or null \(on a CPU, off on a GPU\), got 'yes'",
+    ):
         TrainConfig(gradient_checkpointing="yes")
+
+
+@pytest.mark.parametrize(
+    ("option", "device", "expected"),
+    [
+        (None, "cpu", True),
+        (None, "cuda", False),
+        (False, "cpu", False),
+        (True, "cuda", True),
+        (True, "cpu", True),
+    ],
+)
+def test_gradient_checkpointing_null_means_on_for_a_cpu_off_for_a_gpu(option, device, expected):
+    from mllm_kd.config import TrainConfig
+    from mllm_kd.runtime.plan import checkpoint_layers, plan_run
+
+    assert checkpoint_layers(option, torch.device(device)) is expected
+    if device == "cpu":  # the plan a stage gets (no GPU needed to build it)
+        cfg = StageConfig(train=TrainConfig(device="cpu", gradient_checkpointing=option))
+        assert plan_run(cfg, distill=False).checkpoint_layers is expected
 
 
 def test_tied_lookup_with_an_expanded_head_gradient():

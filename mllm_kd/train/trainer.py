@@ -118,8 +118,9 @@ class Trainer:
         self.student.to(self.device)
         if t.lean_activations:  # before DDP / FSDP2 / compile, like checkpointing (mllm_kd/model/lean.py)
             log.info("lean RMSNorm / SwiGLU MLP: %d student LLM modules", lean_decoder_ops(student.llm))
-        if t.gradient_checkpointing:  # before FSDP2 wraps the layers (its hooks stay outside the recompute)
-            checkpoint_decoder_layers(student.llm)
+        if plan.checkpoint_layers:  # before FSDP2 wraps the layers (its hooks stay outside the recompute)
+            n = checkpoint_decoder_layers(student.llm)
+            log.info("activation checkpointing: %d student decoder layers (train.gradient_checkpointing)", n)
         self.model = wrap_student(
             student, self.dist, t.strategy, self.device
         )  # what the forward runs through
