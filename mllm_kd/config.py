@@ -289,6 +289,9 @@ class LossConfig:
     w_resp: float = 1.0  # MDist at response positions (shifted)
     w_vis: float = 1.0  # MDist at visual positions (not shifted)
     w_rel: float = 1.0  # RDist on the visual logits' relation matrix
+    # the student's projected images against the teacher's (relative squared error; off in LLaVA-KD): needs
+    # one embedding space, e.g. a student cut from the teacher's LLM (losses.reference.visual_embedding_distill)
+    w_emb: float = 0.0
     kind: str = "fkl"  # fkl | rkl | jsd | skl | srkl
     temperature: float = 1.0  # tau; divergences are scaled by tau^2
     beta: float = 0.5  # jsd: generalised JSD's teacher weight (GKD's beta; 0: forward KL, 1: reverse KL)
@@ -308,7 +311,7 @@ class LossConfig:
     def __post_init__(self) -> None:
         if self.kind not in ("fkl", "rkl", "jsd", "skl", "srkl"):
             raise ConfigError(f"loss.kind must be fkl/rkl/jsd/skl/srkl, got {self.kind!r}")
-        for key in ("w_ce", "w_resp", "w_vis", "w_rel"):
+        for key in ("w_ce", "w_resp", "w_vis", "w_rel", "w_emb"):
             w = getattr(self, key)
             check(finite(w) and w >= 0, f"loss.{key}", "a finite weight >= 0", w)
         check(finite(self.temperature) and self.temperature > 0, "loss.temperature", "> 0", self.temperature)
@@ -321,7 +324,7 @@ class LossConfig:
 
     @property
     def distills(self) -> bool:
-        return any(w > 0 for w in (self.w_resp, self.w_vis, self.w_rel))
+        return any(w > 0 for w in (self.w_resp, self.w_vis, self.w_rel, self.w_emb))
 
 
 @dataclass

@@ -48,10 +48,14 @@ def test_scratch_demo_reports_every_role(scratch):
     assert report["seconds"] > 0
 
 
-def test_teacher_projector_is_refused_where_it_does_not_fit(tmp_path, capsys):
+@pytest.mark.parametrize("option", ["--teacher-projector", "--projected-images"])
+def test_teacher_projector_is_refused_where_it_does_not_fit(tmp_path, capsys, option):
     run = tmp_path / "demo"
-    assert main(["--run-dir", str(run), *SCRATCH_ARGS, "--teacher-projector"]) == 2
-    assert "does not fit its student" in capsys.readouterr().err
+    assert main(["--run-dir", str(run), *SCRATCH_ARGS, option]) == 2
+    assert (
+        f"{option}: the easyvqa_scratch.yaml teacher's projector does not fit its student"
+        in capsys.readouterr().err
+    )
     assert not run.exists()
 
 
@@ -154,6 +158,7 @@ def pretrained(tmp_path_factory):
             "--questions",
             "40",
             "--teacher-projector",
+            "--projected-images",
         ]
     )
     return run, code, _report(run)
@@ -201,6 +206,26 @@ def test_tproj_students_start_from_the_teachers_projector(pretrained):
         acc["student_kd_tproj"] - acc["student_matched_tproj"], abs=0.01
     )
     assert "| student_kd_tproj |" in (run / "report.md").read_text()
+
+
+def test_kd_emb_student_distils_the_projected_images_in_dpt_and_dft(pretrained):
+    """loss.w_emb=1 in stage 1 and stage 3 (where the teacher runs), not in SFT; the term is logged and
+    the gaps are the accuracies' differences."""
+    run, _, report = pretrained
+    for stage, w in (("stage1", 1.0), ("stage2", 0.0), ("stage3", 1.0)):
+        cfg = OmegaConf.load(run / "seed0/kd_emb" / stage / "final/config.yaml")
+        assert cfg.loss.w_emb == w, stage
+        first = _first_metrics(run, f"seed0/kd_emb/{stage}")
+        assert ("vemb" in first) == (w > 0), stage
+    assert 0 < _first_metrics(run, "seed0/kd_emb/stage1")["vemb"] <= 10
+    assert _state(run, "seed1/kd_emb/stage3")["step"] == _state(run, "seed1/kd/stage3")["step"]
+    g, acc = report["gaps"], {r: 100 * report[r]["accuracy"] for r in STUDENTS}
+    assert g["kd_emb_minus_matched"] == pytest.approx(
+        acc["student_kd_emb"] - acc["student_matched"], abs=0.01
+    )
+    assert g["kd_emb_minus_kd"] == pytest.approx(acc["student_kd_emb"] - acc["student_kd"], abs=0.01)
+    assert "| student_kd_emb |" in (run / "report.md").read_text()
+    assert "`kd_emb`, loss.w_emb" in (run / "report.md").read_text()
 
 
 def test_pretrained_demo_models_have_the_recipe_shape(pretrained):

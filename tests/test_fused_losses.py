@@ -498,3 +498,62 @@ def test_relation_path_rule():
     assert not kernel.relation_from_logits(4 * 729, 897)  # the paper's 4 x 729 visual tokens, d = 896
     assert not kernel.relation_from_logits(0, 64)
     assert kernel.relation_from_logits(42, 64) and not kernel.relation_from_logits(43, 64)
+
+
+# ------------------------------------------------------------------- distilling the projected images
+def test_visual_embedding_distill_value_and_gradient():
+    from mllm_kd.losses import visual_embedding_distill
+
+    t = torch.tensor([[[3.0, 4.0]], [[0.0, 0.0]]])  # sum ||e_T||^2 = 25
+    s = torch.tensor([[[3.0, 1.0]], [[1.0, 2.0]]], requires_grad=True)  # squared error 9 + 1 + 4 = 14
+    loss = visual_embedding_distill(s, t)
+    assert loss.item() == pytest.approx(14 / 25)
+    loss.backward()
+    torch.testing.assert_close(s.grad, 2 * (s.detach() - t) / 25)
+    assert visual_embedding_distill(t.clone(), t).item() == 0.0
+    assert visual_embedding_distill(torch.zeros_like(t), t).item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=r"\(2, 1, 3\).*\(2, 1, 2\).*same LLM width"):
+        visual_embedding_distill(torch.zeros(2, 1, 3), t)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_loss_computer_adds_the_projected_images_term(fused):
+    """loss.w_emb adds w * vemb to the total on either path; vemb is the projectors' relative squared error,
+    and its gradient reaches the student's projector and nothing of its LLM."""
+    from mllm_kd.losses import visual_embedding_distill
+
+    student = _tiny_mllm(32, tie=True, seed=0)
+    teacher = _tiny_mllm(32, tie=False, seed=1).eval().requires_grad_(False)  # the same width
+    student.vision.requires_grad_(False)
+    batch = _mllm_batch(student.num_visual_tokens)
+    base, base_terms, base_grads = _loss_once(student, teacher, batch, fused=fused)
+    total, terms, grads = _loss_once(student, teacher, batch, fused=fused, w_emb=0.5)
+    assert "vemb" not in base_terms and set(terms) == {*base_terms, "vemb"}
+    with torch.no_grad():
+        want = visual_embedding_distill(
+            student.encode_images(batch["pixel_values"]), teacher.encode_images(batch["pixel_values"])
+        )
+    assert terms["vemb"].item() == pytest.approx(want.item(), rel=1e-6) and want.item() > 0
+    assert total.item() == pytest.approx(base.item() + 0.5 * want.item(), rel=1e-6)
+    # only the term's gradient differs, and only in the projector
+    _, only, only_grads = _loss_once(
+        student, teacher, batch, fused=fused, w_ce=0, w_resp=0, w_vis=0, w_rel=0, w_emb=1
+    )
+    assert only["vemb"].item() == pytest.approx(want.item(), rel=1e-6)
+    moved = {k for k, g in only_grads.items() if g.abs().max() > 0}
+    assert moved == {k for k in base_grads if k.startswith("projector.")}
+    for k in base_grads:
+        extra = 0.5 * only_grads[k] if k in moved else 0
+        torch.testing.assert_close(grads[k], base_grads[k] + extra, rtol=1e-4, atol=1e-7, msg=k)
+
+
+def test_loss_computer_refuses_the_projected_images_term_across_widths():
+    from mllm_kd.errors import TrainingError
+
+    student = _tiny_mllm(32, tie=True, seed=0)
+    teacher = _tiny_mllm(48, tie=False, seed=1).eval().requires_grad_(False)
+    batch = _mllm_batch(student.num_visual_tokens)
+    with pytest.raises(
+        TrainingError, match=r"loss.w_emb: the student projects each image to \(\d+, 32\).*\(\d+, 48\)"
+    ):
+        _loss_once(student, teacher, batch, w_emb=1.0)

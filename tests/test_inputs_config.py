@@ -150,6 +150,12 @@ CONTRADICTIONS = [
     (["teacher.cache=c", "loss.sequence_kd=true"], "loss.sequence_kd"),
     (["loss.cross_tokenizer=true", "loss.on_policy_fraction=0.5"], "generated responses are not re-encoded"),
     (["loss.cross_tokenizer=true", "loss.sequence_kd=true"], "generated responses are not re-encoded"),
+    (
+        ["teacher.cache=c", "loss.w_emb=1"],
+        "loss.w_emb=1.0 distils the teacher's projected images, which a teacher cache",
+    ),
+    (["loss.cross_tokenizer=true", "loss.w_emb=1"], "another embedding space with loss.cross_tokenizer"),
+    (["loss.w_emb=-1"], "loss.w_emb"),
 ]
 
 
@@ -161,6 +167,8 @@ def test_contradictory_options_exit_2_naming_them(capsys, tmp_path, overrides, k
 def test_what_is_not_a_contradiction_is_accepted():
     no_kd = ["teacher.checkpoint=null", "loss.w_resp=0", "loss.w_vis=0", "loss.w_rel=0"]
     assert not stage_config(SMOKE, "stage3", no_kd).loss.distills
+    # distilling only the projected images still needs the teacher
+    assert stage_config(SMOKE, "stage3", [*no_kd[1:], "loss.w_emb=1"]).loss.distills
     assert stage_config(SMOKE, "stage2", ["teacher.checkpoint=null"]).teacher.checkpoint is None  # no KD
     cached = stage_config(SMOKE, "stage3", ["teacher.cache=c", "train.teacher_strategy=fsdp2"])
     assert cached.teacher.cache == "c"  # replicated (no weights to shard), as the run plan logs

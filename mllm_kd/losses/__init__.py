@@ -1,7 +1,8 @@
 """The losses of LLaVA-KD: the logits-level references and their chunked fast paths.
 
-* :mod:`~mllm_kd.losses.reference` — pure functions of logits and masks (MDist, RDist, CE); the
-  definitions every fast path is tested against. Re-exported here.
+* :mod:`~mllm_kd.losses.reference` — pure functions of logits and masks (MDist, RDist, CE; and the
+  distillation of the projected images, which needs no logits); the definitions every fast path is tested
+  against. Re-exported here.
 * :mod:`~mllm_kd.losses.head` / :mod:`~mllm_kd.losses.kernel` — the LM head's part and the one chunked
   loop shared by the two fast paths below.
 * :mod:`~mllm_kd.losses.online` + :mod:`~mllm_kd.losses.fused` — against an online teacher.
@@ -19,6 +20,7 @@ from mllm_kd.losses.reference import (
     relation_distill,
     relation_loss_from_gram,
     response_mask,
+    visual_embedding_distill,
 )
 
 __all__ = [
@@ -32,4 +34,5 @@ __all__ = [
     "relation_distill",
     "relation_loss_from_gram",
     "response_mask",
+    "visual_embedding_distill",
 ]

@@ -142,6 +142,27 @@ def relation_distill(
     return relation_loss_from_gram(zs @ zs.transpose(1, 2), zt @ zt.transpose(1, 2))
 
 
+def visual_embedding_distill(student_visual: torch.Tensor, teacher_visual: torch.Tensor) -> torch.Tensor:
+    """Distillation of the projected images: ``sum ||e_S - e_T||^2 / sum ||e_T||^2`` over every visual token.
+
+    ``e_S``, ``e_T``: ``[N_images, n, d]``, what each projector writes into its LLM's input at the visual
+    positions. A relative squared error (0 when the student's projected tokens equal the teacher's, 1 when
+    they are zero), so weight 1 is on the scale of the other terms whatever the embeddings' norm. It asks
+    the student to project images as the teacher does, which Align-KD (Feng et al., 2024) adds to
+    output distillation, there weighted by the text's attention to each visual token, here unweighted. It
+    is meaningful where the two LLMs read one embedding space: a student cut from the teacher's LLM (the
+    same width and token embeddings). Returns a float32 scalar; the teacher's side carries no gradient.
+    """
+    if student_visual.shape != teacher_visual.shape:
+        raise ValueError(
+            f"student projected images {tuple(student_visual.shape)} and teacher projected images "
+            f"{tuple(teacher_visual.shape)} differ: visual-embedding distillation needs the same number of "
+            "visual tokens and the same LLM width"
+        )
+    s, t = student_visual.float(), teacher_visual.detach().float()
+    return (s - t).pow(2).sum() / t.pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)
+
+
 def relation_loss_from_gram(gram_s: torch.Tensor, gram_t: torch.Tensor) -> torch.Tensor:
     """``mean_b (1 - cos(vec(gram_s[b]), vec(gram_t[b])))`` for ``[B, n, n]`` relation matrices."""
     cos = F.cosine_similarity(gram_s.flatten(1), gram_t.flatten(1), dim=-1, eps=1e-8)

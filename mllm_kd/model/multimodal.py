@@ -51,6 +51,9 @@ class MLLMOutput:
     # through which the head's and the embedding's gradients meet in one buffer (mllm_kd/model/tied.py);
     # None: the head module's own
     head_weight: torch.Tensor | None = None
+    visual: torch.Tensor | None = (
+        None  # [N_images, num_visual_tokens, d_llm] the projected images (None: none)
+    )
 
 
 class MultimodalLM(nn.Module):
@@ -87,8 +90,9 @@ class MultimodalLM(nn.Module):
 
     def _embed(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, tied: nn.Embedding | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(embeds, head_weight)``; ``tied``: look up through :func:`~mllm_kd.model.tied.tied_lookup`."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``(embeds, head_weight, visual)``: ``visual`` the projected images (None without any);
+        ``tied``: look up through :func:`~mllm_kd.model.tied.tied_lookup`."""
         vis_mask = input_ids == self.image_token_id
         lookup = input_ids.masked_fill(vis_mask, 0)
         head_weight = None
@@ -100,7 +104,7 @@ class MultimodalLM(nn.Module):
         if n_vis == 0:
             if pixel_values is not None and pixel_values.shape[0] > 0:
                 raise ValueError(f"{pixel_values.shape[0]} images given but the batch has no <image> tokens")
-            return embeds, head_weight
+            return embeds, head_weight, None
         if pixel_values is None:
             raise ValueError("the batch has <image> tokens but no pixel_values")
         feats = self.encode_images(pixel_values)
@@ -110,7 +114,7 @@ class MultimodalLM(nn.Module):
             )
         embeds = embeds.clone()
         embeds[vis_mask] = feats.reshape(-1, feats.shape[-1]).to(embeds.dtype)
-        return embeds, head_weight
+        return embeds, head_weight, feats
 
     def forward(
         self,
@@ -128,7 +132,7 @@ class MultimodalLM(nn.Module):
             return_logits: False skips the LM head (fused losses work from ``hidden``).
         """
         tied = tied_embedding(self.llm) if torch.is_grad_enabled() else None
-        embeds, head_weight = self._embed(input_ids, pixel_values, tied)
+        embeds, head_weight, visual = self._embed(input_ids, pixel_values, tied)
         decoder = self.llm.get_decoder()
         hidden = decoder(
             inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False
@@ -137,7 +141,7 @@ class MultimodalLM(nn.Module):
         logits = None
         if return_logits:
             logits = head(hidden) if head_weight is None else F.linear(hidden, head_weight, head.bias)
-        return MLLMOutput(logits=logits, hidden=hidden, head_weight=head_weight)
+        return MLLMOutput(logits=logits, hidden=hidden, head_weight=head_weight, visual=visual)
 
 
 def build_model(

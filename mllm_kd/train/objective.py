@@ -12,7 +12,13 @@ from mllm_kd.errors import TrainingError
 from mllm_kd.losses.cached import cached_distill_loss, cached_distill_loss_reference
 from mllm_kd.losses.fused import fused_distill_loss
 from mllm_kd.losses.head import head_gram
-from mllm_kd.losses.reference import DistillSettings, causal_lm_loss, distill_terms, response_mask
+from mllm_kd.losses.reference import (
+    DistillSettings,
+    causal_lm_loss,
+    distill_terms,
+    response_mask,
+    visual_embedding_distill,
+)
 from mllm_kd.model.multimodal import MultimodalLM
 from mllm_kd.runtime.distributed import unwrap
 from mllm_kd.runtime.plan import RunPlan
@@ -39,6 +45,10 @@ class LossComputer:
     stored outputs for the batch's samples (``batch["ids"]``) are looked up and the terms are those of
     :func:`~mllm_kd.losses.cached.cached_distill_loss` (fused) or
     :func:`~mllm_kd.losses.cached.cached_distill_loss_reference` (``loss.fused=false``).
+
+    ``loss.w_emb`` adds, on either path with an online teacher, the distillation of the projected images
+    (:func:`~mllm_kd.losses.reference.visual_embedding_distill`, the term ``vemb``), from the projected
+    visual tokens both forwards return anyway.
     """
 
     def __init__(
@@ -75,6 +85,7 @@ class LossComputer:
             "mdist_vis": cfg.loss.w_vis,
             "rdist": cfg.loss.w_rel,
         }
+        self.w_emb = cfg.loss.w_emb if self.teacher is not None else 0.0
         if cfg.loss.fused and cfg.loss.chunk_size < 1:
             raise TrainingError(f"loss.chunk_size must be >= 1, got {cfg.loss.chunk_size}")
         self._teacher_gram: tuple[tuple, torch.Tensor] | None = None  # (weight identity, W^T W) cache
@@ -154,6 +165,7 @@ class LossComputer:
     def _reference(self, student: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = student(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
         terms = {} if batch.get("on_policy") else {"ce": causal_lm_loss(out.logits, batch["labels"])}
+        t_out = None
         if self.teacher is not None:
             inner = unwrap(student)
             with torch.no_grad():
@@ -170,27 +182,41 @@ class LossComputer:
                 )
             )
         total = sum(self.weights[k] * v for k, v in terms.items() if self.weights[k] != 0)
-        return total, terms
+        return self._with_embedding(total, terms, out, t_out)
+
+    def _with_embedding(self, total, terms: dict, out, t_out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``total`` and ``terms`` with the ``vemb`` term added when ``loss.w_emb`` asks for it."""
+        if self.w_emb == 0 or out.visual is None:
+            return total, terms
+        if out.visual.shape != t_out.visual.shape:
+            raise TrainingError(
+                f"loss.w_emb: the student projects each image to {tuple(out.visual.shape[1:])} (visual tokens, "
+                f"LLM width), the teacher to {tuple(t_out.visual.shape[1:])}; distilling the projected images "
+                "needs one embedding space (a student cut from the teacher's LLM): set loss.w_emb=0"
+            )
+        vemb = visual_embedding_distill(out.visual, t_out.visual)
+        terms["vemb"] = vemb.detach()
+        return total + self.w_emb * vemb, terms
 
     def _fused(
         self, student: nn.Module, batch: dict, head: nn.Linear, t_head: nn.Linear | None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ids, attn, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
         out = student(ids, attn, pixels, return_logits=False)
-        teacher_kw = {}
+        teacher_kw, t_out = {}, None
         if self.teacher is not None and t_head is not None:
             inner = unwrap(student)
             with torch.no_grad():
-                t_hidden = self.teacher(ids, attn, pixels, return_logits=False).hidden
+                t_out = self.teacher(ids, attn, pixels, return_logits=False)
             teacher_kw = {
-                "teacher_hidden": t_hidden,
+                "teacher_hidden": t_out.hidden,
                 "teacher_head_weight": t_head.weight,
                 "teacher_bias": t_head.bias,
                 "vis_mask": ids == inner.image_token_id,
                 "num_visual_tokens": inner.num_visual_tokens,
                 "teacher_gram": self._cached_teacher_gram(t_head) if self.settings.rel else None,
             }
-        return fused_distill_loss(
+        total, terms = fused_distill_loss(
             out.hidden,
             _head_weight(out, head),
             batch["labels"],
@@ -201,6 +227,7 @@ class LossComputer:
             with_ce=not batch.get("on_policy", False),
             **teacher_kw,
         )
+        return self._with_embedding(total, terms, out, t_out)
 
     def _cached_teacher_gram(self, t_head: nn.Linear) -> torch.Tensor:
         """The frozen teacher's ``W^T W`` for RDist, recomputed only when its head weights change."""

@@ -3,7 +3,8 @@ phase of the job, in the order it runs; the report is in report.py, the phase ti
 
     python -m mllm_kd.apps.easyvqa.demo [--run-dir runs/demo] [--recipe pretrained|scratch] [--seeds 0,1]
                            [--split test|val] [--questions N] [--captions N] [--teacher-dir DIR]
-                           [--teacher-llm gemma3-270m] [--teacher-projector] [--redo] [--quick]
+                           [--teacher-llm gemma3-270m] [--teacher-projector] [--projected-images]
+                           [--redo] [--quick]
                            [key=value ...]
 
 1. prepares easy-VQA (``RUN/data``) and, for the pretrained recipe, the offline weights (``RUN/models``:
@@ -27,6 +28,8 @@ variant: a few hundred examples and tiny random models. ``--teacher-llm gemma3-2
 with that LLM and the ``kd`` student taught by it across tokenizers (teachers.py), reported next to the others.
 ``--teacher-projector`` also trains ``matched_tproj`` and ``kd_tproj``: the compute-matched and LLaVA-KD
 students with stage 1 replaced by the teacher's trained projector (``model.projector.checkpoint``).
+``--projected-images`` also trains ``kd_emb``: LLaVA-KD with the teacher's projected images distilled in DPT
+and DFT (``loss.w_emb=1``, chosen before any run and not tuned).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from pathlib import Path
 
 from mllm_kd.apps.easyvqa.phases import Phases
 from mllm_kd.apps.easyvqa.report import (
+    EMB_ROLES,
     STUDENT_ROLES,
     TPROJ_ROLES,
     gaps,
@@ -65,7 +69,8 @@ class Recipe:
     pretrained_weights: bool  # needs RUN/models (SmolLM2 + MobileNetV2)
     quick: tuple[str, ...]  # overrides of the tests' tiny variant
     teacher_seed: int = 0  # train.seed of the teachers' stages (``--teacher-seed`` overrides it)
-    # whether the students that start from the teacher's projector (TPROJ_ROLES) can run: its shapes fit
+    # whether the teacher's projector fits the student (the same tower and LLM embedding space): the
+    # students that start from it (TPROJ_ROLES) or distil its projected images (EMB_ROLES) can run
     teacher_projector: bool = False
 
 
@@ -137,20 +142,34 @@ ROLES = {
         "matched_tproj", ("stage2",), tuple(NO_DISTILL), matched=True, teacher_projector=True
     ),
     "student_kd_tproj": Role("kd_tproj", ("stage2", "stage3"), (), teacher_projector=True),
+    "student_kd_emb": Role(
+        "kd_emb", ("stage1", "stage2", "stage3"), ("stages.stage1.loss.w_emb=1", "stages.stage3.loss.w_emb=1")
+    ),
 }
-STUDENTS = [*STUDENT_ROLES, *TPROJ_ROLES]
+STUDENTS = [*STUDENT_ROLES, *TPROJ_ROLES, *EMB_ROLES]
 assert set(ROLES) == {"teacher", *STUDENTS}
 
 
-def recipe_students(recipe: Recipe, teacher_projector: bool = False) -> list[str]:
-    """The student roles to train: the comparison fixed in advance, and with ``teacher_projector`` the two
-    that start from the teacher's projector (ConfigError where the recipe's teacher projector does not fit)."""
-    if teacher_projector and not recipe.teacher_projector:
-        raise ConfigError(
-            f"--teacher-projector: the {recipe.config.name} teacher's projector does not fit its student "
-            "(another vision tower or LLM width)"
-        )
-    return [*STUDENT_ROLES, *(TPROJ_ROLES if teacher_projector else ())]
+def recipe_students(
+    recipe: Recipe, teacher_projector: bool = False, projected_images: bool = False
+) -> list[str]:
+    """The student roles to train: the comparison fixed in advance; with ``teacher_projector`` the two that
+    start from the teacher's projector, with ``projected_images`` the one that distils its projected images
+    (ConfigError where the recipe's teacher projector does not fit the student)."""
+    for asked, option in (
+        (teacher_projector, "--teacher-projector"),
+        (projected_images, "--projected-images"),
+    ):
+        if asked and not recipe.teacher_projector:
+            raise ConfigError(
+                f"{option}: the {recipe.config.name} teacher's projector does not fit its student "
+                "(another vision tower or LLM width)"
+            )
+    return [
+        *STUDENT_ROLES,
+        *(TPROJ_ROLES if teacher_projector else ()),
+        *(EMB_ROLES if projected_images else ()),
+    ]
 
 
 def prepare_weights(models: Path) -> None:
@@ -245,6 +264,7 @@ def run_demo(
     teacher_overrides: list[str] | None = None,
     teacher_llm: str | None = None,
     teacher_projector: bool = False,
+    projected_images: bool = False,
 ) -> dict:
     """The whole demo into ``run``; ``teacher_dir`` reuses (or trains into) a teacher elsewhere.
 
@@ -252,11 +272,12 @@ def run_demo(
     ``teacher_llm`` (a key of :data:`TEACHER_LLMS`): also a teacher with that LLM and the ``kd`` student it
     teaches across tokenizers. ``teacher_projector``: also the compute-matched and LLaVA-KD students that
     start from the teacher's trained projector instead of stage 1 (:data:`TPROJ_ROLES`).
+    ``projected_images``: also LLaVA-KD with the teacher's projected images distilled (:data:`EMB_ROLES`).
     """
     from mllm_kd.data_prep.easyvqa import prepare_easyvqa
 
     spec = RECIPES[recipe]
-    students = recipe_students(spec, teacher_projector)  # before any work: refuses a misfit
+    students = recipe_students(spec, teacher_projector, projected_images)  # before any work: refuses a misfit
     other = TEACHER_LLMS[teacher_llm] if teacher_llm else None
     started = time.perf_counter()
     teacher_dir = teacher_dir or run / "teacher"
@@ -436,6 +457,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also the compute-matched and LLaVA-KD students that start from the teacher's trained projector "
         "instead of stage 1 (about 8 more minutes per seed on 2 CPU cores)",
     )
+    p.add_argument(
+        "--projected-images",
+        action="store_true",
+        help="also the LLaVA-KD student that distils the teacher's projected images in DPT and DFT "
+        "(loss.w_emb=1; about as long as the kd student)",
+    )
     p.add_argument("--redo", action="store_true", help="redo finished stages and evaluations")
     p.add_argument(
         "--quick", action="store_true", help="tiny random models, a few hundred examples (the tests' variant)"
@@ -466,11 +493,13 @@ def main(argv: list[str] | None = None) -> int:
             teacher_overrides=[] if args.teacher_seed is None else [f"train.seed={args.teacher_seed}"],
             teacher_llm=args.teacher_llm,
             teacher_projector=args.teacher_projector,
+            projected_images=args.projected_images,
         )
     except MllmKdError as e:
         return exit_code(e)
     print((run / "report.md").read_text())
-    roles = ["teacher", *recipe_students(RECIPES[args.recipe], args.teacher_projector), *other_roles(results)]
+    students = recipe_students(RECIPES[args.recipe], args.teacher_projector, args.projected_images)
+    roles = ["teacher", *students, *other_roles(results)]
     print(json.dumps({k: results[k]["accuracy"] for k in roles} | {"seconds": results["seconds"]}))
     return 0
 

@@ -12,11 +12,13 @@ from mllm_kd.eval.core import pct
 STUDENT_ROLES = ("student_baseline", "student_matched", "student_kd")
 # compute-matched and LLaVA-KD students that start from the teacher's trained projector instead of stage 1
 TPROJ_ROLES = ("student_matched_tproj", "student_kd_tproj")
+# LLaVA-KD with the distillation of the teacher's projected images added in DPT and DFT (loss.w_emb)
+EMB_ROLES = ("student_kd_emb",)
 
 
 def student_roles(results: dict) -> list[str]:
     """The student roles the results hold, in the report's order."""
-    return [r for r in (*STUDENT_ROLES, *TPROJ_ROLES) if r in results]
+    return [r for r in (*STUDENT_ROLES, *TPROJ_ROLES, *EMB_ROLES) if r in results]
 
 
 def other_roles(results: dict) -> list[str]:
@@ -87,7 +89,8 @@ def summarise(per_seed: dict[int, dict]) -> dict:
 def gaps(results: dict) -> dict:
     """The comparison fixed in advance, in accuracy points (means over seeds); with the ``_tproj`` students,
     the same for the LLaVA-KD one that starts from the teacher's projector, and it against its own
-    compute-matched counterpart (the teacher's projector with and without the distillation losses)."""
+    compute-matched counterpart (the teacher's projector with and without the distillation losses); with
+    ``kd_emb``, it against the compute-matched plain student and against LLaVA-KD without the term."""
     acc = {r: 100 * results[r]["accuracy"] for r in ("teacher", *student_roles(results))}
     teacher_gap = acc["teacher"] - acc["student_baseline"]
 
@@ -117,6 +120,13 @@ def gaps(results: dict) -> dict:
             "spread_kd_tproj": spread("kd_tproj"),
             "spread_matched_tproj": spread("matched_tproj"),
         }
+    if all(r in acc for r in EMB_ROLES):
+        out |= {
+            "kd_emb_minus_matched": minus("kd_emb", "matched"),
+            "kd_emb_minus_kd": minus("kd_emb", "kd"),
+            "gap_closed_kd_emb": closed("kd_emb"),
+            "spread_kd_emb": spread("kd_emb"),
+        }
     return out
 
 
@@ -135,7 +145,7 @@ def write_report(run: Path, results: dict, curves: dict[str, list[dict]]) -> Non
     (run / "report.json").write_text(json.dumps(results, indent=2))
     fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 3), squeeze=False)
     for ax, (name, rows) in zip(axes[0], curves.items()):
-        for term in ("loss", "ce", "mdist_resp", "mdist_vis", "rdist"):
+        for term in ("loss", "ce", "mdist_resp", "mdist_vis", "rdist", "vemb"):
             if rows and term in rows[0]:
                 ax.plot([r["step"] for r in rows], [r.get(term) for r in rows], label=term, linewidth=1)
         ax.set_title(name, fontsize=8)
@@ -198,6 +208,7 @@ def write_report(run: Path, results: dict, curves: dict[str, list[dict]]) -> Non
         f"{g['spread_matched']:.2f}); share of the teacher-to-plain-student gap closed: {g['gap_closed']}.",
         "",
         *_tproj_lines(g),
+        *_emb_lines(g),
         *_other_teacher_lines(results),
         "![loss curves](loss_curves.png)",
         "",
@@ -216,6 +227,18 @@ def _tproj_lines(g: dict) -> list[str]:
         f"student that also starts from the teacher's projector: {g['kd_tproj_minus_matched_tproj']:+.2f} "
         f"(spreads: kd_tproj {g['spread_kd_tproj']:.2f}, matched_tproj {g['spread_matched_tproj']:.2f}); share "
         f"of the teacher-to-plain-student gap closed: {g['gap_closed_kd_tproj']}.",
+        "",
+    ]
+
+
+def _emb_lines(g: dict) -> list[str]:
+    if "kd_emb_minus_matched" not in g:
+        return []
+    return [
+        "LLaVA-KD with the teacher's projected images distilled in DPT and DFT (`kd_emb`, loss.w_emb): minus the "
+        f"compute-matched plain student: {g['kd_emb_minus_matched']:+.2f} points; minus LLaVA-KD without it: "
+        f"{g['kd_emb_minus_kd']:+.2f} (spreads: kd_emb {g['spread_kd_emb']:.2f}, matched {g['spread_matched']:.2f}); "
+        f"share of the teacher-to-plain-student gap closed: {g['gap_closed_kd_emb']}.",
         "",
     ]
 
