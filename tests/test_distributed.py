@@ -430,9 +430,14 @@ def test_sigusr1_to_one_rank_stops_both_after_the_same_step(recipe, reference, t
 
     status, err = _preempt(recipe, tmp_path, 2, signal.SIGUSR1, 1, "train.batch_size=2")
     assert status == 1, err[-3000:]  # torchrun reports any failed worker as 1: hence the PREEMPTED file
-    assert len(re.findall(r"exitcode\s+:\s+75 \(pid", err)) == 2, err[-3000:]  # both ranks, in the summary
-    assert "stopped on SIGUSR1 after step 3" in err  # rank 1
-    assert "stopped on a signal to another rank after step 3" in err  # rank 0 agreed on the same step
+    # Both ranks stop after the same step and say so; the first to exit makes torchrun SIGTERM the other,
+    # which may still be tearing down its interpreter after printing (a race outside the trainer).
+    codes = re.findall(r"exitcode\s+:\s+(-?\d+) \(pid", err)
+    assert "75" in codes and set(codes) <= {"75", "-15"} and len(codes) == 2, err[-3000:]
+    assert "preempted: stage1: stopped on SIGUSR1 after step 3" in err  # rank 1
+    assert (
+        "preempted: stage1: stopped on a signal to another rank after step 3" in err
+    )  # rank 0, the same step
     _assert_preempted_at_step_3(tmp_path)
     run(recipe, tmp_path, 2, "train.batch_size=2")
     assert_same(tmp_path, reference)
