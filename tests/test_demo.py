@@ -6,8 +6,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from mllm_kd.apps.easyvqa import ablate
-from mllm_kd.apps.easyvqa.demo import STUDENTS, main
+from mllm_kd.apps.easyvqa.demo import main
 from mllm_kd.apps.easyvqa.report import STUDENT_ROLES, yes_no_prior
+from mllm_kd.apps.easyvqa.roles import STUDENTS
 from mllm_kd.apps.easyvqa.teachers import QUICK_VOCAB
 from mllm_kd.eval.normalize import simple_normalize
 

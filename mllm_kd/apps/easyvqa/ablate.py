@@ -40,7 +40,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from mllm_kd.apps.easyvqa.demo import NO_DISTILL, RECIPES, _seeds
+from mllm_kd.apps.easyvqa.demo import _seeds
+from mllm_kd.apps.easyvqa.roles import NO_DISTILL, RECIPES
 from mllm_kd.apps.easyvqa.scoring import evaluate
 from mllm_kd.cli import setup_logging, stage_config
 from mllm_kd.errors import ArgumentParser, MllmKdError, exit_code

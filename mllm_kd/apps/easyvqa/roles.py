@@ -1,0 +1,123 @@
+"""What the demo trains: the recipes (configs and their quick variants) and the roles, i.e. which stages
+each model runs with which overrides. Definitions only; demo.py runs them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mllm_kd.apps.easyvqa.report import EMB_ROLES, STUDENT_ROLES, TPROJ_ROLES
+from mllm_kd.configs import config_path
+from mllm_kd.errors import ConfigError
+
+NO_DISTILL = ["loss.w_resp=0", "loss.w_vis=0", "loss.w_rel=0"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    config: Path
+    prepare: dict  # prepare_easyvqa keyword arguments (quick runs shrink them)
+    pretrained_weights: bool  # needs RUN/models (SmolLM2 + MobileNetV2)
+    quick: tuple[str, ...]  # overrides of the tests' tiny variant
+    teacher_seed: int = 0  # train.seed of the teachers' stages (``--teacher-seed`` overrides it)
+    # whether the teacher's projector fits the student (the same tower and LLM embedding space): the
+    # students that start from it (TPROJ_ROLES) or distil its projected images (EMB_ROLES) can run
+    teacher_projector: bool = False
+
+
+QUICK_SCRATCH = (
+    "teacher.model.vision.config.width=8",
+    "teacher.model.vision.config.head_width=8",
+    "teacher.model.llm.config.hidden_size=32",
+    "teacher.model.llm.config.intermediate_size=64",
+    "teacher.model.llm.config.num_hidden_layers=1",
+    "model.llm.config.hidden_size=16",
+    "model.llm.config.intermediate_size=32",
+    "model.llm.config.num_hidden_layers=1",
+    "model.llm.config.num_attention_heads=2",
+    "model.llm.config.num_key_value_heads=1",
+    "stages.teacher_pt.train.epochs=1",
+    "stages.teacher_sft.train.epochs=1",
+)
+# The pretrained recipe's shape with tiny random parts: a random MobileNetV2 and a 3-layer Llama whose
+# layers 0 and 2 make the student (the real weights are not needed to test the pipeline).
+_TINY_LLAMA = (
+    "{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 3, "
+    "num_attention_heads: 2, num_key_value_heads: 1, max_position_embeddings: 256, tie_word_embeddings: true}"
+)
+QUICK_PRETRAINED = (
+    "teacher.model.vision.path=null",
+    f"teacher.model.llm={{path: null, config: {_TINY_LLAMA}}}",
+    f"model.llm={{path: null, keep_layers: [0, 2], config: {_TINY_LLAMA}}}",
+    "teacher.model.tokenizer=${data_dir}/tokenizer",
+    "model.tokenizer=${data_dir}/tokenizer",
+    "train.batch_size=8",
+    *(f"stages.{s}.data.max_samples=48" for s in ("teacher_pt", "teacher_sft", "stage1", "stage2", "stage3")),
+)
+RECIPES = {
+    "pretrained": Recipe(
+        config_path("easyvqa.yaml"),
+        # a validation split for choosing hyper-parameters; records in a seeded random order, so the
+        # recipe's first N questions cover ~N images (in image order they cover N / 9.6)
+        {"val_images": 200, "test_sample": 3000, "shuffle": True},
+        True,
+        QUICK_PRETRAINED,
+        # chosen on the validation split: seeds 0 and 1 differ by 49 points of colour (docs/demo.md)
+        teacher_seed=1,
+        teacher_projector=True,  # same frozen tower, same LLM width
+    ),
+    "scratch": Recipe(config_path("easyvqa_scratch.yaml"), {}, False, QUICK_SCRATCH),
+}
+QUICK_PREPARE = {"max_train_images": 64, "max_test_questions": 120}
+
+
+@dataclass(frozen=True)
+class Role:
+    sub: str  # run directory under RUN (students: under RUN/seed<s>)
+    stages: tuple[str, ...]
+    overrides: tuple[str, ...]
+    pt_from: str | None = None  # reuse this role's stage1 (same config and seed) instead of training one
+    matched: bool = False  # stage2 for as many optimizer steps as stage2 + stage3: compute-matched
+    # no stage 1: the first stage builds the student with the teacher's trained projector (model.projector.checkpoint)
+    teacher_projector: bool = False
+
+
+ROLES = {
+    "teacher": Role("teacher", ("teacher_pt", "teacher_sft"), ()),
+    "student_baseline": Role("baseline", ("stage1", "stage2"), tuple(NO_DISTILL)),
+    "student_matched": Role(
+        "matched", ("stage2",), tuple(NO_DISTILL), pt_from="student_baseline", matched=True
+    ),
+    "student_kd": Role("kd", ("stage1", "stage2", "stage3"), ()),
+    "student_matched_tproj": Role(
+        "matched_tproj", ("stage2",), tuple(NO_DISTILL), matched=True, teacher_projector=True
+    ),
+    "student_kd_tproj": Role("kd_tproj", ("stage2", "stage3"), (), teacher_projector=True),
+    "student_kd_emb": Role(
+        "kd_emb", ("stage1", "stage2", "stage3"), ("stages.stage1.loss.w_emb=1", "stages.stage3.loss.w_emb=1")
+    ),
+}
+STUDENTS = [*STUDENT_ROLES, *TPROJ_ROLES, *EMB_ROLES]
+assert set(ROLES) == {"teacher", *STUDENTS}
+
+
+def recipe_students(
+    recipe: Recipe, teacher_projector: bool = False, projected_images: bool = False
+) -> list[str]:
+    """The student roles to train: the comparison fixed in advance; with ``teacher_projector`` the two that
+    start from the teacher's projector, with ``projected_images`` the one that distils its projected images
+    (ConfigError where the recipe's teacher projector does not fit the student)."""
+    for asked, option in (
+        (teacher_projector, "--teacher-projector"),
+        (projected_images, "--projected-images"),
+    ):
+        if asked and not recipe.teacher_projector:
+            raise ConfigError(
+                f"{option}: the {recipe.config.name} teacher's projector does not fit its student "
+                "(another vision tower or LLM width)"
+            )
+    return [
+        *STUDENT_ROLES,
+        *(TPROJ_ROLES if teacher_projector else ()),
+        *(EMB_ROLES if projected_images else ()),
+    ]
