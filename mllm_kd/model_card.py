@@ -32,7 +32,13 @@ TAGS = ["llava", "multimodal", "image-text-to-text", "knowledge-distillation", "
 # The stages that run a teacher when their distillation weights are > 0 (stages/stage1.py and stage3.py pass
 # distill=True to run_stage; stage2 and the teacher's stages train on labels whatever the loss section says).
 DISTILLING_STAGES = ("stage1", "stage3")
-LOSS_TERMS = (("w_ce", "CE"), ("w_resp", "MDist_resp"), ("w_vis", "MDist_vis"), ("w_rel", "RDist"))
+LOSS_TERMS = (
+    ("w_ce", "CE"),
+    ("w_resp", "MDist_resp"),
+    ("w_vis", "MDist_vis"),
+    ("w_rel", "RDist"),
+    ("w_emb", "projected images"),
+)
 
 
 @dataclass
@@ -50,7 +56,7 @@ class StageRecord:
             return False
         loss = self.config.get("loss", {})
         teacher = self.config.get("teacher", {})
-        weights = (loss.get("w_resp", 0), loss.get("w_vis", 0), loss.get("w_rel", 0))
+        weights = [loss.get(k, 0) for k, _ in LOSS_TERMS[1:]]
         return bool((teacher.get("checkpoint") or teacher.get("cache")) and any(w > 0 for w in weights))
 
 

@@ -210,10 +210,10 @@ def test_tproj_students_start_from_the_teachers_projector(pretrained):
 
 
 def test_kd_emb_student_distils_the_projected_images_in_dpt_and_dft(pretrained):
-    """loss.w_emb=1 in stage 1 and stage 3 (where the teacher runs), not in SFT; the term is logged and
+    """loss.w_emb=30 in stage 1 and stage 3 (where the teacher runs), not in SFT; the term is logged and
     the gaps are the accuracies' differences."""
     run, _, report = pretrained
-    for stage, w in (("stage1", 1.0), ("stage2", 0.0), ("stage3", 1.0)):
+    for stage, w in (("stage1", 30.0), ("stage2", 0.0), ("stage3", 30.0)):
         cfg = OmegaConf.load(run / "seed0/kd_emb" / stage / "final/config.yaml")
         assert cfg.loss.w_emb == w, stage
         first = _first_metrics(run, f"seed0/kd_emb/{stage}")

@@ -30,7 +30,7 @@ with that LLM and the ``kd`` student taught by it across tokenizers (teachers.py
 ``--teacher-projector`` also trains ``matched_tproj`` and ``kd_tproj``: the compute-matched and LLaVA-KD
 students with stage 1 replaced by the teacher's trained projector (``model.projector.checkpoint``).
 ``--projected-images`` also trains ``kd_emb``: LLaVA-KD with the teacher's projected images distilled in DPT
-and DFT (``loss.w_emb=1``, chosen before any run and not tuned).
+and DFT (``loss.w_emb=30``: the term's start on the scale of the others' sum in DPT; roles.py).
 """
 
 from __future__ import annotations
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         "--projected-images",
         action="store_true",
         help="also the LLaVA-KD student that distils the teacher's projected images in DPT and DFT "
-        "(loss.w_emb=1; about as long as the kd student)",
+        "(loss.w_emb=30; about as long as the kd student)",
     )
     p.add_argument("--redo", action="store_true", help="redo finished stages and evaluations")
     p.add_argument(
