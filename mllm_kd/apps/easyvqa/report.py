@@ -112,21 +112,20 @@ def gaps(results: dict) -> dict:
         "spread_kd": spread("kd"),
         "spread_matched": spread("matched"),
     }
+
+    def variant(kd: str, controls: tuple[str, ...], spreads: tuple[str, ...]) -> dict:
+        """A student past the paper's comparison: it minus each control, the gap it closes, the spreads."""
+        minus_controls = {f"{kd}_minus_{c}": minus(kd, c) for c in controls}
+        return {
+            **minus_controls,
+            f"gap_closed_{kd}": closed(kd),
+            **{f"spread_{r}": spread(r) for r in spreads},
+        }
+
     if all(r in acc for r in TPROJ_ROLES):
-        out |= {
-            "kd_tproj_minus_matched": minus("kd_tproj", "matched"),
-            "kd_tproj_minus_matched_tproj": minus("kd_tproj", "matched_tproj"),
-            "gap_closed_kd_tproj": closed("kd_tproj"),
-            "spread_kd_tproj": spread("kd_tproj"),
-            "spread_matched_tproj": spread("matched_tproj"),
-        }
+        out |= variant("kd_tproj", ("matched", "matched_tproj"), ("kd_tproj", "matched_tproj"))
     if all(r in acc for r in EMB_ROLES):
-        out |= {
-            "kd_emb_minus_matched": minus("kd_emb", "matched"),
-            "kd_emb_minus_kd": minus("kd_emb", "kd"),
-            "gap_closed_kd_emb": closed("kd_emb"),
-            "spread_kd_emb": spread("kd_emb"),
-        }
+        out |= variant("kd_emb", ("matched", "kd"), ("kd_emb",))
     return out
 
 
