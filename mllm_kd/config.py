@@ -19,6 +19,7 @@ from mllm_kd.errors import ConfigError
 from mllm_kd.lora import LoraConfig
 
 TRAINABLE_MODES = ("frozen", "full")
+DISTILL_WEIGHTS = ("w_resp", "w_vis", "w_rel", "w_emb")  # loss weights of terms that need a teacher
 STAGE_NAMES = ("teacher_pt", "teacher_sft", "stage1", "stage2", "stage3")
 
 
@@ -311,7 +312,7 @@ class LossConfig:
     def __post_init__(self) -> None:
         if self.kind not in ("fkl", "rkl", "jsd", "skl", "srkl"):
             raise ConfigError(f"loss.kind must be fkl/rkl/jsd/skl/srkl, got {self.kind!r}")
-        for key in ("w_ce", "w_resp", "w_vis", "w_rel", "w_emb"):
+        for key in ("w_ce", *DISTILL_WEIGHTS):
             w = getattr(self, key)
             check(finite(w) and w >= 0, f"loss.{key}", "a finite weight >= 0", w)
         check(finite(self.temperature) and self.temperature > 0, "loss.temperature", "> 0", self.temperature)
@@ -324,7 +325,7 @@ class LossConfig:
 
     @property
     def distills(self) -> bool:
-        return any(w > 0 for w in (self.w_resp, self.w_vis, self.w_rel, self.w_emb))
+        return any(getattr(self, k) > 0 for k in DISTILL_WEIGHTS)
 
 
 @dataclass

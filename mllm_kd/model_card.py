@@ -23,6 +23,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from mllm_kd.config import DISTILL_WEIGHTS
 from mllm_kd.errors import CheckpointError, DataError
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class StageRecord:
             return False
         loss = self.config.get("loss", {})
         teacher = self.config.get("teacher", {})
-        weights = [loss.get(k, 0) for k, _ in LOSS_TERMS[1:]]
+        weights = [loss.get(k, 0) for k in DISTILL_WEIGHTS]
         return bool((teacher.get("checkpoint") or teacher.get("cache")) and any(w > 0 for w in weights))
 
 

@@ -188,13 +188,14 @@ class LossComputer:
         """``total`` and ``terms`` with the ``vemb`` term added when ``loss.w_emb`` asks for it."""
         if self.w_emb == 0 or out.visual is None:
             return total, terms
-        if out.visual.shape != t_out.visual.shape:
+        try:
+            vemb = visual_embedding_distill(out.visual, t_out.visual)
+        except ValueError as e:  # another shape: another embedding space
             raise TrainingError(
                 f"loss.w_emb: the student projects each image to {tuple(out.visual.shape[1:])} (visual tokens, "
                 f"LLM width), the teacher to {tuple(t_out.visual.shape[1:])}; distilling the projected images "
                 "needs one embedding space (a student cut from the teacher's LLM): set loss.w_emb=0"
-            )
-        vemb = visual_embedding_distill(out.visual, t_out.visual)
+            ) from e
         terms["vemb"] = vemb.detach()
         return total + self.w_emb * vemb, terms
 
