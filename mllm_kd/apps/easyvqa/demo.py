@@ -131,7 +131,7 @@ def train_role(
     ckpt = None
     for stage in spec.stages:
         cfg = stage_config(recipe.config, stage, common)
-        log.info("== %s (seed %d): %s -> %s", role, seed, stage, cfg.output_dir)
+        log.info("== %s (train.seed=%d): %s -> %s", role, cfg.train.seed, stage, cfg.output_dir)
         ckpt = STAGES[stage].run(cfg)
         seconds += json.loads((ckpt / "trainer_state.json").read_text())["elapsed"]
     assert ckpt is not None
