@@ -45,7 +45,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from mllm_kd.data.records import IMAGE_TOKEN
+from mllm_kd.data.records import image_prompt
 from mllm_kd.errors import ConfigError, DataError
 from mllm_kd.eval.answers import chunk_of, chunk_path, complete_lines, merge_chunks, pending
 from mllm_kd.eval.core import Question, index_unique, iter_jsonl
@@ -297,9 +297,7 @@ def generate_answers(
         for b, batch in enumerate(batches):
             current, upcoming = upcoming, (prepare(batches[b + 1]) if b + 1 < len(batches) else [])
             pixels = [fut.result() for fut in current]
-            prompts = [
-                q.prompt if px is None else f"{IMAGE_TOKEN}\n{q.prompt}" for q, px in zip(batch, pixels)
-            ]
+            prompts = [q.prompt if px is None else image_prompt(q.prompt) for q, px in zip(batch, pixels)]
             texts = generator(prompts, pixels)
             f.writelines(json.dumps(answer_row(q, t, model_id)) + "\n" for q, t in zip(batch, texts))
             f.flush()

@@ -73,3 +73,20 @@ def test_answer_file_writes_llava_format_and_resumes(smoke_teacher, tmp_path):
     answer_file(gen, qs, smoke_teacher / "data/images", b, "m", chunk=(1, 2), progress=False)
     ids = sorted(json.loads(ln)["question_id"] for f in (a, b) for ln in f.read_text().splitlines())
     assert ids == [0, 1, 2, 3, 4]
+
+
+def test_answer_file_keeps_a_question_placed_image(smoke_teacher, tmp_path):
+    """A question with its own ``<image>`` (after the text) is prompted as written; others get it first."""
+    model, tok, _ = load_checkpoint_model(smoke_teacher / "teacher_sft")
+    model.eval()
+    gen = Generator.from_model(model, tok, max_new_tokens=4)
+    qs = [
+        {"question_id": 0, "image": "00000.png", "text": "What shape is it?\n<image>\nOne word."},
+        {"question_id": 1, "image": "00000.png", "text": "What shape is it?\nOne word."},
+    ]
+    out = tmp_path / "answers.jsonl"
+    answer_file(gen, qs, smoke_teacher / "data/images", out, "m", progress=False)
+    rows = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == [qs[0]["text"], "<image>\n" + qs[1]["text"]]
+    img = gen.images.load(smoke_teacher / "data/images/00000.png", "test")[None]
+    assert [r["text"] for r in rows] == gen([r["prompt"] for r in rows], [img, img])

@@ -32,6 +32,12 @@ IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
+def image_prompt(question: str) -> str:
+    """The prompt for a question about one image: ``<image>`` then the question, unless the question already
+    places its ``<image>`` (LLaVA's ``model_vqa`` convention), e.g. after the question text."""
+    return question if IMAGE_TOKEN in question else f"{IMAGE_TOKEN}\n{question}"
+
+
 # ---------------------------------------------------------------------------------------------- images
 @contextmanager
 def open_image(source: str | Path | bytes, where: str) -> Iterator[Image.Image]:

@@ -22,9 +22,9 @@ import torch
 from tqdm.auto import tqdm
 
 from mllm_kd.data.encoding import ConversationEncoder, ImageProcessor
+from mllm_kd.data.records import image_prompt
 from mllm_kd.errors import DataError
 from mllm_kd.model.multimodal import MultimodalLM
-from mllm_kd.model.tokenization import IMAGE_TOKEN
 from mllm_kd.runtime.work import chunk_bounds
 
 
@@ -251,7 +251,7 @@ def answer_file(
             prompts, pixels = [], []
             for q in batch:
                 if q.get("image"):
-                    prompts.append(f"{IMAGE_TOKEN}\n{q['text']}")
+                    prompts.append(image_prompt(q["text"]))
                     pixels.append(
                         generator.images.load(folder / q["image"], f"question {q['question_id']}")[None]
                     )
