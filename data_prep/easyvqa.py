@@ -1,8 +1,9 @@
 """Convert the easy-VQA data set (the ``easy-vqa`` PyPI package) into the pipeline's training formats.
 
-(Over 400 lines on purpose: a third of it is this description of the output, and :func:`prepare_easyvqa`
-is one ordered list of artifacts, each rebuilt only when its inputs changed, that reads best in one
-place. The questions, labels and records are :mod:`mllm_kd.data_prep.easyvqa_questions`.)
+(:func:`prepare_easyvqa` is one ordered list of artifacts, each rebuilt only when its inputs changed,
+:mod:`mllm_kd.data_prep.artifacts`; which questions and images are used is
+:mod:`mllm_kd.data_prep.easyvqa_selection`; the questions, labels and records are
+:mod:`mllm_kd.data_prep.easyvqa_questions`.)
 
 easy-VQA: 64x64 RGB images of one coloured shape (circle, rectangle or triangle in one of 8 colours) on
 a light plain background; 4,000 train images with 38,575 questions and 1,000 test images with 9,673
@@ -66,48 +67,38 @@ Output under DIR (image paths in records are relative to ``DIR/images``):
     Arguments, source digests, counts, and per artifact its inputs key and a SHA-256 of its files; the
     ``content_hash`` combines those.
 
-Idempotency: an artifact is skipped when its recorded inputs key (format version, relevant arguments,
-digest of the source questions and images) matches and its files on disk still hash to the recorded
-value; otherwise its old files are removed and it is rebuilt. ``--force`` rebuilds everything. Bump
-:data:`FORMAT_VERSION` whenever the output for unchanged inputs changes (templates, formats).
+Idempotency (:func:`mllm_kd.data_prep.artifacts.build_artifacts`): an artifact is skipped when its
+recorded inputs key (format version, relevant arguments, digest of the source questions and images)
+matches and its files on disk still hash to the recorded value; otherwise its old files are removed and
+it is rebuilt. ``--force`` rebuilds everything. Bump :data:`FORMAT_VERSION` whenever the output for
+unchanged inputs changes (templates, formats).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import random
 import shutil
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar
 
 from mllm_kd.atomic import atomic_write_bytes
 from mllm_kd.data.records import validate_record
+from mllm_kd.data_prep.artifacts import Artifact, build_artifacts, files_named, files_under
 from mllm_kd.data_prep.easyvqa_questions import (
     ANSWER_TYPES,
     COLORS,
     SHAPES,
     YES_NO,
-    Label,
     Question,
-    balanced_yes_no,
-    caption_record,
-    instruct_records_of_image,
-    load_split,
     question_type,
-    recover_labels,
-    stratified_sample,
 )
+from mllm_kd.data_prep.easyvqa_selection import Selection
 from mllm_kd.data_prep.llava_format import (
     IMAGE_PLACEHOLDER,
     Record,
-    files_digest,
     json_bytes,
     short_answer_question,
     write_wds_shards,
@@ -125,110 +116,6 @@ T = TypeVar("T")
 # answers can be read off the earlier ones ("what color is the shape?" -> "blue", then "is there not a
 # blue shape?"), a shortcut the model then leans on and that a single test question does not offer.
 DEFAULT_QUESTIONS_PER_RECORD: int | None = 1
-
-
-def _sha256_json(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()
-
-
-def _source_digest(questions: list[Question], image_paths: dict[int, Path]) -> str:
-    """SHA-256 of the selected questions and the bytes of the selected images."""
-    digest = hashlib.sha256(json_bytes([[q.index, q.text, q.answer, q.image_id] for q in questions]))
-    for image_id, path in sorted(image_paths.items()):
-        digest.update(image_id.to_bytes(8, "little") + path.read_bytes())
-    return digest.hexdigest()
-
-
-@dataclass
-class _Source:
-    """The selected subset of easy-VQA; labels and records are computed only when an artifact needs them."""
-
-    max_train_images: int | None
-    max_test_questions: int | None
-    questions_per_record: int | None
-    balance: bool
-    val_images: int = 0
-    shuffle: bool = False
-    test_sample: int | None = None
-    train_questions: list[Question] = field(init=False)
-    train_images: dict[int, Path] = field(init=False)
-    test_questions: list[Question] = field(init=False)
-    test_images: dict[int, Path] = field(init=False)
-    val_questions: list[Question] = field(init=False)
-    val_image_paths: dict[int, Path] = field(init=False)
-
-    def __post_init__(self) -> None:
-        questions, paths = load_split("train")
-        kept_ids = sorted(paths)[: self.max_train_images]
-        if self.val_images >= len(kept_ids):
-            raise ConfigError(
-                f"val_images={self.val_images} leaves no train images (of {len(kept_ids)} kept)"
-            )
-        val_ids = set(kept_ids[len(kept_ids) - self.val_images :])
-        self.train_images = {i: paths[i] for i in kept_ids if i not in val_ids}
-        self.train_questions = [q for q in questions if q.image_id in self.train_images]
-        self.val_image_paths = {i: paths[i] for i in sorted(val_ids)}
-        self.val_questions = sorted(
-            (q for q in questions if q.image_id in val_ids), key=lambda q: (q.image_id, q.index)
-        )
-        questions, paths = load_split("test")
-        questions = sorted(questions, key=lambda q: (q.image_id, q.index))[: self.max_test_questions]
-        if self.test_sample is not None:
-            questions = stratified_sample(questions, self.test_sample)
-        self.test_questions = questions
-        self.test_images = {i: paths[i] for i in sorted({q.image_id for q in questions})}
-
-    @cached_property
-    def train_digest(self) -> str:
-        return _source_digest(self.train_questions, self.train_images)
-
-    @cached_property
-    def test_digest(self) -> str:
-        return _source_digest(self.test_questions, self.test_images)
-
-    @cached_property
-    def labels(self) -> tuple[dict[int, Label], dict[str, int]]:
-        return recover_labels(self.train_questions, self.train_images)
-
-    @cached_property
-    def caption_records(self) -> list[Record]:
-        labels, _ = self.labels
-        return [caption_record(i, labels[i]) for i in sorted(self.train_images)]
-
-    @cached_property
-    def instruct_records(self) -> list[Record]:
-        by_image: dict[int, list[Question]] = {}
-        for q in balanced_yes_no(self.train_questions) if self.balance else self.train_questions:
-            by_image.setdefault(q.image_id, []).append(q)
-        # An image without questions gets no instruct record (none in the package's data).
-        records = [
-            record
-            for i in sorted(self.train_images)
-            if i in by_image
-            for record in instruct_records_of_image(i, by_image[i], self.questions_per_record)
-        ]
-        if self.shuffle:
-            random.Random("easyvqa-instruct-order").shuffle(records)
-        return records
-
-
-@dataclass
-class _Artifact:
-    """One output unit, skipped or rebuilt as a whole."""
-
-    name: str
-    describe: str  # its files relative to the output directory, for the log
-    params: dict[str, Any]  # everything besides FORMAT_VERSION that its content depends on
-    existing: Callable[[], list[Path]]
-    build: Callable[[], dict[str, Any]]  # writes the files, returns counts
-
-
-def _files_under(directory: Path, pattern: str) -> Callable[[], list[Path]]:
-    return lambda: sorted(p for p in directory.glob(pattern) if p.is_file())
-
-
-def _files_named(*paths: Path) -> Callable[[], list[Path]]:
-    return lambda: [p for p in paths if p.is_file()]
 
 
 def _copy_images(images: dict[int, Path], dest: Path, progress: bool) -> dict[str, Any]:
@@ -289,14 +176,6 @@ def _train_tokenizer(records: list[Record], out: Path, vocab_size: int) -> dict[
     }
 
 
-def _load_manifest(path: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads(path.read_text("utf-8"))
-    except (OSError, ValueError):
-        return {}  # missing or unreadable: nothing can be skipped
-    return manifest if isinstance(manifest, dict) else {}
-
-
 def prepare_easyvqa(
     out_dir: str | Path,
     max_train_images: int | None = None,
@@ -338,7 +217,7 @@ def prepare_easyvqa(
 
     if val_images < 0:
         raise ConfigError(f"val_images must be >= 0, got {val_images}")
-    source = _Source(
+    source = Selection(
         max_train_images,
         max_test_questions,
         questions_per_record,
@@ -410,69 +289,63 @@ def prepare_easyvqa(
     }
     test_args = {"max_test_questions": max_test_questions, "test_sample": test_sample, "source": "test"}
     artifacts = [
-        _Artifact(
+        Artifact(
             "images_train",
             "images/train/",
             train_args,
-            _files_under(paths["images_train"], "*.png"),
+            files_under(paths["images_train"], "*.png"),
             lambda: _copy_images(
                 {**source.train_images, **source.val_image_paths}, paths["images_train"], progress
             ),
         ),
-        _Artifact(
+        Artifact(
             "images_test",
             "images/test/",
             test_args,
-            _files_under(paths["images_test"], "*.png"),
+            files_under(paths["images_test"], "*.png"),
             lambda: _copy_images(source.test_images, paths["images_test"], progress),
         ),
-        _Artifact("captions", "captions.json", train_args, _files_named(paths["captions"]), build_captions),
-        _Artifact(
-            "instruct", "instruct.json", instruct_args, _files_named(paths["instruct"]), build_instruct
-        ),
-        _Artifact(
+        Artifact("captions", "captions.json", train_args, files_named(paths["captions"]), build_captions),
+        Artifact("instruct", "instruct.json", instruct_args, files_named(paths["instruct"]), build_instruct),
+        Artifact(
             "test",
             "test_questions.jsonl + test_answers.json",
             test_args,
-            _files_named(paths["test_questions"], paths["test_answers"]),
+            files_named(paths["test_questions"], paths["test_answers"]),
             lambda: build_questions("test", source.test_questions, "test"),
         ),
-        _Artifact(
+        Artifact(
             "val",
             "val_questions.jsonl + val_answers.json (held-out train images)",
             train_args,
-            _files_named(paths["val_questions"], paths["val_answers"]),
+            files_named(paths["val_questions"], paths["val_answers"]),
             lambda: build_questions("val", source.val_questions, "train"),
         ),
-        _Artifact(
+        Artifact(
             "wds_captions",
             "wds/captions-*.tar",
             {**train_args, "shard_size": shard_size},
-            _files_under(wds_dir, "captions-*.tar"),
+            files_under(wds_dir, "captions-*.tar"),
             lambda: build_shards("captions", source.caption_records),
         ),
-        _Artifact(
+        Artifact(
             "wds_instruct",
             "wds/instruct-*.tar",
             {**instruct_args, "shard_size": shard_size},
-            _files_under(wds_dir, "instruct-*.tar"),
+            files_under(wds_dir, "instruct-*.tar"),
             lambda: build_shards("instruct", source.instruct_records),
         ),
-        _Artifact(
+        Artifact(
             "tokenizer",
             "tokenizer/",
             {**instruct_args, "vocab_size": vocab_size},
-            _files_under(paths["tokenizer"], "*"),
+            files_under(paths["tokenizer"], "*"),
             lambda: _train_tokenizer(
                 source.caption_records + source.instruct_records, paths["tokenizer"], vocab_size
             ),
         ),
     ]
 
-    previous = _load_manifest(paths["manifest"])
-    old_records: dict[str, Any] = (
-        previous.get("artifacts", {}) if isinstance(previous.get("artifacts"), dict) else {}
-    )
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "converter": "mllm_kd.data_prep.easyvqa",
@@ -492,57 +365,17 @@ def prepare_easyvqa(
         "artifacts": {},
         "content_hash": None,
     }
-    actions: dict[str, str] = {}
-
-    def save_manifest() -> None:
-        hashes = {name: rec["sha256"] for name, rec in sorted(manifest["artifacts"].items())}
-        manifest["content_hash"] = _sha256_json(hashes)
-        manifest["counts"] = {
-            f"{name}.{key}": value
-            for name, rec in manifest["artifacts"].items()
-            for key, value in rec["counts"].items()
-        }
-        data = json_bytes(manifest, indent=2) + b"\n"
-        # Only write on change, so a rerun that skips everything leaves every mtime alone.
-        if not paths["manifest"].is_file() or paths["manifest"].read_bytes() != data:
-            atomic_write_bytes(paths["manifest"], data)
-
-    for artifact in artifacts:
-        digest = source.train_digest if artifact.params["source"] == "train" else source.test_digest
-        manifest["source"][f"{artifact.params['source']}_sha256"] = digest
-        key = _sha256_json(
-            {"format_version": FORMAT_VERSION, "artifact": artifact.name, **artifact.params, "digest": digest}
-        )
-        old = old_records.get(artifact.name)
-        files = artifact.existing()
-        if (
-            not force
-            and isinstance(old, dict)
-            and old.get("key") == key
-            and files
-            and files_digest(out, files) == old.get("sha256")
-        ):
-            manifest["artifacts"][artifact.name] = old
-            actions[artifact.name] = "skipped"
-        else:
-            for path in files:
-                path.unlink()
-            counts = artifact.build()
-            files = artifact.existing()
-            manifest["artifacts"][artifact.name] = {
-                "key": key,
-                "files": len(files),
-                "bytes": sum(p.stat().st_size for p in files),
-                "sha256": files_digest(out, files),
-                "counts": counts,
-            }
-            actions[artifact.name] = "wrote"
-            # Record progress per artifact so an interrupted run redoes only the unfinished ones.
-            save_manifest()
-        rec = manifest["artifacts"][artifact.name]
-        counts_text = ", ".join(f"{k}={v}" for k, v in rec["counts"].items())
-        emit(f"{actions[artifact.name]:>7} {out}/{artifact.describe}: {rec['files']} files; {counts_text}")
-    save_manifest()
+    digests = {"train": lambda: source.train_digest, "test": lambda: source.test_digest}
+    actions = build_artifacts(
+        out,
+        paths["manifest"],
+        manifest,
+        artifacts,
+        lambda name: digests[name](),
+        FORMAT_VERSION,
+        force=force,
+        emit=emit,
+    )
     tokenizer_counts = manifest["artifacts"]["tokenizer"]["counts"]
     emit(
         f"tokenizer vocab size {tokenizer_counts['vocab_size']} "

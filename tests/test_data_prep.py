@@ -432,3 +432,53 @@ def test_labels_from_negated_questions_and_pixels() -> None:
         recover_labels(
             [*made_up, Question(3, "what color is the shape?", "blue", image)], {image: paths[image]}
         )
+
+
+def test_build_artifacts_skips_rebuilds_and_resumes(tmp_path):
+    """The generic piece alone: skip when key and files match; rebuild on a changed parameter, source or
+    file; an artifact whose build fails leaves the ones before it recorded, so a rerun skips them."""
+    from mllm_kd.data_prep.artifacts import Artifact, build_artifacts, files_named, load_manifest
+
+    built: list[str] = []
+
+    def artifacts(param: int, fail_b: bool = False) -> list[Artifact]:
+        def build(name: str) -> dict:
+            if name == "b" and fail_b:
+                raise RuntimeError("b failed")
+            built.append(name)
+            (tmp_path / f"{name}.txt").write_text(f"{name}{param}")
+            return {"n": param}
+
+        return [
+            Artifact(
+                n,
+                f"{n}.txt",
+                {"p": param, "source": src},
+                files_named(tmp_path / f"{n}.txt"),
+                lambda n=n: build(n),
+            )
+            for n, src in (("a", "s1"), ("b", "s2"))
+        ]
+
+    manifest_path = tmp_path / "manifest.json"
+    digests = {"s1": "d1", "s2": "d2"}
+
+    def run(param: int, **kw) -> dict:
+        return build_artifacts(tmp_path, manifest_path, {"args": {}}, artifacts(param, **kw), digests.get, 1)
+
+    with pytest.raises(RuntimeError, match="b failed"):
+        run(1, fail_b=True)
+    assert built == ["a"] and set(load_manifest(manifest_path)["artifacts"]) == {"a"}
+    assert run(1) == {"a": "skipped", "b": "wrote"} and built == ["a", "b"]
+    manifest = load_manifest(manifest_path)
+    assert manifest["source"] == {"s1_sha256": "d1", "s2_sha256": "d2"} and manifest["counts"] == {
+        "a.n": 1,
+        "b.n": 1,
+    }
+    assert run(1) == {"a": "skipped", "b": "skipped"}
+    (tmp_path / "b.txt").write_text("edited")
+    assert run(1) == {"a": "skipped", "b": "wrote"} and (tmp_path / "b.txt").read_text() == "b1"
+    digests["s1"] = "changed"
+    assert run(1) == {"a": "wrote", "b": "skipped"}
+    assert run(2) == {"a": "wrote", "b": "wrote"}
+    assert load_manifest(manifest_path)["counts"] == {"a.n": 2, "b.n": 2}
