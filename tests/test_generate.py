@@ -31,8 +31,9 @@ def test_batched_generation_equals_reference(smoke_teacher):
         "<image>\nWhat shape is in the image?",
         "Name a colour.",
         "<image>\nWhat color is the shape? Be brief please.",
+        "Is there a circle?\n<image>\nAnswer in one word.",  # the image after the question
     ]
-    pixels = [img, None, img]
+    pixels = [img, None, img, img]
     stop = set(gen.stop_ids())
     with torch.no_grad():
         want = []
