@@ -293,6 +293,9 @@ class LossConfig:
     # the student's projected images against the teacher's (relative squared error; off in LLaVA-KD): needs
     # one embedding space, e.g. a student cut from the teacher's LLM (losses.reference.visual_embedding_distill)
     w_emb: float = 0.0
+    # MDist_resp only at the answer tokens the teacher gets right (its most likely next token is the label);
+    # where it is wrong CE alone teaches the student (online teacher, one tokenizer)
+    resp_where_teacher_right: bool = False
     kind: str = "fkl"  # fkl | rkl | jsd | skl | srkl
     temperature: float = 1.0  # tau; divergences are scaled by tau^2
     beta: float = 0.5  # jsd: generalised JSD's teacher weight (GKD's beta; 0: forward KL, 1: reverse KL)

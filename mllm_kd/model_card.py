@@ -239,6 +239,8 @@ def _loss_words(rec: StageRecord) -> str:
     if distilled and any(loss.get(k, 0) for k, _ in LOSS_TERMS[1:3]):
         kind = loss.get("kind", "fkl")
         words += f" (MDist: {kind}, tau={loss.get('temperature', 1.0):g})"
+    if distilled and loss.get("w_resp", 0) and loss.get("resp_where_teacher_right"):
+        words += "; MDist_resp only at answer tokens the teacher gets right"
     return words
 
 

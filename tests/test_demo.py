@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import yaml
 from omegaconf import OmegaConf
 
 from mllm_kd.apps.easyvqa import ablate
@@ -421,13 +422,31 @@ def test_data_aligned_share_counts_positions_predicting_a_shared_boundary(tmp_pa
     assert data_aligned_share([record], chars, whole) == {"response": 5, "aligned": 2, "share": 0.4}
 
 
+def test_ablation_teacher_right_dft_at_the_demos_size(scratch):
+    """dft_teacher_right: the demo's kd SFT result, then DFT with MDist_resp narrowed to the teacher's right
+    answers; --questions sizes the DFT like the demo's size option and still reuses the demo's kd student."""
+    run, _, report = scratch
+    argv = ["--run-dir", str(run), "--recipe", "scratch", "--quick", "--seeds", "0", "--questions", "40"]
+    assert ablate.main([*argv, "--only", "kd", "dft_teacher_right"]) == 0
+    table = json.loads((run / "ablation/report.json").read_text())
+    assert table["kd"]["accuracy"] == report["student_kd"]["accuracy"]
+    stage = run / "ablation/seed0/dft_teacher_right/stage3/final/config.yaml"
+    config = yaml.safe_load(stage.read_text())
+    assert config["loss"]["resp_where_teacher_right"] is True and config["data"]["max_samples"] == 40
+    assert config["init_from"] == f"{run}/seed0/kd/stage2"
+    assert not (run / "ablation/seed0/kd").exists()
+    assert "mdist_resp" in _first_metrics(run, "ablation/seed0/dft_teacher_right/stage3")
+
+
 def test_ablation_jobs_deal_seeds_and_keep_kd_before_its_dft_variants(tmp_path, monkeypatch):
-    """--jobs shares its slots between seeds; kd and the DFT-only variants from its SFT are one unit."""
-    calls = []
+    """--jobs shares its slots between seeds; kd and the DFT-only variants from its SFT are one unit; the
+    size options reach every child."""
+    calls, commands = [], []
 
     def fake_run(cmd, env, stdout, stderr):
         only = cmd[cmd.index("--only") + 1 : cmd.index("--recipe")]
         calls.append((int(cmd[cmd.index("--seeds") + 1]), tuple(only), env["OMP_NUM_THREADS"]))
+        commands.append(cmd)
         return type("Done", (), {"returncode": 1 if only == ["no_rel"] and calls[-1][0] == 1 else 0})()
 
     monkeypatch.setattr(ablate.subprocess, "run", fake_run)
@@ -435,7 +454,8 @@ def test_ablation_jobs_deal_seeds_and_keep_kd_before_its_dft_variants(tmp_path, 
     monkeypatch.setattr(ablate.os, "cpu_count", lambda: 4)
     names = ["no_rel", "kd", "dft_on_policy", "dft_seq_kd"]
     with pytest.raises(ablate.MllmKdError, match=r"seed1-no_rel\.log"):
-        ablate._train_in_parallel(tmp_path, names, 2, [], "scratch", (0, 1), True, 0.5)
+        ablate._train_in_parallel(tmp_path, names, 2, [], "scratch", (0, 1), True, 0.5, (4000, None))
+    assert all(cmd[cmd.index("--questions") + 1] == "4000" and "--captions" not in cmd for cmd in commands)
     assert sorted(calls) == [
         (0, ("kd", "dft_on_policy", "dft_seq_kd"), "2"),
         (0, ("no_rel",), "2"),

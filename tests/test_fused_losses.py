@@ -557,3 +557,51 @@ def test_loss_computer_refuses_the_projected_images_term_across_widths():
         TrainingError, match=r"loss.w_emb: the student projects each image to \(\d+, 32\).*\(\d+, 48\)"
     ):
         _loss_once(student, teacher, batch, w_emb=1.0)
+
+
+# ------------------------------------------------------------- MDist_resp only where the teacher is right
+@pytest.mark.parametrize("fused", [True, False])
+def test_loss_computer_distils_the_response_only_where_the_teacher_is_right(fused):
+    """loss.resp_where_teacher_right: MDist_resp is the mean over the answer tokens the teacher predicts
+    (argmax) right, on either path; CE, MDist_vis and RDist are unchanged."""
+    from mllm_kd.losses.reference import response_mask, teacher_right
+
+    student = _tiny_mllm(32, tie=True, seed=0)
+    teacher = _tiny_mllm(48, tie=False, seed=1).eval().requires_grad_(False)
+    batch = _mllm_batch(student.num_visual_tokens)
+    ids, attn, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+    with torch.no_grad():
+        t_logits = teacher(ids, attn, pixels).logits
+    top = t_logits.argmax(-1)
+    labels = batch["labels"].clone()
+    resp = response_mask(labels)
+    for i, (b, t) in enumerate(resp.nonzero().tolist()):  # every other answer token right, the rest wrong
+        labels[b, t + 1] = top[b, t] if i % 2 == 0 else (top[b, t] + 1) % IMG_ID
+    batch["labels"] = labels
+    right = teacher_right(top, labels)
+    assert int(right.sum()) == (int(resp.sum()) + 1) // 2 and not (right & ~resp).any()
+
+    _, terms, _ = _loss_once(
+        student, teacher, batch, fused=fused, chunk_size=7, resp_where_teacher_right=True
+    )
+    _, base, _ = _loss_once(student, teacher, batch, fused=fused, chunk_size=7)
+    with torch.no_grad():
+        s_logits = student(ids, attn, pixels).logits
+    assert terms["mdist_resp"].item() == pytest.approx(
+        kd_divergence(s_logits, t_logits, right).item(), rel=RTOL
+    )
+    assert base["mdist_resp"].item() == pytest.approx(
+        kd_divergence(s_logits, t_logits, resp).item(), rel=RTOL
+    )
+    assert terms["mdist_resp"].item() != pytest.approx(base["mdist_resp"].item(), rel=1e-3)
+    for k in ("ce", "mdist_vis", "rdist"):
+        assert terms[k].item() == pytest.approx(base[k].item(), rel=RTOL), k
+
+
+def test_resp_where_teacher_right_refuses_a_teacher_without_its_logits():
+    from mllm_kd.errors import TrainingError
+
+    teacher = _tiny_mllm(48, tie=False, seed=1).eval().requires_grad_(False)
+    cfg = StageConfig(loss=LossConfig(resp_where_teacher_right=True, cross_tokenizer=True))
+    with pytest.raises(TrainingError, match="resp_where_teacher_right needs the teacher model itself"):
+        LossComputer(cfg, teacher)

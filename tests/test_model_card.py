@@ -107,3 +107,17 @@ def test_bad_eval_results_file_is_named(student_run, tmp_path, capsys):
     args = ["--checkpoint", str(run / "stage3"), "--out", str(tmp_path / "o"), "--eval-results", str(bad)]
     assert export_main(args) == 2
     assert f"--eval-results {bad}: not a score file" in capsys.readouterr().err
+
+
+def test_loss_words_name_the_response_term_narrowed_to_the_teachers_right_answers(tmp_path):
+    from mllm_kd.model_card import StageRecord, _loss_words
+
+    loss = {"w_ce": 1.0, "w_resp": 1.0, "w_vis": 1.0, "w_rel": 1.0, "w_emb": 0.0, "kind": "fkl"}
+    config = {"teacher": {"checkpoint": "t"}, "loss": {**loss, "resp_where_teacher_right": True}}
+    words = _loss_words(StageRecord("stage3", tmp_path, config, {}))
+    assert words.endswith("(MDist: fkl, tau=1); MDist_resp only at answer tokens the teacher gets right")
+    config["loss"]["w_resp"] = 0.0  # nothing to narrow
+    assert "teacher gets right" not in _loss_words(StageRecord("stage3", tmp_path, config, {}))
+    assert "teacher gets right" not in _loss_words(
+        StageRecord("stage3", tmp_path, {**config, "loss": loss}, {})
+    )

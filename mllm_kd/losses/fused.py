@@ -270,6 +270,7 @@ def fused_distill_loss(
     teacher_bias: torch.Tensor | None = None,
     teacher_gram: torch.Tensor | None = None,
     with_ce: bool = True,
+    resp_keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """A micro-batch's objective from hidden states: ``sum_k weights[k] * term_k`` over nonzero weights.
 
@@ -283,12 +284,13 @@ def fused_distill_loss(
         weights: ``{"ce", "mdist_resp", "mdist_vis", "rdist"}`` (missing keys count as 0).
         teacher_hidden: ``[B, T, d_t]`` or None (CE only); settings: which distillation terms, kind, tau.
         with_ce: False leaves CE out (no ``"ce"`` term).
+        resp_keep: bool ``[B, T]`` or None: MDist_resp only where True (:func:`~mllm_kd.losses.kernel.plan_rows`).
     Returns:
         ``(total, terms)``: ``total`` is differentiable; ``terms`` holds the unweighted values, detached.
     """
     settings = settings or DistillSettings()
     distill = teacher_hidden is not None
-    plan = plan_rows(labels, vis_mask, weights, settings, distill, with_ce)
+    plan = plan_rows(labels, vis_mask, weights, settings, distill, with_ce, resp_keep=resp_keep)
     w_rel = float(weights.get("rdist", 0.0))
     rdist, gram_grad = None, None
     if distill and settings.rel and vis_mask is not None:

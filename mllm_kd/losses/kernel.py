@@ -217,12 +217,14 @@ class RowPlan:
 
     ``rows`` bool ``[B, T]``; the others are over the ``N`` selected rows (row-major): ``is_resp`` /
     ``is_vis`` bool, ``targets`` next-token ids (-100: none), ``ce_w`` / ``kd_w`` float32 weights whose
-    weighted sum is the objective's CE + MDist part.
+    weighted sum is the objective's CE + MDist part; ``kd_resp`` bool: the response rows MDist_resp covers
+    (``is_resp`` unless ``resp_keep`` narrowed it).
     """
 
     rows: torch.Tensor
     is_resp: torch.Tensor
     is_vis: torch.Tensor
+    kd_resp: torch.Tensor
     targets: torch.Tensor
     ce_w: torch.Tensor
     kd_w: torch.Tensor
@@ -240,12 +242,14 @@ def plan_rows(
     distill: bool,
     with_ce: bool = True,
     rows: torch.Tensor | None = None,
+    resp_keep: torch.Tensor | None = None,
 ) -> RowPlan:
     """CE and MDist_resp at the response positions (hidden at t predicts label t+1), MDist_vis at the
     visual positions (unshifted), each term a mean over its rows times its weight (and tau^2 for MDist).
 
     ``rows``: which rows to compute (default: those some term needs); a cached teacher passes the rows
-    it was built for, the response and visual positions.
+    it was built for, the response and visual positions. ``resp_keep`` (bool ``[B, T]``): MDist_resp only
+    at the response positions where it is True (``loss.resp_where_teacher_right``), a mean over those.
     """
     resp = response_mask(labels)
     use_resp = distill and settings.resp
@@ -258,7 +262,8 @@ def plan_rows(
     targets_full[:, :-1] = labels[:, 1:]
     is_resp, targets = resp[rows], targets_full[rows]
     is_vis = vis_mask[rows] if use_vis else torch.zeros_like(is_resp)
-    n_resp, n_vis = int(is_resp.sum()), int(is_vis.sum())
+    kd_resp = is_resp if resp_keep is None else is_resp & resp_keep[rows]
+    n_resp, n_kd_resp, n_vis = int(is_resp.sum()), int(kd_resp.sum()), int(is_vis.sum())
     w = {k: float(weights.get(k, 0.0)) for k in ("ce", "mdist_resp", "mdist_vis")}
     tau2 = settings.temperature**2
     ce_w = (
@@ -268,10 +273,10 @@ def plan_rows(
     )
     kd_w = torch.zeros_like(ce_w)
     if use_resp:
-        kd_w = kd_w + is_resp.float() * (w["mdist_resp"] * tau2 / max(n_resp, 1))
+        kd_w = kd_w + kd_resp.float() * (w["mdist_resp"] * tau2 / max(n_kd_resp, 1))
     if use_vis:
         kd_w = kd_w + is_vis.float() * (w["mdist_vis"] * tau2 / max(n_vis, 1))
-    return RowPlan(rows, is_resp, is_vis, targets, ce_w, kd_w, use_resp, use_vis, with_ce, tau2)
+    return RowPlan(rows, is_resp, is_vis, kd_resp, targets, ce_w, kd_w, use_resp, use_vis, with_ce, tau2)
 
 
 def collect_terms(
@@ -285,11 +290,15 @@ def collect_terms(
     """``(total + w_rel * RDist, terms)``: the unweighted, detached value of each term asked for."""
     zero = total.detach() * 0.0
     terms: dict[str, torch.Tensor] = {}
-    has_resp, has_vis = bool(plan.is_resp.any()), bool(plan.is_vis.any())
+    has_resp, has_kd_resp, has_vis = (
+        bool(plan.is_resp.any()),
+        bool(plan.kd_resp.any()),
+        bool(plan.is_vis.any()),
+    )
     if plan.with_ce:
         terms["ce"] = ce[plan.is_resp].mean().detach() if has_resp else zero
     if plan.use_resp:
-        terms["mdist_resp"] = (d[plan.is_resp].mean() * plan.tau2).detach() if has_resp else zero
+        terms["mdist_resp"] = (d[plan.kd_resp].mean() * plan.tau2).detach() if has_kd_resp else zero
     if plan.use_vis:
         terms["mdist_vis"] = (d[plan.is_vis].mean() * plan.tau2).detach() if has_vis else zero
     if rdist is not None:

@@ -194,6 +194,17 @@ def response_mask(labels: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+def teacher_right(teacher_top: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Bool ``[B, T]``: response positions where the teacher's most likely next token is the label.
+
+    ``teacher_top``: ``[B, T]`` the teacher's argmax token at each position (only response positions are
+    read); ``labels`` unshifted, as :func:`response_mask` takes them.
+    """
+    right = torch.zeros_like(labels, dtype=torch.bool)
+    right[:, :-1] = teacher_top[:, :-1] == labels[:, 1:]
+    return right & response_mask(labels)
+
+
 @dataclass(frozen=True)
 class DistillSettings:
     """What a stage asks of :func:`distill_terms` (a view of ``LossConfig``)."""
@@ -214,6 +225,7 @@ def distill_terms(
     vis_mask: torch.Tensor,
     num_visual_tokens: int,
     settings: DistillSettings,
+    resp_keep: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The three LLaVA-KD distillation terms of one batch, from full logits.
 
@@ -222,13 +234,16 @@ def distill_terms(
         labels: ``[B, T]`` (unshifted, -100 outside answers).
         vis_mask: bool ``[B, T]``, True at the projected image tokens; every image occupies
             ``num_visual_tokens`` consecutive positions.
+        resp_keep: bool ``[B, T]`` or None: MDist_resp only at the response positions where it is True
+            (:func:`teacher_right`).
     Returns:
         ``{"mdist_resp", "mdist_vis", "rdist"}`` for the terms asked for.
     """
     kw = dict(kind=settings.kind, temperature=settings.temperature, beta=settings.beta, alpha=settings.alpha)
     terms: dict[str, torch.Tensor] = {}
     if settings.resp:
-        terms["mdist_resp"] = kd_divergence(student_logits, teacher_logits, response_mask(labels), **kw)
+        resp = response_mask(labels) if resp_keep is None else response_mask(labels) & resp_keep
+        terms["mdist_resp"] = kd_divergence(student_logits, teacher_logits, resp, **kw)
     if settings.vis:
         terms["mdist_vis"] = kd_divergence(student_logits, teacher_logits, vis_mask, **kw)
     if settings.rel:

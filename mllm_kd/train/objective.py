@@ -17,6 +17,7 @@ from mllm_kd.losses.reference import (
     causal_lm_loss,
     distill_terms,
     response_mask,
+    teacher_right,
     visual_embedding_distill,
 )
 from mllm_kd.model.multimodal import MultimodalLM
@@ -49,6 +50,10 @@ class LossComputer:
     ``loss.w_emb`` adds, on either path with an online teacher, the distillation of the projected images
     (:func:`~mllm_kd.losses.reference.visual_embedding_distill`, the term ``vemb``), from the projected
     visual tokens both forwards return anyway.
+
+    ``loss.resp_where_teacher_right`` narrows MDist_resp to the answer tokens the online teacher predicts
+    right (:func:`~mllm_kd.losses.reference.teacher_right`): the teacher's argmax at the response positions,
+    from its logits (reference) or its hidden states there times its head (fused, a few rows per sample).
     """
 
     def __init__(
@@ -70,6 +75,12 @@ class LossComputer:
             )
         if self.cache is not None:
             check_loss_settings(cfg)
+        self.where_right = cfg.loss.resp_where_teacher_right and cfg.loss.w_resp > 0 and teacher is not None
+        if self.where_right and (self.cache is not None or cfg.loss.cross_tokenizer):
+            raise TrainingError(
+                "loss.resp_where_teacher_right needs the teacher model itself with the student's tokenizer: "
+                "not teacher.cache (top-k only) and not loss.cross_tokenizer; set it false"
+            )
         self.settings = DistillSettings(
             kind=cfg.loss.kind,
             temperature=cfg.loss.temperature,
@@ -171,6 +182,7 @@ class LossComputer:
             with torch.no_grad():
                 t_out = self.teacher(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
             vis_mask = batch["input_ids"] == inner.image_token_id
+            keep = teacher_right(t_out.logits.argmax(-1), batch["labels"]) if self.where_right else None
             terms.update(
                 distill_terms(
                     out.logits,
@@ -179,6 +191,7 @@ class LossComputer:
                     vis_mask,
                     inner.num_visual_tokens,
                     self.settings,
+                    resp_keep=keep,
                 )
             )
         total = sum(self.weights[k] * v for k, v in terms.items() if self.weights[k] != 0)
@@ -217,6 +230,8 @@ class LossComputer:
                 "num_visual_tokens": inner.num_visual_tokens,
                 "teacher_gram": self._cached_teacher_gram(t_head) if self.settings.rel else None,
             }
+            if self.where_right:
+                teacher_kw["resp_keep"] = _teacher_right_fused(t_out.hidden, t_head, batch["labels"])
         total, terms = fused_distill_loss(
             out.hidden,
             _head_weight(out, head),
@@ -238,6 +253,15 @@ class LossComputer:
             with torch.no_grad():
                 self._teacher_gram = (key, head_gram(w.detach(), None if b is None else b.detach()))
         return self._teacher_gram[1]
+
+
+def _teacher_right_fused(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor) -> torch.Tensor:
+    """:func:`teacher_right` from the teacher's final hidden states: its head applied at the response rows only."""
+    resp = response_mask(labels)
+    top = torch.full_like(labels, -1)
+    with torch.no_grad():
+        top[resp] = head(hidden[resp].to(head.weight.dtype)).argmax(-1)
+    return teacher_right(top, labels)
 
 
 def _head_weight(out, head: nn.Linear) -> torch.Tensor:

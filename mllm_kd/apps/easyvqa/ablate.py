@@ -1,7 +1,8 @@
 """Ablations of the easy-VQA demo: what each LLaVA-KD ingredient contributes.
 
     python -m mllm_kd.apps.easyvqa.ablate [--run-dir runs/demo] [--recipe pretrained|scratch] [--seeds 0,1]
-                             [--only NAME ...] [--on-policy-fraction F] [--jobs N] [key=value ...]
+                             [--only NAME ...] [--on-policy-fraction F] [--jobs N]
+                             [--questions N] [--captions N] [key=value ...]
 
 Reuses the demo's data and teacher (``RUN/data``, ``RUN/teacher``; run ``python -m mllm_kd.apps.easyvqa.demo`` with the
 same ``--recipe`` first) and trains one student per variant under ``RUN/ablation/seed<S>/<name>``:
@@ -19,7 +20,9 @@ same ``--recipe`` first) and trains one student per variant under ``RUN/ablation
   ``loss.on_policy_fraction`` = ``--on-policy-fraction``, 0.5 by default as TRL's ``lmbda``): the same
   stage-3 config, data and optimizer steps as ``kd``'s DFT, so the two differ only in whose responses
   the student learns from;
-* ``dft_seq_kd``: the same with sequence-level KD (``loss.sequence_kd``: the teacher's responses).
+* ``dft_seq_kd``: the same with sequence-level KD (``loss.sequence_kd``: the teacher's responses);
+* ``dft_teacher_right``: the same with MDist at the response only where the teacher's most likely answer
+  token is the label (``loss.resp_where_teacher_right``); elsewhere CE alone teaches.
 
 Finished variants are skipped; ``kd``, ``baseline`` and ``baseline_matched`` reuse the demo's students of
 the same seed (``RUN/seed<S>/kd``, ...) when no ``key=value`` override is given, since they are the same runs
@@ -27,7 +30,8 @@ the same seed (``RUN/seed<S>/kd``, ...) when no ``key=value`` override is given,
 for each seed; the table gives the mean over seeds and each seed's accuracy. ``--jobs N``
 trains N variants or seeds at a time in separate processes, the CPU threads split between them (small
 models do not use two cores well, so two jobs on a 2-core machine take about half the time). Writes
-``RUN/ablation/report.md`` and ``report.json``.
+``RUN/ablation/report.md`` and ``report.json``. ``--questions`` / ``--captions``: the size the demo ran
+``RUN`` at (its size options); they are part of the run, so the demo's students are still reused.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from mllm_kd.apps.easyvqa.demo import _seeds
+from mllm_kd.apps.easyvqa.demo import _seeds, add_size_options, size_overrides
 from mllm_kd.apps.easyvqa.roles import NO_DISTILL, RECIPES
 from mllm_kd.apps.easyvqa.scoring import evaluate
 from mllm_kd.cli import setup_logging, stage_config
@@ -73,9 +77,14 @@ VARIANTS: dict[str, tuple[list[str], dict[str, list[str]], str]] = {
     ),
     "dft_on_policy": ([DFT], {}, "kd's SFT -> DFT with on-policy distillation (GKD), kd's DFT steps"),
     "dft_seq_kd": ([DFT], {DFT: ["loss.sequence_kd=true"]}, "kd's SFT -> DFT on the teacher's responses"),
+    "dft_teacher_right": (
+        [DFT],
+        {DFT: ["loss.resp_where_teacher_right=true"]},
+        "kd's SFT -> DFT with MDist_resp only at answer tokens the teacher gets right",
+    ),
 }
 # Variants that start from the kd variant's SFT result (no stage 1 / 2 of their own).
-FROM_KD_SFT = ("dft_on_policy", "dft_seq_kd")
+FROM_KD_SFT = ("dft_on_policy", "dft_seq_kd", "dft_teacher_right")
 
 
 # Variants that are runs of the demo itself: (sub-directory of RUN, its last stage, the demo's role).
@@ -103,8 +112,10 @@ def train_variant(
     seed: int,
     quick: bool = False,
     on_policy_fraction: float = 0.5,
+    sizes: tuple[int | None, int | None] = (None, None),
 ) -> Path:
-    """Train one variant (``quick``: the demo's tiny ``--quick`` sizes); returns its final checkpoint."""
+    """Train one variant (``quick``: the demo's tiny ``--quick`` sizes; ``sizes``: the demo's ``--questions``,
+    ``--captions``); returns its final checkpoint."""
     from mllm_kd.stages import STAGES
 
     stages, per_stage, _ = VARIANTS[name]
@@ -119,14 +130,14 @@ def train_variant(
         f"train.seed={seed}",
     ]
     if name in FROM_KD_SFT:  # kd's SFT result (the demo's, or this ablation's kd with the overrides)
-        kd = train_variant(run, "kd", overrides, recipe, seed, quick)
+        kd = train_variant(run, "kd", overrides, recipe, seed, quick, sizes=sizes)
         base.append(f"init_from={kd.parent.parent / SFT}")
     if name == "dft_on_policy":
         per_stage = {DFT: [f"loss.on_policy_fraction={on_policy_fraction}"]}
     ckpt = None
     for stage in stages:
         quick_overrides = [*spec.quick, "train.progress=false"] if quick else []
-        extra = [*quick_overrides, *per_stage.get(stage, []), *overrides]
+        extra = [*quick_overrides, *size_overrides(*sizes), *per_stage.get(stage, []), *overrides]
         cfg = stage_config(spec.config, stage, [*base, *extra])
         log.info("== ablation %s: %s", name, stage)
         ckpt = STAGES[stage].run(cfg)
@@ -143,6 +154,7 @@ def _train_in_parallel(
     seeds: tuple[int, ...],
     quick: bool,
     on_policy_fraction: float,
+    sizes: tuple[int | None, int | None] = (None, None),
 ) -> None:
     """Train and answer ``names`` for every seed in ``jobs`` child processes at a time, threads split evenly.
 
@@ -169,6 +181,12 @@ def _train_in_parallel(
         cmd = [sys.executable, "-m", "mllm_kd.apps.easyvqa.ablate", "--run-dir", str(run), "--only", *group]
         cmd += ["--recipe", recipe, "--seeds", str(seed), "--on-policy-fraction", str(on_policy_fraction)]
         cmd += ["--quick"] if quick else []
+        cmd += [
+            a
+            for flag, n in zip(("--questions", "--captions"), sizes)
+            if n is not None
+            for a in (flag, str(n))
+        ]
         cmd += overrides
         log_path = logs / f"seed{seed}-{group[0]}.log"
         log.info("seed %d (%d threads): %s -> %s", seed, threads, " ".join(group), log_path)
@@ -202,10 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--quick", action="store_true", help="the tiny sizes of `mllm_kd.apps.easyvqa.demo --quick`"
     )
+    add_size_options(p)
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     setup_logging()
     run = Path(args.run_dir)
+    sizes = (args.questions, args.captions)
     names = args.only or list(VARIANTS)
     seeds = args.seeds or (args.seed,)
     per_seed: dict[str, dict[int, dict]] = {name: {} for name in names}
@@ -224,11 +244,12 @@ def main(argv: list[str] | None = None) -> int:
                 seeds,
                 args.quick,
                 args.on_policy_fraction,
+                sizes,
             )
         for seed in seeds:
             for name in names:  # finished variants and answer files are reused: this only collects
                 ckpt = train_variant(
-                    run, name, args.overrides, args.recipe, seed, args.quick, args.on_policy_fraction
+                    run, name, args.overrides, args.recipe, seed, args.quick, args.on_policy_fraction, sizes
                 )
                 per_seed[name][seed] = _score(run, name, ckpt, args.split, args.overrides, seed)
     except MllmKdError as e:

@@ -288,6 +288,35 @@ def _loss_curves(run: Path, results: dict) -> dict[str, list[dict]]:
     return curves
 
 
+def add_size_options(p: argparse.ArgumentParser) -> None:
+    """``--questions`` and ``--captions``: the run's size (the demo's and its ablations')."""
+    p.add_argument(
+        "--questions",
+        type=int,
+        default=None,
+        help="training questions of every model's SFT/DFT stages (default: the recipe's); a size option",
+    )
+    p.add_argument(
+        "--captions",
+        type=int,
+        default=None,
+        help="captions of the pre-training stages (default: the recipe's)",
+    )
+
+
+def size_overrides(questions: int | None, captions: int | None) -> list[str]:
+    """The stage overrides of the size options (None: the recipe's)."""
+    return [
+        f"stages.{stage}.data.max_samples={n}"
+        for n, stages in (
+            (questions, ("teacher_sft", "stage2", "stage3")),
+            (captions, ("teacher_pt", "stage1")),
+        )
+        if n is not None
+        for stage in stages
+    ]
+
+
 def _seeds(text: str) -> tuple[int, ...]:
     try:
         seeds = tuple(int(s) for s in text.split(","))
@@ -320,18 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="where the teacher's stages live (default RUN/teacher); a finished teacher there is reused",
     )
-    p.add_argument(
-        "--questions",
-        type=int,
-        default=None,
-        help="training questions of every model's SFT/DFT stages (default: the recipe's); a size option",
-    )
-    p.add_argument(
-        "--captions",
-        type=int,
-        default=None,
-        help="captions of the pre-training stages (default: the recipe's)",
-    )
+    add_size_options(p)
     p.add_argument(
         "--teacher-llm",
         choices=sorted(TEACHER_LLMS),
@@ -358,15 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     setup_logging()
     run = Path(args.run_dir)
-    sizes = [
-        f"stages.{stage}.data.max_samples={n}"
-        for n, stages in (
-            (args.questions, ("teacher_sft", "stage2", "stage3")),
-            (args.captions, ("teacher_pt", "stage1")),
-        )
-        if n is not None
-        for stage in stages
-    ]
+    sizes = size_overrides(args.questions, args.captions)
     try:
         results = run_demo(
             run,
