@@ -596,6 +596,8 @@ def test_loss_computer_distils_the_response_only_where_the_teacher_is_right(fuse
     assert terms["mdist_resp"].item() != pytest.approx(base["mdist_resp"].item(), rel=1e-3)
     for k in ("ce", "mdist_vis", "rdist"):
         assert terms[k].item() == pytest.approx(base[k].item(), rel=RTOL), k
+    assert terms["teacher_right"].item() == pytest.approx(right.sum().item() / resp.sum().item())
+    assert "teacher_right" not in base
 
 
 def test_resp_where_teacher_right_refuses_a_teacher_without_its_logits():

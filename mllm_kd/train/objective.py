@@ -176,7 +176,7 @@ class LossComputer:
     def _reference(self, student: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = student(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
         terms = {} if batch.get("on_policy") else {"ce": causal_lm_loss(out.logits, batch["labels"])}
-        t_out = None
+        t_out, keep = None, None
         if self.teacher is not None:
             inner = unwrap(student)
             with torch.no_grad():
@@ -195,6 +195,8 @@ class LossComputer:
                 )
             )
         total = sum(self.weights[k] * v for k, v in terms.items() if self.weights[k] != 0)
+        if t_out is not None and keep is not None:
+            terms["teacher_right"] = _share(keep, batch["labels"])
         return self._with_embedding(total, terms, out, t_out)
 
     def _with_embedding(self, total, terms: dict, out, t_out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -243,6 +245,8 @@ class LossComputer:
             with_ce=not batch.get("on_policy", False),
             **teacher_kw,
         )
+        if "resp_keep" in teacher_kw:
+            terms["teacher_right"] = _share(teacher_kw["resp_keep"], batch["labels"])
         return self._with_embedding(total, terms, out, t_out)
 
     def _cached_teacher_gram(self, t_head: nn.Linear) -> torch.Tensor:
@@ -253,6 +257,11 @@ class LossComputer:
             with torch.no_grad():
                 self._teacher_gram = (key, head_gram(w.detach(), None if b is None else b.detach()))
         return self._teacher_gram[1]
+
+
+def _share(keep: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The share of the response positions in ``keep`` (logged as ``teacher_right``)."""
+    return keep.sum().float() / response_mask(labels).sum().clamp_min(1)
 
 
 def _teacher_right_fused(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor) -> torch.Tensor:
