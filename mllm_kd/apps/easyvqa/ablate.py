@@ -10,9 +10,9 @@ same ``--recipe`` first) and trains one student per variant under ``RUN/ablation
 * ``kd``: DPT -> SFT -> DFT with every term (the demo's LLaVA-KD student);
 * ``no_dpt``: plain caption pre-training (CE) -> SFT -> DFT;
 * ``no_resp`` / ``no_vis`` / ``no_rel``: one distillation term switched off in DPT and DFT;
-* ``dft_ce_only``: DPT -> SFT -> stage 3 with every distillation term off, i.e. one more SFT epoch on
-  the LLaVA-KD student's own schedule: what stage 3 adds beyond the extra training (``no_resp`` is the
-  visual-terms-only variant: MDist_vis + RDist);
+* ``dft_ce_only``: ``kd``'s own SFT result, then stage 3 with every distillation term off, i.e. one more
+  SFT epoch on the LLaVA-KD student's own schedule: what stage 3 adds beyond the extra training
+  (``no_resp`` is the visual-terms-only variant: MDist_vis + RDist);
 * ``baseline``: plain pre-training -> SFT (the demo's baseline);
 * ``baseline_matched``: plain pre-training -> SFT for as many steps as SFT + DFT together, so that a gain
   of ``kd`` over it is not just more training;
@@ -68,7 +68,7 @@ VARIANTS: dict[str, tuple[list[str], dict[str, list[str]], str]] = {
         "without MDist at visual positions",
     ),
     "no_rel": ([PT, SFT, DFT], {PT: ["loss.w_rel=0"], DFT: ["loss.w_rel=0"]}, "without RDist"),
-    "dft_ce_only": ([PT, SFT, DFT], {DFT: NO_DISTILL}, "DPT -> SFT -> stage 3 with CE only (no teacher)"),
+    "dft_ce_only": ([DFT], {DFT: NO_DISTILL}, "kd's SFT -> stage 3 with CE only (no teacher)"),
     "baseline": ([PT, SFT], {PT: NO_DISTILL}, "plain PT -> SFT"),
     "baseline_matched": (
         [PT, SFT],
@@ -84,7 +84,7 @@ VARIANTS: dict[str, tuple[list[str], dict[str, list[str]], str]] = {
     ),
 }
 # Variants that start from the kd variant's SFT result (no stage 1 / 2 of their own).
-FROM_KD_SFT = ("dft_on_policy", "dft_seq_kd", "dft_teacher_right")
+FROM_KD_SFT = ("dft_ce_only", "dft_on_policy", "dft_seq_kd", "dft_teacher_right")
 
 
 # Variants that are runs of the demo itself: (sub-directory of RUN, its last stage, the demo's role).
