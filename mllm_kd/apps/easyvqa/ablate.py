@@ -21,6 +21,7 @@ same ``--recipe`` first) and trains one student per variant under ``RUN/ablation
   stage-3 config, data and optimizer steps as ``kd``'s DFT, so the two differ only in whose responses
   the student learns from;
 * ``dft_seq_kd``: the same with sequence-level KD (``loss.sequence_kd``: the teacher's responses);
+* ``dft_resp_only``: the same with MDist at the response positions only (DFT without MDist_vis and RDist);
 * ``dft_teacher_right``: the same with MDist at the response only where the teacher's most likely answer
   token is the label (``loss.resp_where_teacher_right``); elsewhere CE alone teaches.
 
@@ -77,6 +78,11 @@ VARIANTS: dict[str, tuple[list[str], dict[str, list[str]], str]] = {
     ),
     "dft_on_policy": ([DFT], {}, "kd's SFT -> DFT with on-policy distillation (GKD), kd's DFT steps"),
     "dft_seq_kd": ([DFT], {DFT: ["loss.sequence_kd=true"]}, "kd's SFT -> DFT on the teacher's responses"),
+    "dft_resp_only": (
+        [DFT],
+        {DFT: ["loss.w_vis=0", "loss.w_rel=0"]},
+        "kd's SFT -> DFT with MDist at the response only (no MDist_vis, no RDist)",
+    ),
     "dft_teacher_right": (
         [DFT],
         {DFT: ["loss.resp_where_teacher_right=true"]},
@@ -84,7 +90,7 @@ VARIANTS: dict[str, tuple[list[str], dict[str, list[str]], str]] = {
     ),
 }
 # Variants that start from the kd variant's SFT result (no stage 1 / 2 of their own).
-FROM_KD_SFT = ("dft_ce_only", "dft_on_policy", "dft_seq_kd", "dft_teacher_right")
+FROM_KD_SFT = ("dft_ce_only", "dft_on_policy", "dft_seq_kd", "dft_resp_only", "dft_teacher_right")
 
 
 # Variants that are runs of the demo itself: (sub-directory of RUN, its last stage, the demo's role).
