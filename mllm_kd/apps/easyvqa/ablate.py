@@ -16,6 +16,8 @@ same ``--recipe`` first) and trains one student per variant under ``RUN/ablation
 * ``baseline``: plain pre-training -> SFT (the demo's baseline);
 * ``baseline_matched``: plain pre-training -> SFT for as many steps as SFT + DFT together, so that a gain
   of ``kd`` over it is not just more training;
+* ``dpt_matched``: ``kd``'s own DPT result, then SFT for as many steps as SFT + DFT (``baseline_matched``
+  with DPT instead of plain pre-training): the teacher in pre-training only;
 * ``dft_on_policy``: ``kd``'s own SFT result, then its DFT with on-policy distillation (GKD,
   ``loss.on_policy_fraction`` = ``--on-policy-fraction``, 0.5 by default as TRL's ``lmbda``): the same
   stage-3 config, data and optimizer steps as ``kd``'s DFT, so the two differ only in whose responses
@@ -76,6 +78,11 @@ VARIANTS: dict[str, tuple[list[str], dict[str, list[str]], str]] = {
         {PT: NO_DISTILL, SFT: ["stages.stage2.train.epochs=2"]},
         "plain PT -> SFT for the steps of SFT + DFT (compute-matched)",
     ),
+    "dpt_matched": (
+        [SFT],
+        {SFT: ["stages.stage2.train.epochs=2"]},
+        "kd's DPT -> SFT for the steps of SFT + DFT (compute-matched, no teacher after DPT)",
+    ),
     "dft_on_policy": ([DFT], {}, "kd's SFT -> DFT with on-policy distillation (GKD), kd's DFT steps"),
     "dft_seq_kd": ([DFT], {DFT: ["loss.sequence_kd=true"]}, "kd's SFT -> DFT on the teacher's responses"),
     "dft_resp_only": (
@@ -89,6 +96,8 @@ VARIANTS: dict[str, tuple[list[str], dict[str, list[str]], str]] = {
         "kd's SFT -> DFT with MDist_resp only at answer tokens the teacher gets right",
     ),
 }
+# Variants that start from the kd variant's DPT result (no stage 1 of their own).
+FROM_KD_PT = ("dpt_matched",)
 # Variants that start from the kd variant's SFT result (no stage 1 / 2 of their own).
 FROM_KD_SFT = ("dft_ce_only", "dft_on_policy", "dft_seq_kd", "dft_resp_only", "dft_teacher_right")
 
@@ -135,9 +144,9 @@ def train_variant(
         f"teacher_dir={run / 'teacher'}",
         f"train.seed={seed}",
     ]
-    if name in FROM_KD_SFT:  # kd's SFT result (the demo's, or this ablation's kd with the overrides)
+    if name in (*FROM_KD_PT, *FROM_KD_SFT):  # kd's DPT or SFT result (the demo's, or this ablation's kd)
         kd = train_variant(run, "kd", overrides, recipe, seed, quick, sizes=sizes)
-        base.append(f"init_from={kd.parent.parent / SFT}")
+        base.append(f"init_from={kd.parent.parent / (PT if name in FROM_KD_PT else SFT)}")
     if name == "dft_on_policy":
         per_stage = {DFT: [f"loss.on_policy_fraction={on_policy_fraction}"]}
     ckpt = None
@@ -176,8 +185,8 @@ def _train_in_parallel(
     for seed in seeds:
         # The variants the demo already trained cost nothing: deal out only the others.
         todo = [n for n in names if not _demo_checkpoint(run, n, overrides, seed)]
-        after_kd = [n for n in todo if n in FROM_KD_SFT]
-        alone = [n for n in todo if n not in FROM_KD_SFT and not (after_kd and n == "kd")]
+        after_kd = [n for n in todo if n in (*FROM_KD_PT, *FROM_KD_SFT)]
+        alone = [n for n in todo if n not in after_kd and not (after_kd and n == "kd")]
         units += [(seed, [n]) for n in alone]
         if after_kd:
             units.append((seed, ["kd", *after_kd] if "kd" in todo else after_kd))
