@@ -438,6 +438,17 @@ def test_ablation_teacher_right_dft_at_the_demos_size(scratch):
     assert "mdist_resp" in _first_metrics(run, "ablation/seed0/dft_teacher_right/stage3")
 
 
+def test_ablation_no_dpt_continues_the_demos_plain_student(scratch):
+    """no_dpt is plain PT -> SFT -> DFT: the demo's baseline student's SFT result, then DFT; nothing retrained."""
+    run, _, _ = scratch
+    argv = ["--run-dir", str(run), "--recipe", "scratch", "--quick", "--seeds", "0", "--only", "no_dpt"]
+    assert ablate.main(argv) == 0
+    config = yaml.safe_load((run / "ablation/seed0/no_dpt/stage3/final/config.yaml").read_text())
+    assert config["init_from"] == f"{run}/seed0/baseline/stage2" and config["loss"]["w_resp"] > 0
+    assert sorted(p.name for p in (run / "ablation/seed0/no_dpt").iterdir()) == ["stage3"]
+    assert not (run / "ablation/seed0/baseline").exists()
+
+
 def test_ablation_jobs_deal_seeds_and_keep_kd_before_its_dft_variants(tmp_path, monkeypatch):
     """--jobs shares its slots between seeds; kd and the DFT-only variants from its SFT are one unit; the
     size options reach every child."""
@@ -452,13 +463,15 @@ def test_ablation_jobs_deal_seeds_and_keep_kd_before_its_dft_variants(tmp_path, 
     monkeypatch.setattr(ablate.subprocess, "run", fake_run)
     monkeypatch.setattr(ablate, "_demo_checkpoint", lambda run, name, overrides, seed: None)
     monkeypatch.setattr(ablate.os, "cpu_count", lambda: 4)
-    names = ["no_rel", "kd", "dft_on_policy", "dft_seq_kd"]
+    names = ["no_rel", "kd", "dft_on_policy", "dft_seq_kd", "no_dpt"]
     with pytest.raises(ablate.MllmKdError, match=r"seed1-no_rel\.log"):
         ablate._train_in_parallel(tmp_path, names, 2, [], "scratch", (0, 1), True, 0.5, (4000, None))
     assert all(cmd[cmd.index("--questions") + 1] == "4000" and "--captions" not in cmd for cmd in commands)
     assert sorted(calls) == [
         (0, ("kd", "dft_on_policy", "dft_seq_kd"), "2"),
+        (0, ("no_dpt",), "2"),  # its baseline is not asked for: the child trains (or reuses) it
         (0, ("no_rel",), "2"),
         (1, ("kd", "dft_on_policy", "dft_seq_kd"), "2"),
+        (1, ("no_dpt",), "2"),
         (1, ("no_rel",), "2"),
     ]

@@ -8,7 +8,7 @@ Reuses the demo's data and teacher (``RUN/data``, ``RUN/teacher``; run ``python 
 same ``--recipe`` first) and trains one student per variant under ``RUN/ablation/seed<S>/<name>``:
 
 * ``kd``: DPT -> SFT -> DFT with every term (the demo's LLaVA-KD student);
-* ``no_dpt``: plain caption pre-training (CE) -> SFT -> DFT;
+* ``no_dpt``: plain caption pre-training (CE) -> SFT -> DFT: ``baseline``'s own SFT result, then DFT;
 * ``no_resp`` / ``no_vis`` / ``no_rel``: one distillation term switched off in DPT and DFT;
 * ``dft_ce_only``: ``kd``'s own SFT result, then stage 3 with every distillation term off, i.e. one more
   SFT epoch on the LLaVA-KD student's own schedule: what stage 3 adds beyond the extra training
@@ -59,7 +59,7 @@ PT, SFT, DFT = "stage1", "stage2", "stage3"
 # name -> (stages, overrides per stage, what it shows)
 VARIANTS: dict[str, tuple[list[str], dict[str, list[str]], str]] = {
     "kd": ([PT, SFT, DFT], {}, "DPT -> SFT -> DFT, all terms"),
-    "no_dpt": ([PT, SFT, DFT], {PT: NO_DISTILL}, "plain PT instead of DPT"),
+    "no_dpt": ([DFT], {}, "plain PT instead of DPT"),
     "no_resp": (
         [PT, SFT, DFT],
         {PT: ["loss.w_resp=0"], DFT: ["loss.w_resp=0"]},
@@ -96,10 +96,16 @@ VARIANTS: dict[str, tuple[list[str], dict[str, list[str]], str]] = {
         "kd's SFT -> DFT with MDist_resp only at answer tokens the teacher gets right",
     ),
 }
-# Variants that start from the kd variant's DPT result (no stage 1 of their own).
-FROM_KD_PT = ("dpt_matched",)
-# Variants that start from the kd variant's SFT result (no stage 1 / 2 of their own).
-FROM_KD_SFT = ("dft_ce_only", "dft_on_policy", "dft_seq_kd", "dft_resp_only", "dft_teacher_right")
+# Variants that start from another variant's stage result (the demo's, or this ablation's with the overrides)
+# instead of training the same stages again: variant -> (the variant it continues, that variant's stage).
+STARTS_FROM: dict[str, tuple[str, str]] = {
+    "dpt_matched": ("kd", PT),
+    **{
+        n: ("kd", SFT)
+        for n in ("dft_ce_only", "dft_on_policy", "dft_seq_kd", "dft_resp_only", "dft_teacher_right")
+    },
+    "no_dpt": ("baseline", SFT),  # plain PT -> SFT is the baseline, stage for stage
+}
 
 
 # Variants that are runs of the demo itself: (sub-directory of RUN, its last stage, the demo's role).
@@ -144,9 +150,10 @@ def train_variant(
         f"teacher_dir={run / 'teacher'}",
         f"train.seed={seed}",
     ]
-    if name in (*FROM_KD_PT, *FROM_KD_SFT):  # kd's DPT or SFT result (the demo's, or this ablation's kd)
-        kd = train_variant(run, "kd", overrides, recipe, seed, quick, sizes=sizes)
-        base.append(f"init_from={kd.parent.parent / (PT if name in FROM_KD_PT else SFT)}")
+    if name in STARTS_FROM:
+        parent, stage = STARTS_FROM[name]
+        ckpt = train_variant(run, parent, overrides, recipe, seed, quick, sizes=sizes)
+        base.append(f"init_from={ckpt.parent.parent / stage}")
     if name == "dft_on_policy":
         per_stage = {DFT: [f"loss.on_policy_fraction={on_policy_fraction}"]}
     ckpt = None
@@ -173,8 +180,8 @@ def _train_in_parallel(
 ) -> None:
     """Train and answer ``names`` for every seed in ``jobs`` child processes at a time, threads split evenly.
 
-    The work is dealt as units of (seed, variants): each variant on its own, except that ``kd`` and the
-    DFT-only variants that start from its SFT result form one unit (``kd`` is trained once, first). Units
+    The work is dealt as units of (seed, variants): each variant on its own, except that a variant and
+    those that continue from it (:data:`STARTS_FROM`) form one unit (it is trained once, first). Units
     of every seed share the ``jobs`` slots, so ``--seeds 0,1 --only kd dft_on_policy --jobs 2`` trains
     the two seeds side by side."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -185,11 +192,13 @@ def _train_in_parallel(
     for seed in seeds:
         # The variants the demo already trained cost nothing: deal out only the others.
         todo = [n for n in names if not _demo_checkpoint(run, n, overrides, seed)]
-        after_kd = [n for n in todo if n in (*FROM_KD_PT, *FROM_KD_SFT)]
-        alone = [n for n in todo if n not in after_kd and not (after_kd and n == "kd")]
-        units += [(seed, [n]) for n in alone]
-        if after_kd:
-            units.append((seed, ["kd", *after_kd] if "kd" in todo else after_kd))
+        parents = sorted({parent for parent, _ in STARTS_FROM.values()})
+        followers = {p: [n for n in todo if STARTS_FROM.get(n, ("",))[0] == p] for p in parents}
+        grouped = {n for p, after in followers.items() if after for n in (p, *after)}
+        units += [(seed, [n]) for n in todo if n not in grouped]
+        for parent, after in followers.items():
+            if after:
+                units.append((seed, [parent, *after] if parent in todo else after))
 
     def train(unit: tuple[int, list[str]]) -> Path | None:
         seed, group = unit
