@@ -242,8 +242,10 @@ def distill_terms(
     kw = dict(kind=settings.kind, temperature=settings.temperature, beta=settings.beta, alpha=settings.alpha)
     terms: dict[str, torch.Tensor] = {}
     if settings.resp:
-        resp = response_mask(labels) if resp_keep is None else response_mask(labels) & resp_keep
-        terms["mdist_resp"] = kd_divergence(student_logits, teacher_logits, resp, **kw)
+        resp = response_mask(labels)
+        terms["mdist_resp"] = kd_divergence(
+            student_logits, teacher_logits, resp if resp_keep is None else resp & resp_keep, **kw
+        )
     if settings.vis:
         terms["mdist_vis"] = kd_divergence(student_logits, teacher_logits, vis_mask, **kw)
     if settings.rel:

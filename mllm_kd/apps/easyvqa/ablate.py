@@ -192,13 +192,13 @@ def _train_in_parallel(
     for seed in seeds:
         # The variants the demo already trained cost nothing: deal out only the others.
         todo = [n for n in names if not _demo_checkpoint(run, n, overrides, seed)]
-        parents = sorted({parent for parent, _ in STARTS_FROM.values()})
-        followers = {p: [n for n in todo if STARTS_FROM.get(n, ("",))[0] == p] for p in parents}
-        grouped = {n for p, after in followers.items() if after for n in (p, *after)}
+        followers: dict[str, list[str]] = {}
+        for n in todo:
+            if n in STARTS_FROM:
+                followers.setdefault(STARTS_FROM[n][0], []).append(n)
+        grouped = {n for p, after in followers.items() for n in (p, *after)}
         units += [(seed, [n]) for n in todo if n not in grouped]
-        for parent, after in followers.items():
-            if after:
-                units.append((seed, [parent, *after] if parent in todo else after))
+        units += [(seed, [p, *after] if p in todo else after) for p, after in followers.items()]
 
     def train(unit: tuple[int, list[str]]) -> Path | None:
         seed, group = unit
