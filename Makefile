@@ -11,7 +11,14 @@ RUN_DIR ?= runs/demo
 
 .PHONY: venv test test-all lint format demo demo-scratch smoke bench clean
 
+# .venv holds torch's CUDA-enabled wheel (the one the wheel cache has): 6.5 GB installed. A full disk
+# otherwise shows up as pip's "[Errno 28] No space left on device" halfway through the install.
+VENV_GB := 7
+
 $(BIN)/activate: pyproject.toml
+	@test -d $(VENV) || { free_kb=$$(df -Pk . | awk 'NR == 2 {print $$4}'); \
+	  if [ "$$free_kb" -lt $$(( $(VENV_GB) * 1048576 )) ]; then \
+	    echo "make: creating $(VENV) needs about $(VENV_GB) GB free disk; $(CURDIR) has $$(( free_kb / 1048576 )) GB free" >&2; exit 1; fi; }
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_PINS)
