@@ -13,7 +13,8 @@ the questions as ``[question, answer, image_id]`` triples; nothing is downloaded
 Usage::
 
     python -m mllm_kd.data_prep.easyvqa --out DIR [--max-train-images N] [--max-test-questions N]
-        [--shard-size N] [--vocab-size N] [--questions-per-record N] [--balance-yes-no] [--force]
+        [--shard-size N] [--vocab-size N] [--questions-per-record N] [--balance-yes-no] [--shuffle]
+        [--describe-yes-no] [--force]
 
 or :func:`prepare_easyvqa` from Python. The subset options keep the first N train images by id and the
 first N test questions in (image id, file position) order, so a subset is deterministic.
@@ -39,6 +40,9 @@ Output under DIR (image paths in records are relative to ``DIR/images``):
     per yes/no question template, as many "yes" as "no" train questions (:func:`balanced_yes_no`).
     ``--shuffle`` writes the records in a seeded random order (the same on every machine) instead of by
     image id, so that any prefix (``data.max_samples``) is a uniform sample of the questions and images.
+    ``--describe-yes-no`` makes each yes/no answer say first what the image shows: "is there not a red
+    shape?" -> "blue rectangle, yes" (:func:`~mllm_kd.data_prep.easyvqa_questions.described_answer`); scoring reads the word after the last
+    comma (:func:`mllm_kd.eval.tasks.easyvqa.final_answer`). Colour, shape and test files are unchanged.
 ``test_questions.jsonl``
     LLaVA question file: per line ``{"question_id": "<index in the package's test list>", "image":
     "test/<id>.png", "text": "<question>\\n" + SHORT_ANSWER_PROMPT, "category": <type>}``.
@@ -189,6 +193,7 @@ def prepare_easyvqa(
     val_images: int = 0,
     test_sample: int | None = None,
     shuffle: bool = False,
+    describe_yes_no: bool = False,
     log: Callable[[str], None] | None = print,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -225,6 +230,7 @@ def prepare_easyvqa(
         val_images=val_images,
         test_sample=test_sample,
         shuffle=shuffle,
+        describe_yes_no=describe_yes_no,
     )
     images = out / "images"
     wds_dir = out / "wds"
@@ -286,6 +292,8 @@ def prepare_easyvqa(
         "questions_per_record": questions_per_record,
         "balance_yes_no": balance_yes_no,
         "shuffle": shuffle,
+        # only when set, so that directories written before the option still count as up to date
+        **({"describe_yes_no": True} if describe_yes_no else {}),
     }
     test_args = {"max_test_questions": max_test_questions, "test_sample": test_sample, "source": "test"}
     artifacts = [
@@ -359,6 +367,7 @@ def prepare_easyvqa(
             "val_images": val_images,
             "test_sample": test_sample,
             "shuffle": shuffle,
+            "describe_yes_no": describe_yes_no,
         },
         "source": {"package": "easy-vqa", "package_version": _package_version()},
         "counts": {},
@@ -446,6 +455,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="instruct records in a seeded random order (any prefix is a uniform sample) instead of by image",
     )
+    parser.add_argument(
+        "--describe-yes-no",
+        action="store_true",
+        help='yes/no answers say first what the image shows ("blue rectangle, yes"); scored on the last word',
+    )
     parser.add_argument("--force", action="store_true", help="rebuild everything even if up to date")
     args = parser.parse_args(argv)
     try:
@@ -461,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
             val_images=args.val_images,
             test_sample=args.test_sample,
             shuffle=args.shuffle,
+            describe_yes_no=args.describe_yes_no,
         )
     except MllmKdError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -221,13 +221,30 @@ def caption_record(image_id: int, label: Label) -> Record:
     }
 
 
-def instruct_record(image_id: int, questions: list[Question], part: int | None = None) -> Record:
+def described_answer(question: Question, label: Label) -> str:
+    """A yes/no answer preceded by what the image shows ("blue rectangle, yes"); other answers unchanged.
+
+    The target of ``--describe-yes-no``: the answer is the word after the last comma, which
+    :func:`mllm_kd.eval.tasks.easyvqa.final_answer` scores.
+    """
+    if question.answer not in YES_NO:
+        return question.answer
+    return f"{label.color} {label.shape}, {question.answer}"
+
+
+def instruct_record(
+    image_id: int, questions: list[Question], part: int | None = None, label: Label | None = None
+) -> Record:
     """A short-answer record of a train image: its ``questions`` as turns, in file order.
 
     ``part`` numbers the records of one image when its questions are split (id ``instruct-<id>-<part>``);
-    None gives the whole-image id ``instruct-<id>``.
+    None gives the whole-image id ``instruct-<id>``. With the image's ``label``, yes/no answers say
+    first what the image shows (:func:`described_answer`).
     """
-    turns = [(short_answer_question(q.text), q.answer) for q in questions]
+    turns = [
+        (short_answer_question(q.text), q.answer if label is None else described_answer(q, label))
+        for q in questions
+    ]
     return {
         "id": f"instruct-{image_id}" if part is None else f"instruct-{image_id}-{part}",
         "image": f"train/{image_id}.png",
@@ -304,13 +321,14 @@ def stratified_sample(questions: list[Question], n: int) -> list[Question]:
 
 
 def instruct_records_of_image(
-    image_id: int, questions: list[Question], questions_per_record: int | None
+    image_id: int, questions: list[Question], questions_per_record: int | None, label: Label | None = None
 ) -> list[Record]:
-    """The image's questions (file order) in records of ``questions_per_record`` turns (None: one record)."""
+    """The image's questions (file order) in records of ``questions_per_record`` turns (None: one record);
+    ``label``: yes/no answers described (:func:`instruct_record`)."""
     if questions_per_record is None:
-        return [instruct_record(image_id, questions)]
+        return [instruct_record(image_id, questions, label=label)]
     return [
-        instruct_record(image_id, questions[start : start + questions_per_record], part)
+        instruct_record(image_id, questions[start : start + questions_per_record], part, label)
         for part, start in enumerate(range(0, len(questions), questions_per_record))
     ]
 

@@ -49,6 +49,7 @@ class Selection:
     val_images: int = 0
     shuffle: bool = False
     test_sample: int | None = None
+    describe_yes_no: bool = False  # yes/no answers say first what the image shows ("blue circle, no")
     train_questions: list[Question] = field(init=False)
     train_images: dict[int, Path] = field(init=False)
     test_questions: list[Question] = field(init=False)
@@ -99,12 +100,13 @@ class Selection:
         by_image: dict[int, list[Question]] = {}
         for q in balanced_yes_no(self.train_questions) if self.balance else self.train_questions:
             by_image.setdefault(q.image_id, []).append(q)
+        labels = self.labels[0] if self.describe_yes_no else {}
         # An image without questions gets no instruct record (none in the package's data).
         records = [
             record
             for i in sorted(self.train_images)
             if i in by_image
-            for record in instruct_records_of_image(i, by_image[i], self.questions_per_record)
+            for record in instruct_records_of_image(i, by_image[i], self.questions_per_record, labels.get(i))
         ]
         if self.shuffle:
             random.Random("easyvqa-instruct-order").shuffle(records)

@@ -272,6 +272,41 @@ def test_captions_match_labelled_shape_and_colour(converted: tuple[Path, dict[st
     assert len({r["conversations"][1]["value"].split()[0] for r in _load(out, "captions.json")}) > 1
 
 
+def test_describe_yes_no_answers_say_what_the_image_shows(tmp_path: Path, converted) -> None:
+    out, _ = converted
+    plain = _load(out, "instruct.json")
+    result = _convert(tmp_path / "described", describe_yes_no=True)
+    described = _load(tmp_path / "described", "instruct.json")
+    # the colour and shape of each image, independently of the converter: from the "what ..." questions
+    truth: dict[str, dict[str, str]] = defaultdict(dict)
+    for text, answer, image_id in zip(*easy_vqa.get_train_questions(), strict=True):
+        if text.startswith("what"):
+            truth[f"train/{image_id}.png"]["shape" if answer in SHAPES else "color"] = answer
+    assert [r["id"] for r in described] == [r["id"] for r in plain]
+    checked = 0
+    for before, after in zip(plain, described, strict=True):
+        assert after["conversations"][0] == before["conversations"][0]  # the question is unchanged
+        answer, said = before["conversations"][1]["value"], after["conversations"][1]["value"]
+        if answer not in ("yes", "no"):
+            assert said == answer
+            continue
+        color, shape, final = re.fullmatch(r"(\w+) (\w+), (yes|no)", said).groups()
+        assert final == answer and color in COLORS and shape in SHAPES
+        label = truth[after["image"]]
+        if len(label) == 2:
+            assert (color, shape) == (label["color"], label["shape"]), (after, label)
+            checked += 1
+    assert checked > 50
+    assert result["args"]["describe_yes_no"] is True
+    # colour, shape and test files are those of the plain conversion
+    for name in ("captions.json", "test_answers.json"):
+        assert (tmp_path / "described" / name).read_bytes() == (out / name).read_bytes()
+    # the option is a parameter of the instruct outputs: turning it off rebuilds them
+    again = _convert(tmp_path / "described")
+    assert again["actions"]["instruct"] == "wrote" and again["actions"]["captions"] == "skipped"
+    assert _load(tmp_path / "described", "instruct.json") == plain
+
+
 def test_test_questions_and_answers(converted: tuple[Path, dict[str, Any]]) -> None:
     out, _ = converted
     answers = json.loads((out / "test_answers.json").read_text("utf-8"))

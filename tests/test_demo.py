@@ -61,6 +61,18 @@ def test_teacher_projector_is_refused_where_it_does_not_fit(tmp_path, capsys, op
     assert not run.exists()
 
 
+@pytest.mark.parametrize("had", [False, True])
+def test_a_run_directory_of_the_other_answer_format_is_refused(tmp_path, capsys, had):
+    run = tmp_path / "demo"
+    (run / "data").mkdir(parents=True)
+    manifest = {"args": {"describe_yes_no": True}} if had else {"args": {}}  # older manifests lack the key
+    (run / "data" / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["--run-dir", str(run), *SCRATCH_ARGS, *([] if had else ["--describe-yes-no"])]) == 2
+    said = "with" if had else "without"
+    assert f"{run}: its data and models were made {said} --describe-yes-no" in capsys.readouterr().err
+    assert sorted(p.name for p in run.rglob("*")) == ["data", "manifest.json"]  # nothing else written
+
+
 def test_scratch_demo_scores_are_the_answer_files_scored(scratch):
     """Every (quick) test question answered by every model, and the reported accuracy is exact match on
     those answers."""
@@ -294,7 +306,7 @@ def test_yes_no_prior_is_the_template_majority():
         def __init__(self, qid, text):
             self.question_id, self.text = qid, text
 
-    said = [P("1", "No."), P("2", "no"), P("3", "no"), P("4", "circle")]
+    said = [P("1", "No."), P("2", "gray circle, no"), P("3", "no"), P("4", "circle")]  # q2 described
     out = yes_no_prior(prior, truth, questions, said)
     # prior right on q2, q3 (2 of 3); the model agrees with it on q1, q2 (2 of 3); on the one question
     # the prior gets wrong (q1) the model is wrong too

@@ -67,8 +67,8 @@ EASY = {
 EASY_ROWS = [
     (0, "The circle."),  # "circle": right
     ("1", "Blue"),  # right
-    ("2", "Yes, it does."),  # "yes it does" != "yes": exact match
-    ("3", "no"),  # right
+    ("2", "Yes, it does."),  # the final answer "it does" != "yes": exact match
+    ("3", "gray rectangle, no"),  # a described answer: its final answer "no" is right
 ]
 
 
@@ -90,6 +90,15 @@ def test_easyvqa_score(tmp_path, fmt):
         "0.png",
         f"what shape is in the image?\n{SHORT_ANSWER}",
     )
+
+
+def test_easyvqa_final_answer_is_after_the_last_comma():
+    from mllm_kd.eval.tasks.easyvqa import final_answer
+
+    assert final_answer("blue rectangle, yes") == "yes"
+    assert final_answer("a, b,  no ") == "no"
+    assert final_answer("circle") == "circle"
+    assert final_answer("yes,") == ""  # nothing after the comma: no answer
 
 
 def test_easyvqa_errors(tmp_path):

@@ -1,5 +1,5 @@
-"""easy-VQA (our demo benchmark): exact match after :func:`simple_normalize` (lower-case, punctuation and
-articles dropped), overall and per question type.
+"""easy-VQA (our demo benchmark): exact match of the :func:`final_answer` after :func:`simple_normalize`
+(lower-case, punctuation and articles dropped), overall and per question type.
 
 ``--annotations``: a JSON object ``{question_id (str): {"answer": str, "type": "shape"|"color"|"yes/no",
 "question"?: str, "image"?: str}}``, or JSONL / a JSON list of ``{question_id, answer, type, question?,
@@ -31,6 +31,13 @@ from mllm_kd.eval.core import (
     unknown_question,
 )
 from mllm_kd.eval.normalize import simple_normalize
+
+
+def final_answer(text: str) -> str:
+    """The answer a prediction gives: the text after its last comma, so that a described answer
+    ("blue rectangle, yes", the format ``data_prep.easyvqa --describe-yes-no`` trains) is scored on
+    "yes"; an answer without a comma is itself."""
+    return text.rpartition(",")[2].strip()
 
 
 @dataclass
@@ -81,7 +88,7 @@ class EasyVQATask(Task):
             item = annotations.items.get(qid_key(p.question_id))
             if item is None:
                 raise unknown_question(p, annotations.source)
-            ok = simple_normalize(p.text) == simple_normalize(str(item["answer"]))
+            ok = simple_normalize(final_answer(p.text)) == simple_normalize(str(item["answer"]))
             pairs.append((str(item.get("type", "unknown")), float(ok)))
         return {
             "accuracy": pct(sum(s for _, s in pairs) / len(pairs)),

@@ -152,6 +152,7 @@ def run_demo(
     teacher_llm: str | None = None,
     teacher_projector: bool = False,
     projected_images: bool = False,
+    describe_yes_no: bool = False,
 ) -> dict:
     """The whole demo into ``run``; ``teacher_dir`` reuses (or trains into) a teacher elsewhere.
 
@@ -160,6 +161,8 @@ def run_demo(
     teaches across tokenizers. ``teacher_projector``: also the compute-matched and LLaVA-KD students that
     start from the teacher's trained projector instead of stage 1 (:data:`TPROJ_ROLES`).
     ``projected_images``: also LLaVA-KD with the teacher's projected images distilled (:data:`EMB_ROLES`).
+    ``describe_yes_no``: every model's yes/no training answers say first what the image shows ("blue
+    rectangle, yes"; ``data_prep.easyvqa --describe-yes-no``), and are scored on their last word.
     """
     from mllm_kd.data_prep.easyvqa import prepare_easyvqa
 
@@ -172,6 +175,9 @@ def run_demo(
     prepare = {**spec.prepare, **(QUICK_PREPARE if quick else {})}
     if quick and "val_images" in prepare:
         prepare["val_images"], prepare["test_sample"] = 8, None
+    if describe_yes_no:
+        prepare["describe_yes_no"] = True
+    _check_answer_format(run, describe_yes_no, redo)
     phases = Phases(log)
     with phases("data"):
         prepare_easyvqa(run / "data", log=log.info, **prepare)
@@ -288,6 +294,20 @@ def _loss_curves(run: Path, results: dict) -> dict[str, list[dict]]:
     return curves
 
 
+def _check_answer_format(run: Path, describe_yes_no: bool, redo: bool) -> None:
+    """Refuse a run directory whose models learned the other answer format: finished stages are reused
+    whatever the data they were trained on."""
+    manifest = run / "data" / "manifest.json"
+    if redo or not manifest.exists():
+        return
+    had = json.loads(manifest.read_text()).get("args", {}).get("describe_yes_no", False)
+    if had != describe_yes_no:
+        raise ConfigError(
+            f"{run}: its data and models were made {'with' if had else 'without'} --describe-yes-no; "
+            "use another --run-dir, or --redo to retrain everything"
+        )
+
+
 def add_size_options(p: argparse.ArgumentParser) -> None:
     """``--questions`` and ``--captions``: the run's size (the demo's and its ablations')."""
     p.add_argument(
@@ -368,6 +388,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also the LLaVA-KD student that distils the teacher's projected images in DPT and DFT "
         "(loss.w_emb=30; about as long as the kd student)",
     )
+    p.add_argument(
+        "--describe-yes-no",
+        action="store_true",
+        help='yes/no training answers say first what the image shows ("blue rectangle, yes"); every model '
+        "is trained and scored that way (use a run directory of its own)",
+    )
     p.add_argument("--redo", action="store_true", help="redo finished stages and evaluations")
     p.add_argument(
         "--quick", action="store_true", help="tiny random models, a few hundred examples (the tests' variant)"
@@ -391,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
             teacher_llm=args.teacher_llm,
             teacher_projector=args.teacher_projector,
             projected_images=args.projected_images,
+            describe_yes_no=args.describe_yes_no,
         )
     except MllmKdError as e:
         return exit_code(e)

@@ -38,8 +38,9 @@ def yes_no_prior(prior: dict[str, str], truth: dict, questions: list[dict], pred
     """
     from mllm_kd.data_prep.easyvqa_questions import YES_NO, question_template
     from mllm_kd.eval.normalize import simple_normalize
+    from mllm_kd.eval.tasks.easyvqa import final_answer
 
-    said = {str(p.question_id): simple_normalize(p.text) for p in predictions}
+    said = {str(p.question_id): simple_normalize(final_answer(p.text)) for p in predictions}
     rows = []
     for q in questions:
         answer = truth[str(q["question_id"])]["answer"]

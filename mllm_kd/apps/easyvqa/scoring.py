@@ -36,7 +36,7 @@ def evaluate(data: Path, split: str, answers: Path, model_id: str, ckpt: Path, r
         system_prompt=system_prompt,
         image_mean=model_cfg.vision.image_mean,
         image_std=model_cfg.vision.image_std,
-        max_new_tokens=4,
+        max_new_tokens=8,  # a described yes/no answer ("blue rectangle, yes") is 4-6 tokens
     )
     questions = read_questions(data / f"{split}_questions.jsonl")
     answer_file(gen, questions, data / "images", answers, model_id=model_id, batch_size=128)
