@@ -67,9 +67,13 @@ def test_a_run_directory_of_the_other_answer_format_is_refused(tmp_path, capsys,
     (run / "data").mkdir(parents=True)
     manifest = {"args": {"describe_yes_no": True}} if had else {"args": {}}  # older manifests lack the key
     (run / "data" / "manifest.json").write_text(json.dumps(manifest))
-    assert main(["--run-dir", str(run), *SCRATCH_ARGS, *([] if had else ["--describe-yes-no"])]) == 2
-    said = "with" if had else "without"
-    assert f"{run}: its data and models were made {said} --describe-yes-no" in capsys.readouterr().err
+    # the scratch recipe's answers are one-word ones
+    assert main(["--run-dir", str(run), *SCRATCH_ARGS, *([] if had else ["--answers", "described"])]) == 2
+    said, asked = ("described", "one-word") if had else ("one-word", "described")
+    assert (
+        f"{run}: its data and models were made with {said} yes/no answers, not {asked}"
+        in capsys.readouterr().err
+    )
     assert sorted(p.name for p in run.rglob("*")) == ["data", "manifest.json"]  # nothing else written
 
 

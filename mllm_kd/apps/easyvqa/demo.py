@@ -152,7 +152,7 @@ def run_demo(
     teacher_llm: str | None = None,
     teacher_projector: bool = False,
     projected_images: bool = False,
-    describe_yes_no: bool = False,
+    describe_yes_no: bool | None = None,
 ) -> dict:
     """The whole demo into ``run``; ``teacher_dir`` reuses (or trains into) a teacher elsewhere.
 
@@ -161,8 +161,9 @@ def run_demo(
     teaches across tokenizers. ``teacher_projector``: also the compute-matched and LLaVA-KD students that
     start from the teacher's trained projector instead of stage 1 (:data:`TPROJ_ROLES`).
     ``projected_images``: also LLaVA-KD with the teacher's projected images distilled (:data:`EMB_ROLES`).
-    ``describe_yes_no``: every model's yes/no training answers say first what the image shows ("blue
-    rectangle, yes"; ``data_prep.easyvqa --describe-yes-no``), and are scored on their last word.
+    ``describe_yes_no``: whether every model's yes/no training answers say first what the image shows
+    ("blue rectangle, yes"; ``data_prep.easyvqa --describe-yes-no``; scored on the last word) or are the
+    label alone; None: the recipe's choice.
     """
     from mllm_kd.data_prep.easyvqa import prepare_easyvqa
 
@@ -175,9 +176,9 @@ def run_demo(
     prepare = {**spec.prepare, **(QUICK_PREPARE if quick else {})}
     if quick and "val_images" in prepare:
         prepare["val_images"], prepare["test_sample"] = 8, None
-    if describe_yes_no:
-        prepare["describe_yes_no"] = True
-    _check_answer_format(run, describe_yes_no, redo)
+    if describe_yes_no is not None:
+        prepare["describe_yes_no"] = describe_yes_no
+    _check_answer_format(run, prepare.get("describe_yes_no", False), redo)
     phases = Phases(log)
     with phases("data"):
         prepare_easyvqa(run / "data", log=log.info, **prepare)
@@ -294,6 +295,9 @@ def _loss_curves(run: Path, results: dict) -> dict[str, list[dict]]:
     return curves
 
 
+_ANSWERS = {True: "described", False: "one-word"}  # --answers: describe_yes_no
+
+
 def _check_answer_format(run: Path, describe_yes_no: bool, redo: bool) -> None:
     """Refuse a run directory whose models learned the other answer format: finished stages are reused
     whatever the data they were trained on."""
@@ -303,8 +307,8 @@ def _check_answer_format(run: Path, describe_yes_no: bool, redo: bool) -> None:
     had = json.loads(manifest.read_text()).get("args", {}).get("describe_yes_no", False)
     if had != describe_yes_no:
         raise ConfigError(
-            f"{run}: its data and models were made {'with' if had else 'without'} --describe-yes-no; "
-            "use another --run-dir, or --redo to retrain everything"
+            f"{run}: its data and models were made with {_ANSWERS[had]} yes/no answers, not "
+            f"{_ANSWERS[describe_yes_no]}; use another --run-dir, or --redo to retrain everything"
         )
 
 
@@ -389,10 +393,12 @@ def main(argv: list[str] | None = None) -> int:
         "(loss.w_emb=30; about as long as the kd student)",
     )
     p.add_argument(
-        "--describe-yes-no",
-        action="store_true",
-        help='yes/no training answers say first what the image shows ("blue rectangle, yes"); every model '
-        "is trained and scored that way (use a run directory of its own)",
+        "--answers",
+        choices=sorted(_ANSWERS.values()),
+        default=None,
+        help='yes/no training answers: "described" says first what the image shows ("blue rectangle, '
+        'yes"; scored on the last word), "one-word" is the label alone (default: the recipe\'s, described '
+        "for pretrained, one-word for scratch); a run directory holds one of them",
     )
     p.add_argument("--redo", action="store_true", help="redo finished stages and evaluations")
     p.add_argument(
@@ -417,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             teacher_llm=args.teacher_llm,
             teacher_projector=args.teacher_projector,
             projected_images=args.projected_images,
-            describe_yes_no=args.describe_yes_no,
+            describe_yes_no=None if args.answers is None else args.answers == "described",
         )
     except MllmKdError as e:
         return exit_code(e)
