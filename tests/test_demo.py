@@ -317,6 +317,54 @@ def test_yes_no_prior_is_the_template_majority():
     assert out == {"n": 3, "accuracy": 66.67, "agreement": 66.67, "accuracy_where_prior_wrong": 0.0}
 
 
+def test_described_yes_no_checks_the_description_and_whether_the_answer_follows_it():
+    from mllm_kd.apps.easyvqa.report import described_yes_no, summarise
+
+    class P:
+        def __init__(self, qid, text):
+            self.question_id, self.text = qid, text
+
+    rows = [  # (question, image, truth, said)
+        ("is there a red shape?", "a.png", "no", "blue circle, no"),  # follows (no red); colour known: right
+        (
+            "is there not a circle?",
+            "a.png",
+            "no",
+            "blue circle, yes",
+        ),  # a circle, "not": implies no; said yes
+        ("what color is the shape?", "a.png", "blue", "blue"),  # gives a.png's colour
+        ("what shape is in the image?", "b.png", "triangle", "circle"),  # gives b.png's shape
+        ("is there a triangle?", "b.png", "yes", "yes"),  # not described
+        (
+            "does the image contain a green shape?",
+            "b.png",
+            "no",
+            "Green triangle, yes.",
+        ),  # follows; colour unknown
+    ]
+    questions = [
+        {"question_id": str(i), "text": f"{q}\nAnswer.", "image": im} for i, (q, im, _, _) in enumerate(rows)
+    ]
+    truth = {str(i): {"answer": t, "type": "x"} for i, (_, _, t, _) in enumerate(rows)}
+    truth["2"]["type"], truth["3"]["type"] = "color", "shape"
+    said = [P(str(i), text) for i, (_, _, _, text) in enumerate(rows)]
+    out = described_yes_no(truth, questions, said)
+    # 4 yes/no questions, 3 described; a.png's colour is the only one known (right); 2 of 3 follow
+    assert out == {
+        "n": 4,
+        "described": 75.0,
+        "known": 1,
+        "description_right": 100.0,
+        "follows_description": 66.67,
+    }
+    assert described_yes_no(truth, questions, [P(str(i), "yes") for i in range(6)]) == {}  # one-word answers
+    seed = {"accuracy": 0.5, "by_type": {}, "train_seconds": 1, "parameters": 1, "llm_parameters": 1, "n": 6}
+    seed |= {"stages": [], "yes_no_prior": {}}
+    other = {**out, "follows_description": 33.33}
+    mean = summarise({0: {**seed, "described_yes_no": out}, 1: {**seed, "described_yes_no": other}})
+    assert mean["described_yes_no"]["follows_description"] == 50.0
+
+
 def test_ablation_on_policy_dft_starts_from_the_kd_students_sft(scratch):
     """The on-policy DFT variant: the demo's kd student's SFT result, then DFT for the same optimizer steps."""
     run, _, report = scratch

@@ -59,6 +59,56 @@ def yes_no_prior(prior: dict[str, str], truth: dict, questions: list[dict], pred
     }
 
 
+def described_yes_no(truth: dict, questions: list[dict], predictions) -> dict:
+    """For described yes/no answers ("blue rectangle, yes"): is the description right, and is the answer
+    the one the model's own description implies?
+
+    ``described``: the share of the yes/no answers in that form; ``known``: how many of them are about an
+    image whose colour (shape) a colour (shape) question of the same split gives; ``description_right``:
+    the share of those whose description names it; ``follows_description``: the share of the described
+    answers that are what the description implies for the question (the colour or shape word it asks
+    about, turned round by "not" / "no"). Empty when no yes/no answer is described.
+    """
+    import re
+
+    from mllm_kd.data_prep.easyvqa_questions import COLORS, SHAPES, YES_NO
+
+    said = {str(p.question_id): p.text.strip().lower() for p in predictions}
+    image_of = {str(q["question_id"]): q["image"] for q in questions}
+    seen: dict[tuple[str, str], str] = {}  # (image, "color" | "shape") -> the split's answer
+    for qid, item in truth.items():
+        if item.get("type") in ("color", "shape") and str(qid) in image_of:
+            seen[(image_of[str(qid)], item["type"])] = item["answer"]
+    n = described = known = right = follows = 0
+    for q in questions:
+        qid = str(q["question_id"])
+        if truth[qid]["answer"] not in YES_NO:
+            continue
+        n += 1
+        m = re.fullmatch(r"(\w+) (\w+), (yes|no)\.?", said.get(qid, ""))
+        if m is None:
+            continue
+        described += 1
+        shown = {"color": m.group(1), "shape": m.group(2)}
+        words = re.findall(r"[a-z]+", q["text"].split("\n")[0].lower())
+        asked = [("color" if w in COLORS else "shape", w) for w in words if w in COLORS or w in SHAPES]
+        present = all(shown[kind] == w for kind, w in asked)
+        follows += m.group(3) == ("no" if present == ("not" in words or "no" in words) else "yes")
+        for kind, _ in asked:
+            if (q["image"], kind) in seen:
+                known += 1
+                right += shown[kind] == seen[(q["image"], kind)]
+    if not described:
+        return {}
+    return {
+        "n": n,
+        "described": _pct(described, n),
+        "known": known,
+        "description_right": _pct(right, known),
+        "follows_description": _pct(follows, described),
+    }
+
+
 def _pct(k: int, n: int) -> float | None:
     return pct(k / n) if n else None
 
@@ -84,6 +134,12 @@ def summarise(per_seed: dict[int, dict]) -> dict:
         },
         "seeds": {str(s): r for s, r in per_seed.items()},
     }
+    if all(r.get("described_yes_no") for r in runs):
+        out["described_yes_no"] = {
+            k: round(statistics.fmean(r["described_yes_no"][k] for r in runs), 2)
+            for k, v in first["described_yes_no"].items()
+            if v is not None and all(r["described_yes_no"].get(k) is not None for r in runs)
+        }
     return out
 
 
@@ -207,6 +263,7 @@ def write_report(run: Path, results: dict, curves: dict[str, list[dict]]) -> Non
         f"student: {g['kd_minus_matched']:+.2f} (spreads: kd {g['spread_kd']:.2f}, matched "
         f"{g['spread_matched']:.2f}); share of the teacher-to-plain-student gap closed: {g['gap_closed']}.",
         "",
+        *_described_lines(results, roles),
         *_tproj_lines(g),
         *_emb_lines(g),
         *_other_teacher_lines(results),
@@ -216,6 +273,28 @@ def write_report(run: Path, results: dict, curves: dict[str, list[dict]]) -> Non
         "",
     ]
     (run / "report.md").write_text("\n".join(lines))
+
+
+def _described_lines(results: dict, roles: list[str]) -> list[str]:
+    """Described yes/no answers: is the description right, does the answer follow it (per model)."""
+    rows = [(role, results[role].get("described_yes_no")) for role in roles]
+    if not any(d for _, d in rows):
+        return []
+    return [
+        'Described yes/no answers ("blue rectangle, yes"): the description right (where another question of '
+        "the split gives the image's colour or shape), and the answer the one the model's own description "
+        "implies:",
+        "",
+        "| model | described | description right | answer follows its description |",
+        "|---|---|---|---|",
+        *(
+            f"| {role} | {d.get('described', float('nan')):.2f} | {d.get('description_right', float('nan')):.2f} | "
+            f"{d.get('follows_description', float('nan')):.2f} |"
+            for role, d in rows
+            if d
+        ),
+        "",
+    ]
 
 
 def _tproj_lines(g: dict) -> list[str]:

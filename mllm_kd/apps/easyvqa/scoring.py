@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mllm_kd.apps.easyvqa.report import yes_no_prior
+from mllm_kd.apps.easyvqa.report import described_yes_no, yes_no_prior
 
 
 def evaluate(data: Path, split: str, answers: Path, model_id: str, ckpt: Path, redo: bool) -> dict:
     """Answer ``data/<split>_questions.jsonl`` into ``answers`` (greedy) and score it.
 
     Exact match overall and per type, plus the yes/no template prior (:func:`yes_no_prior`): its own
-    accuracy on these questions and how often the model's yes/no answers agree with it.
+    accuracy on these questions and how often the model's yes/no answers agree with it; for described
+    yes/no answers also :func:`described_yes_no`.
     """
 
     from mllm_kd.checkpoint.native import load_checkpoint_model
@@ -43,14 +44,12 @@ def evaluate(data: Path, split: str, answers: Path, model_id: str, ckpt: Path, r
     task = EasyVQATask()
     predictions = read_predictions(answers)
     scores = task.score(predictions, task.load(data / f"{split}_answers.json"))
+    truth = json.loads((data / f"{split}_answers.json").read_text())
+    described = described_yes_no(truth, questions, predictions)
     return {
         "parameters": count_parameters(model),
         "llm_parameters": count_parameters(model.llm),
         **scores,
-        "yes_no_prior": yes_no_prior(
-            train_template_prior(),
-            json.loads((data / f"{split}_answers.json").read_text()),
-            questions,
-            predictions,
-        ),
+        "yes_no_prior": yes_no_prior(train_template_prior(), truth, questions, predictions),
+        **({"described_yes_no": described} if described else {}),
     }
