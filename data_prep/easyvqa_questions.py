@@ -104,6 +104,16 @@ def question_type(answer: str) -> str:
     raise DataError(f"unknown easy-VQA answer {answer!r} (expected a shape, a colour, yes or no)")
 
 
+def asked_about(text: str) -> tuple[set[str], set[str], bool]:
+    """A question's named shapes and colours, and whether it is negated ("is there not ...", "is no ...")."""
+    words = re.findall(r"[a-z]+", text.lower())
+    return (
+        {w for w in words if w in SHAPES},
+        {w for w in words if w in COLORS},
+        "not" in words or "no" in words,
+    )
+
+
 def _question_constraints(
     questions: list[Question],
 ) -> dict[int, tuple[set[str], set[str]]]:
@@ -111,9 +121,7 @@ def _question_constraints(
     candidates: dict[int, tuple[set[str], set[str]]] = {}
     for q in questions:
         shapes, colors = candidates.setdefault(q.image_id, (set(SHAPES), set(COLORS)))
-        words = re.findall(r"[a-z]+", q.text.lower())
-        named_shapes = {w for w in words if w in SHAPES}
-        named_colors = {w for w in words if w in COLORS}
+        named_shapes, named_colors, negated = asked_about(q.text)
         kind = question_type(q.answer)
         if kind == "shape":
             # "what is the red shape?" -> rectangle: the answer is the shape, the named colour its colour.
@@ -126,7 +134,6 @@ def _question_constraints(
         else:
             # "is there (not) a red shape (in the image)?", "is no circle present?", "does the image
             # (not) contain ...?": with a negation a "yes" means absent.
-            negated = "not" in words or "no" in words
             present = (q.answer == "yes") != negated
             for named, pool in ((named_shapes, shapes), (named_colors, colors)):
                 for word in named:
@@ -230,6 +237,15 @@ def described_answer(question: Question, label: Label) -> str:
     if question.answer not in YES_NO:
         return question.answer
     return f"{label.color} {label.shape}, {question.answer}"
+
+
+_DESCRIBED = re.compile(r"(\w+) (\w+), (yes|no)\.?")
+
+
+def parse_described(text: str) -> tuple[str, str, str] | None:
+    """(colour, shape, answer) of a described answer (:func:`described_answer`); None for any other text."""
+    m = _DESCRIBED.fullmatch(text.strip().lower())
+    return None if m is None else (m.group(1), m.group(2), m.group(3))
 
 
 def instruct_record(

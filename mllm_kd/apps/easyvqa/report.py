@@ -69,11 +69,9 @@ def described_yes_no(truth: dict, questions: list[dict], predictions) -> dict:
     answers that are what the description implies for the question (the colour or shape word it asks
     about, turned round by "not" / "no"). Empty when no yes/no answer is described.
     """
-    import re
+    from mllm_kd.data_prep.easyvqa_questions import YES_NO, asked_about, parse_described
 
-    from mllm_kd.data_prep.easyvqa_questions import COLORS, SHAPES, YES_NO
-
-    said = {str(p.question_id): p.text.strip().lower() for p in predictions}
+    said = {str(p.question_id): p.text for p in predictions}
     image_of = {str(q["question_id"]): q["image"] for q in questions}
     seen: dict[tuple[str, str], str] = {}  # (image, "color" | "shape") -> the split's answer
     for qid, item in truth.items():
@@ -85,19 +83,18 @@ def described_yes_no(truth: dict, questions: list[dict], predictions) -> dict:
         if truth[qid]["answer"] not in YES_NO:
             continue
         n += 1
-        m = re.fullmatch(r"(\w+) (\w+), (yes|no)\.?", said.get(qid, ""))
-        if m is None:
+        parts = parse_described(said.get(qid, ""))
+        if parts is None:
             continue
         described += 1
-        shown = {"color": m.group(1), "shape": m.group(2)}
-        words = re.findall(r"[a-z]+", q["text"].split("\n")[0].lower())
-        asked = [("color" if w in COLORS else "shape", w) for w in words if w in COLORS or w in SHAPES]
-        present = all(shown[kind] == w for kind, w in asked)
-        follows += m.group(3) == ("no" if present == ("not" in words or "no" in words) else "yes")
-        for kind, _ in asked:
-            if (q["image"], kind) in seen:
+        color, shape, answer = parts
+        shapes, colors, negated = asked_about(q["text"].split("\n")[0])
+        present = shapes <= {shape} and colors <= {color}
+        follows += answer == ("yes" if present != negated else "no")
+        for kind, named, shown in (("shape", shapes, shape), ("color", colors, color)):
+            if named and (q["image"], kind) in seen:
                 known += 1
-                right += shown[kind] == seen[(q["image"], kind)]
+                right += shown == seen[(q["image"], kind)]
     if not described:
         return {}
     return {
@@ -127,20 +124,21 @@ def summarise(per_seed: dict[int, dict]) -> dict:
         "missing": max(r.get("missing", 0) for r in runs),  # unanswered questions (the worst seed)
         "stages": first["stages"],
         "spread": max(r["accuracy"] for r in runs) - min(r["accuracy"] for r in runs),
-        "yes_no_prior": {
-            k: round(statistics.fmean(r["yes_no_prior"][k] for r in runs), 2)
-            for k, v in first["yes_no_prior"].items()
-            if v is not None and all(r["yes_no_prior"].get(k) is not None for r in runs)
-        },
+        "yes_no_prior": _mean_fields([r["yes_no_prior"] for r in runs]),
         "seeds": {str(s): r for s, r in per_seed.items()},
     }
     if all(r.get("described_yes_no") for r in runs):
-        out["described_yes_no"] = {
-            k: round(statistics.fmean(r["described_yes_no"][k] for r in runs), 2)
-            for k, v in first["described_yes_no"].items()
-            if v is not None and all(r["described_yes_no"].get(k) is not None for r in runs)
-        }
+        out["described_yes_no"] = _mean_fields([r["described_yes_no"] for r in runs])
     return out
+
+
+def _mean_fields(rows: list[dict]) -> dict:
+    """The mean over seeds of each field every seed has a value for."""
+    return {
+        k: round(statistics.fmean(r[k] for r in rows), 2)
+        for k, v in rows[0].items()
+        if v is not None and all(r.get(k) is not None for r in rows)
+    }
 
 
 def gaps(results: dict) -> dict:
