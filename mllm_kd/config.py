@@ -155,6 +155,9 @@ class LLMConfig:
     keep_layers: list[int] | None = (
         None  # keep only these decoder layers (a student derived from a bigger LLM)
     )
+    # start from the LLM weights of this mllm_kd checkpoint (e.g. the trained teacher's), its decoder layers
+    # keep_layers where set: a student pruned from the trained teacher (Minitron) rather than from its base
+    checkpoint: str | None = None
 
     def __post_init__(self) -> None:
         check(

@@ -261,6 +261,59 @@ def test_pretrained_demo_seeds_differ_and_share_the_teacher(pretrained):
     assert not (run / "seed1/teacher").exists() and (run / "teacher/teacher_sft/final").is_dir()
 
 
+def test_kd_students_distil_from_one_teacher_cache_shared_by_the_seeds(pretrained):
+    """DPT and DFT of ``kd`` (DFT of ``kd_tproj``) read the teacher's outputs from TEACHER/cache/<stage>, built
+    once: seed 1 found it; ``kd_emb`` needs the online teacher's projected images."""
+    run, _, report = pretrained
+    built = {}
+    for stage in ("stage1", "stage3"):
+        cache = run / "teacher/cache" / stage
+        manifest = json.loads((cache / "manifest.json").read_text())
+        assert manifest["stage"] == stage and manifest["stats"]["samples"] == (
+            48 if stage == "stage1" else 40
+        )
+        assert manifest["teacher"]["path"].endswith("teacher/teacher_sft/final")
+        built[stage] = (cache / "manifest.json").stat().st_mtime
+        for seed in (0, 1):
+            cfg = OmegaConf.load(run / f"seed{seed}/kd/{stage}/final/config.yaml")
+            assert cfg.teacher.cache == str(cache), (seed, stage)
+            first = _first_metrics(run, f"seed{seed}/kd/{stage}")
+            assert first["mdist_resp"] > 0 and first["mdist_vis"] > 0 and "rdist" in first
+        # seed 1 trained after the cache was written: it read it, not rebuilt it
+        assert _state(run, f"seed1/kd/{stage}")["elapsed"] > 0
+        assert (run / f"seed1/kd/{stage}/final").stat().st_mtime > built[stage]
+    assert OmegaConf.load(run / "seed0/kd_tproj/stage3/final/config.yaml").teacher.cache == str(
+        run / "teacher/cache/stage3"
+    )
+    for stage in ("stage1", "stage3"):
+        assert OmegaConf.load(run / f"seed0/kd_emb/{stage}/final/config.yaml").teacher.cache is None
+    assert report["student_kd"]["seeds"]["0"]["train_seconds"] > 0
+
+
+def test_teacher_cache_is_reused_for_the_same_teacher_and_data_and_rebuilt_for_other_data(
+    pretrained, tmp_path
+):
+    import shutil
+
+    from mllm_kd.apps.easyvqa.demo import teacher_cache
+    from mllm_kd.apps.easyvqa.roles import QUICK_PRETRAINED, RECIPES
+    from mllm_kd.cli import stage_config
+
+    run = pretrained[0]
+    shutil.copytree(run / "teacher", tmp_path / "teacher")  # the same teacher, elsewhere
+    cache = tmp_path / "teacher/cache/stage1"
+    common = [*QUICK_PRETRAINED, "train.progress=false", f"run_dir={tmp_path}/kd", f"data_dir={run}/data"]
+    common.append(f"teacher_dir={tmp_path}/teacher")
+    cfg = stage_config(RECIPES["pretrained"].config, "stage1", common)
+    assert teacher_cache(cfg, cache) == (cache, 0.0)
+    fewer = stage_config(
+        RECIPES["pretrained"].config, "stage1", [*common, "stages.stage1.data.max_samples=40"]
+    )
+    path, seconds = teacher_cache(fewer, cache)
+    assert path == cache and seconds > 0
+    assert json.loads((cache / "manifest.json").read_text())["stats"]["samples"] == 40
+
+
 def test_questions_sizes_every_sft_and_dft_stage(pretrained):
     """40 questions at batch 8: 5 steps; pre-training keeps its 48 samples."""
     run, _, _ = pretrained

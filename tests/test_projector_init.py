@@ -107,3 +107,49 @@ def test_missing_projector_checkpoint_is_named(capsys, tmp_path, smoke_data):
         stage="stage1",
     )
     assert "model.projector.checkpoint /nope/p does not exist" in line
+
+
+def _llm_from(cfg, ckpt, keep):
+    return replace(cfg, llm=replace(cfg.llm, checkpoint=str(ckpt), keep_layers=keep))
+
+
+def test_fresh_model_takes_the_checkpoints_llm_layers_in_keep_layers_order(smoke_teacher):
+    """``model.llm.checkpoint`` with ``keep_layers=[1, 0]``: the checkpoint's layer 1 becomes layer 0 and
+    its layer 0 layer 1; embeddings and final norm are its own; the projector stays fresh."""
+    ckpt, cfg, tok, weights = _teacher(smoke_teacher)
+    assert cfg.llm.config["num_hidden_layers"] == 2
+    torch.manual_seed(123)
+    model = build_from_config(_llm_from(cfg, ckpt, [1, 0]), tok)
+    own = model.state_dict()
+    layer_keys = [k for k in weights if k.startswith("llm.model.layers.1.")]
+    assert layer_keys
+    for k in layer_keys:
+        torch.testing.assert_close(own[k.replace(".layers.1.", ".layers.0.")], weights[k], rtol=0, atol=0)
+        torch.testing.assert_close(own[k], weights[k.replace(".layers.1.", ".layers.0.")], rtol=0, atol=0)
+    torch.testing.assert_close(own["llm.model.norm.weight"], weights["llm.model.norm.weight"], rtol=0, atol=0)
+    # the tied embedding/head: stored under one of its two names
+    emb = weights.get("llm.model.embed_tokens.weight", weights.get("llm.lm_head.weight"))
+    torch.testing.assert_close(own["llm.model.embed_tokens.weight"], emb, rtol=0, atol=0)
+    proj = next(k for k in weights if k.startswith("projector.") and weights[k].dim() == 2)
+    assert not torch.equal(own[proj], weights[proj])
+    # one layer kept: a one-layer LLM holding the checkpoint's layer 1
+    small = build_from_config(_llm_from(cfg, ckpt, [1]), tok)
+    assert len(small.llm.get_decoder().layers) == 1
+    k = layer_keys[0]
+    torch.testing.assert_close(small.state_dict()[k.replace(".layers.1.", ".layers.0.")], weights[k])
+
+
+def test_an_llm_checkpoint_that_does_not_fit_is_refused(smoke_teacher):
+    ckpt, cfg, tok, _ = _teacher(smoke_teacher)
+    wide = replace(
+        cfg.llm, config={**cfg.llm.config, "intermediate_size": 2 * cfg.llm.config["intermediate_size"]}
+    )
+    with pytest.raises(ConfigError, match="does not fit this model") as e:
+        build_from_config(replace(cfg, llm=replace(wide, checkpoint=str(ckpt))), tok)
+    assert f"model.llm.checkpoint={ckpt}" in str(e.value) and "mlp" in str(e.value)
+    # a 3-layer LLM cannot take all its layers from a 2-layer checkpoint
+    config = {k: v for k, v in cfg.llm.config.items() if k != "layer_types"}
+    deep = replace(cfg.llm, config={**config, "num_hidden_layers": 3}, checkpoint=str(ckpt))
+    with pytest.raises(ConfigError, match="its 2 decoder layers") as e:
+        build_from_config(replace(cfg, llm=deep), tok)
+    assert "layers.2." in str(e.value)

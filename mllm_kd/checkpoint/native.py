@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict
@@ -34,6 +35,7 @@ from mllm_kd.atomic import atomic_dir
 from mllm_kd.checkpoint.hf_llava import is_hf_llava_dir, load_hf_llava
 from mllm_kd.checkpoint.integrity import MANIFEST, verify_checkpoint, write_manifest
 from mllm_kd.config import (
+    LLMConfig,
     ModelConfig,
     ProjectorConfig,
     StageConfig,
@@ -66,7 +68,9 @@ def describe_model(model: MultimodalLM, cfg: ModelConfig) -> dict:
         vision.update(backend="open_clip", config=model.vision.arch_config)
     vision.update(path=None, checkpoint=None, open_clip_model=None, weights=None)
     d["projector"]["checkpoint"] = None  # the weights are in this checkpoint now
-    d["llm"].update(path=None, gguf_file=None, keep_layers=None, config=model.llm.config.to_dict())
+    d["llm"].update(
+        path=None, gguf_file=None, keep_layers=None, checkpoint=None, config=model.llm.config.to_dict()
+    )
     d["tokenizer"] = None
     return _jsonable(d)
 
@@ -205,7 +209,7 @@ def _is_tied(model: MultimodalLM, key: str) -> bool:
 
 
 def part_from_checkpoint(path: str | Path, part: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The config (dict) and weights of one part (``vision`` or ``projector``) of another checkpoint, e.g.
+    """The config (dict) and weights of one part (``vision``, ``projector``, ``llm``) of another checkpoint, e.g.
     the teacher's: what ``model.<part>.checkpoint`` names.
 
     ``path`` may also be a Hugging Face LLaVA directory (its ``vision_tower`` / ``multi_modal_projector``).
@@ -241,7 +245,51 @@ def build_from_config(cfg: ModelConfig, tokenizer, device: str | torch.device = 
         model.vision.load_state_dict(vision_weights)
     if cfg.projector.checkpoint:
         _load_projector(model.projector, cfg.projector)
+    if cfg.llm.checkpoint:
+        _load_llm(model.llm, cfg.llm)
     return model
+
+
+def _load_llm(llm: torch.nn.Module, cfg: LLMConfig) -> None:
+    """Copy ``cfg.checkpoint``'s LLM weights into ``llm``; with ``cfg.keep_layers`` its decoder layer
+    ``keep_layers[i]`` becomes layer ``i`` (ConfigError unless every tensor is there with the same shape)."""
+    where = f"model.llm.checkpoint={cfg.checkpoint}"
+    _, weights = part_from_checkpoint(cfg.checkpoint, "llm")
+    layers = llm.get_decoder().layers
+    prefix = next(name for name, m in llm.named_modules() if m is layers) + "."
+    keep = list(cfg.keep_layers) if cfg.keep_layers is not None else list(range(len(layers)))
+    source = {old: new for new, old in enumerate(keep)}
+    layer_key = re.compile(rf"{re.escape(prefix)}(\d+)\.(.*)")
+    mapped = {}
+    for key, tensor in weights.items():
+        m = layer_key.fullmatch(key)
+        if m is None:
+            mapped[key] = tensor
+        elif int(m.group(1)) in source:
+            mapped[f"{prefix}{source[int(m.group(1))]}.{m.group(2)}"] = tensor
+    own = llm.state_dict()
+    tied = bool(getattr(llm.config, "tie_word_embeddings", False))
+    if tied:  # safetensors keeps one name of a tied pair (which one varies)
+        names = {m: n + ".weight" for n, m in llm.named_modules()}
+        pair = [names[llm.get_input_embeddings()], names[llm.get_output_embeddings()]]
+        for a, b in (pair, pair[::-1]):
+            if a not in mapped and b in mapped:
+                mapped[a] = mapped[b]
+    wrong = [
+        f"{k}: {tuple(mapped[k].shape) if k in mapped else 'missing'} there, {tuple(v.shape)} here"
+        for k, v in own.items()
+        if k not in mapped or mapped[k].shape != v.shape
+    ]
+    if wrong:
+        raise ConfigError(
+            f"{where}: its LLM does not fit this model (the same architecture needed, keep_layers indexing "
+            f"its {_n_layers(weights, layer_key)} decoder layers): " + "; ".join(wrong[:3])
+        )
+    llm.load_state_dict({k: v for k, v in mapped.items() if k in own}, strict=False)
+
+
+def _n_layers(weights: dict[str, torch.Tensor], layer_key: re.Pattern) -> int:
+    return len({m.group(1) for k in weights if (m := layer_key.fullmatch(k))})
 
 
 def _load_projector(projector: torch.nn.Module, cfg: ProjectorConfig) -> None:

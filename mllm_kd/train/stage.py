@@ -75,7 +75,7 @@ def check_inputs(cfg: StageConfig, model_cfg: ModelConfig, plan: RunPlan) -> lis
     if cfg.init_from:
         _check_checkpoint(cfg.init_from, f"{cfg.stage}: the previous stage's directory (init_from)")
     else:
-        for part in ("vision", "projector"):
+        for part in ("vision", "projector", "llm"):
             if getattr(model_cfg, part).checkpoint:
                 _check_checkpoint(getattr(model_cfg, part).checkpoint, f"model.{part}.checkpoint")
         tok = model_cfg.tokenizer or model_cfg.llm.path

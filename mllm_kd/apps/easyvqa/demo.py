@@ -89,6 +89,29 @@ def matched_overrides(recipe: Recipe, common: list[str]) -> list[str]:
     return [f"stages.stage2.train.epochs={sft.train.epochs + dft.train.epochs}"]
 
 
+def teacher_cache(cfg, directory: Path) -> tuple[Path, float]:
+    """The teacher's outputs over stage ``cfg``'s data, cached in ``directory`` (``cache_teacher``'s format):
+    built on first use (one teacher pass), then shared by every seed and re-run; rebuilt when the teacher
+    checkpoint or the stage's data changed since. Returns it and the seconds spent building."""
+    from mllm_kd.teacher.build import build_teacher_cache
+    from mllm_kd.teacher.cache_format import MANIFEST
+    from mllm_kd.teacher.fingerprint import data_fingerprint, teacher_fingerprint
+
+    manifest = directory / MANIFEST
+    if manifest.is_file():
+        built = json.loads(manifest.read_text())
+        if (
+            built["built_for"]["data"] == data_fingerprint(cfg.data)
+            and built["teacher"].get("sha256") == teacher_fingerprint(cfg.teacher.checkpoint)["sha256"]
+        ):
+            return directory, 0.0
+        log.info("teacher cache %s: built for another teacher or other data; rebuilding it", directory)
+    log.info("== teacher cache for %s -> %s", cfg.stage, directory)
+    started = time.perf_counter()
+    build_teacher_cache(cfg, directory, progress=cfg.train.progress)
+    return directory, time.perf_counter() - started
+
+
 def train_role(
     run: Path,
     recipe: Recipe,
@@ -99,10 +122,12 @@ def train_role(
     seed: int,
     sub: str | None = None,
 ) -> tuple[Path, float, list[str]]:
-    """Train one model's stages; returns its final checkpoint, the training seconds, and the stages.
+    """Train one model's stages; returns its final checkpoint, the training seconds (with building the
+    teacher cache where this role built it), and the stages.
 
     ``sub``: a student's directory under ``RUN/seed<s>`` other than its role's."""
     from mllm_kd.stages import STAGES
+    from mllm_kd.train.stage import stage_finished
 
     spec = ROLES[role]
     run_dir = teacher_dir if role == "teacher" else run / f"seed{seed}" / (sub or spec.sub)
@@ -131,6 +156,15 @@ def train_role(
     ckpt = None
     for stage in spec.stages:
         cfg = stage_config(recipe.config, stage, common)
+        # the cross-tokenizer student keeps its online teacher: its share of aligned positions is logged there
+        if (
+            stage in spec.cached_teacher
+            and not cfg.loss.cross_tokenizer
+            and (redo or not stage_finished(cfg))
+        ):
+            cache, built = teacher_cache(cfg, teacher_dir / "cache" / stage)
+            seconds += built
+            cfg = stage_config(recipe.config, stage, [*common, f"teacher.cache={cache}"])
         log.info("== %s (train.seed=%d): %s -> %s", role, cfg.train.seed, stage, cfg.output_dir)
         ckpt = STAGES[stage].run(cfg)
         seconds += json.loads((ckpt / "trainer_state.json").read_text())["elapsed"]

@@ -82,6 +82,9 @@ class Role:
     matched: bool = False  # stage2 for as many optimizer steps as stage2 + stage3: compute-matched
     # no stage 1: the first stage builds the student with the teacher's trained projector (model.projector.checkpoint)
     teacher_projector: bool = False
+    # stages whose teacher is read from the run's teacher cache (TEACHER/cache/<stage>, built by the first
+    # seed that needs it, reused by the others and by re-runs) instead of running the teacher each time
+    cached_teacher: tuple[str, ...] = ()
 
 
 ROLES = {
@@ -90,14 +93,17 @@ ROLES = {
     "student_matched": Role(
         "matched", ("stage2",), tuple(NO_DISTILL), pt_from="student_baseline", matched=True
     ),
-    "student_kd": Role("kd", ("stage1", "stage2", "stage3"), ()),
+    "student_kd": Role("kd", ("stage1", "stage2", "stage3"), (), cached_teacher=("stage1", "stage3")),
     "student_matched_tproj": Role(
         "matched_tproj", ("stage2",), tuple(NO_DISTILL), matched=True, teacher_projector=True
     ),
-    "student_kd_tproj": Role("kd_tproj", ("stage2", "stage3"), (), teacher_projector=True),
+    "student_kd_tproj": Role(
+        "kd_tproj", ("stage2", "stage3"), (), teacher_projector=True, cached_teacher=("stage3",)
+    ),
     # w_emb=30: with weight 1 the term stayed at 1.06-1.09 (no closer than a zero projector) over DPT's first
     # 14 steps while the other terms summed to 28-45 (training losses of the first measured run, docs/demo.md);
-    # 30 starts it on the scale of their sum. Not tuned on the validation or the test split.
+    # 30 starts it on the scale of their sum. Not tuned on the validation or the test split. The online
+    # teacher: the cache holds no projected images.
     "student_kd_emb": Role(
         "kd_emb",
         ("stage1", "stage2", "stage3"),
