@@ -13,7 +13,8 @@ timer in phases.py.
 2. trains the teacher (``RUN/teacher``: ``teacher_pt`` -> ``teacher_sft``);
 3. per student seed (``RUN/seed<s>/``), the three students of the comparison fixed in advance:
    ``baseline`` (plain PT -> SFT), ``matched`` (the same PT, then SFT for as many optimizer steps as
-   SFT + DFT: the compute-matched plain student) and ``kd`` (LLaVA-KD: DPT -> SFT -> DFT);
+   SFT + DFT: the compute-matched plain student) and ``kd`` (LLaVA-KD: DPT -> SFT -> DFT; its DPT and DFT
+   read the teacher's outputs from ``TEACHER/cache/<stage>``, one teacher pass per stage for all seeds);
 4. answers the evaluation questions with every model (``RUN/eval/<split>/*.answers.jsonl``) and scores
    them: exact match overall and per question type, yes/no also against the template prior;
 5. writes ``RUN/report.md``, ``RUN/report.json`` (per role: the mean over seeds, each seed, the spread)
