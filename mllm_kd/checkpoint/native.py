@@ -275,17 +275,22 @@ def _load_llm(llm: torch.nn.Module, cfg: LLMConfig) -> None:
         for a, b in (pair, pair[::-1]):
             if a not in mapped and b in mapped:
                 mapped[a] = mapped[b]
-    wrong = [
-        f"{k}: {tuple(mapped[k].shape) if k in mapped else 'missing'} there, {tuple(v.shape)} here"
-        for k, v in own.items()
-        if k not in mapped or mapped[k].shape != v.shape
-    ]
+    wrong = _misfits(own, mapped)
     if wrong:
         raise ConfigError(
             f"{where}: its LLM does not fit this model (the same architecture needed, keep_layers indexing "
             f"its {_n_layers(weights, layer_key)} decoder layers): " + "; ".join(wrong[:3])
         )
     llm.load_state_dict({k: v for k, v in mapped.items() if k in own}, strict=False)
+
+
+def _misfits(own: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> list[str]:
+    """Each tensor of ``own`` that ``weights`` lacks or holds with another shape, described."""
+    return [
+        f"{k}: {tuple(weights[k].shape) if k in weights else 'missing'} there, {tuple(v.shape)} here"
+        for k, v in own.items()
+        if k not in weights or weights[k].shape != v.shape
+    ]
 
 
 def _n_layers(weights: dict[str, torch.Tensor], layer_key: re.Pattern) -> int:
@@ -300,12 +305,7 @@ def _load_projector(projector: torch.nn.Module, cfg: ProjectorConfig) -> None:
         raise ConfigError(
             f"{where} holds a {source_cfg.get('type')!r} projector, this model's is {cfg.type!r}"
         )
-    own = projector.state_dict()
-    wrong = [
-        f"{k}: {tuple(weights[k].shape) if k in weights else 'missing'} there, {tuple(v.shape)} here"
-        for k, v in own.items()
-        if k not in weights or weights[k].shape != v.shape
-    ]
+    wrong = _misfits(projector.state_dict(), weights)
     if wrong:
         raise ConfigError(
             f"{where}: its projector does not fit this model (vision width and LLM width must match): "
