@@ -34,7 +34,7 @@ from mllm_kd.teacher.cache_format import (
     relation_size,
     sample_hash,
 )
-from mllm_kd.teacher.fingerprint import record_differences, teacher_fingerprint
+from mllm_kd.teacher.fingerprint import data_fingerprint, record_differences, teacher_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +233,19 @@ def open_cache(directory: str | Path) -> CachedTeacher:
         _OPEN.clear()  # keep at most one open cache per process
         _OPEN[key] = cache
     return cache
+
+
+def built_from(directory: str | Path, data_cfg, teacher_checkpoint: str) -> bool:
+    """Whether ``directory`` holds a cache built by ``teacher_checkpoint`` over the data ``data_cfg`` names
+    (what a rebuild for the same stage would change; :meth:`CachedTeacher.check` still checks the rest)."""
+    manifest = Path(directory) / MANIFEST
+    if not manifest.is_file():
+        return False
+    built = json.loads(manifest.read_text())
+    return (
+        built["built_for"]["data"] == data_fingerprint(data_cfg)
+        and built["teacher"].get("sha256") == teacher_fingerprint(teacher_checkpoint)["sha256"]
+    )
 
 
 def check_loss_settings(cfg) -> None:

@@ -95,17 +95,11 @@ def teacher_cache(cfg, directory: Path) -> tuple[Path, float]:
     built on first use (one teacher pass), then shared by every seed and re-run; rebuilt when the teacher
     checkpoint or the stage's data changed since. Returns it and the seconds spent building."""
     from mllm_kd.teacher.build import build_teacher_cache
-    from mllm_kd.teacher.cache_format import MANIFEST
-    from mllm_kd.teacher.fingerprint import data_fingerprint, teacher_fingerprint
+    from mllm_kd.teacher.cache import built_from
 
-    manifest = directory / MANIFEST
-    if manifest.is_file():
-        built = json.loads(manifest.read_text())
-        if (
-            built["built_for"]["data"] == data_fingerprint(cfg.data)
-            and built["teacher"].get("sha256") == teacher_fingerprint(cfg.teacher.checkpoint)["sha256"]
-        ):
-            return directory, 0.0
+    if built_from(directory, cfg.data, cfg.teacher.checkpoint):
+        return directory, 0.0
+    if directory.exists():
         log.info("teacher cache %s: built for another teacher or other data; rebuilding it", directory)
     log.info("== teacher cache for %s -> %s", cfg.stage, directory)
     started = time.perf_counter()
