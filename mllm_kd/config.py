@@ -19,7 +19,8 @@ from mllm_kd.errors import ConfigError
 from mllm_kd.lora import LoraConfig
 
 TRAINABLE_MODES = ("frozen", "full")
-DISTILL_WEIGHTS = ("w_resp", "w_vis", "w_rel", "w_emb")  # loss weights of terms that need a teacher
+# loss weights of terms that need a teacher
+DISTILL_WEIGHTS = ("w_resp", "w_vis", "w_rel", "w_emb", "w_hidden")
 STAGE_NAMES = ("teacher_pt", "teacher_sft", "stage1", "stage2", "stage3")
 
 
@@ -296,6 +297,10 @@ class LossConfig:
     # the student's projected images against the teacher's (relative squared error; off in LLaVA-KD): needs
     # one embedding space, e.g. a student cut from the teacher's LLM (losses.reference.visual_embedding_distill)
     w_emb: float = 0.0
+    # intermediate-layer distillation (off in LLaVA-KD): each student layer's input hidden state against the
+    # teacher's at the matching depth (model.llm.keep_layers' map, else uniform), every real token, relative
+    # squared error per token; online teacher of the same width (losses.reference.hidden_state_distill)
+    w_hidden: float = 0.0
     # MDist_resp only at the answer tokens the teacher gets right (its most likely next token is the label);
     # where it is wrong CE alone teaches the student (online teacher, one tokenizer)
     resp_where_teacher_right: bool = False

@@ -39,6 +39,7 @@ LOSS_TERMS = (
     ("w_vis", "MDist_vis"),
     ("w_rel", "RDist"),
     ("w_emb", "projected images"),
+    ("w_hidden", "hidden states"),
 )
 
 

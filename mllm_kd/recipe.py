@@ -56,20 +56,25 @@ def check_combinations(cfg: StageConfig, distills: bool) -> None:
     if not (distills and cfg.loss.distills):
         return
     teacher = cfg.teacher
-    if cfg.loss.w_emb > 0 and (teacher.cache or cfg.loss.cross_tokenizer):
-        raise ConfigError(
-            f"{cfg.stage}: loss.w_emb={cfg.loss.w_emb} distils the teacher's projected images, which "
-            + (
-                "a teacher cache does not store; use the online teacher (teacher.checkpoint)"
-                if teacher.cache
-                else "live in another embedding space with loss.cross_tokenizer=true"
+    for key, what in (
+        ("w_emb", "the teacher's projected images"),
+        ("w_hidden", "the teacher's hidden states"),
+    ):
+        weight = getattr(cfg.loss, key)
+        if weight > 0 and (teacher.cache or cfg.loss.cross_tokenizer):
+            raise ConfigError(
+                f"{cfg.stage}: loss.{key}={weight} distils {what}, which "
+                + (
+                    "a teacher cache does not store; use the online teacher (teacher.checkpoint)"
+                    if teacher.cache
+                    else "live in another embedding space with loss.cross_tokenizer=true"
+                )
+                + f" or loss.{key}=0"
             )
-            + " or loss.w_emb=0"
-        )
     if not teacher.checkpoint and not teacher.cache:
         raise ConfigError(
             f"{cfg.stage} distils but no teacher is configured: set teacher.checkpoint or teacher.cache "
-            "(or loss.w_resp=0 loss.w_vis=0 loss.w_rel=0 loss.w_emb=0 for no distillation)"
+            "(or loss.w_resp=0 loss.w_vis=0 loss.w_rel=0 loss.w_emb=0 loss.w_hidden=0 for no distillation)"
         )
     if teacher.cache:  # (teacher.quantize stays meaningful: it names the teacher the cache was built from)
         if cfg.loss.temperature != 1.0:

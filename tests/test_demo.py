@@ -202,6 +202,27 @@ def test_pretrained_demo_averages_two_seeds_on_the_validation_split(pretrained):
     )
 
 
+def test_ablation_hidden_state_dft_maps_the_students_layers_onto_the_teachers(pretrained, tmp_path):
+    """dft_hidden: the demo's kd SFT result, then DFT with loss.w_hidden against the online teacher; the
+    student's layers (keep_layers of the teacher's depth) are distilled towards the teacher's at that depth."""
+    import shutil
+
+    run = tmp_path / "demo"
+    shutil.copytree(pretrained[0], run)
+    argv = ["--run-dir", str(run), "--quick", "--seeds", "0", "--split", "val", "--questions", "40"]
+    assert ablate.main([*argv, "--only", "kd", "dft_hidden"]) == 0
+    config = yaml.safe_load((run / "ablation/seed0/dft_hidden/stage3/final/config.yaml").read_text())
+    assert config["loss"]["w_hidden"] == 1 and config["init_from"] == f"{run}/seed0/kd/stage2"
+    assert config["teacher"]["checkpoint"] and not config["teacher"].get("cache")
+    assert len(config["model"]["llm"]["keep_layers"]) >= 1
+    first = _first_metrics(run, "ablation/seed0/dft_hidden/stage3")
+    assert 0 < first["hidden"] and first["mdist_resp"] > 0
+    assert _state(run, "ablation/seed0/dft_hidden/stage3")["step"] == _state(run, "seed0/kd/stage3")["step"]
+    assert not (run / "ablation/seed0/kd").exists()  # the demo's kd student was reused
+    table = json.loads((run / "ablation/report.json").read_text())
+    assert set(table) == {"kd", "dft_hidden"} and 0 <= table["dft_hidden"]["accuracy"] <= 1
+
+
 def test_tproj_students_start_from_the_teachers_projector(pretrained):
     """No stage 1: the first stage builds the student with the teacher's projector, and the compute-matched
     one trains stage2 for as many steps as the kd one's stage2 + stage3."""

@@ -380,12 +380,12 @@ CLIP = {**TINY_CLIP}
 VOCAB, IMG_ID = 200, 199
 
 
-def _tiny_mllm(hidden: int, tie: bool, seed: int):
+def _tiny_mllm(hidden: int, tie: bool, seed: int, layers: int = 1):
     llm = {
         "model_type": "qwen2",
         "hidden_size": hidden,
         "intermediate_size": 2 * hidden,
-        "num_hidden_layers": 1,
+        "num_hidden_layers": layers,
         "num_attention_heads": 2,
         "num_key_value_heads": 1,
         "max_position_embeddings": 64,
@@ -557,6 +557,92 @@ def test_loss_computer_refuses_the_projected_images_term_across_widths():
         TrainingError, match=r"loss.w_emb: the student projects each image to \(\d+, 32\).*\(\d+, 48\)"
     ):
         _loss_once(student, teacher, batch, w_emb=1.0)
+
+
+# ------------------------------------------------------------------- distilling the hidden states
+def test_hidden_layer_pairs_follow_keep_layers_or_a_uniform_map():
+    from mllm_kd.losses import hidden_layer_pairs
+
+    # student layer i is the teacher's layer keep[i]: its input is what the teacher feeds keep[i]
+    assert hidden_layer_pairs(3, 9, [0, 3, 6]) == [(1, 3), (2, 6), (3, 9)]
+    assert hidden_layer_pairs(3, 30, [0, 1, 29]) == [(1, 1), (2, 29), (3, 30)]
+    assert hidden_layer_pairs(2, 4) == [(1, 2), (2, 4)]
+    assert hidden_layer_pairs(3, 3) == [(1, 1), (2, 2), (3, 3)]
+    assert hidden_layer_pairs(1, 5) == [(1, 5)]  # the final outputs only
+    with pytest.raises(ValueError, match="2 entries but the student has 3"):
+        hidden_layer_pairs(3, 9, [0, 3])
+    with pytest.raises(ValueError, match="increasing indices of the teacher's 9 layers"):
+        hidden_layer_pairs(3, 9, [0, 6, 3])
+    with pytest.raises(ValueError, match="increasing indices of the teacher's 9 layers"):
+        hidden_layer_pairs(3, 9, [0, 3, 9])
+    with pytest.raises(ValueError, match="deeper than its 2-layer teacher"):
+        hidden_layer_pairs(3, 2)
+
+
+def test_hidden_state_distill_value_mask_and_gradient():
+    from mllm_kd.losses import hidden_state_distill
+
+    t0 = torch.tensor([[[3.0, 4.0], [100.0, 0.0], [9.0, 9.0]]])  # [B=1, T=3, d=2]; the last is padding
+    t1 = torch.tensor([[[0.0, 2.0], [1.0, 0.0], [9.0, 9.0]]])
+    s0 = torch.tensor([[[3.0, 1.0], [90.0, 0.0], [0.0, 0.0]]], requires_grad=True)
+    s1 = torch.tensor([[[0.0, 2.0], [0.0, 0.0], [0.0, 0.0]]], requires_grad=True)
+    mask = torch.tensor([[True, True, False]])
+    loss = hidden_state_distill([None, s0, s1], [None, None, t0, t1], [(1, 2), (2, 3)], mask)
+    # per token ||s - t||^2 / ||t||^2: pair 1 (9/25 + 100/10000) / 2, pair 2 (0 + 1) / 2; mean of the pairs
+    want = ((9 / 25 + 100 / 10000) / 2 + (0 + 1) / 2) / 2
+    assert loss.item() == pytest.approx(want)
+    loss.backward()
+    torch.testing.assert_close(s0.grad[0, 0], 2 * (s0.detach()[0, 0] - t0[0, 0]) / 25 / 4)
+    assert s0.grad[0, 2].abs().sum() == 0 and s1.grad[0, 2].abs().sum() == 0  # padding is not compared
+    assert hidden_state_distill([None, t0], [None, t0], [(1, 1)], mask).item() == 0.0
+    with pytest.raises(
+        ValueError, match=r"student hidden state 1 \(1, 3, 3\).*teacher hidden state 1.*same width"
+    ):
+        hidden_state_distill([None, torch.zeros(1, 3, 3)], [None, t0], [(1, 1)], mask)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_loss_computer_adds_the_hidden_state_term(fused):
+    """loss.w_hidden adds w * hidden to the total on either path: the student's 2 layers against a 4-layer
+    teacher of its width on the uniform map (student states 1, 2 against the teacher's 2, 4), every real token."""
+    from mllm_kd.losses import hidden_state_distill
+
+    student = _tiny_mllm(32, tie=True, seed=0, layers=2)
+    teacher = _tiny_mllm(32, tie=False, seed=1, layers=4).eval().requires_grad_(False)
+    student.vision.requires_grad_(False)
+    batch = _mllm_batch(student.num_visual_tokens)
+    base, base_terms, base_grads = _loss_once(student, teacher, batch, fused=fused)
+    total, terms, grads = _loss_once(student, teacher, batch, fused=fused, w_hidden=0.5)
+    assert "hidden" not in base_terms and set(terms) == {*base_terms, "hidden"}
+    args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    with torch.no_grad():
+        s_layers = student(*args, return_layers=True).layers
+        t_layers = teacher(*args, return_layers=True).layers
+        want = hidden_state_distill(s_layers, t_layers, [(1, 2), (2, 4)], batch["attention_mask"].bool())
+    assert len(s_layers) == 3 and len(t_layers) == 5
+    assert terms["hidden"].item() == pytest.approx(want.item(), rel=1e-6) and want.item() > 0
+    assert total.item() == pytest.approx(base.item() + 0.5 * want.item(), rel=1e-6)
+    _, only, only_grads = _loss_once(
+        student, teacher, batch, fused=fused, w_ce=0, w_resp=0, w_vis=0, w_rel=0, w_hidden=1
+    )
+    assert only["hidden"].item() == pytest.approx(want.item(), rel=1e-6)
+    moved = {k for k, g in only_grads.items() if g.abs().max() > 0}
+    assert "projector.0.weight" in moved and "llm.model.layers.0.mlp.up_proj.weight" in moved
+    for k in base_grads:
+        extra = 0.5 * only_grads[k] if k in only_grads else 0
+        torch.testing.assert_close(grads[k], base_grads[k] + extra, rtol=1e-4, atol=1e-7, msg=k)
+
+
+def test_loss_computer_refuses_the_hidden_state_term_across_widths():
+    from mllm_kd.errors import TrainingError
+
+    student = _tiny_mllm(32, tie=True, seed=0)
+    teacher = _tiny_mllm(48, tie=False, seed=1).eval().requires_grad_(False)
+    batch = _mllm_batch(student.num_visual_tokens)
+    with pytest.raises(
+        TrainingError, match=r"loss.w_hidden: student hidden state 1 \(2, \d+, 32\).*\(2, \d+, 48\)"
+    ):
+        _loss_once(student, teacher, batch, w_hidden=1.0)
 
 
 # ------------------------------------------------------------- MDist_resp only where the teacher is right

@@ -156,6 +156,12 @@ CONTRADICTIONS = [
     ),
     (["loss.cross_tokenizer=true", "loss.w_emb=1"], "another embedding space with loss.cross_tokenizer"),
     (["loss.w_emb=-1"], "loss.w_emb"),
+    (
+        ["teacher.cache=c", "loss.w_hidden=1"],
+        "loss.w_hidden=1.0 distils the teacher's hidden states, which a teacher cache",
+    ),
+    (["loss.cross_tokenizer=true", "loss.w_hidden=1"], "another embedding space with loss.cross_tokenizer"),
+    (["loss.w_hidden=-1"], "loss.w_hidden"),
 ]
 
 

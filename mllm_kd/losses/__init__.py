@@ -1,7 +1,7 @@
 """The losses of LLaVA-KD: the logits-level references and their chunked fast paths.
 
 * :mod:`~mllm_kd.losses.reference` — pure functions of logits and masks (MDist, RDist, CE; and the
-  distillation of the projected images, which needs no logits); the definitions every fast path is tested
+  distillation of the projected images and of the hidden states, which need no logits); the definitions every fast path is tested
   against. Re-exported here.
 * :mod:`~mllm_kd.losses.head` / :mod:`~mllm_kd.losses.kernel` — the LM head's part and the one chunked
   loop shared by the two fast paths below.
@@ -16,6 +16,8 @@ from mllm_kd.losses.reference import (
     causal_lm_loss,
     distill_terms,
     divergence_from_logprobs,
+    hidden_layer_pairs,
+    hidden_state_distill,
     kd_divergence,
     relation_distill,
     relation_loss_from_gram,
@@ -30,6 +32,8 @@ __all__ = [
     "causal_lm_loss",
     "distill_terms",
     "divergence_from_logprobs",
+    "hidden_layer_pairs",
+    "hidden_state_distill",
     "kd_divergence",
     "relation_distill",
     "relation_loss_from_gram",

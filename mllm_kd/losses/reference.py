@@ -163,6 +163,67 @@ def visual_embedding_distill(student_visual: torch.Tensor, teacher_visual: torch
     return (s - t).pow(2).sum() / t.pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)
 
 
+def hidden_layer_pairs(
+    n_student: int, n_teacher: int, keep_layers: list[int] | None = None
+) -> list[tuple[int, int]]:
+    """Which teacher hidden state each student hidden state is distilled towards, as ``hidden_states`` indices.
+
+    Index ``i < n`` is the input of decoder layer ``i`` (``0``: the embeddings, not distilled), index ``n``
+    the final normed output (transformers' ``output_hidden_states``). A student cut from the teacher's
+    depth with ``keep_layers`` (its layer ``i`` is the teacher's layer ``keep[i]``) feeds its layer ``i`` what
+    the teacher feeds layer ``keep[i]``, so student block ``i`` stands for teacher layers ``keep[i] ..
+    keep[i+1]-1``; without ``keep_layers`` the map is uniform (TinyBERT's): ``i -> i * n_teacher // n_student``.
+    The two final outputs always pair up.
+    """
+    if keep_layers is not None:
+        if len(keep_layers) != n_student:
+            raise ValueError(
+                f"keep_layers has {len(keep_layers)} entries but the student has {n_student} decoder layers"
+            )
+        if list(keep_layers) != sorted(set(keep_layers)) or keep_layers[-1] >= n_teacher:
+            raise ValueError(
+                f"keep_layers {list(keep_layers)} must be increasing indices of the teacher's {n_teacher} layers"
+            )
+        inner = [(i, int(keep_layers[i])) for i in range(1, n_student)]
+    else:
+        if n_student > n_teacher:
+            raise ValueError(f"a student of {n_student} layers is deeper than its {n_teacher}-layer teacher")
+        inner = [(i, i * n_teacher // n_student) for i in range(1, n_student)]
+    return [*inner, (n_student, n_teacher)]
+
+
+def hidden_state_distill(
+    student_states: tuple[torch.Tensor, ...] | list[torch.Tensor],
+    teacher_states: tuple[torch.Tensor, ...] | list[torch.Tensor],
+    pairs: list[tuple[int, int]],
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """Intermediate-layer distillation: ``mean ||h_S - h_T||^2 / ||h_T||^2`` per token, over tokens and pairs.
+
+    ``student_states`` / ``teacher_states``: each model's ``[B, T, d]`` hidden states by layer
+    (:func:`hidden_layer_pairs` indices, ``pairs`` from it); ``mask``: bool ``[B, T]``, the positions compared
+    (the real tokens). Normalised per token, so the few tokens whose states are orders of magnitude larger
+    than the rest (an LLM's first position) do not decide the term alone; 0 when the states agree, 1 when
+    the student's are zero. It asks the student's layers to compute what the teacher's computed at the
+    matching depth, at every position (TinyBERT, Minitron's recovery), which output distillation alone does
+    not. Needs one width (a student cut from the teacher's LLM). float32; no gradient to the teacher.
+    """
+    if not pairs:
+        raise ValueError("no layer pairs to distil")
+    terms = []
+    for i, j in pairs:
+        s, t = student_states[i], teacher_states[j]
+        if s.shape != t.shape:
+            raise ValueError(
+                f"student hidden state {i} {tuple(s.shape)} and teacher hidden state {j} {tuple(t.shape)} "
+                "differ: intermediate-layer distillation needs the same width"
+            )
+        s, t = s[mask].float(), t[mask].detach().float()
+        err = (s - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(torch.finfo(torch.float32).tiny)
+        terms.append(err.mean())
+    return torch.stack(terms).mean()
+
+
 def relation_loss_from_gram(gram_s: torch.Tensor, gram_t: torch.Tensor) -> torch.Tensor:
     """``mean_b (1 - cos(vec(gram_s[b]), vec(gram_t[b])))`` for ``[B, n, n]`` relation matrices."""
     cos = F.cosine_similarity(gram_s.flatten(1), gram_t.flatten(1), dim=-1, eps=1e-8)

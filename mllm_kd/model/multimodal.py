@@ -54,6 +54,9 @@ class MLLMOutput:
     visual: torch.Tensor | None = (
         None  # [N_images, num_visual_tokens, d_llm] the projected images (None: none)
     )
+    # with return_layers: the decoder's hidden states by layer, transformers' ``output_hidden_states`` (index i
+    # < n_layers the input of layer i, index n_layers the final normed output, ``hidden`` itself)
+    layers: tuple[torch.Tensor, ...] | None = None
 
 
 class MultimodalLM(nn.Module):
@@ -122,6 +125,7 @@ class MultimodalLM(nn.Module):
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         return_logits: bool = True,
+        return_layers: bool = False,
     ) -> MLLMOutput:
         """Run the LLM on text + images.
 
@@ -130,18 +134,24 @@ class MultimodalLM(nn.Module):
             attention_mask: ``[B, T]`` (1 = real token).
             pixel_values: ``[N_images, 3, H, W]`` in the order the images appear in the batch.
             return_logits: False skips the LM head (fused losses work from ``hidden``).
+            return_layers: also return every layer's hidden states (``MLLMOutput.layers``).
         """
         tied = tied_embedding(self.llm) if torch.is_grad_enabled() else None
         embeds, head_weight, visual = self._embed(input_ids, pixel_values, tied)
         decoder = self.llm.get_decoder()
-        hidden = decoder(
-            inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False
-        ).last_hidden_state
+        dec = decoder(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            use_cache=False,
+            output_hidden_states=return_layers,
+        )
+        hidden = dec.last_hidden_state
         head = self.llm.get_output_embeddings()
         logits = None
         if return_logits:
             logits = head(hidden) if head_weight is None else F.linear(hidden, head_weight, head.bias)
-        return MLLMOutput(logits=logits, hidden=hidden, head_weight=head_weight, visual=visual)
+        layers = tuple(dec.hidden_states) if return_layers else None
+        return MLLMOutput(logits=logits, hidden=hidden, head_weight=head_weight, visual=visual, layers=layers)
 
 
 def build_model(

@@ -16,6 +16,8 @@ from mllm_kd.losses.reference import (
     DistillSettings,
     causal_lm_loss,
     distill_terms,
+    hidden_layer_pairs,
+    hidden_state_distill,
     response_mask,
     teacher_right,
     visual_embedding_distill,
@@ -50,6 +52,11 @@ class LossComputer:
     ``loss.w_emb`` adds, on either path with an online teacher, the distillation of the projected images
     (:func:`~mllm_kd.losses.reference.visual_embedding_distill`, the term ``vemb``), from the projected
     visual tokens both forwards return anyway.
+
+    ``loss.w_hidden`` adds, likewise, intermediate-layer distillation
+    (:func:`~mllm_kd.losses.reference.hidden_state_distill`, the term ``hidden``): both forwards then also
+    return every layer's hidden states, paired by :func:`~mllm_kd.losses.reference.hidden_layer_pairs` with the
+    student's ``model.llm.keep_layers`` (decided on the first batch, when both depths are known).
 
     ``loss.resp_where_teacher_right`` narrows MDist_resp to the answer tokens the online teacher predicts
     right (:func:`~mllm_kd.losses.reference.teacher_right`): the teacher's argmax at the response positions,
@@ -97,6 +104,9 @@ class LossComputer:
             "rdist": cfg.loss.w_rel,
         }
         self.w_emb = cfg.loss.w_emb if self.teacher is not None else 0.0
+        self.w_hidden = cfg.loss.w_hidden if self.teacher is not None else 0.0
+        self.keep_layers = cfg.model.llm.keep_layers
+        self._pairs: list[tuple[int, int]] | None = None  # loss.w_hidden's layer map, on the first batch
         if cfg.loss.fused and cfg.loss.chunk_size < 1:
             raise TrainingError(f"loss.chunk_size must be >= 1, got {cfg.loss.chunk_size}")
         self._teacher_gram: tuple[tuple, torch.Tensor] | None = None  # (weight identity, W^T W) cache
@@ -174,13 +184,16 @@ class LossComputer:
         )
 
     def _reference(self, student: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = student(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        layers = self._layers_kw()
+        out = student(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], **layers)
         terms = {} if batch.get("on_policy") else {"ce": causal_lm_loss(out.logits, batch["labels"])}
         t_out, keep = None, None
         if self.teacher is not None:
             inner = unwrap(student)
             with torch.no_grad():
-                t_out = self.teacher(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+                t_out = self.teacher(
+                    batch["input_ids"], batch["attention_mask"], batch["pixel_values"], **layers
+                )
             vis_mask = batch["input_ids"] == inner.image_token_id
             keep = teacher_right(t_out.logits.argmax(-1), batch["labels"]) if self.where_right else None
             terms.update(
@@ -197,10 +210,34 @@ class LossComputer:
         total = sum(self.weights[k] * v for k, v in terms.items() if self.weights[k] != 0)
         if t_out is not None and keep is not None:
             terms["teacher_right"] = _share(keep, batch["labels"])
-        return self._with_embedding(total, terms, out, t_out)
+        return self._with_features(total, terms, out, t_out, batch["attention_mask"])
 
-    def _with_embedding(self, total, terms: dict, out, t_out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``total`` and ``terms`` with the ``vemb`` term added when ``loss.w_emb`` asks for it."""
+    def _layers_kw(self) -> dict:
+        """The forwards' keyword asking for every layer's hidden states, when ``loss.w_hidden`` needs them."""
+        return {"return_layers": True} if self.w_hidden > 0 else {}
+
+    def _with_features(
+        self, total, terms: dict, out, t_out, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``total`` and ``terms`` with the ``hidden`` and ``vemb`` terms added where ``loss.w_hidden`` and
+        ``loss.w_emb`` ask for them."""
+        if self.w_hidden > 0 and t_out is not None:
+            if self._pairs is None:
+                try:
+                    self._pairs = hidden_layer_pairs(
+                        len(out.layers) - 1, len(t_out.layers) - 1, self.keep_layers
+                    )
+                except ValueError as e:
+                    raise TrainingError(f"loss.w_hidden with model.llm.keep_layers: {e}") from e
+            try:
+                hidden = hidden_state_distill(out.layers, t_out.layers, self._pairs, attention_mask.bool())
+            except ValueError as e:
+                raise TrainingError(
+                    f"loss.w_hidden: {e}; distilling hidden states needs a student of the teacher's width "
+                    "(set loss.w_hidden=0)"
+                ) from e
+            terms["hidden"] = hidden.detach()
+            total = total + self.w_hidden * hidden
         if self.w_emb == 0 or out.visual is None:
             return total, terms
         try:
@@ -218,12 +255,13 @@ class LossComputer:
         self, student: nn.Module, batch: dict, head: nn.Linear, t_head: nn.Linear | None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ids, attn, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
-        out = student(ids, attn, pixels, return_logits=False)
+        layers = self._layers_kw()
+        out = student(ids, attn, pixels, return_logits=False, **layers)
         teacher_kw, t_out = {}, None
         if self.teacher is not None and t_head is not None:
             inner = unwrap(student)
             with torch.no_grad():
-                t_out = self.teacher(ids, attn, pixels, return_logits=False)
+                t_out = self.teacher(ids, attn, pixels, return_logits=False, **layers)
             teacher_kw = {
                 "teacher_hidden": t_out.hidden,
                 "teacher_head_weight": t_head.weight,
@@ -247,7 +285,7 @@ class LossComputer:
         )
         if "resp_keep" in teacher_kw:
             terms["teacher_right"] = _share(teacher_kw["resp_keep"], batch["labels"])
-        return self._with_embedding(total, terms, out, t_out)
+        return self._with_features(total, terms, out, t_out, attn)
 
     def _cached_teacher_gram(self, t_head: nn.Linear) -> torch.Tensor:
         """The frozen teacher's ``W^T W`` for RDist, recomputed only when its head weights change."""

@@ -25,7 +25,10 @@ same ``--recipe`` first) and trains one student per variant under ``RUN/ablation
 * ``dft_seq_kd``: the same with sequence-level KD (``loss.sequence_kd``: the teacher's responses);
 * ``dft_resp_only``: the same with MDist at the response positions only (DFT without MDist_vis and RDist);
 * ``dft_teacher_right``: the same with MDist at the response only where the teacher's most likely answer
-  token is the label (``loss.resp_where_teacher_right``); elsewhere CE alone teaches.
+  token is the label (``loss.resp_where_teacher_right``); elsewhere CE alone teaches;
+* ``dft_hidden``: the same with intermediate-layer distillation added (``loss.w_hidden=1``: each student
+  layer's input hidden state against the teacher's at the depth ``model.llm.keep_layers`` maps it to; a
+  student of the teacher's width, the online teacher).
 
 Finished variants are skipped; ``kd``, ``baseline`` and ``baseline_matched`` reuse the demo's students of
 the same seed (``RUN/seed<S>/kd``, ...) when no ``key=value`` override is given, since they are the same runs
@@ -95,6 +98,11 @@ VARIANTS: dict[str, tuple[list[str], dict[str, list[str]], str]] = {
         {DFT: ["loss.resp_where_teacher_right=true"]},
         "kd's SFT -> DFT with MDist_resp only at answer tokens the teacher gets right",
     ),
+    "dft_hidden": (
+        [DFT],
+        {DFT: ["loss.w_hidden=1"]},
+        "kd's SFT -> DFT with the teacher's hidden states distilled too (loss.w_hidden=1, online teacher)",
+    ),
 }
 # Variants that start from another variant's stage result (the demo's, or this ablation's with the overrides)
 # instead of training the same stages again: variant -> (the variant it continues, that variant's stage).
@@ -102,7 +110,14 @@ STARTS_FROM: dict[str, tuple[str, str]] = {
     "dpt_matched": ("kd", PT),
     **{
         n: ("kd", SFT)
-        for n in ("dft_ce_only", "dft_on_policy", "dft_seq_kd", "dft_resp_only", "dft_teacher_right")
+        for n in (
+            "dft_ce_only",
+            "dft_on_policy",
+            "dft_seq_kd",
+            "dft_resp_only",
+            "dft_teacher_right",
+            "dft_hidden",
+        )
     },
     "no_dpt": ("baseline", SFT),  # plain PT -> SFT is the baseline, stage for stage
 }
