@@ -14,7 +14,7 @@ Usage::
 
     python -m mllm_kd.data_prep.easyvqa --out DIR [--max-train-images N] [--max-test-questions N]
         [--shard-size N] [--vocab-size N] [--questions-per-record N] [--balance-yes-no] [--shuffle]
-        [--describe-yes-no] [--force]
+        [--describe-yes-no] [--check-yes-no] [--force]
 
 or :func:`prepare_easyvqa` from Python. The subset options keep the first N train images by id and the
 first N test questions in (image id, file position) order, so a subset is deterministic.
@@ -41,8 +41,9 @@ Output under DIR (image paths in records are relative to ``DIR/images``):
     ``--shuffle`` writes the records in a seeded random order (the same on every machine) instead of by
     image id, so that any prefix (``data.max_samples``) is a uniform sample of the questions and images.
     ``--describe-yes-no`` makes each yes/no answer say first what the image shows: "is there not a red
-    shape?" -> "blue rectangle, yes" (:func:`~mllm_kd.data_prep.easyvqa_questions.described_answer`); scoring reads the word after the last
-    comma (:func:`mllm_kd.eval.tasks.easyvqa.final_answer`). Colour, shape and test files are unchanged.
+    shape?" -> "blue rectangle, yes" (:func:`~mllm_kd.data_prep.easyvqa_questions.described_answer`);
+    ``--check-yes-no`` adds the step to the answer, "blue rectangle, red absent, yes"; scoring reads the
+    word after the last comma (:func:`mllm_kd.eval.tasks.easyvqa.final_answer`). Colour, shape and test files are unchanged.
 ``test_questions.jsonl``
     LLaVA question file: per line ``{"question_id": "<index in the package's test list>", "image":
     "test/<id>.png", "text": "<question>\\n" + SHORT_ANSWER_PROMPT, "category": <type>}``.
@@ -194,6 +195,7 @@ def prepare_easyvqa(
     test_sample: int | None = None,
     shuffle: bool = False,
     describe_yes_no: bool = False,
+    check_yes_no: bool = False,
     log: Callable[[str], None] | None = print,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -231,6 +233,7 @@ def prepare_easyvqa(
         test_sample=test_sample,
         shuffle=shuffle,
         describe_yes_no=describe_yes_no,
+        check_yes_no=check_yes_no,
     )
     images = out / "images"
     wds_dir = out / "wds"
@@ -294,6 +297,7 @@ def prepare_easyvqa(
         "shuffle": shuffle,
         # only when set, so that directories written before the option still count as up to date
         **({"describe_yes_no": True} if describe_yes_no else {}),
+        **({"check_yes_no": True} if check_yes_no else {}),
     }
     test_args = {"max_test_questions": max_test_questions, "test_sample": test_sample, "source": "test"}
     artifacts = [
@@ -368,6 +372,7 @@ def prepare_easyvqa(
             "test_sample": test_sample,
             "shuffle": shuffle,
             "describe_yes_no": describe_yes_no,
+            "check_yes_no": check_yes_no,
         },
         "source": {"package": "easy-vqa", "package_version": _package_version()},
         "counts": {},
@@ -460,6 +465,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help='yes/no answers say first what the image shows ("blue rectangle, yes"); scored on the last word',
     )
+    parser.add_argument(
+        "--check-yes-no",
+        action="store_true",
+        help="described yes/no answers with the step to the answer: what the question asks about and whether "
+        'the image has it ("blue rectangle, red absent, yes"); scored on the last word',
+    )
     parser.add_argument("--force", action="store_true", help="rebuild everything even if up to date")
     args = parser.parse_args(argv)
     try:
@@ -476,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
             test_sample=args.test_sample,
             shuffle=args.shuffle,
             describe_yes_no=args.describe_yes_no,
+            check_yes_no=args.check_yes_no,
         )
     except MllmKdError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -228,37 +228,56 @@ def caption_record(image_id: int, label: Label) -> Record:
     }
 
 
-def described_answer(question: Question, label: Label) -> str:
+def described_answer(question: Question, label: Label, checked: bool = False) -> str:
     """A yes/no answer preceded by what the image shows ("blue rectangle, yes"); other answers unchanged.
 
     The target of ``--describe-yes-no``: the answer is the word after the last comma, which
-    :func:`mllm_kd.eval.tasks.easyvqa.final_answer` scores.
+    :func:`mllm_kd.eval.tasks.easyvqa.final_answer` scores. ``checked`` (``--check-yes-no``) adds the step
+    between description and answer: the words the question asks about and whether the image has them,
+    "is there not a red shape?" -> "blue rectangle, red absent, yes".
     """
     if question.answer not in YES_NO:
         return question.answer
-    return f"{label.color} {label.shape}, {question.answer}"
+    if not checked:
+        return f"{label.color} {label.shape}, {question.answer}"
+    shapes, colors, negated = asked_about(question.text)
+    named = [w for w in re.findall(r"[a-z]+", question.text.lower()) if w in shapes or w in colors]
+    if not named:
+        raise DataError(f"question {question.index} ({question.text!r}) names no colour or shape")
+    present = all(w in (label.color, label.shape) for w in named)
+    if present != ((question.answer == "yes") != negated):
+        raise DataError(
+            f"question {question.index} ({question.text!r} -> {question.answer!r}) contradicts its image's "
+            f"label {label.color} {label.shape}"
+        )
+    return f"{label.color} {label.shape}, {' '.join(named)} {'present' if present else 'absent'}, {question.answer}"
 
 
-_DESCRIBED = re.compile(r"(\w+) (\w+), (yes|no)\.?")
+_DESCRIBED = re.compile(r"(\w+) (\w+), (?:[a-z ]+ (?:present|absent), )?(yes|no)\.?")
 
 
 def parse_described(text: str) -> tuple[str, str, str] | None:
-    """(colour, shape, answer) of a described answer (:func:`described_answer`); None for any other text."""
+    """(colour, shape, answer) of a described answer, checked or not (:func:`described_answer`); None for
+    any other text."""
     m = _DESCRIBED.fullmatch(text.strip().lower())
     return None if m is None else (m.group(1), m.group(2), m.group(3))
 
 
 def instruct_record(
-    image_id: int, questions: list[Question], part: int | None = None, label: Label | None = None
+    image_id: int,
+    questions: list[Question],
+    part: int | None = None,
+    label: Label | None = None,
+    checked: bool = False,
 ) -> Record:
     """A short-answer record of a train image: its ``questions`` as turns, in file order.
 
     ``part`` numbers the records of one image when its questions are split (id ``instruct-<id>-<part>``);
     None gives the whole-image id ``instruct-<id>``. With the image's ``label``, yes/no answers say
-    first what the image shows (:func:`described_answer`).
+    first what the image shows (:func:`described_answer`; ``checked``: and what the question asks about).
     """
     turns = [
-        (short_answer_question(q.text), q.answer if label is None else described_answer(q, label))
+        (short_answer_question(q.text), q.answer if label is None else described_answer(q, label, checked))
         for q in questions
     ]
     return {
@@ -337,14 +356,18 @@ def stratified_sample(questions: list[Question], n: int) -> list[Question]:
 
 
 def instruct_records_of_image(
-    image_id: int, questions: list[Question], questions_per_record: int | None, label: Label | None = None
+    image_id: int,
+    questions: list[Question],
+    questions_per_record: int | None,
+    label: Label | None = None,
+    checked: bool = False,
 ) -> list[Record]:
     """The image's questions (file order) in records of ``questions_per_record`` turns (None: one record);
-    ``label``: yes/no answers described (:func:`instruct_record`)."""
+    ``label``: yes/no answers described, ``checked`` with the step to the answer (:func:`instruct_record`)."""
     if questions_per_record is None:
-        return [instruct_record(image_id, questions, label=label)]
+        return [instruct_record(image_id, questions, label=label, checked=checked)]
     return [
-        instruct_record(image_id, questions[start : start + questions_per_record], part, label)
+        instruct_record(image_id, questions[start : start + questions_per_record], part, label, checked)
         for part, start in enumerate(range(0, len(questions), questions_per_record))
     ]
 

@@ -50,6 +50,7 @@ class Selection:
     shuffle: bool = False
     test_sample: int | None = None
     describe_yes_no: bool = False  # yes/no answers say first what the image shows ("blue circle, no")
+    check_yes_no: bool = False  # and then what the question asks about ("blue circle, red absent, no")
     train_questions: list[Question] = field(init=False)
     train_images: dict[int, Path] = field(init=False)
     test_questions: list[Question] = field(init=False)
@@ -100,13 +101,15 @@ class Selection:
         by_image: dict[int, list[Question]] = {}
         for q in balanced_yes_no(self.train_questions) if self.balance else self.train_questions:
             by_image.setdefault(q.image_id, []).append(q)
-        labels = self.labels[0] if self.describe_yes_no else {}
+        labels = self.labels[0] if self.describe_yes_no or self.check_yes_no else {}
         # An image without questions gets no instruct record (none in the package's data).
         records = [
             record
             for i in sorted(self.train_images)
             if i in by_image
-            for record in instruct_records_of_image(i, by_image[i], self.questions_per_record, labels.get(i))
+            for record in instruct_records_of_image(
+                i, by_image[i], self.questions_per_record, labels.get(i), self.check_yes_no
+            )
         ]
         if self.shuffle:
             random.Random("easyvqa-instruct-order").shuffle(records)

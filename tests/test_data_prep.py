@@ -25,8 +25,11 @@ from mllm_kd.data_prep.easyvqa import main, prepare_easyvqa
 from mllm_kd.data_prep.easyvqa_questions import (
     COLORS,
     SHAPES,
+    Label,
     Question,
     classify_image_pixels,
+    described_answer,
+    parse_described,
     question_template,
     recover_labels,
 )
@@ -305,6 +308,59 @@ def test_describe_yes_no_answers_say_what_the_image_shows(tmp_path: Path, conver
     again = _convert(tmp_path / "described")
     assert again["actions"]["instruct"] == "wrote" and again["actions"]["captions"] == "skipped"
     assert _load(tmp_path / "described", "instruct.json") == plain
+
+
+def test_checked_answers_name_what_the_question_asks_and_whether_the_image_has_it() -> None:
+    blue_rectangle = Label("rectangle", "blue", "questions")
+    cases = [
+        ("is there not a red shape?", "yes", "blue rectangle, red absent, yes"),
+        ("is there a blue shape?", "yes", "blue rectangle, blue present, yes"),
+        ("is no rectangle present?", "no", "blue rectangle, rectangle present, no"),
+        ("does the image contain a blue circle?", "no", "blue rectangle, blue circle absent, no"),
+        ("what color is the shape?", "blue", "blue"),  # colour and shape answers stay one word
+    ]
+    for text, answer, want in cases:
+        q = Question(0, text, answer, 7)
+        assert described_answer(q, blue_rectangle, checked=True) == want
+        if answer in ("yes", "no"):
+            assert described_answer(q, blue_rectangle) == f"blue rectangle, {answer}"
+            assert (
+                parse_described(want)
+                == parse_described(f"blue rectangle, {answer}")
+                == ("blue", "rectangle", answer)
+            )
+    with pytest.raises(
+        DataError, match=r"question 3 \('is there a red shape\?' -> 'yes'\) contradicts.*blue rectangle"
+    ):
+        described_answer(Question(3, "is there a red shape?", "yes", 7), blue_rectangle, checked=True)
+    with pytest.raises(DataError, match="names no colour or shape"):
+        described_answer(Question(4, "is it there?", "yes", 7), blue_rectangle, checked=True)
+
+
+def test_check_yes_no_writes_checked_answers(tmp_path: Path, converted) -> None:
+    out, _ = converted
+    plain = _load(out, "instruct.json")
+    result = _convert(tmp_path / "checked", check_yes_no=True)
+    checked = _load(tmp_path / "checked", "instruct.json")
+    assert result["args"]["check_yes_no"] is True and [r["id"] for r in checked] == [r["id"] for r in plain]
+    n = 0
+    for before, after in zip(plain, checked, strict=True):
+        answer, said = before["conversations"][1]["value"], after["conversations"][1]["value"]
+        if answer not in ("yes", "no"):
+            assert said == answer
+            continue
+        color, shape, named, state, final = re.fullmatch(
+            r"(\w+) (\w+), ([a-z ]+) (present|absent), (yes|no)", said
+        ).groups()
+        question = before["conversations"][0]["value"].split("\n")[1]
+        negated = " not " in f" {question} " or " no " in f" {question} "
+        assert final == answer and (state == "present") == ((answer == "yes") != negated)
+        assert all(w in question for w in named.split()) and color in COLORS and shape in SHAPES
+        n += 1
+    assert n > 50
+    assert (tmp_path / "checked" / "test_answers.json").read_bytes() == (
+        out / "test_answers.json"
+    ).read_bytes()
 
 
 def test_test_questions_and_answers(converted: tuple[Path, dict[str, Any]]) -> None:

@@ -61,15 +61,24 @@ def test_teacher_projector_is_refused_where_it_does_not_fit(tmp_path, capsys, op
     assert not run.exists()
 
 
-@pytest.mark.parametrize("had", [False, True])
-def test_a_run_directory_of_the_other_answer_format_is_refused(tmp_path, capsys, had):
+@pytest.mark.parametrize(
+    ("manifest_args", "said", "asked"),
+    [
+        ({}, "one-word", "described"),  # older manifests lack the keys
+        ({"describe_yes_no": True}, "described", "one-word"),
+        ({"describe_yes_no": True, "check_yes_no": True}, "checked", "described"),
+        ({"describe_yes_no": True}, "described", "checked"),
+    ],
+)
+def test_a_run_directory_of_the_other_answer_format_is_refused(tmp_path, capsys, manifest_args, said, asked):
     run = tmp_path / "demo"
     (run / "data").mkdir(parents=True)
-    manifest = {"args": {"describe_yes_no": True}} if had else {"args": {}}  # older manifests lack the key
-    (run / "data" / "manifest.json").write_text(json.dumps(manifest))
+    (run / "data" / "manifest.json").write_text(json.dumps({"args": manifest_args}))
     # the scratch recipe's answers are one-word ones
-    assert main(["--run-dir", str(run), *SCRATCH_ARGS, *([] if had else ["--answers", "described"])]) == 2
-    said, asked = ("described", "one-word") if had else ("one-word", "described")
+    assert (
+        main(["--run-dir", str(run), *SCRATCH_ARGS, *([] if asked == "one-word" else ["--answers", asked])])
+        == 2
+    )
     assert (
         f"{run}: its data and models were made with {said} yes/no answers, not {asked}"
         in capsys.readouterr().err
@@ -216,7 +225,7 @@ def test_ablation_hidden_state_dft_maps_the_students_layers_onto_the_teachers(pr
     assert config["teacher"]["checkpoint"] and not config["teacher"].get("cache")
     assert len(config["model"]["llm"]["keep_layers"]) >= 1
     first = _first_metrics(run, "ablation/seed0/dft_hidden/stage3")
-    assert 0 < first["hidden"] and first["mdist_resp"] > 0
+    assert first["hidden"] > 0 and first["mdist_resp"] > 0
     assert _state(run, "ablation/seed0/dft_hidden/stage3")["step"] == _state(run, "seed0/kd/stage3")["step"]
     assert not (run / "ablation/seed0/kd").exists()  # the demo's kd student was reused
     table = json.loads((run / "ablation/report.json").read_text())
@@ -299,7 +308,9 @@ def test_kd_students_distil_from_one_teacher_cache_shared_by_the_seeds(pretraine
             cfg = OmegaConf.load(run / f"seed{seed}/kd/{stage}/final/config.yaml")
             assert cfg.teacher.cache == str(cache), (seed, stage)
             first = _first_metrics(run, f"seed{seed}/kd/{stage}")
-            assert first["mdist_resp"] > 0 and first["mdist_vis"] > 0 and "rdist" in first
+            # both MDist terms computed (a KL over the cache's top-k + rest buckets: >= 0 up to rounding; the
+            # tiny random models' visual-position distributions can agree to 1e-7)
+            assert first["mdist_resp"] > 0 and first["mdist_vis"] > -1e-5 and "rdist" in first
         # seed 1 trained after the cache was written: it read it, not rebuilt it
         assert _state(run, f"seed1/kd/{stage}")["elapsed"] > 0
         assert (run / f"seed1/kd/{stage}/final").stat().st_mtime > built[stage]

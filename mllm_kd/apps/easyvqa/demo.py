@@ -181,7 +181,7 @@ def run_demo(
     teacher_llm: str | None = None,
     teacher_projector: bool = False,
     projected_images: bool = False,
-    describe_yes_no: bool | None = None,
+    answers: str | None = None,
 ) -> dict:
     """The whole demo into ``run``; ``teacher_dir`` reuses (or trains into) a teacher elsewhere.
 
@@ -190,9 +190,10 @@ def run_demo(
     teaches across tokenizers. ``teacher_projector``: also the compute-matched and LLaVA-KD students that
     start from the teacher's trained projector instead of stage 1 (:data:`TPROJ_ROLES`).
     ``projected_images``: also LLaVA-KD with the teacher's projected images distilled (:data:`EMB_ROLES`).
-    ``describe_yes_no``: whether every model's yes/no training answers say first what the image shows
-    ("blue rectangle, yes"; ``data_prep.easyvqa --describe-yes-no``; scored on the last word) or are the
-    label alone; None: the recipe's choice.
+    ``answers``: every model's yes/no training answers, a key of :data:`ANSWER_FORMATS`: "described" says
+    first what the image shows ("blue rectangle, yes"; ``data_prep.easyvqa --describe-yes-no``; scored on
+    the last word), "checked" then what the question asks about ("blue rectangle, red absent, yes";
+    ``--check-yes-no``), "one-word" is the label alone; None: the recipe's choice.
     """
     from mllm_kd.data_prep.easyvqa import prepare_easyvqa
 
@@ -205,9 +206,12 @@ def run_demo(
     prepare = {**spec.prepare, **(QUICK_PREPARE if quick else {})}
     if quick and "val_images" in prepare:
         prepare["val_images"], prepare["test_sample"] = 8, None
-    if describe_yes_no is not None:
-        prepare["describe_yes_no"] = describe_yes_no
-    _check_answer_format(run, prepare.get("describe_yes_no", False), redo)
+    if answers is not None:
+        if answers not in ANSWER_FORMATS:
+            raise ConfigError(f"answers must be one of {sorted(ANSWER_FORMATS)}, got {answers!r}")
+        prepare = {k: v for k, v in prepare.items() if k not in ANSWER_FLAGS}
+        prepare.update(ANSWER_FORMATS[answers])
+    _check_answer_format(run, answer_format(prepare), redo)
     phases = Phases(log)
     with phases("data"):
         prepare_easyvqa(run / "data", log=log.info, **prepare)
@@ -324,20 +328,32 @@ def _loss_curves(run: Path, results: dict) -> dict[str, list[dict]]:
     return curves
 
 
-_ANSWERS = {True: "described", False: "one-word"}  # --answers: describe_yes_no
+# --answers: the yes/no answer formats, as prepare_easyvqa's flags
+ANSWER_FORMATS = {
+    "one-word": {},
+    "described": {"describe_yes_no": True},
+    "checked": {"describe_yes_no": True, "check_yes_no": True},
+}
+ANSWER_FLAGS = ("describe_yes_no", "check_yes_no")
 
 
-def _check_answer_format(run: Path, describe_yes_no: bool, redo: bool) -> None:
-    """Refuse a run directory whose models learned the other answer format: finished stages are reused
+def answer_format(prepare_args: dict) -> str:
+    """The answer format (a key of :data:`ANSWER_FORMATS`) of prepare_easyvqa's arguments or a manifest's."""
+    flags = {k: True for k in ANSWER_FLAGS if prepare_args.get(k)}  # older manifests lack the keys
+    return next(name for name, f in ANSWER_FORMATS.items() if f == flags)
+
+
+def _check_answer_format(run: Path, answers: str, redo: bool) -> None:
+    """Refuse a run directory whose models learned another answer format: finished stages are reused
     whatever the data they were trained on."""
     manifest = run / "data" / "manifest.json"
     if redo or not manifest.exists():
         return
-    had = json.loads(manifest.read_text()).get("args", {}).get("describe_yes_no", False)
-    if had != describe_yes_no:
+    had = answer_format(json.loads(manifest.read_text()).get("args", {}))
+    if had != answers:
         raise ConfigError(
-            f"{run}: its data and models were made with {_ANSWERS[had]} yes/no answers, not "
-            f"{_ANSWERS[describe_yes_no]}; use another --run-dir, or --redo to retrain everything"
+            f"{run}: its data and models were made with {had} yes/no answers, not {answers}; use another "
+            "--run-dir, or --redo to retrain everything"
         )
 
 
@@ -423,11 +439,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--answers",
-        choices=sorted(_ANSWERS.values()),
+        choices=sorted(ANSWER_FORMATS),
         default=None,
         help='yes/no training answers: "described" says first what the image shows ("blue rectangle, '
-        'yes"; scored on the last word), "one-word" is the label alone (default: the recipe\'s, described '
-        "for pretrained, one-word for scratch); a run directory holds one of them",
+        'yes"; scored on the last word), "checked" then what the question asks about ("blue rectangle, red '
+        'absent, yes"), "one-word" is the label alone (default: the recipe\'s); a run directory holds one',
     )
     p.add_argument("--redo", action="store_true", help="redo finished stages and evaluations")
     p.add_argument(
@@ -452,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
             teacher_llm=args.teacher_llm,
             teacher_projector=args.teacher_projector,
             projected_images=args.projected_images,
-            describe_yes_no=None if args.answers is None else args.answers == "described",
+            answers=args.answers,
         )
     except MllmKdError as e:
         return exit_code(e)

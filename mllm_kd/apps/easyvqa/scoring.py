@@ -37,7 +37,7 @@ def evaluate(data: Path, split: str, answers: Path, model_id: str, ckpt: Path, r
         system_prompt=system_prompt,
         image_mean=model_cfg.vision.image_mean,
         image_std=model_cfg.vision.image_std,
-        max_new_tokens=8,  # a described yes/no answer ("blue rectangle, yes") is 4-6 tokens
+        max_new_tokens=12,  # described yes/no answers: 4-6 tokens, checked ones ("..., red circle present, no") up to 8
     )
     questions = read_questions(data / f"{split}_questions.jsonl")
     answer_file(gen, questions, data / "images", answers, model_id=model_id, batch_size=128)
