@@ -526,37 +526,51 @@ def test_loss_computer_adds_the_projected_images_term(fused):
     teacher = _tiny_mllm(32, tie=False, seed=1).eval().requires_grad_(False)  # the same width
     student.vision.requires_grad_(False)
     batch = _mllm_batch(student.num_visual_tokens)
-    base, base_terms, base_grads = _loss_once(student, teacher, batch, fused=fused)
-    total, terms, grads = _loss_once(student, teacher, batch, fused=fused, w_emb=0.5)
-    assert "vemb" not in base_terms and set(terms) == {*base_terms, "vemb"}
     with torch.no_grad():
         want = visual_embedding_distill(
             student.encode_images(batch["pixel_values"]), teacher.encode_images(batch["pixel_values"])
         )
-    assert terms["vemb"].item() == pytest.approx(want.item(), rel=1e-6) and want.item() > 0
-    assert total.item() == pytest.approx(base.item() + 0.5 * want.item(), rel=1e-6)
-    # only the term's gradient differs, and only in the projector
-    _, only, only_grads = _loss_once(
-        student, teacher, batch, fused=fused, w_ce=0, w_resp=0, w_vis=0, w_rel=0, w_emb=1
-    )
-    assert only["vemb"].item() == pytest.approx(want.item(), rel=1e-6)
-    moved = {k for k, g in only_grads.items() if g.abs().max() > 0}
-    assert moved == {k for k in base_grads if k.startswith("projector.")}
+    moved, base_grads = _check_feature_term(student, teacher, batch, fused, "w_emb", "vemb", want.item())
+    assert moved == {k for k in base_grads if k.startswith("projector.")}  # and nothing of the LLM
+
+
+def _check_feature_term(student, teacher, batch, fused, key, term, want):
+    """``loss.<key>=0.5`` adds ``0.5 * want`` (logged as ``term``) to the total, and ``0.5 x`` the term's own
+    gradient to the gradients. Returns the parameters the term alone moves, and the gradients without it."""
+    base, base_terms, base_grads = _loss_once(student, teacher, batch, fused=fused)
+    total, terms, grads = _loss_once(student, teacher, batch, fused=fused, **{key: 0.5})
+    assert term not in base_terms and set(terms) == {*base_terms, term}
+    assert terms[term].item() == pytest.approx(want, rel=1e-6) and want > 0
+    assert total.item() == pytest.approx(base.item() + 0.5 * want, rel=1e-6)
+    no_kd = {"w_ce": 0, "w_resp": 0, "w_vis": 0, "w_rel": 0}
+    _, only, only_grads = _loss_once(student, teacher, batch, fused=fused, **no_kd, **{key: 1})
+    assert only[term].item() == pytest.approx(want, rel=1e-6)
+    _assert_gradients_add(grads, base_grads, only_grads, 0.5)
+    return {k for k, g in only_grads.items() if g.abs().max() > 0}, base_grads
+
+
+def _assert_gradients_add(grads, base_grads, only_grads, weight):
+    """The gradients with a term at ``weight`` are the ones without it plus ``weight`` x the term's alone."""
     for k in base_grads:
-        extra = 0.5 * only_grads[k] if k in moved else 0
+        extra = weight * only_grads[k] if k in only_grads else 0
         torch.testing.assert_close(grads[k], base_grads[k] + extra, rtol=1e-4, atol=1e-7, msg=k)
 
 
-def test_loss_computer_refuses_the_projected_images_term_across_widths():
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("w_emb", r"loss.w_emb: the student projects each image to \(\d+, 32\).*\(\d+, 48\)"),
+        ("w_hidden", r"loss.w_hidden: student hidden state 1 \(2, \d+, 32\).*\(2, \d+, 48\)"),
+    ],
+)
+def test_loss_computer_refuses_the_feature_terms_across_widths(key, message):
     from mllm_kd.errors import TrainingError
 
     student = _tiny_mllm(32, tie=True, seed=0)
     teacher = _tiny_mllm(48, tie=False, seed=1).eval().requires_grad_(False)
     batch = _mllm_batch(student.num_visual_tokens)
-    with pytest.raises(
-        TrainingError, match=r"loss.w_emb: the student projects each image to \(\d+, 32\).*\(\d+, 48\)"
-    ):
-        _loss_once(student, teacher, batch, w_emb=1.0)
+    with pytest.raises(TrainingError, match=message):
+        _loss_once(student, teacher, batch, **{key: 1.0})
 
 
 # ------------------------------------------------------------------- distilling the hidden states
@@ -611,38 +625,14 @@ def test_loss_computer_adds_the_hidden_state_term(fused):
     teacher = _tiny_mllm(32, tie=False, seed=1, layers=4).eval().requires_grad_(False)
     student.vision.requires_grad_(False)
     batch = _mllm_batch(student.num_visual_tokens)
-    base, base_terms, base_grads = _loss_once(student, teacher, batch, fused=fused)
-    total, terms, grads = _loss_once(student, teacher, batch, fused=fused, w_hidden=0.5)
-    assert "hidden" not in base_terms and set(terms) == {*base_terms, "hidden"}
     args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
     with torch.no_grad():
         s_layers = student(*args, return_layers=True).layers
         t_layers = teacher(*args, return_layers=True).layers
         want = hidden_state_distill(s_layers, t_layers, [(1, 2), (2, 4)], batch["attention_mask"].bool())
     assert len(s_layers) == 3 and len(t_layers) == 5
-    assert terms["hidden"].item() == pytest.approx(want.item(), rel=1e-6) and want.item() > 0
-    assert total.item() == pytest.approx(base.item() + 0.5 * want.item(), rel=1e-6)
-    _, only, only_grads = _loss_once(
-        student, teacher, batch, fused=fused, w_ce=0, w_resp=0, w_vis=0, w_rel=0, w_hidden=1
-    )
-    assert only["hidden"].item() == pytest.approx(want.item(), rel=1e-6)
-    moved = {k for k, g in only_grads.items() if g.abs().max() > 0}
+    moved, _ = _check_feature_term(student, teacher, batch, fused, "w_hidden", "hidden", want.item())
     assert "projector.0.weight" in moved and "llm.model.layers.0.mlp.up_proj.weight" in moved
-    for k in base_grads:
-        extra = 0.5 * only_grads[k] if k in only_grads else 0
-        torch.testing.assert_close(grads[k], base_grads[k] + extra, rtol=1e-4, atol=1e-7, msg=k)
-
-
-def test_loss_computer_refuses_the_hidden_state_term_across_widths():
-    from mllm_kd.errors import TrainingError
-
-    student = _tiny_mllm(32, tie=True, seed=0)
-    teacher = _tiny_mllm(48, tie=False, seed=1).eval().requires_grad_(False)
-    batch = _mllm_batch(student.num_visual_tokens)
-    with pytest.raises(
-        TrainingError, match=r"loss.w_hidden: student hidden state 1 \(2, \d+, 32\).*\(2, \d+, 48\)"
-    ):
-        _loss_once(student, teacher, batch, w_hidden=1.0)
 
 
 # ------------------------------------------------------------- MDist_resp only where the teacher is right
