@@ -104,14 +104,25 @@ def question_type(answer: str) -> str:
     raise DataError(f"unknown easy-VQA answer {answer!r} (expected a shape, a colour, yes or no)")
 
 
+def named_words(text: str) -> list[str]:
+    """The colour and shape words a question names, in its order."""
+    return [w for w in re.findall(r"[a-z]+", text.lower()) if w in SHAPES or w in COLORS]
+
+
 def asked_about(text: str) -> tuple[set[str], set[str], bool]:
     """A question's named shapes and colours, and whether it is negated ("is there not ...", "is no ...")."""
     words = re.findall(r"[a-z]+", text.lower())
+    named = named_words(text)
     return (
-        {w for w in words if w in SHAPES},
-        {w for w in words if w in COLORS},
+        {w for w in named if w in SHAPES},
+        {w for w in named if w in COLORS},
         "not" in words or "no" in words,
     )
+
+
+def shows(named: list[str] | set[str], color: str, shape: str) -> bool:
+    """Whether an image of ``color`` and ``shape`` has every named word (what a yes/no question asks)."""
+    return all(w in (color, shape) for w in named)
 
 
 def _question_constraints(
@@ -240,11 +251,10 @@ def described_answer(question: Question, label: Label, checked: bool = False) ->
         return question.answer
     if not checked:
         return f"{label.color} {label.shape}, {question.answer}"
-    shapes, colors, negated = asked_about(question.text)
-    named = [w for w in re.findall(r"[a-z]+", question.text.lower()) if w in shapes or w in colors]
+    named, (_, _, negated) = named_words(question.text), asked_about(question.text)
     if not named:
         raise DataError(f"question {question.index} ({question.text!r}) names no colour or shape")
-    present = all(w in (label.color, label.shape) for w in named)
+    present = shows(named, label.color, label.shape)
     if present != ((question.answer == "yes") != negated):
         raise DataError(
             f"question {question.index} ({question.text!r} -> {question.answer!r}) contradicts its image's "

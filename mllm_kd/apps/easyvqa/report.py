@@ -69,7 +69,7 @@ def described_yes_no(truth: dict, questions: list[dict], predictions) -> dict:
     answers that are what the description implies for the question (the colour or shape word it asks
     about, turned round by "not" / "no"). Empty when no yes/no answer is described.
     """
-    from mllm_kd.data_prep.easyvqa_questions import YES_NO, asked_about, parse_described
+    from mllm_kd.data_prep.easyvqa_questions import YES_NO, asked_about, parse_described, shows
 
     said = {str(p.question_id): p.text for p in predictions}
     image_of = {str(q["question_id"]): q["image"] for q in questions}
@@ -89,7 +89,7 @@ def described_yes_no(truth: dict, questions: list[dict], predictions) -> dict:
         described += 1
         color, shape, answer = parts
         shapes, colors, negated = asked_about(q["text"].split("\n")[0])
-        present = shapes <= {shape} and colors <= {color}
+        present = shows(shapes | colors, color, shape)
         follows += answer == ("yes" if present != negated else "no")
         for kind, named, shown in (("shape", shapes, shape), ("color", colors, color)):
             if named and (q["image"], kind) in seen:
