@@ -161,6 +161,36 @@ def test_gradient_accumulation_equals_a_bigger_batch(recipe, reference, tmp_path
     assert_same(tmp_path, reference)
 
 
+LEAVE = """
+import atexit, sys
+import torch.distributed as dist
+from mllm_kd.runtime.distributed import init_distributed
+# registered first, so it runs after init_distributed's own exit handler (atexit runs last-in, first-out)
+atexit.register(lambda: print("group alive at exit:", dist.is_initialized()))
+info = init_distributed("cpu")
+dist.barrier()
+print("rank", info.rank, "of", info.world_size)
+"""
+
+
+def test_every_rank_destroys_its_process_group_at_exit(tmp_path):
+    """A rank that exits with its gloo group alive can abort in the interpreter's teardown."""
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVE)
+    launcher = ["-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_port()}", "--tee=1"]
+    proc = subprocess.run(
+        [sys.executable, *launcher, str(script)],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("of 2") == 2, proc.stdout
+    assert proc.stdout.count("group alive at exit: False") == 2, proc.stdout
+
+
 def _descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (Linux /proc). torchrun starts its workers in their own sessions, so
     killing torchrun's process group alone would leave them training."""

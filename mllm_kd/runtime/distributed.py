@@ -10,6 +10,7 @@ A single process (no ``WORLD_SIZE`` in the environment, or 1) trains the plain m
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -54,7 +55,16 @@ def init_distributed(device_type: str) -> DistInfo:
         # NCCL moves CUDA tensors only; the small per-step flags and loss sums (any_rank, mean_over_ranks,
         # the stop request) are CPU tensors and go through gloo in the same process group
         dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo")
+        atexit.register(leave_distributed)
     return info
+
+
+def leave_distributed() -> None:
+    """Destroy the process group (registered to run at exit, while the interpreter is still whole). A
+    process that exits with the group alive leaves gloo's worker threads to the interpreter's teardown,
+    which now and then aborts a rank ("terminate called without an active exception", SIGABRT)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def wrap_student(model: nn.Module, info: DistInfo, strategy: str, device: torch.device) -> nn.Module:
