@@ -94,17 +94,15 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def run(recipe, run_dir, nproc, *overrides):
-    proc = subprocess.run(
-        _cmd(recipe, run_dir, nproc, *overrides),
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def succeeds(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``cmd`` from the repository root; it must exit 0 (its stderr's tail is the failure message)."""
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
+
+
+def run(recipe, run_dir, nproc, *overrides):
+    return succeeds(_cmd(recipe, run_dir, nproc, *overrides))
 
 
 def losses(run_dir):
@@ -178,15 +176,7 @@ def test_every_rank_destroys_its_process_group_at_exit(tmp_path):
     script = tmp_path / "leave.py"
     script.write_text(LEAVE)
     launcher = ["-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_port()}", "--tee=1"]
-    proc = subprocess.run(
-        [sys.executable, *launcher, str(script)],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = succeeds([sys.executable, *launcher, str(script)], timeout=120)
     assert proc.stdout.count("of 2") == 2, proc.stdout
     assert proc.stdout.count("group alive at exit: False") == 2, proc.stdout
 
