@@ -104,20 +104,25 @@ def question_type(answer: str) -> str:
     raise DataError(f"unknown easy-VQA answer {answer!r} (expected a shape, a colour, yes or no)")
 
 
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z]+", text.lower())
+
+
 def named_words(text: str) -> list[str]:
     """The colour and shape words a question names, in its order."""
-    return [w for w in re.findall(r"[a-z]+", text.lower()) if w in SHAPES or w in COLORS]
+    return [w for w in _words(text) if w in SHAPES or w in COLORS]
+
+
+def is_negated(text: str) -> bool:
+    """Whether a yes/no question is negated ("is there not ...", "is no ...")."""
+    words = _words(text)
+    return "not" in words or "no" in words
 
 
 def asked_about(text: str) -> tuple[set[str], set[str], bool]:
-    """A question's named shapes and colours, and whether it is negated ("is there not ...", "is no ...")."""
-    words = re.findall(r"[a-z]+", text.lower())
+    """A question's named shapes and colours, and whether it is negated (:func:`is_negated`)."""
     named = named_words(text)
-    return (
-        {w for w in named if w in SHAPES},
-        {w for w in named if w in COLORS},
-        "not" in words or "no" in words,
-    )
+    return {w for w in named if w in SHAPES}, {w for w in named if w in COLORS}, is_negated(text)
 
 
 def shows(named: list[str] | set[str], color: str, shape: str) -> bool:
@@ -251,7 +256,7 @@ def described_answer(question: Question, label: Label, checked: bool = False) ->
         return question.answer
     if not checked:
         return f"{label.color} {label.shape}, {question.answer}"
-    named, (_, _, negated) = named_words(question.text), asked_about(question.text)
+    named, negated = named_words(question.text), is_negated(question.text)
     if not named:
         raise DataError(f"question {question.index} ({question.text!r}) names no colour or shape")
     present = shows(named, label.color, label.shape)
