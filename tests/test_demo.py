@@ -624,3 +624,22 @@ def test_ablation_jobs_deal_seeds_and_keep_kd_before_its_dft_variants(tmp_path, 
         (1, ("no_dpt",), "2"),
         (1, ("no_rel",), "2"),
     ]
+
+
+def test_weights_link_replaces_a_link_into_a_deleted_environment(tmp_path, monkeypatch):
+    """A run directory made with another (since deleted) .venv keeps a dangling link to its weights file."""
+    from mllm_kd.apps.easyvqa import demo
+    from mllm_kd.data_prep import weights
+
+    source = tmp_path / "venv" / "mobilenet_v2.pth"
+    source.parent.mkdir()
+    source.write_bytes(b"weights")
+    monkeypatch.setattr(weights, "export_smollm2", lambda out: out)
+    monkeypatch.setattr(weights, "require_file", lambda name: source)
+    models = tmp_path / "run" / "models"
+    models.mkdir(parents=True)
+    (models / source.name).symlink_to(tmp_path / "deleted_venv" / source.name)
+    demo.prepare_weights(models)
+    assert (models / source.name).read_bytes() == b"weights"
+    demo.prepare_weights(models)  # a second call keeps the good link
+    assert (models / source.name).resolve() == source.resolve()

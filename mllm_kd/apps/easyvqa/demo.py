@@ -69,6 +69,8 @@ def prepare_weights(models: Path) -> None:
     export_smollm2(models / "smollm2-135m-instruct")
     source = require_file("mobilenet_v2")
     link = models / source.name
+    if link.is_symlink() and link.resolve() != source.resolve():
+        link.unlink()  # a link into another (perhaps deleted) environment's copy
     if not link.exists():
         link.symlink_to(source)
     log.info("weights ready in %s (%.1f s)", models, time.perf_counter() - started)
