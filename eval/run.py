@@ -281,7 +281,9 @@ def generate_answers(
     on ``workers`` threads while the current one generates."""
     from tqdm.auto import tqdm
 
-    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    from mllm_kd.model.generate import alike_batches
+
+    batches = alike_batches(todo, batch_size, key=lambda q: len(q.prompt))  # similar lengths pad less
     total = len(todo) if total is None else total
     path.parent.mkdir(parents=True, exist_ok=True)
     with (

@@ -87,7 +87,50 @@ def test_answer_file_keeps_a_question_placed_image(smoke_teacher, tmp_path):
     ]
     out = tmp_path / "answers.jsonl"
     answer_file(gen, qs, smoke_teacher / "data/images", out, "m", progress=False)
-    rows = [json.loads(ln) for ln in out.read_text().splitlines()]
+    rows = sorted((json.loads(ln) for ln in out.read_text().splitlines()), key=lambda r: r["question_id"])
     assert [r["prompt"] for r in rows] == [qs[0]["text"], "<image>\n" + qs[1]["text"]]
     img = gen.images.load(smoke_teacher / "data/images/00000.png", "test")[None]
     assert [r["text"] for r in rows] == gen([r["prompt"] for r in rows], [img, img])
+
+
+class _EchoGenerator:
+    """Records each batch of prompts and answers every prompt with its own upper-cased text."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, prompts, pixels):
+        self.batches.append(list(prompts))
+        return [p.upper() for p in prompts]
+
+
+def test_answer_file_batches_questions_of_one_kind_and_keeps_each_answer_with_its_question(tmp_path):
+    kinds = ["yes/no", "color", "yes/no", "shape", "color", "yes/no", "color"]
+    qs = [{"question_id": i, "text": f"q{i} " + "x" * (7 - i), "category": k} for i, k in enumerate(kinds)]
+    gen = _EchoGenerator()
+    out = answer_file(gen, qs, tmp_path, tmp_path / "a.jsonl", "m", batch_size=2, progress=False)
+    kind_of = {q["text"]: q["category"] for q in qs}
+    # sorted by (category, prompt length), then cut: only a batch at a boundary mixes two kinds
+    assert [[kind_of[p] for p in b] for b in gen.batches] == [
+        ["color", "color"],
+        ["color", "shape"],
+        ["yes/no", "yes/no"],
+        ["yes/no"],
+    ]
+    assert [len(p) for p in gen.batches[0]] == sorted(len(p) for p in gen.batches[0])  # shorter prompts first
+    rows = {r["question_id"]: r["text"] for r in map(json.loads, out.read_text().splitlines())}
+    assert rows == {q["question_id"]: q["text"].upper() for q in qs}
+
+
+def test_eval_run_batches_questions_of_similar_prompt_length(tmp_path):
+    from mllm_kd.eval.core import Question
+    from mllm_kd.eval.run import generate_answers
+
+    qs = [Question(i, None, "x" * n) for i, n in enumerate([9, 1, 8, 2, 7, 3])]
+    gen = _EchoGenerator()
+    generate_answers(gen, qs, None, tmp_path / "a.jsonl", "m", batch_size=2, workers=1, progress=False)
+    assert [[len(p) for p in b] for b in gen.batches] == [[1, 2], [3, 7], [8, 9]]
+    rows = {
+        r["question_id"]: r["text"] for r in map(json.loads, (tmp_path / "a.jsonl").read_text().splitlines())
+    }
+    assert rows == {q.question_id: q.prompt.upper() for q in qs}
