@@ -643,3 +643,34 @@ def test_weights_link_replaces_a_link_into_a_deleted_environment(tmp_path, monke
     assert (models / source.name).read_bytes() == b"weights"
     demo.prepare_weights(models)  # a second call keeps the good link
     assert (models / source.name).resolve() == source.resolve()
+
+
+@pytest.mark.parametrize(
+    "flags, sizes",
+    [
+        ([], {"teacher_sft": 2000, "stage2": 500, "stage3": 500, "stage1": 1000}),
+        (
+            ["--student-questions", "1000"],
+            {"teacher_sft": 2000, "stage2": 1000, "stage3": 1000, "stage1": 1000},
+        ),
+        (["--questions", "4000"], {"teacher_sft": 4000, "stage2": 4000, "stage3": 4000, "stage1": 1000}),
+        (
+            ["--questions", "4000", "--student-questions", "1000", "--captions", "2000"],
+            {"teacher_sft": 4000, "stage2": 1000, "stage3": 1000, "stage1": 2000},
+        ),
+    ],
+)
+def test_size_options_set_the_stages_data(flags, sizes):
+    """--student-questions sizes the students' SFT/DFT alone, and wins over --questions there."""
+    import argparse
+
+    from mllm_kd.apps.easyvqa.demo import add_size_options, size_overrides
+    from mllm_kd.apps.easyvqa.roles import RECIPES
+    from mllm_kd.cli import stage_config
+
+    p = argparse.ArgumentParser()
+    add_size_options(p)
+    a = p.parse_args(flags)
+    overrides = size_overrides(a.questions, a.captions, a.student_questions)
+    got = {s: stage_config(RECIPES["pretrained"].config, s, overrides).data.max_samples for s in sizes}
+    assert got == sizes

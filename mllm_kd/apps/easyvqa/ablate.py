@@ -2,7 +2,7 @@
 
     python -m mllm_kd.apps.easyvqa.ablate [--run-dir runs/demo] [--recipe pretrained|scratch] [--seeds 0,1]
                              [--only NAME ...] [--on-policy-fraction F] [--jobs N]
-                             [--questions N] [--captions N] [key=value ...]
+                             [--questions N] [--captions N] [--student-questions N] [key=value ...]
 
 Reuses the demo's data and teacher (``RUN/data``, ``RUN/teacher``; run ``python -m mllm_kd.apps.easyvqa.demo`` with the
 same ``--recipe`` first) and trains one student per variant under ``RUN/ablation/seed<S>/<name>``:
@@ -36,8 +36,9 @@ the same seed (``RUN/seed<S>/kd``, ...) when no ``key=value`` override is given,
 for each seed; the table gives the mean over seeds and each seed's accuracy. ``--jobs N``
 trains N variants or seeds at a time in separate processes, the CPU threads split between them (small
 models do not use two cores well, so two jobs on a 2-core machine take about half the time). Writes
-``RUN/ablation/report.md`` and ``report.json``. ``--questions`` / ``--captions``: the size the demo ran
-``RUN`` at (its size options); they are part of the run, so the demo's students are still reused.
+``RUN/ablation/report.md`` and ``report.json``. ``--questions`` / ``--captions`` / ``--student-questions``: the
+size the demo ran ``RUN`` at (its size options); they are part of the run, so the demo's students are still
+reused.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from mllm_kd.apps.easyvqa.demo import _seeds, add_size_options, size_overrides
+from mllm_kd.apps.easyvqa.demo import SIZE_FLAGS, _seeds, add_size_options, size_overrides
 from mllm_kd.apps.easyvqa.roles import NO_DISTILL, RECIPES
 from mllm_kd.apps.easyvqa.scoring import evaluate
 from mllm_kd.cli import setup_logging, stage_config
@@ -148,10 +149,10 @@ def train_variant(
     seed: int,
     quick: bool = False,
     on_policy_fraction: float = 0.5,
-    sizes: tuple[int | None, int | None] = (None, None),
+    sizes: tuple[int | None, ...] = (None, None, None),
 ) -> Path:
-    """Train one variant (``quick``: the demo's tiny ``--quick`` sizes; ``sizes``: the demo's ``--questions``,
-    ``--captions``); returns its final checkpoint."""
+    """Train one variant (``quick``: the demo's tiny ``--quick`` sizes; ``sizes``: the demo's size options,
+    :data:`~mllm_kd.apps.easyvqa.demo.SIZE_FLAGS`); returns its final checkpoint."""
     from mllm_kd.stages import STAGES
 
     stages, per_stage, _ = VARIANTS[name]
@@ -191,7 +192,7 @@ def _train_in_parallel(
     seeds: tuple[int, ...],
     quick: bool,
     on_policy_fraction: float,
-    sizes: tuple[int | None, int | None] = (None, None),
+    sizes: tuple[int | None, ...] = (None, None, None),
 ) -> None:
     """Train and answer ``names`` for every seed in ``jobs`` child processes at a time, threads split evenly.
 
@@ -220,12 +221,7 @@ def _train_in_parallel(
         cmd = [sys.executable, "-m", "mllm_kd.apps.easyvqa.ablate", "--run-dir", str(run), "--only", *group]
         cmd += ["--recipe", recipe, "--seeds", str(seed), "--on-policy-fraction", str(on_policy_fraction)]
         cmd += ["--quick"] if quick else []
-        cmd += [
-            a
-            for flag, n in zip(("--questions", "--captions"), sizes)
-            if n is not None
-            for a in (flag, str(n))
-        ]
+        cmd += [a for flag, n in zip(SIZE_FLAGS, sizes) if n is not None for a in (flag, str(n))]
         cmd += overrides
         log_path = logs / f"seed{seed}-{group[0]}.log"
         log.info("seed %d (%d threads): %s -> %s", seed, threads, " ".join(group), log_path)
@@ -264,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     setup_logging()
     run = Path(args.run_dir)
-    sizes = (args.questions, args.captions)
+    sizes = (args.questions, args.captions, args.student_questions)
     names = args.only or list(VARIANTS)
     seeds = args.seeds or (args.seed,)
     per_seed: dict[str, dict[int, dict]] = {name: {} for name in names}

@@ -3,7 +3,8 @@ the order it runs. What each model is (recipes, roles) is in roles.py, the repor
 timer in phases.py.
 
     python -m mllm_kd.apps.easyvqa.demo [--run-dir runs/demo] [--recipe pretrained|scratch] [--seeds 0,1]
-                           [--split test|val] [--questions N] [--captions N] [--teacher-dir DIR]
+                           [--split test|val] [--questions N] [--captions N] [--student-questions N]
+                           [--teacher-dir DIR]
                            [--teacher-llm gemma3-270m] [--teacher-projector] [--projected-images]
                            [--redo] [--quick]
                            [key=value ...]
@@ -359,8 +360,12 @@ def _check_answer_format(run: Path, answers: str, redo: bool) -> None:
         )
 
 
+SIZE_FLAGS = ("--questions", "--captions", "--student-questions")
+
+
 def add_size_options(p: argparse.ArgumentParser) -> None:
-    """``--questions`` and ``--captions``: the run's size (the demo's and its ablations')."""
+    """``--questions``, ``--captions`` and ``--student-questions``: the run's size (the demo's and its
+    ablations'), in the order of :data:`SIZE_FLAGS`."""
     p.add_argument(
         "--questions",
         type=int,
@@ -373,15 +378,26 @@ def add_size_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="captions of the pre-training stages (default: the recipe's)",
     )
+    p.add_argument(
+        "--student-questions",
+        type=int,
+        default=None,
+        help="training questions of the students' SFT/DFT stages alone, the first N of the teacher's "
+        "(default: --questions, else the recipe's 500)",
+    )
 
 
-def size_overrides(questions: int | None, captions: int | None) -> list[str]:
-    """The stage overrides of the size options (None: the recipe's)."""
+def size_overrides(
+    questions: int | None, captions: int | None, student_questions: int | None = None
+) -> list[str]:
+    """The stage overrides of the size options (None: the recipe's); ``student_questions`` comes last, so it
+    wins over ``questions`` for the students' stages."""
     return [
         f"stages.{stage}.data.max_samples={n}"
         for n, stages in (
             (questions, ("teacher_sft", "stage2", "stage3")),
             (captions, ("teacher_pt", "stage1")),
+            (student_questions, ("stage2", "stage3")),
         )
         if n is not None
         for stage in stages
@@ -455,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     setup_logging()
     run = Path(args.run_dir)
-    sizes = size_overrides(args.questions, args.captions)
+    sizes = size_overrides(args.questions, args.captions, args.student_questions)
     try:
         results = run_demo(
             run,
