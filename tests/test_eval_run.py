@@ -169,7 +169,7 @@ def test_mmbench_subprocess_base64_rounds_resume_and_score(bench, tmp_path):
     cmd = [sys.executable, "-m", "mllm_kd.eval", *run_args(bench, out, task="mmbench")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    rows = lines(out)
+    rows = sorted(lines(out), key=lambda r: (r["question_id"], r["round_id"]))  # written in batch order
     assert [(r["question_id"], r["round_id"]) for r in rows] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
     assert rows[1]["options"] == ["square", "triangle", "circle"] and rows[1]["option_char"] == [
         "B",

@@ -198,8 +198,9 @@ def alike_batches(items: list[T], batch_size: int, key: Callable[[T], Any]) -> l
     Greedy decoding runs until the batch's longest answer ends and pads every prompt to its longest one, so
     questions alike (one question type, similar prompt length) answered together cost less: one-word
     answers stop after two steps instead of running as long as the described ones mixed in with them
-    (easy-VQA's 3,000 test questions: 14-22% less time, the same answers). Answer files are matched by
-    question id, so their line order does not matter.
+    (easy-VQA's 3,000 test questions: 14-22% less time, the same answers). Only a batch at the boundary of
+    two keys mixes them. Answer files are read by question id (``mllm_kd.eval``'s by question id, round and
+    prompt), so their line order does not matter.
     """
     order = sorted(items, key=key)
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -241,8 +242,8 @@ def answer_file(
 ) -> Path:
     """Answer LLaVA questions into a LLaVA answer file, appending line by line and resuming a partial one.
 
-    Questions are answered in :func:`alike_batches` of one ``category`` and similar prompt length, so the
-    file's lines follow that order, not the questions'.
+    Questions are answered in :func:`alike_batches`, sorted by ``category`` and prompt length, so the file's
+    lines follow that order, not the questions'.
 
     Args:
         questions: records with ``question_id``, ``text`` and optionally ``image`` (relative to

@@ -382,8 +382,8 @@ def add_size_options(p: argparse.ArgumentParser) -> None:
         "--student-questions",
         type=int,
         default=None,
-        help="training questions of the students' SFT/DFT stages alone, the first N of the teacher's "
-        "(default: --questions, else the recipe's 500)",
+        help="training questions of the students' SFT/DFT stages alone: the first N of the training "
+        "questions, of which the teacher's are the first --questions (default: --questions, else the recipe's)",
     )
 
 
