@@ -664,7 +664,7 @@ def test_size_options_set_the_stages_data(flags, sizes):
     """--student-questions sizes the students' SFT/DFT alone, and wins over --questions there."""
     import argparse
 
-    from mllm_kd.apps.easyvqa.demo import add_size_options, size_overrides
+    from mllm_kd.apps.easyvqa.options import add_size_options, size_overrides
     from mllm_kd.apps.easyvqa.roles import RECIPES
     from mllm_kd.cli import stage_config
 

@@ -51,7 +51,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from mllm_kd.apps.easyvqa.demo import SIZE_FLAGS, _seeds, add_size_options, size_overrides
+from mllm_kd.apps.easyvqa.options import SIZE_FLAGS, add_size_options, seed_list, size_overrides
 from mllm_kd.apps.easyvqa.roles import NO_DISTILL, RECIPES
 from mllm_kd.apps.easyvqa.scoring import evaluate
 from mllm_kd.cli import setup_logging, stage_config
@@ -152,7 +152,7 @@ def train_variant(
     sizes: tuple[int | None, ...] = (None, None, None),
 ) -> Path:
     """Train one variant (``quick``: the demo's tiny ``--quick`` sizes; ``sizes``: the demo's size options,
-    :data:`~mllm_kd.apps.easyvqa.demo.SIZE_FLAGS`); returns its final checkpoint."""
+    :data:`~mllm_kd.apps.easyvqa.options.SIZE_FLAGS`); returns its final checkpoint."""
     from mllm_kd.stages import STAGES
 
     stages, per_stage, _ = VARIANTS[name]
@@ -244,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--recipe", choices=sorted(RECIPES), default="pretrained", help="the demo's recipe")
     p.add_argument("--seed", type=int, default=0, help="the students' seed (the demo's seed<S> runs)")
-    p.add_argument("--seeds", type=_seeds, default=None, help="several seeds, e.g. 0,1 (instead of --seed)")
+    p.add_argument(
+        "--seeds", type=seed_list, default=None, help="several seeds, e.g. 0,1 (instead of --seed)"
+    )
     p.add_argument(
         "--on-policy-fraction",
         type=float,

@@ -37,12 +37,12 @@ and DFT (``loss.w_emb=30``: the term's start on the scale of the others' sum in 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
 from pathlib import Path
 
+from mllm_kd.apps.easyvqa.options import add_size_options, seed_list, size_overrides
 from mllm_kd.apps.easyvqa.phases import Phases
 from mllm_kd.apps.easyvqa.report import gaps, other_roles, summarise, write_report
 from mllm_kd.apps.easyvqa.roles import (
@@ -360,60 +360,6 @@ def _check_answer_format(run: Path, answers: str, redo: bool) -> None:
         )
 
 
-SIZE_FLAGS = ("--questions", "--captions", "--student-questions")
-
-
-def add_size_options(p: argparse.ArgumentParser) -> None:
-    """``--questions``, ``--captions`` and ``--student-questions``: the run's size (the demo's and its
-    ablations'), in the order of :data:`SIZE_FLAGS`."""
-    p.add_argument(
-        "--questions",
-        type=int,
-        default=None,
-        help="training questions of every model's SFT/DFT stages (default: the recipe's); a size option",
-    )
-    p.add_argument(
-        "--captions",
-        type=int,
-        default=None,
-        help="captions of the pre-training stages (default: the recipe's)",
-    )
-    p.add_argument(
-        "--student-questions",
-        type=int,
-        default=None,
-        help="training questions of the students' SFT/DFT stages alone: the first N of the training "
-        "questions, of which the teacher's are the first --questions (default: --questions, else the recipe's)",
-    )
-
-
-def size_overrides(
-    questions: int | None, captions: int | None, student_questions: int | None = None
-) -> list[str]:
-    """The stage overrides of the size options (None: the recipe's); ``student_questions`` comes last, so it
-    wins over ``questions`` for the students' stages."""
-    return [
-        f"stages.{stage}.data.max_samples={n}"
-        for n, stages in (
-            (questions, ("teacher_sft", "stage2", "stage3")),
-            (captions, ("teacher_pt", "stage1")),
-            (student_questions, ("stage2", "stage3")),
-        )
-        if n is not None
-        for stage in stages
-    ]
-
-
-def _seeds(text: str) -> tuple[int, ...]:
-    try:
-        seeds = tuple(int(s) for s in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integers, got {text!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"--seeds needs distinct seeds, got {text!r}")
-    return seeds
-
-
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(
         prog="python -m mllm_kd.apps.easyvqa.demo",
@@ -421,7 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--run-dir", default="runs/demo")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="pretrained")
-    p.add_argument("--seeds", type=_seeds, default=(0, 1), help="the students' seeds (train.seed), e.g. 0,1")
+    p.add_argument(
+        "--seeds", type=seed_list, default=(0, 1), help="the students' seeds (train.seed), e.g. 0,1"
+    )
     p.add_argument("--teacher-seed", type=int, help="seed of the teacher's stages (default: the recipe's)")
     p.add_argument(
         "--split",
