@@ -211,23 +211,6 @@ def default_model_id(ckpt: Path) -> str:
     return "/".join(parts[-2:])
 
 
-def training_template(ckpt: Path) -> tuple[str, str | None]:
-    """The checkpoint's ``data.template`` and ``data.system_prompt`` (from its config.yaml), else defaults."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    cfg = ckpt / "config.yaml"
-    if not cfg.is_file():
-        return "auto", None
-    try:
-        data = OmegaConf.to_container(OmegaConf.load(cfg), resolve=False).get("data") or {}
-    except (OmegaConfBaseException, OSError, AttributeError):
-        return "auto", None
-    template = data.get("template") if isinstance(data.get("template"), str) else "auto"
-    system = data.get("system_prompt") if isinstance(data.get("system_prompt"), str) else None
-    return template, system
-
-
 def pick_dtype(name: str, device):
     import torch
 
@@ -307,22 +290,17 @@ def generate_answers(
 
 
 def load_generator(args: argparse.Namespace, ckpt: Path, local_rank: int):
-    from mllm_kd.checkpoint.native import load_checkpoint_model
-    from mllm_kd.model.generate import Generator
+    from mllm_kd.checkpoint.generator import checkpoint_generator
     from mllm_kd.runtime.device import pick_device
 
     device = pick_device(args.device, local_rank)
-    model, tokenizer, model_cfg = load_checkpoint_model(ckpt, device=device)
-    model.to(pick_dtype(args.dtype, device)).eval()
-    template, system = training_template(ckpt)
-    return Generator.from_model(
-        model,
-        tokenizer,
-        template=args.template or template,
-        system_prompt=args.system_prompt if args.system_prompt is not None else system,
-        image_mean=model_cfg.vision.image_mean,
-        image_std=model_cfg.vision.image_std,
+    return checkpoint_generator(
+        ckpt,
+        device,
+        dtype=pick_dtype(args.dtype, device),
         max_new_tokens=args.max_new_tokens,
+        template=args.template,
+        system_prompt=args.system_prompt,
     )
 
 

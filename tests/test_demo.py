@@ -186,6 +186,7 @@ def pretrained(tmp_path_factory):
             "40",
             "--teacher-projector",
             "--projected-images",
+            "--transfer-set",
         ]
     )
     return run, code, _report(run)
@@ -274,6 +275,43 @@ def test_kd_emb_student_distils_the_projected_images_in_dpt_and_dft(pretrained):
     assert g["kd_emb_minus_kd"] == pytest.approx(acc["student_kd_emb"] - acc["student_kd"], abs=0.01)
     assert "| student_kd_emb |" in (run / "report.md").read_text()
     assert "`kd_emb`, loss.w_emb" in (run / "report.md").read_text()
+
+
+def test_transfer_students_train_stage3_on_the_teachers_answers_to_unlabelled_questions(pretrained):
+    """The transfer set: the 40 training questions after the teacher's first 40, the labels replaced by the
+    teacher's answers; kd_transfer continues kd's SFT with DFT on it (its own teacher cache), seqkd_transfer
+    the plain student's SFT with stage 3 on it without the distillation terms, as many steps as kd's DFT."""
+    run, _, report = pretrained
+    instruct = json.loads((run / "data/instruct.json").read_text())[40:80]
+    transfer = run / "teacher/transfer/transfer.json"
+    written = json.loads(transfer.read_text())
+    rows = [json.loads(line) for line in transfer.with_suffix(".answers.jsonl").read_text().splitlines()]
+    answers = {row["question_id"]: row["text"] for row in rows}
+    assert [r["id"] for r in written] == [r["id"] for r in instruct]
+    for rec, source in zip(written, instruct):
+        assert rec["conversations"][0] == source["conversations"][0]
+        assert rec["conversations"][1]["value"] == answers[rec["id"]]
+    for sub, start, w in (("kd_transfer", "kd", 1.0), ("seqkd_transfer", "baseline", 0.0)):
+        assert not (run / "seed0" / sub / "stage1").exists() and not (run / "seed0" / sub / "stage2").exists()
+        cfg = OmegaConf.load(run / "seed0" / sub / "stage3/final/config.yaml")
+        assert cfg.data.path == str(transfer) and cfg.data.max_samples is None
+        assert cfg.init_from == str(run / "seed0" / start / "stage2/final")
+        assert cfg.loss.w_resp == cfg.loss.w_vis == cfg.loss.w_rel == w
+        assert _state(run, f"seed0/{sub}/stage3")["step"] == _state(run, "seed0/kd/stage3")["step"]
+    cached = OmegaConf.load(run / "seed1/kd_transfer/stage3/final/config.yaml").teacher.cache
+    assert cached == str(run / "teacher/cache/stage3-transfer")
+    assert report["student_kd_transfer"]["stages"] == ["stage1 (of kd)", "stage2 (of kd)", "stage3"]
+    own = ("seed0/kd/stage1", "seed0/kd/stage2", "seed0/kd_transfer/stage3")  # and building its cache
+    seconds = report["student_kd_transfer"]["seeds"]["0"]["train_seconds"]
+    assert seconds >= round(sum(_state(run, s)["elapsed"] for s in own), 1) - 0.1
+    g, acc = report["gaps"], {r: 100 * report[r]["accuracy"] for r in STUDENTS}
+    for a, b in (
+        ("kd_transfer", "matched"),
+        ("kd_transfer", "seqkd_transfer"),
+        ("seqkd_transfer", "matched"),
+    ):
+        assert g[f"{a}_minus_{b}"] == pytest.approx(acc[f"student_{a}"] - acc[f"student_{b}"], abs=0.01)
+    assert "`kd_transfer`" in (run / "report.md").read_text()
 
 
 def test_pretrained_demo_models_have_the_recipe_shape(pretrained):

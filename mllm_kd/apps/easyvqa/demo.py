@@ -6,6 +6,7 @@ timer in phases.py.
                            [--split test|val] [--questions N] [--captions N] [--student-questions N]
                            [--teacher-dir DIR]
                            [--teacher-llm gemma3-270m] [--teacher-projector] [--projected-images]
+                           [--transfer-set]
                            [--redo] [--quick]
                            [key=value ...]
 
@@ -31,6 +32,9 @@ variant: a few hundred examples and tiny random models. ``--teacher-llm gemma3-2
 with that LLM and the ``kd`` student taught by it across tokenizers (teachers.py), reported next to the others.
 ``--teacher-projector`` also trains ``matched_tproj`` and ``kd_tproj``: the compute-matched and LLaVA-KD
 students with stage 1 replaced by the teacher's trained projector (``model.projector.checkpoint``).
+``--transfer-set`` also trains ``kd_transfer`` (the ``kd`` student's DPT and SFT, then DFT on questions in no
+model's training data, answered by the teacher: ``mllm_kd.teacher.label``) and ``seqkd_transfer`` (the plain
+student's PT and SFT, then stage 3 on the same answers without the distillation terms).
 ``--projected-images`` also trains ``kd_emb``: LLaVA-KD with the teacher's projected images distilled in DPT
 and DFT (``loss.w_emb=30``: the term's start on the scale of the others' sum in DPT; roles.py).
 """
@@ -110,6 +114,35 @@ def teacher_cache(cfg, directory: Path) -> tuple[Path, float]:
     return directory, time.perf_counter() - started
 
 
+def transfer_file(teacher_dir: Path) -> Path:
+    """Where the demo keeps the teacher's answers to the transfer set (:func:`answer_transfer_set`)."""
+    return teacher_dir / "transfer" / "transfer.json"
+
+
+def answer_transfer_set(
+    run: Path, recipe: Recipe, overrides: list[str], teacher: Path, teacher_dir: Path
+) -> Path:
+    """The transfer set: as many questions as the students' DFT has (``stages.stage3.data``), taken from the
+    training questions right after the teacher's own (``stages.teacher_sft.data``: the first N), so they are
+    in no model's training data; their labels dropped, the teacher's greedy answers written in their place
+    (:func:`mllm_kd.teacher.label.label_records`), once per teacher (re-runs reuse the file)."""
+    from mllm_kd.teacher.label import label_records, labelled_by, read_slice
+
+    common = [f"data_dir={run / 'data'}", f"teacher_dir={teacher_dir}", *overrides]
+    sft, dft = (stage_config(recipe.config, s, common).data for s in ("teacher_sft", "stage3"))
+    if sft.path != dft.path or sft.max_samples is None or dft.max_samples is None:
+        raise ConfigError(
+            "the transfer set is taken from the teacher's SFT data after its first data.max_samples: "
+            "stages.teacher_sft and stages.stage3 need the same data.path and a data.max_samples each"
+        )
+    records = read_slice(Path(sft.path), sft.max_samples, dft.max_samples)
+    out = transfer_file(teacher_dir)
+    if not labelled_by(out, teacher, records):
+        folder = sft.image_folder or Path(sft.path).parent
+        label_records(teacher, records, folder, out, batch_size=128, where=str(sft.path))
+    return out
+
+
 def train_role(
     run: Path,
     recipe: Recipe,
@@ -137,11 +170,22 @@ def train_role(
         *overrides,
     ]
     seconds, stages = 0.0, list(spec.stages)
-    if spec.pt_from is not None:
-        pt = run / f"seed{seed}" / ROLES[spec.pt_from].sub / "stage1" / "final"
-        seconds += json.loads((pt / "trainer_state.json").read_text())["elapsed"]
-        common.append(f"stages.stage2.init_from={pt}")
-        stages = [f"stage1 (of {ROLES[spec.pt_from].sub})", *stages]
+    if spec.starts_from is not None:
+        role_from, stage_from = spec.starts_from
+        earlier = ROLES[role_from]
+        done = earlier.stages[: earlier.stages.index(stage_from) + 1]
+        for stage in done:
+            state = run / f"seed{seed}" / earlier.sub / stage / "final" / "trainer_state.json"
+            seconds += json.loads(state.read_text())["elapsed"]
+        common.append(
+            f"stages.{spec.stages[0]}.init_from={run / f'seed{seed}' / earlier.sub / stage_from / 'final'}"
+        )
+        stages = [*(f"{stage} (of {earlier.sub})" for stage in done), *stages]
+    if spec.transfer:
+        common += [
+            f"stages.stage3.data.path={transfer_file(teacher_dir)}",
+            "stages.stage3.data.max_samples=null",
+        ]
     if spec.teacher_projector:  # the first stage builds the student, with the teacher's projector
         first = spec.stages[0]
         projector = teacher_dir / "teacher_sft"
@@ -160,7 +204,8 @@ def train_role(
             and not cfg.loss.cross_tokenizer
             and (redo or not stage_finished(cfg))
         ):
-            cache, built = teacher_cache(cfg, teacher_dir / "cache" / stage)
+            name = f"{stage}-transfer" if spec.transfer else stage  # one cache per data set
+            cache, built = teacher_cache(cfg, teacher_dir / "cache" / name)
             seconds += built
             cfg = stage_config(recipe.config, stage, [*common, f"teacher.cache={cache}"])
         log.info("== %s (train.seed=%d): %s -> %s", role, cfg.train.seed, stage, cfg.output_dir)
@@ -184,6 +229,7 @@ def run_demo(
     teacher_llm: str | None = None,
     teacher_projector: bool = False,
     projected_images: bool = False,
+    transfer_set: bool = False,
     answers: str | None = None,
 ) -> dict:
     """The whole demo into ``run``; ``teacher_dir`` reuses (or trains into) a teacher elsewhere.
@@ -201,7 +247,8 @@ def run_demo(
     from mllm_kd.data_prep.easyvqa import prepare_easyvqa
 
     spec = RECIPES[recipe]
-    students = recipe_students(spec, teacher_projector, projected_images)  # before any work: refuses a misfit
+    # before any work: refuses a misfit
+    students = recipe_students(spec, teacher_projector, projected_images, transfer_set)
     other = TEACHER_LLMS[teacher_llm] if teacher_llm else None
     started = time.perf_counter()
     teacher_dir = teacher_dir or run / "teacher"
@@ -232,6 +279,9 @@ def run_demo(
             run, spec, "teacher", overrides + (teacher_overrides or []), redo, teacher_dir, seed=0
         )
     models["teacher"] = {"checkpoint": str(ckpt), "train_seconds": round(seconds, 1), "stages": stages}
+    if transfer_set:
+        with phases("transfer set"):
+            answer_transfer_set(run, spec, overrides, ckpt, teacher_dir)
     if other is not None:
         with phases(other.teacher_role):
             ckpt, seconds, stages = train_role(
@@ -404,6 +454,12 @@ def main(argv: list[str] | None = None) -> int:
         "(loss.w_emb=30; about as long as the kd student)",
     )
     p.add_argument(
+        "--transfer-set",
+        action="store_true",
+        help="also LLaVA-KD with its DFT on a transfer set (as many training questions as its DFT has, after "
+        "the teacher's, answered by the teacher instead of labelled) and the same without the distillation terms",
+    )
+    p.add_argument(
         "--answers",
         choices=sorted(ANSWER_FORMATS),
         default=None,
@@ -434,12 +490,15 @@ def main(argv: list[str] | None = None) -> int:
             teacher_llm=args.teacher_llm,
             teacher_projector=args.teacher_projector,
             projected_images=args.projected_images,
+            transfer_set=args.transfer_set,
             answers=args.answers,
         )
     except MllmKdError as e:
         return exit_code(e)
     print((run / "report.md").read_text())
-    students = recipe_students(RECIPES[args.recipe], args.teacher_projector, args.projected_images)
+    students = recipe_students(
+        RECIPES[args.recipe], args.teacher_projector, args.projected_images, args.transfer_set
+    )
     roles = ["teacher", *students, *other_roles(results)]
     print(json.dumps({k: results[k]["accuracy"] for k in roles} | {"seconds": results["seconds"]}))
     return 0

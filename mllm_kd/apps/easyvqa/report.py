@@ -14,11 +14,14 @@ STUDENT_ROLES = ("student_baseline", "student_matched", "student_kd")
 TPROJ_ROLES = ("student_matched_tproj", "student_kd_tproj")
 # LLaVA-KD with the distillation of the teacher's projected images added in DPT and DFT (loss.w_emb)
 EMB_ROLES = ("student_kd_emb",)
+# DFT on a transfer set: questions in no one's training data, answered by the teacher (mllm_kd.teacher.label);
+# LLaVA-KD's DFT there, and the control without the distillation terms (the teacher's answers alone)
+TRANSFER_ROLES = ("student_kd_transfer", "student_seqkd_transfer")
 
 
 def student_roles(results: dict) -> list[str]:
     """The student roles the results hold, in the report's order."""
-    return [r for r in (*STUDENT_ROLES, *TPROJ_ROLES, *EMB_ROLES) if r in results]
+    return [r for r in (*STUDENT_ROLES, *TPROJ_ROLES, *EMB_ROLES, *TRANSFER_ROLES) if r in results]
 
 
 def other_roles(results: dict) -> list[str]:
@@ -181,6 +184,9 @@ def gaps(results: dict) -> dict:
         out |= variant("kd_tproj", ("matched", "matched_tproj"), ("kd_tproj", "matched_tproj"))
     if all(r in acc for r in EMB_ROLES):
         out |= variant("kd_emb", ("matched", "kd"), ("kd_emb",))
+    if all(r in acc for r in TRANSFER_ROLES):
+        out |= variant("kd_transfer", ("matched", "kd", "seqkd_transfer"), ("kd_transfer", "seqkd_transfer"))
+        out |= variant("seqkd_transfer", ("matched",), ())
     return out
 
 
@@ -263,6 +269,7 @@ def write_report(run: Path, results: dict, curves: dict[str, list[dict]]) -> Non
         "",
         *_described_lines(results, roles),
         *_tproj_lines(g),
+        *_transfer_lines(g),
         *_emb_lines(g),
         *_other_teacher_lines(results),
         "![loss curves](loss_curves.png)",
@@ -316,6 +323,22 @@ def _emb_lines(g: dict) -> list[str]:
         f"compute-matched plain student: {g['kd_emb_minus_matched']:+.2f} points; minus LLaVA-KD without it: "
         f"{g['kd_emb_minus_kd']:+.2f} (spreads: kd_emb {g['spread_kd_emb']:.2f}, matched {g['spread_matched']:.2f}); "
         f"share of the teacher-to-plain-student gap closed: {g['gap_closed_kd_emb']}.",
+        "",
+    ]
+
+
+def _transfer_lines(g: dict) -> list[str]:
+    if "kd_transfer_minus_matched" not in g:
+        return []
+    return [
+        "DFT on a transfer set (questions in no one's training data, answered by the teacher): LLaVA-KD "
+        f"(`kd_transfer`) minus the compute-matched plain student: {g['kd_transfer_minus_matched']:+.2f} points; "
+        f"minus LLaVA-KD on the labelled questions: {g['kd_transfer_minus_kd']:+.2f}; minus the same steps on the "
+        f"teacher's answers without the distillation terms (`seqkd_transfer`): "
+        f"{g['kd_transfer_minus_seqkd_transfer']:+.2f} (spreads: kd_transfer {g['spread_kd_transfer']:.2f}, "
+        f"seqkd_transfer {g['spread_seqkd_transfer']:.2f}, matched {g['spread_matched']:.2f}); share of the "
+        f"teacher-to-plain-student gap closed: {g['gap_closed_kd_transfer']} (`seqkd_transfer` "
+        f"{g['gap_closed_seqkd_transfer']}).",
         "",
     ]
 

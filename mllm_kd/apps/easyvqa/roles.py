@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mllm_kd.apps.easyvqa.report import EMB_ROLES, STUDENT_ROLES, TPROJ_ROLES
+from mllm_kd.apps.easyvqa.report import EMB_ROLES, STUDENT_ROLES, TPROJ_ROLES, TRANSFER_ROLES
 from mllm_kd.configs import config_path
 from mllm_kd.errors import ConfigError
 
@@ -84,20 +84,25 @@ class Role:
     sub: str  # run directory under RUN (students: under RUN/seed<s>)
     stages: tuple[str, ...]
     overrides: tuple[str, ...]
-    pt_from: str | None = None  # reuse this role's stage1 (same config and seed) instead of training one
+    # (role, stage): continue that role's result of that stage (same config and seed) instead of training
+    # the stages up to it again; this role's own stages follow it
+    starts_from: tuple[str, str] | None = None
     matched: bool = False  # stage2 for as many optimizer steps as stage2 + stage3: compute-matched
     # no stage 1: the first stage builds the student with the teacher's trained projector (model.projector.checkpoint)
     teacher_projector: bool = False
     # stages whose teacher is read from the run's teacher cache (TEACHER/cache/<stage>, built by the first
     # seed that needs it, reused by the others and by re-runs) instead of running the teacher each time
     cached_teacher: tuple[str, ...] = ()
+    # stage3 on the transfer set: questions in no one's training data, answered by the teacher
+    # (TEACHER/transfer/transfer.json, made by the demo with mllm_kd.teacher.label)
+    transfer: bool = False
 
 
 ROLES = {
     "teacher": Role("teacher", ("teacher_pt", "teacher_sft"), ()),
     "student_baseline": Role("baseline", ("stage1", "stage2"), tuple(NO_DISTILL)),
     "student_matched": Role(
-        "matched", ("stage2",), tuple(NO_DISTILL), pt_from="student_baseline", matched=True
+        "matched", ("stage2",), tuple(NO_DISTILL), starts_from=("student_baseline", "stage1"), matched=True
     ),
     "student_kd": Role("kd", ("stage1", "stage2", "stage3"), (), cached_teacher=("stage1", "stage3")),
     "student_matched_tproj": Role(
@@ -115,17 +120,38 @@ ROLES = {
         ("stage1", "stage2", "stage3"),
         ("stages.stage1.loss.w_emb=30", "stages.stage3.loss.w_emb=30"),
     ),
+    # LLaVA-KD's DPT and SFT (the kd student's), then DFT on the transfer set; its control: the plain
+    # student's PT and SFT, then stage 3 on the same teacher answers without the distillation terms
+    "student_kd_transfer": Role(
+        "kd_transfer",
+        ("stage3",),
+        (),
+        starts_from=("student_kd", "stage2"),
+        cached_teacher=("stage3",),
+        transfer=True,
+    ),
+    "student_seqkd_transfer": Role(
+        "seqkd_transfer",
+        ("stage3",),
+        tuple(NO_DISTILL),
+        starts_from=("student_baseline", "stage2"),
+        transfer=True,
+    ),
 }
-STUDENTS = [*STUDENT_ROLES, *TPROJ_ROLES, *EMB_ROLES]
+STUDENTS = [*STUDENT_ROLES, *TPROJ_ROLES, *EMB_ROLES, *TRANSFER_ROLES]
 assert set(ROLES) == {"teacher", *STUDENTS}
 
 
 def recipe_students(
-    recipe: Recipe, teacher_projector: bool = False, projected_images: bool = False
+    recipe: Recipe,
+    teacher_projector: bool = False,
+    projected_images: bool = False,
+    transfer_set: bool = False,
 ) -> list[str]:
     """The student roles to train: the comparison fixed in advance; with ``teacher_projector`` the two that
     start from the teacher's projector, with ``projected_images`` the one that distils its projected images
-    (ConfigError where the recipe's teacher projector does not fit the student)."""
+    (ConfigError where the recipe's teacher projector does not fit the student), with ``transfer_set`` the
+    two whose stage 3 runs on the teacher's answers to unlabelled questions."""
     for asked, option in (
         (teacher_projector, "--teacher-projector"),
         (projected_images, "--projected-images"),
@@ -139,4 +165,5 @@ def recipe_students(
         *STUDENT_ROLES,
         *(TPROJ_ROLES if teacher_projector else ()),
         *(EMB_ROLES if projected_images else ()),
+        *(TRANSFER_ROLES if transfer_set else ()),
     ]

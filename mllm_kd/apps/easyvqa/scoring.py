@@ -16,29 +16,19 @@ def evaluate(data: Path, split: str, answers: Path, model_id: str, ckpt: Path, r
     yes/no answers also :func:`described_yes_no`.
     """
 
-    from mllm_kd.checkpoint.native import load_checkpoint_model
+    from mllm_kd.checkpoint.generator import checkpoint_generator
     from mllm_kd.data_prep.easyvqa_questions import train_template_prior
     from mllm_kd.eval.core import read_predictions
-    from mllm_kd.eval.run import training_template
     from mllm_kd.eval.tasks.easyvqa import EasyVQATask
-    from mllm_kd.model.generate import Generator, answer_file, read_questions
+    from mllm_kd.model.generate import answer_file, read_questions
     from mllm_kd.model.multimodal import count_parameters
     from mllm_kd.runtime.device import pick_device
 
     if redo and answers.exists():
         answers.unlink()
-    device = pick_device()
-    model, tok, model_cfg = load_checkpoint_model(ckpt)
-    template, system_prompt = training_template(ckpt)
-    gen = Generator.from_model(
-        model.to(device),
-        tok,
-        template=template,
-        system_prompt=system_prompt,
-        image_mean=model_cfg.vision.image_mean,
-        image_std=model_cfg.vision.image_std,
-        max_new_tokens=12,  # described yes/no answers: 4-6 tokens, checked ones ("..., red circle present, no") up to 8
-    )
+    # described yes/no answers: 4-6 tokens, checked ones ("..., red circle present, no") up to 8
+    gen = checkpoint_generator(ckpt, pick_device(), max_new_tokens=12)
+    model = gen.model
     questions = read_questions(data / f"{split}_questions.jsonl")
     answer_file(gen, questions, data / "images", answers, model_id=model_id, batch_size=128)
     task = EasyVQATask()
