@@ -71,10 +71,8 @@ def test_cached_step_leaves_the_teacher_out():
     assert 5 < t / s < 7
 
 
-def test_tiny_run_of_every_cpu_variant():
-    """The CPU dry run: mllm_kd (eager, train.compile, train.gradient_checkpointing, without the lean decoder
-    ops), its cached teacher and plain transformers (with and without activation checkpointing); the same loss
-    from the same weights."""
+def _tiny_run(variants: str) -> dict:
+    """bench/step.py's CPU dry run (a SmolLM2-shaped pair at 7% of its depth, batch 2, one timed step)."""
     cmd = [
         sys.executable,
         str(ROOT / "bench" / "step.py"),
@@ -89,10 +87,40 @@ def test_tiny_run_of_every_cpu_variant():
         "--warmup",
         "1",
         "--variants",
-        "mllm_kd,mllm_kd_cached,plain,mllm_kd_compiled,mllm_kd_ckpt,mllm_kd_no_ckpt,plain_ckpt,mllm_kd_eager_ops",
+        variants,
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, timeout=600)
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_tiny_run_of_the_stages_step_against_plain_transformers():
+    """The default run's share of the dry run below: mllm_kd's step, the same step without the lean decoder
+    ops, and plain transformers: the same loss and step from the same weights, every figure filled in."""
+    res = _tiny_run("mllm_kd,plain,mllm_kd_eager_ops")
+    assert set(res["variants"]) == {"mllm_kd", "plain", "mllm_kd_eager_ops"}
+    for name, v in res["variants"].items():
+        assert "error" not in v, (name, v)
+        assert v["median_s"] > 0 and v["peak_total_bytes"] > v["peak_step_bytes"] > 0
+        assert 0 < v["mfu"] < 1
+    assert abs(res["loss_vs_plain"]) < 1e-5
+    assert abs(res["loss_lean_vs_eager_ops"]) < 1e-6 and res["memory_lean_vs_eager_ops"] > 0
+    first = res["variants"]["mllm_kd"]["first_step"]
+    assert set(first) >= {"ce", "mdist_resp", "mdist_vis", "rdist"}
+    for k in first:
+        assert res["variants"]["mllm_kd_eager_ops"]["first_step"][k] == pytest.approx(
+            first[k], rel=1e-5, abs=1e-7
+        ), k
+    assert res["speed_vs_plain"] > 0 and res["memory_vs_plain"] > 0
+
+
+@pytest.mark.slow  # about 2 minutes on 2 CPU cores (train.compile alone ~30 s): `make test-all`
+def test_tiny_run_of_every_cpu_variant():
+    """The CPU dry run: mllm_kd (eager, train.compile, train.gradient_checkpointing, without the lean decoder
+    ops), its cached teacher and plain transformers (with and without activation checkpointing); the same loss
+    from the same weights."""
+    res = _tiny_run(
+        "mllm_kd,mllm_kd_cached,plain,mllm_kd_compiled,mllm_kd_ckpt,mllm_kd_no_ckpt,plain_ckpt,mllm_kd_eager_ops"
+    )
     assert set(res["variants"]) == {
         "mllm_kd",
         "mllm_kd_cached",
