@@ -41,11 +41,9 @@ import json
 import os
 import sys
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from mllm_kd.data.records import image_prompt
 from mllm_kd.errors import ConfigError, DataError
 from mllm_kd.eval.answers import chunk_of, chunk_path, complete_lines, merge_chunks, pending
 from mllm_kd.eval.core import Question, index_unique, iter_jsonl
@@ -260,33 +258,31 @@ def generate_answers(
     total: int | None = None,
     desc: str = "answering",
 ) -> None:
-    """Answer ``todo`` into ``path`` (appending a batch at a time); the next batch's images are decoded
-    on ``workers`` threads while the current one generates."""
+    """Answer ``todo`` into ``path`` (appending a batch at a time; :func:`mllm_kd.model.generate.answer_batches`:
+    similar prompt lengths batched together, the next batch's images decoded on ``workers`` threads while the
+    current one generates)."""
     from tqdm.auto import tqdm
 
-    from mllm_kd.model.generate import alike_batches
+    from mllm_kd.model.generate import answer_batches
 
-    batches = alike_batches(todo, batch_size, key=lambda q: len(q.prompt))  # similar lengths pad less
     total = len(todo) if total is None else total
     path.parent.mkdir(parents=True, exist_ok=True)
     with (
-        ThreadPoolExecutor(max(1, workers)) as pool,
         open(path, "a", encoding="utf-8") as f,
         tqdm(total=total, initial=total - len(todo), desc=desc, disable=not progress, unit="q") as bar,
     ):
-
-        def prepare(batch: list[Question]) -> list[Future]:
-            return [pool.submit(question_pixels, generator, q, images) for q in batch]
-
-        upcoming = prepare(batches[0]) if batches else []
-        for b, batch in enumerate(batches):
-            current, upcoming = upcoming, (prepare(batches[b + 1]) if b + 1 < len(batches) else [])
-            pixels = [fut.result() for fut in current]
-            prompts = [q.prompt if px is None else image_prompt(q.prompt) for q, px in zip(batch, pixels)]
-            texts = generator(prompts, pixels)
-            f.writelines(json.dumps(answer_row(q, t, model_id)) + "\n" for q, t in zip(batch, texts))
-            f.flush()
-            bar.update(len(batch))
+        answer_batches(
+            generator,
+            todo,
+            f,
+            batch_size=batch_size,
+            key=lambda q: len(q.prompt),  # similar lengths pad less
+            text=lambda q: q.prompt,
+            pixels=lambda q: question_pixels(generator, q, images),
+            row=lambda q, _prompt, text: answer_row(q, text, model_id),
+            bar=bar,
+            workers=workers,
+        )
 
 
 def load_generator(args: argparse.Namespace, ckpt: Path, local_rank: int):

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -211,6 +211,44 @@ def question_kind(q: dict) -> tuple[str, int]:
     return str(q.get("category", "")), len(q["text"])
 
 
+def answer_batches(
+    generator: Generator,
+    items: list[T],
+    f: IO[str],
+    *,
+    batch_size: int,
+    key: Callable[[T], Any],
+    text: Callable[[T], str],
+    pixels: Callable[[T], torch.Tensor | None],
+    row: Callable[[T, str, str], dict],
+    bar=None,
+    workers: int = 4,
+) -> None:
+    """The one answering loop (the demo's scoring, ``python -m mllm_kd.eval run``, the teacher's answers to a
+    transfer set): ``items`` in :func:`alike_batches` by ``key``; each batch's images (``pixels``: ``[1, 3, H,
+    W]`` or None for a text-only question) decoded on ``workers`` threads while the batch before it generates;
+    the prompt is ``text`` with ``<image>\\n`` before it where there is an image (unless the text places it);
+    ``row(item, prompt, answer)`` is appended to ``f`` as a JSON line, flushed after every batch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches = alike_batches(items, batch_size, key)
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+
+        def prepare(batch: list[T]) -> list:
+            return [pool.submit(pixels, item) for item in batch]
+
+        upcoming = prepare(batches[0]) if batches else []
+        for b, batch in enumerate(batches):
+            current, upcoming = upcoming, (prepare(batches[b + 1]) if b + 1 < len(batches) else [])
+            images = [fut.result() for fut in current]
+            prompts = [text(it) if px is None else image_prompt(text(it)) for it, px in zip(batch, images)]
+            answers = generator(prompts, images)
+            f.writelines(json.dumps(row(it, p, a)) + "\n" for it, p, a in zip(batch, prompts, answers))
+            f.flush()
+            if bar is not None:
+                bar.update(len(batch))
+
+
 def read_questions(path: str | Path) -> list[dict]:
     """A LLaVA question file (JSONL of ``question_id``, ``image``, ``text``); errors name the line."""
     path = Path(path)
@@ -268,31 +306,35 @@ def answer_file(
     lo, hi = chunk_bounds(len(questions), *chunk)
     todo = [q for q in questions[lo:hi] if str(q["question_id"]) not in done]
     folder = Path(image_folder)
+
+    def pixels(q: dict) -> torch.Tensor | None:
+        if not q.get("image"):
+            return None
+        return generator.images.load(folder / q["image"], f"question {q['question_id']}")[None]
+
+    def row(q: dict, prompt: str, text: str) -> dict:
+        return {
+            "question_id": q["question_id"],
+            "prompt": prompt,
+            "text": text,
+            "answer_id": uuid.uuid4().hex,
+            "model_id": model_id,
+            "metadata": {},
+        }
+
     with (
         open(out, "a") as f,
         tqdm(total=len(todo), desc=f"answering ({model_id})", disable=not progress) as bar,
     ):
-        for batch in alike_batches(todo, batch_size, question_kind):
-            prompts, pixels = [], []
-            for q in batch:
-                if q.get("image"):
-                    prompts.append(image_prompt(q["text"]))
-                    pixels.append(
-                        generator.images.load(folder / q["image"], f"question {q['question_id']}")[None]
-                    )
-                else:
-                    prompts.append(q["text"])
-                    pixels.append(None)
-            for q, prompt, text in zip(batch, prompts, generator(prompts, pixels)):
-                row = {
-                    "question_id": q["question_id"],
-                    "prompt": prompt,
-                    "text": text,
-                    "answer_id": uuid.uuid4().hex,
-                    "model_id": model_id,
-                    "metadata": {},
-                }
-                f.write(json.dumps(row) + "\n")
-            f.flush()
-            bar.update(len(batch))
+        answer_batches(
+            generator,
+            todo,
+            f,
+            batch_size=batch_size,
+            key=question_kind,
+            text=lambda q: q["text"],
+            pixels=pixels,
+            row=row,
+            bar=bar,
+        )
     return out
