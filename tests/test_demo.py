@@ -280,7 +280,7 @@ def test_kd_emb_student_distils_the_projected_images_in_dpt_and_dft(pretrained):
 def test_transfer_students_train_stage3_on_the_teachers_answers_to_unlabelled_questions(pretrained):
     """The transfer set: the 40 training questions after the teacher's first 40, the labels replaced by the
     teacher's answers; kd_transfer continues kd's SFT with DFT on it (its own teacher cache), seqkd_transfer
-    the plain student's SFT with stage 3 on it without the distillation terms, as many steps as kd's DFT."""
+    the same SFT with stage 3 on it without the distillation terms, as many steps as kd's DFT."""
     run, _, report = pretrained
     instruct = json.loads((run / "data/instruct.json").read_text())[40:80]
     transfer = run / "teacher/transfer/transfer.json"
@@ -291,11 +291,11 @@ def test_transfer_students_train_stage3_on_the_teachers_answers_to_unlabelled_qu
     for rec, source in zip(written, instruct):
         assert rec["conversations"][0] == source["conversations"][0]
         assert rec["conversations"][1]["value"] == answers[rec["id"]]
-    for sub, start, w in (("kd_transfer", "kd", 1.0), ("seqkd_transfer", "baseline", 0.0)):
+    for sub, w in (("kd_transfer", 1.0), ("seqkd_transfer", 0.0)):
         assert not (run / "seed0" / sub / "stage1").exists() and not (run / "seed0" / sub / "stage2").exists()
         cfg = OmegaConf.load(run / "seed0" / sub / "stage3/final/config.yaml")
         assert cfg.data.path == str(transfer) and cfg.data.max_samples is None
-        assert cfg.init_from == str(run / "seed0" / start / "stage2/final")
+        assert cfg.init_from == str(run / "seed0/kd/stage2/final")
         assert cfg.loss.w_resp == cfg.loss.w_vis == cfg.loss.w_rel == w
         assert _state(run, f"seed0/{sub}/stage3")["step"] == _state(run, "seed0/kd/stage3")["step"]
     cached = OmegaConf.load(run / "seed1/kd_transfer/stage3/final/config.yaml").teacher.cache

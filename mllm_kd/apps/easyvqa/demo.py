@@ -33,8 +33,8 @@ with that LLM and the ``kd`` student taught by it across tokenizers (teachers.py
 ``--teacher-projector`` also trains ``matched_tproj`` and ``kd_tproj``: the compute-matched and LLaVA-KD
 students with stage 1 replaced by the teacher's trained projector (``model.projector.checkpoint``).
 ``--transfer-set`` also trains ``kd_transfer`` (the ``kd`` student's DPT and SFT, then DFT on questions in no
-model's training data, answered by the teacher: ``mllm_kd.teacher.label``) and ``seqkd_transfer`` (the plain
-student's PT and SFT, then stage 3 on the same answers without the distillation terms).
+model's training data, answered by the teacher: ``mllm_kd.teacher.label``) and ``seqkd_transfer`` (the same DPT and
+SFT, then stage 3 on the same answers without the distillation terms).
 ``--projected-images`` also trains ``kd_emb``: LLaVA-KD with the teacher's projected images distilled in DPT
 and DFT (``loss.w_emb=30``: the term's start on the scale of the others' sum in DPT; roles.py).
 """

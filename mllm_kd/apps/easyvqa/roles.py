@@ -120,8 +120,8 @@ ROLES = {
         ("stage1", "stage2", "stage3"),
         ("stages.stage1.loss.w_emb=30", "stages.stage3.loss.w_emb=30"),
     ),
-    # LLaVA-KD's DPT and SFT (the kd student's), then DFT on the transfer set; its control: the plain
-    # student's PT and SFT, then stage 3 on the same teacher answers without the distillation terms
+    # LLaVA-KD's DPT and SFT (the kd student's), then DFT on the transfer set; its control: the same DPT and
+    # SFT, then stage 3 on the same teacher answers without the distillation terms (CE only)
     "student_kd_transfer": Role(
         "kd_transfer",
         ("stage3",),
@@ -134,7 +134,7 @@ ROLES = {
         "seqkd_transfer",
         ("stage3",),
         tuple(NO_DISTILL),
-        starts_from=("student_baseline", "stage2"),
+        starts_from=("student_kd", "stage2"),
         transfer=True,
     ),
 }
