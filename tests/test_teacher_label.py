@@ -48,16 +48,67 @@ def test_a_rerun_reuses_the_answers_and_other_questions_start_over(smoke_teacher
     out = tmp_path / "t.json"
     label_records(teacher, records, data / "images", out, progress=False)
     answers = out.with_suffix(".answers.jsonl")
-    # a planted answer survives a rerun for the same teacher and questions (nothing is generated again) ...
-    lines = answers.read_text().splitlines()
-    planted = {**json.loads(lines[0]), "text": "PLANTED"}
-    answers.write_text("\n".join([json.dumps(planted), *lines[1:]]) + "\n")
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    first = records[0]["id"]
+    # a planted answer to the first record survives a rerun for the same teacher and questions (nothing is
+    # generated again) ...
+    planted = [{**r, "text": "PLANTED"} if r["question_id"] == first else r for r in rows]
+    answers.write_text("".join(json.dumps(r) + "\n" for r in planted))
     label_records(teacher, records, data / "images", out, progress=False)
     by_id = {r["id"]: r["conversations"][1]["value"] for r in json.loads(out.read_text())}
-    assert by_id[planted["question_id"]] == "PLANTED"
-    # ... and is dropped when the questions change
+    assert by_id[first] == "PLANTED"
+    # ... a partly answered file is completed, not redone ...
+    answers.write_text(json.dumps({**rows[0], "text": "KEPT"}) + "\n")
+    label_records(teacher, records, data / "images", out, progress=False)
+    by_id = {r["id"]: r["conversations"][1]["value"] for r in json.loads(out.read_text())}
+    assert by_id[rows[0]["question_id"]] == "KEPT" and len(answers.read_text().splitlines()) == 4
+    # ... and other questions (or another answer length) start over: every answer generated anew
+    planted = [{**r, "text": "PLANTED"} for r in rows]
+    answers.write_text("".join(json.dumps(r) + "\n" for r in planted))
     label_records(teacher, records[:3], data / "images", out, progress=False)
     assert "PLANTED" not in out.read_text() and len(json.loads(out.read_text())) == 3
+    assert len(answers.read_text().splitlines()) == 3
+    assert not labelled_by(out, teacher, records[:3], max_new_tokens=4)
+
+
+def test_an_interrupted_relabelling_never_leaves_the_old_file_in_use(smoke_teacher, tmp_path, monkeypatch):
+    """Other questions: the old transfer file goes before any answering, so a run that stops midway leaves
+    nothing that looks finished."""
+    import mllm_kd.model.generate as generate
+
+    data, teacher = smoke_teacher / "data", smoke_teacher / "teacher_sft"
+    records = _records(data, 4)
+    out = tmp_path / "t.json"
+    label_records(teacher, records, data / "images", out, progress=False)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate, "answer_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        label_records(teacher, records[1:], data / "images", out, progress=False)
+    assert not out.exists()
+    assert not labelled_by(out, teacher, records) and not labelled_by(out, teacher, records[1:])
+
+
+def test_a_stage_directory_answers_as_its_final_checkpoint(smoke_teacher, tmp_path):
+    """The stage directory (``--teacher runs/x/teacher_sft``) prompts with its final checkpoint's system
+    prompt, not the default."""
+    import shutil
+
+    import torch
+    import yaml
+
+    from mllm_kd.checkpoint.generator import checkpoint_generator
+    from mllm_kd.checkpoint.integrity import write_manifest
+
+    stage = tmp_path / "teacher_sft"
+    shutil.copytree(smoke_teacher / "teacher_sft" / "final", stage / "final")
+    config = yaml.safe_load((stage / "final/config.yaml").read_text())
+    config["data"]["system_prompt"] = "Answer briefly."
+    (stage / "final/config.yaml").write_text(yaml.safe_dump(config))
+    write_manifest(stage / "final")
+    assert checkpoint_generator(stage, torch.device("cpu")).encoder.system_prompt == "Answer briefly."
 
 
 @pytest.mark.parametrize(
@@ -69,6 +120,14 @@ def test_a_rerun_reuses_the_answers_and_other_questions_start_over(smoke_teacher
             "'b': the teacher answers one question per record",
         ),
         ({"id": "c", "conversations": [{"from": "human", "value": "q"}]}, "'c' needs one image path"),
+        (
+            {"id": "d", "image": "x.png", "conversations": [{"from": "human", "value": "q"}]},
+            "'d': its question has no <image> placeholder",
+        ),
+        (
+            {"id": "e", "image": "x.png", "conversations": [{"from": "human", "value": "<image>q"}, "a"]},
+            "'e' has no conversations",
+        ),
     ],
 )
 def test_records_it_cannot_answer_are_named(record, said):

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from mllm_kd.checkpoint.native import load_checkpoint_model
+from mllm_kd.checkpoint.hf_llava import is_hf_llava_dir
+from mllm_kd.checkpoint.native import load_checkpoint_model, resolve_checkpoint
 from mllm_kd.model.generate import Generator
 
 
@@ -43,7 +44,12 @@ def checkpoint_generator(
 ) -> Generator:
     """The checkpoint's model on ``device`` (in ``dtype`` if given, evaluation mode) behind a greedy
     :class:`Generator` that prompts as its training did (``template`` / ``system_prompt`` override it)."""
-    model, tokenizer, model_cfg = load_checkpoint_model(ckpt, device=device)
+    if not is_hf_llava_dir(ckpt):
+        ckpt = resolve_checkpoint(ckpt, "checkpoint")  # a finished stage directory: its final/
+    # FlashAttention-2 (chosen on CUDA when installed) needs half precision: a float32 model keeps SDPA
+    half = dtype in (torch.bfloat16, torch.float16)
+    attn_device = device if half else torch.device("cpu")
+    model, tokenizer, model_cfg = load_checkpoint_model(ckpt, device=device, attn_device=attn_device)
     model.to(device)
     if dtype is not None:
         model.to(dtype)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from mllm_kd.atomic import atomic_write_bytes
+from mllm_kd.data.records import IMAGE_TOKEN
 from mllm_kd.errors import ArgumentParser, DataError, MllmKdError, exit_code
 
 log = logging.getLogger("mllm_kd.teacher.label")
@@ -32,13 +33,14 @@ log = logging.getLogger("mllm_kd.teacher.label")
 
 def questions_of(records: list[dict], where: str) -> list[dict]:
     """One LLaVA question (``question_id``, ``image``, ``text``) per record: its human turn. A record with more
-    than one question, or without an image, is a :class:`DataError` naming it."""
+    than one question, without an image or without ``<image>`` in its question is a :class:`DataError` naming
+    it."""
     out = []
     for i, rec in enumerate(records):
         rid = rec.get("id", f"#{i}") if isinstance(rec, dict) else f"#{i}"
         turns = rec.get("conversations") if isinstance(rec, dict) else None
-        if not isinstance(turns, list) or not turns or not isinstance(turns[0], dict):
-            raise DataError(f"{where}: sample {rid!r} has no conversations")
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) for t in turns):
+            raise DataError(f"{where}: sample {rid!r} has no conversations (a list of turns)")
         humans = [t for t in turns if t.get("from") == "human"]
         if len(humans) != 1 or turns[0].get("from") != "human" or len(turns) > 2:
             raise DataError(
@@ -47,13 +49,15 @@ def questions_of(records: list[dict], where: str) -> list[dict]:
             )
         if not isinstance(rec.get("image"), str) or not isinstance(humans[0].get("value"), str):
             raise DataError(f"{where}: sample {rid!r} needs one image path and a question text")
+        if IMAGE_TOKEN not in humans[0]["value"]:
+            raise DataError(f"{where}: sample {rid!r}: its question has no {IMAGE_TOKEN} placeholder")
         out.append({"question_id": str(rid), "image": rec["image"], "text": humans[0]["value"]})
     if len({q["question_id"] for q in out}) != len(out):
         raise DataError(f"{where}: the records' ids must be unique (answers are matched to them by id)")
     return out
 
 
-def _source(teacher: str | Path, questions: list[dict]) -> dict:
+def _source(teacher: str | Path, questions: list[dict], max_new_tokens: int) -> dict:
     from mllm_kd.checkpoint.native import resolve_checkpoint
 
     ckpt = resolve_checkpoint(teacher, "teacher checkpoint")
@@ -63,6 +67,7 @@ def _source(teacher: str | Path, questions: list[dict]) -> dict:
         "teacher": str(ckpt.resolve()),
         "teacher_manifest_sha256": hashlib.sha256(manifest).hexdigest(),
         "questions_sha256": hashlib.sha256(json.dumps(questions, sort_keys=True).encode()).hexdigest(),
+        "max_new_tokens": max_new_tokens,
     }
 
 
@@ -70,14 +75,21 @@ def _source_path(out: Path) -> Path:
     return out.with_suffix(".source.json")
 
 
-def labelled_by(out: str | Path, teacher: str | Path, records: list[dict]) -> bool:
-    """Whether ``out`` already holds ``teacher``'s answers to exactly these records."""
+def labelled_by(
+    out: str | Path,
+    teacher: str | Path,
+    records: list[dict],
+    max_new_tokens: int = 16,
+    where: str = "records",
+) -> bool:
+    """Whether ``out`` already holds ``teacher``'s answers to exactly these records (``where`` names them in
+    errors)."""
     out = Path(out)
     try:
         recorded = json.loads(_source_path(out).read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return out.is_file() and recorded == _source(teacher, questions_of(records, str(out)))
+    return out.is_file() and recorded == _source(teacher, questions_of(records, where), max_new_tokens)
 
 
 def label_records(
@@ -102,21 +114,22 @@ def label_records(
     out = Path(out)
     questions = questions_of(records, where)
     answers = out.with_suffix(".answers.jsonl")
-    source = _source(teacher, questions)
+    source = _source(teacher, questions, max_new_tokens)
     try:
         same = json.loads(_source_path(out).read_text()) == source
     except (OSError, json.JSONDecodeError):
         same = False
-    if not same:  # answers of another teacher or to other questions: start over
+    if not same:  # answers of another teacher, to other questions or of another length: start over
         answers.unlink(missing_ok=True)
+        out.unlink(missing_ok=True)  # never left beside a source record it was not made from
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(_source_path(out), (json.dumps(source, indent=1) + "\n").encode())
-    gen = checkpoint_generator(teacher, device or pick_device(), max_new_tokens=max_new_tokens)
-    answer_file(gen, questions, image_folder, answers, "teacher", batch_size=batch_size, progress=progress)
-    by_id = {}
-    for line in answers.read_text().splitlines():
-        row = json.loads(line)
-        by_id[str(row["question_id"])] = row["text"]
+    if set(_answered(answers)) != {q["question_id"] for q in questions}:  # else nothing to generate
+        gen = checkpoint_generator(teacher, device or pick_device(), max_new_tokens=max_new_tokens)
+        answer_file(
+            gen, questions, image_folder, answers, "teacher", batch_size=batch_size, progress=progress
+        )
+    by_id = _answered(answers)
     labelled = []
     for q, rec in zip(questions, records):
         if q["question_id"] not in by_id:
@@ -124,7 +137,22 @@ def label_records(
         turn = {"from": "gpt", "value": by_id[q["question_id"]]}
         labelled.append({**rec, "conversations": [rec["conversations"][0], turn]})
     atomic_write_bytes(out, (json.dumps(labelled, indent=1) + "\n").encode())
-    log.info("the teacher answered %d questions -> %s", len(labelled), out)
+    empty = sum(not by_id[q["question_id"]].strip() for q in questions)
+    log.info("the teacher answered %d questions (%d answers empty) -> %s", len(labelled), empty, out)
+    return out
+
+
+def _answered(answers: Path) -> dict[str, str]:
+    """question id -> the teacher's answer, from the complete lines of ``answers`` (none when it is absent)."""
+    out = {}
+    if not answers.is_file():
+        return out
+    for line in answers.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            out[str(row["question_id"])] = row["text"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            break  # a torn last line: answer_file rewrites it
     return out
 
 

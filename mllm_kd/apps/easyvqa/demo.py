@@ -123,23 +123,25 @@ def answer_transfer_set(
     run: Path, recipe: Recipe, overrides: list[str], teacher: Path, teacher_dir: Path
 ) -> Path:
     """The transfer set: as many questions as the students' DFT has (``stages.stage3.data``), taken from the
-    training questions right after the teacher's own (``stages.teacher_sft.data``: the first N), so they are
-    in no model's training data; their labels dropped, the teacher's greedy answers written in their place
-    (:func:`mllm_kd.teacher.label.label_records`), once per teacher (re-runs reuse the file)."""
+    training questions right after every model's own (the first N of ``stages.teacher_sft``, ``stage2`` and
+    ``stage3``, which share one file), so they are in no model's training data; their labels dropped, the
+    teacher's greedy answers written in their place (:func:`mllm_kd.teacher.label.label_records`), once per
+    teacher (re-runs reuse the file)."""
     from mllm_kd.teacher.label import label_records, labelled_by, read_slice
 
     common = [f"data_dir={run / 'data'}", f"teacher_dir={teacher_dir}", *overrides]
-    sft, dft = (stage_config(recipe.config, s, common).data for s in ("teacher_sft", "stage3"))
-    if sft.path != dft.path or sft.max_samples is None or dft.max_samples is None:
+    data = [stage_config(recipe.config, s, common).data for s in ("teacher_sft", "stage2", "stage3")]
+    if len({d.path for d in data}) != 1 or any(d.max_samples is None for d in data):
         raise ConfigError(
-            "the transfer set is taken from the teacher's SFT data after its first data.max_samples: "
-            "stages.teacher_sft and stages.stage3 need the same data.path and a data.max_samples each"
+            "the transfer set is taken from the SFT data after the questions the models train on: "
+            "stages.teacher_sft, stage2 and stage3 need the same data.path and a data.max_samples each"
         )
-    records = read_slice(Path(sft.path), sft.max_samples, dft.max_samples)
+    path, dft = Path(data[0].path), data[2]
+    records = read_slice(path, max(d.max_samples for d in data), dft.max_samples)
     out = transfer_file(teacher_dir)
-    if not labelled_by(out, teacher, records):
-        folder = sft.image_folder or Path(sft.path).parent
-        label_records(teacher, records, folder, out, batch_size=128, where=str(sft.path))
+    if not labelled_by(out, teacher, records, where=str(path)):
+        folder = dft.image_folder or path.parent
+        label_records(teacher, records, folder, out, batch_size=128, where=str(path))
     return out
 
 

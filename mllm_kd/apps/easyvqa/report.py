@@ -148,7 +148,9 @@ def gaps(results: dict) -> dict:
     """The comparison fixed in advance, in accuracy points (means over seeds); with the ``_tproj`` students,
     the same for the LLaVA-KD one that starts from the teacher's projector, and it against its own
     compute-matched counterpart (the teacher's projector with and without the distillation losses); with
-    ``kd_emb``, it against the compute-matched plain student and against LLaVA-KD without the term."""
+    ``kd_emb``, it against the compute-matched plain student and against LLaVA-KD without the term; with the
+    transfer-set students, ``kd_transfer`` against the compute-matched student, ``kd`` and ``seqkd_transfer``
+    (the same start and data without the distillation terms), and ``seqkd_transfer`` against compute-matched."""
     acc = {r: 100 * results[r]["accuracy"] for r in ("teacher", *student_roles(results))}
     teacher_gap = acc["teacher"] - acc["student_baseline"]
 
