@@ -204,6 +204,9 @@ class TeacherConfig:
         32  # teacher log-probabilities kept per distilled position in the cache (+ a leftover bucket)
     )
     cache_relation_rank: int = 0  # RDist in the cache: 0 the exact relation matrix, r > 0 a rank-r factor
+    # also keep the teacher's projected images (loss.w_emb reads them; always kept when the stage's
+    # loss.w_emb > 0): float16, num_visual_tokens x LLM width per image
+    cache_projected_images: bool = False
     quantize: str | None = None  # load the teacher's LLM in "8bit" or "4bit" (bitsandbytes); None: as saved
 
     def __post_init__(self) -> None:

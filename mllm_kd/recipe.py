@@ -61,12 +61,15 @@ def check_combinations(cfg: StageConfig, distills: bool) -> None:
         ("w_hidden", "the teacher's hidden states"),
     ):
         weight = getattr(cfg.loss, key)
-        if weight > 0 and (teacher.cache or cfg.loss.cross_tokenizer):
+        # a cache keeps the projected images where built with teacher.cache_projected_images (checked when
+        # it is opened: mllm_kd/train/objective.py), never the hidden states
+        cached = teacher.cache and key == "w_hidden"
+        if weight > 0 and (cached or cfg.loss.cross_tokenizer):
             raise ConfigError(
                 f"{cfg.stage}: loss.{key}={weight} distils {what}, which "
                 + (
                     "a teacher cache does not store; use the online teacher (teacher.checkpoint)"
-                    if teacher.cache
+                    if cached
                     else "live in another embedding space with loss.cross_tokenizer=true"
                 )
                 + f" or loss.{key}=0"

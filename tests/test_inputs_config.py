@@ -150,10 +150,6 @@ CONTRADICTIONS = [
     (["teacher.cache=c", "loss.sequence_kd=true"], "loss.sequence_kd"),
     (["loss.cross_tokenizer=true", "loss.on_policy_fraction=0.5"], "generated responses are not re-encoded"),
     (["loss.cross_tokenizer=true", "loss.sequence_kd=true"], "generated responses are not re-encoded"),
-    (
-        ["teacher.cache=c", "loss.w_emb=1"],
-        "loss.w_emb=1.0 distils the teacher's projected images, which a teacher cache",
-    ),
     (["loss.cross_tokenizer=true", "loss.w_emb=1"], "another embedding space with loss.cross_tokenizer"),
     (["loss.w_emb=-1"], "loss.w_emb"),
     (

@@ -382,6 +382,76 @@ def test_stage3_with_a_cached_teacher_matches_the_online_teacher(run, tmp_path):
         assert ref[key] == pytest.approx(cached[key], rel=1e-4, abs=1e-6)
 
 
+def test_projected_images_in_the_cache_equal_the_online_teachers(run, smoke_teacher, tmp_path):
+    """teacher.cache_projected_images keeps each image's projected tokens (float16), read back per sample in
+    any batch order; a cache without them is rebuilt by the demo for a stage that needs them, and refused by
+    a stage with loss.w_emb > 0."""
+    from mllm_kd.teacher.cache import built_from
+
+    _, common, plain = run
+    out = tmp_path / "cache_emb"
+    kept = [*common, "teacher.cache_projected_images=true"]
+    assert cache_teacher.main(["--config", str(SMOKE), *kept, f"teacher.cache={out}"]) == 0
+    cfg = stage_config(SMOKE, "stage3", common)
+    batch, student = _batch(cfg, order=[5, 0, 3])
+    teacher, _, _ = load_checkpoint_model(smoke_teacher / "teacher_sft")
+    ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    rows = response_mask(labels) | (ids == student.image_token_id)
+    cached = open_cache(out).lookup(batch["ids"], ids, attn, labels, rows, "cpu")
+    with torch.no_grad():
+        visual = teacher.eval()(ids, attn, batch["pixel_values"]).visual
+    assert cached.visual.shape == visual.shape == (3, student.num_visual_tokens, 64)  # the teacher's width
+    torch.testing.assert_close(cached.visual, visual, rtol=FP16_RTOL, atol=1e-6)
+    layout = json.loads((out / "manifest.json").read_text())["layout"]
+    n_images = json.loads((out / "manifest.json").read_text())["stats"]["images"]
+    assert layout["projected_images"]["shape"] == [n_images, student.num_visual_tokens, 64]
+    assert (out / "projected_images.bin").stat().st_size == n_images * student.num_visual_tokens * 64 * 2
+    # the fixture's cache keeps none: its lookups hold no projected images
+    assert open_cache(plain).lookup(batch["ids"], ids, attn, labels, rows, "cpu").visual is None
+    emb = stage_config(SMOKE, "stage3", [*common, "loss.w_emb=1"])
+    assert built_from(plain, cfg) and not built_from(plain, emb) and built_from(out, emb)
+    refused = stage_config(
+        SMOKE,
+        "stage3",
+        [*common, "loss.w_emb=1", f"teacher.cache={plain}", f"output_dir={tmp_path}/s3", "train.max_steps=1"],
+    )
+    with pytest.raises(ConfigError, match=r"does not keep: rebuild it with teacher\.cache_projected_images"):
+        STAGES["stage3"].run(refused)
+    assert not (tmp_path / "s3" / "final").exists()
+
+
+def test_stage3_projected_images_from_the_cache_match_the_online_teacher(run, tmp_path):
+    """loss.w_emb against a cache that keeps the projected images: the first step's vemb is the online
+    teacher's within the float16 rounding of the stored tokens (1e-3 relative), on the fused and the
+    reference path; the cache is built with them because the stage's loss.w_emb > 0. The student is built
+    at the teacher's width (the term needs one embedding space)."""
+    _, common, _ = run
+    wide = [
+        *common,
+        "init_from=null",
+        "model.llm.config.hidden_size=64",
+        "model.llm.config.intermediate_size=128",
+        "model.llm.config.num_attention_heads=4",
+        "model.llm.config.num_key_value_heads=2",
+        "loss.w_emb=1",
+        "train.max_steps=1",
+    ]
+    out = tmp_path / "cache_emb"
+    assert cache_teacher.main(["--config", str(SMOKE), *wide, f"teacher.cache={out}"]) == 0
+    assert "projected_images" in json.loads((out / "manifest.json").read_text())["layout"]
+    online = _first_step(stage_config(SMOKE, "stage3", [*wide, f"output_dir={tmp_path}/online"]))
+    for extra in ([], ["loss.fused=false"]):
+        cached = _first_step(
+            stage_config(
+                SMOKE,
+                "stage3",
+                [*wide, *extra, f"output_dir={tmp_path}/cached{len(extra)}", f"teacher.cache={out}"],
+            )
+        )
+        assert online["vemb"] > 0.1 and cached["vemb"] == pytest.approx(online["vemb"], rel=1e-3)
+        assert cached["ce"] == pytest.approx(online["ce"], rel=1e-5)
+
+
 def test_stage3_with_the_default_k_trains(run, tmp_path, caplog):
     """k=32 of a 352-token vocabulary: the run works and MDist is the bucketed (lower-bound) value."""
     _, common, out = run

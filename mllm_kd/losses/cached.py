@@ -42,13 +42,15 @@ class CachedBatch:
     """The cached teacher outputs of one batch, at its distilled rows (row-major over ``[B, T]``).
 
     ``logprobs`` ``[N, k]`` float32, ``indices`` ``[N, k]`` int64, ``rest`` ``[N]`` float32 (``log p_rest``),
-    ``relation`` ``[n_images, n_vis, n_vis]`` float32 (normalised ``Z_T Z_T^T``) or None.
+    ``relation`` ``[n_images, n_vis, n_vis]`` float32 (normalised ``Z_T Z_T^T``) or None; ``visual``
+    ``[n_images, n_vis, d]`` float32, the teacher's projected images, where the cache keeps them (else None).
     """
 
     logprobs: torch.Tensor
     indices: torch.Tensor
     rest: torch.Tensor
     relation: torch.Tensor | None
+    visual: torch.Tensor | None = None
 
 
 def bucketed_log_probs(logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

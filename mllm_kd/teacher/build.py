@@ -32,6 +32,8 @@ from mllm_kd.teacher.cache_format import (
     FILES,
     INDEX,
     MANIFEST,
+    PROJECTED_IMAGES,
+    keeps_projected_images,
     relation_size,
     relation_values,
     sample_hash,
@@ -56,11 +58,15 @@ def teacher_rows(
     rank: int,
     gram: torch.Tensor,
     chunk_size: int = 256,
+    projected_images: bool = False,
 ) -> list[dict]:
-    """Run the teacher on one batch; per sample, what the cache stores (numpy arrays, in row order)."""
+    """Run the teacher on one batch; per sample, what the cache stores (numpy arrays, in row order), with
+    ``projected_images`` also its projected images (``"visual"``, float16 ``[images, n_vis, d]``)."""
 
     ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    hidden = teacher(ids, attn, batch["pixel_values"], return_logits=False).hidden
+    t_out = teacher(ids, attn, batch["pixel_values"], return_logits=False)
+    hidden = t_out.hidden
+    visual = t_out.visual.detach().half().cpu() if projected_images and t_out.visual is not None else None
     head = teacher.llm.get_output_embeddings()
     w, b = head.weight, head.bias
     vis = ids == teacher.image_token_id
@@ -92,6 +98,9 @@ def teacher_rows(
                 "n_resp": int(response_mask(labels[bi : bi + 1]).sum()),
             }
         )
+        if projected_images:
+            dims = (n_vis, hidden.shape[-1])
+            out[-1]["visual"] = visual[m0 : m0 + m].numpy() if m else np.zeros((0, *dims), np.float16)
         r0, m0 = r0 + n, m0 + m
     return out
 
@@ -113,12 +122,25 @@ class CacheWriter:
     A context manager: the files close on exit, and the index is written then. :meth:`describe` gives the
     manifest's ``layout`` and ``stats``; the caller adds what the cache was built for and writes it.
     ``cross``: a cache for ``loss.cross_tokenizer`` (the per-row files of :data:`CROSS_FILES` too; each
-    sample also holds ``rest_shared`` and ``positions``).
+    sample also holds ``rest_shared`` and ``positions``). ``projected_images``: each sample also holds
+    ``visual``, its images' projected tokens (written to :data:`PROJECTED_IMAGES`).
     """
 
-    def __init__(self, directory: Path, index_dtype: str, num_visual_tokens: int, cross: bool = False):
+    def __init__(
+        self,
+        directory: Path,
+        index_dtype: str,
+        num_visual_tokens: int,
+        cross: bool = False,
+        projected_images: bool = False,
+    ):
         self.directory, self.index_dtype, self.n_vis = Path(directory), index_dtype, num_visual_tokens
-        self.names = {**FILES, **({k: CROSS_FILES[k] for k in ("rest_shared", "positions")} if cross else {})}
+        self.names = {
+            **FILES,
+            **({k: CROSS_FILES[k] for k in ("rest_shared", "positions")} if cross else {}),
+            **({"visual": PROJECTED_IMAGES} if projected_images else {}),
+        }
+        self.visual_shape: list[int] | None = None  # [n_vis, d] of the projected images written
         self.index: dict[str, list] = {
             k: [] for k in ("ids", "hashes", "row_start", "n_rows", "n_images", "rel_start")
         }
@@ -139,6 +161,9 @@ class CacheWriter:
             self.files["indices"].write(np.ascontiguousarray(s["indices"], dtype=self.index_dtype).tobytes())
             self.files["rest"].write(np.ascontiguousarray(s["rest"], dtype=np.float32).tobytes())
             self.files["relation"].write(np.ascontiguousarray(s["relation"], dtype=np.float16).tobytes())
+            if "visual" in self.files:
+                self.files["visual"].write(np.ascontiguousarray(s["visual"], np.float16).tobytes())
+                self.visual_shape = list(s["visual"].shape[1:])
             if "rest_shared" in self.files:
                 self.files["rest_shared"].write(np.ascontiguousarray(s["rest_shared"], np.float32).tobytes())
                 self.files["positions"].write(np.ascontiguousarray(s["positions"], np.int32).tobytes())
@@ -176,6 +201,16 @@ class CacheWriter:
                 "relation_values": self.rel_n,
                 "row_order": "response | visual positions of each sample, row-major",
                 "files": self.names,
+                **(
+                    {
+                        "projected_images": {
+                            "dtype": "float16",
+                            "shape": [self.stats["images"], *self.visual_shape],
+                        }
+                    }
+                    if "visual" in self.names and self.visual_shape
+                    else {}
+                ),
             },
             "stats": {
                 **self.stats,
@@ -206,6 +241,13 @@ def build_teacher_cache(
     """
     out = Path(out)
     k_req, rank = cfg.teacher.cache_topk, cfg.teacher.cache_relation_rank
+    projected = keeps_projected_images(cfg)
+    if projected and cfg.loss.cross_tokenizer:
+        raise ConfigError(
+            "teacher.cache_projected_images (or loss.w_emb > 0) with loss.cross_tokenizer: the projected "
+            "images are distilled only between one embedding space; set teacher.cache_projected_images=false "
+            "and loss.w_emb=0"
+        )
     dev = pick_device(device or cfg.train.device)
     student, tokenizer, model_cfg = init_model(cfg, cfg.model)
     teacher = load_teacher_model(cfg, student, tokenizer, cross_tokenizer=cfg.loss.cross_tokenizer)
@@ -236,7 +278,9 @@ def build_teacher_cache(
     started = time.perf_counter()
     skipped = 0
     with atomic_dir(out) as tmp:
-        with CacheWriter(tmp, index_dtype, n_vis, cross=cross is not None) as writer:
+        with CacheWriter(
+            tmp, index_dtype, n_vis, cross=cross is not None, projected_images=projected
+        ) as writer:
             pending: list[dict] = []
             bar = tqdm(total=data.num_samples, desc="cache_teacher", disable=not progress, dynamic_ncols=True)
 
@@ -245,9 +289,14 @@ def build_teacher_cache(
                     return
                 batch = collate(pending)
                 batch = {kk: v.to(dev) if isinstance(v, torch.Tensor) else v for kk, v in batch.items()}
-                rows = cross.rows if cross else teacher_rows
                 with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    writer.add(rows(teacher, batch, k_req, rank, gram, cfg.loss.chunk_size))
+                    if cross:
+                        samples = cross.rows(teacher, batch, k_req, rank, gram, cfg.loss.chunk_size)
+                    else:
+                        samples = teacher_rows(
+                            teacher, batch, k_req, rank, gram, cfg.loss.chunk_size, projected_images=projected
+                        )
+                    writer.add(samples)
                 bar.update(len(pending))
                 pending.clear()
 

@@ -30,6 +30,8 @@ from mllm_kd.teacher.cache_format import (
     FILES,
     INDEX,
     MANIFEST,
+    PROJECTED_IMAGES,
+    keeps_projected_images,
     relation_from_values,
     relation_size,
     sample_hash,
@@ -80,6 +82,16 @@ class CachedTeacher:
         self.indices = memmap("indices", layout["index_dtype"], (rows, self.k))
         self.rest = memmap("rest", "float32", (rows,))
         self.relation = memmap("relation", "float16", (rel_values,))
+        # the teacher's projected images [images, n_vis, d] (loss.w_emb), where the cache keeps them
+        projected = layout.get("projected_images")
+        self.projected_images = None
+        if projected:
+            shape = tuple(int(x) for x in projected["shape"])
+            self.projected_images = (
+                np.memmap(self.directory / PROJECTED_IMAGES, dtype="float16", mode="r", shape=shape)
+                if math.prod(shape)
+                else np.zeros(shape, dtype="float16")
+            )
         self.in_shared = None
         if self.cross:
             self.rest_shared = memmap("rest_shared", "float32", (rows,))
@@ -175,7 +187,7 @@ class CachedTeacher:
         ids_cpu, labels_cpu = input_ids.cpu().numpy(), labels.cpu().numpy()
         lengths = attention_mask.sum(1).cpu().tolist()
         counts = None if rows is None else rows.sum(1).cpu().tolist()
-        row_slices, rel_slices = [], []
+        row_slices, rel_slices, image_slices = [], [], []
         for b, sid in enumerate(sample_ids):
             n = int(lengths[b])
             i = self._entry(str(sid), sample_hash(ids_cpu[b, :n], labels_cpu[b, :n]))
@@ -188,6 +200,8 @@ class CachedTeacher:
             if self.n_images[i]:
                 start = int(self.rel_start[i])
                 rel_slices.append(slice(start, start + int(self.n_images[i]) * self.rel_size))
+                first = start // self.rel_size  # images are stored in the relation values' order
+                image_slices.append(slice(first, first + int(self.n_images[i])))
 
         def gather(array: np.ndarray, slices: list[slice]) -> np.ndarray:
             parts = [array[s] for s in slices]
@@ -200,7 +214,12 @@ class CachedTeacher:
         if rel_slices:
             values = torch.from_numpy(gather(self.relation, rel_slices).astype(np.float32)).to(device)
             relation = relation_from_values(values.view(-1, self.rel_size), self.n_vis, self.rank)
-        cached = CachedBatch(logprobs.to(device), indices.to(device), rest.to(device), relation)
+        visual = None
+        if self.projected_images is not None and image_slices:
+            visual = torch.from_numpy(gather(self.projected_images, image_slices).astype(np.float32)).to(
+                device
+            )
+        cached = CachedBatch(logprobs.to(device), indices.to(device), rest.to(device), relation, visual)
         if not self.cross:
             return cached
         sizes = [s.stop - s.start for s in row_slices]
@@ -235,16 +254,18 @@ def open_cache(directory: str | Path) -> CachedTeacher:
     return cache
 
 
-def built_from(directory: str | Path, data_cfg, teacher_checkpoint: str) -> bool:
-    """Whether ``directory`` holds a cache built by ``teacher_checkpoint`` over the data ``data_cfg`` names
-    (what a rebuild for the same stage would change; :meth:`CachedTeacher.check` still checks the rest)."""
+def built_from(directory: str | Path, cfg) -> bool:
+    """Whether ``directory`` holds a cache built by stage ``cfg``'s teacher over its data, with the
+    projected images where ``cfg`` keeps them (what a rebuild for the same stage would change;
+    :meth:`CachedTeacher.check` still checks the rest)."""
     manifest = Path(directory) / MANIFEST
     if not manifest.is_file():
         return False
     built = json.loads(manifest.read_text())
     return (
-        built["built_for"]["data"] == data_fingerprint(data_cfg)
-        and built["teacher"].get("sha256") == teacher_fingerprint(teacher_checkpoint)["sha256"]
+        built["built_for"]["data"] == data_fingerprint(cfg.data)
+        and built["teacher"].get("sha256") == teacher_fingerprint(cfg.teacher.checkpoint)["sha256"]
+        and (not keeps_projected_images(cfg) or "projected_images" in built["layout"])
     )
 
 

@@ -18,13 +18,17 @@ row-major, exactly the rows of :func:`mllm_kd.losses.fused.fused_distill_loss`:
   a cosine, so the scale does not matter, and the normalised values fit float16) and stored as float16:
   its upper triangle (``teacher.cache_relation_rank=0``, the default: RDist exact up to float16 rounding),
   or a rank-``r`` factor ``F`` with ``R_T ~ F F^T`` from its top-``r`` eigenpairs (``n_vis x r`` values:
-  smaller for large ``n_vis``, approximate — the builder reports the RDist error it implies).
+  smaller for large ``n_vis``, approximate — the builder reports the RDist error it implies);
+* optionally (``teacher.cache_projected_images``, or a stage with ``loss.w_emb > 0``), per image the
+  teacher's projected visual tokens ``[n_vis, d]`` (what its projector writes into its LLM's input; float16),
+  for the distillation of the projected images (``loss.w_emb``).
 
 Layout of ``DIR``: ``manifest.json`` (what the cache was built for, sizes, dtypes), ``index.json`` (per
 sample: id, hash, first row, rows, images, first relation value), and flat binary arrays read with
 ``numpy.memmap``: ``topk_logprobs.bin`` ``[rows, k]``, ``topk_indices.bin`` ``[rows, k]``,
-``rest_logprob.bin`` ``[rows]``, ``relation.bin`` (all relation values). The directory is written under a
-temporary name and renamed into place. What the manifest records is :mod:`mllm_kd.teacher.fingerprint`.
+``rest_logprob.bin`` ``[rows]``, ``relation.bin`` (all relation values), and with projected images
+:data:`PROJECTED_IMAGES` ``[images, n_vis, d]`` (images in the relation values' order). The directory is
+written under a temporary name and renamed into place. What the manifest records is :mod:`mllm_kd.teacher.fingerprint`.
 
 A cache for ``loss.cross_tokenizer`` (:mod:`mllm_kd.teacher.cache_cross`) has the same files with other
 rows: each *aligned* response position (the teacher's row at its own position) and each *pooled* visual
@@ -54,11 +58,18 @@ FILES = {
     "rest": "rest_logprob.bin",
     "relation": "relation.bin",
 }
+PROJECTED_IMAGES = "projected_images.bin"  # optional: the teacher's projected images, float16
 CROSS_FILES = {  # a cache for loss.cross_tokenizer: per row, then once
     "rest_shared": "rest_shared_logprob.bin",
     "positions": "student_positions.bin",
     "shared": "shared_student_ids.bin",
 }
+
+
+def keeps_projected_images(cfg) -> bool:
+    """Whether a cache built for stage ``cfg`` keeps the teacher's projected images: asked for
+    (``teacher.cache_projected_images``) or needed by the stage (``loss.w_emb > 0``)."""
+    return bool(cfg.teacher.cache_projected_images or cfg.loss.w_emb > 0)
 
 
 def sample_hash(input_ids: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> str:

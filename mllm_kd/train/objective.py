@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mllm_kd.config import StageConfig
-from mllm_kd.errors import TrainingError
+from mllm_kd.errors import ConfigError, TrainingError
 from mllm_kd.losses.cached import cached_distill_loss, cached_distill_loss_reference
 from mllm_kd.losses.fused import fused_distill_loss
 from mllm_kd.losses.head import head_gram
@@ -49,9 +49,10 @@ class LossComputer:
     :func:`~mllm_kd.losses.cached.cached_distill_loss` (fused) or
     :func:`~mllm_kd.losses.cached.cached_distill_loss_reference` (``loss.fused=false``).
 
-    ``loss.w_emb`` adds, on either path with an online teacher, the distillation of the projected images
+    ``loss.w_emb`` adds, on either path, the distillation of the projected images
     (:func:`~mllm_kd.losses.reference.visual_embedding_distill`, the term ``vemb``), from the projected
-    visual tokens both forwards return anyway.
+    visual tokens both forwards return anyway, or the teacher's as its cache keeps them
+    (``teacher.cache_projected_images``; a cache without them is refused).
 
     ``loss.w_hidden`` adds, likewise, intermediate-layer distillation
     (:func:`~mllm_kd.losses.reference.hidden_state_distill`, the term ``hidden``): both forwards then also
@@ -103,7 +104,13 @@ class LossComputer:
             "mdist_vis": cfg.loss.w_vis,
             "rdist": cfg.loss.w_rel,
         }
-        self.w_emb = cfg.loss.w_emb if self.teacher is not None else 0.0
+        self.w_emb = cfg.loss.w_emb if teacher is not None else 0.0
+        if self.cache is not None and self.w_emb > 0 and self.cache.projected_images is None:
+            raise ConfigError(
+                f"loss.w_emb={self.w_emb} distils the teacher's projected images, which the teacher cache "
+                f"{self.cache.directory} does not keep: rebuild it with teacher.cache_projected_images=true "
+                "(python -m mllm_kd.cache_teacher ... teacher.cache_projected_images=true)"
+            )
         self.w_hidden = cfg.loss.w_hidden if self.teacher is not None else 0.0
         self.keep_layers = cfg.model.llm.keep_layers
         self._pairs: list[tuple[int, int]] | None = None  # loss.w_hidden's layer map, on the first batch
@@ -165,12 +172,13 @@ class LossComputer:
         rows = response_mask(labels) | vis_mask
         cached = self.cache.lookup(batch["ids"], ids, attn, labels, rows, ids.device)
         if head is None:
-            logits = student(ids, attn, batch["pixel_values"]).logits
-            return cached_distill_loss_reference(
-                logits, labels, vis_mask, inner.num_visual_tokens, cached, self.weights, self.settings
+            out = student(ids, attn, batch["pixel_values"])
+            total, terms = cached_distill_loss_reference(
+                out.logits, labels, vis_mask, inner.num_visual_tokens, cached, self.weights, self.settings
             )
+            return self._with_vemb(total, terms, out.visual, cached.visual)
         out = student(ids, attn, batch["pixel_values"], return_logits=False)
-        return cached_distill_loss(
+        total, terms = cached_distill_loss(
             out.hidden,
             _head_weight(out, head),
             labels,
@@ -182,6 +190,7 @@ class LossComputer:
             chunk_size=self.loss.chunk_size,
             head_bias=head.bias,
         )
+        return self._with_vemb(total, terms, out.visual, cached.visual)
 
     def _reference(self, student: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         layers = self._layers_kw()
@@ -238,15 +247,22 @@ class LossComputer:
                 ) from e
             terms["hidden"] = hidden.detach()
             total = total + self.w_hidden * hidden
-        if self.w_emb == 0 or out.visual is None:
+        return self._with_vemb(total, terms, out.visual, None if t_out is None else t_out.visual)
+
+    def _with_vemb(
+        self, total, terms: dict, visual: torch.Tensor | None, teacher_visual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``total`` and ``terms`` with the ``vemb`` term added where ``loss.w_emb`` asks for it: the student's
+        projected images ``visual`` against the teacher's (its forward's or its cache's)."""
+        if self.w_emb == 0 or visual is None or teacher_visual is None:
             return total, terms
         try:
-            vemb = visual_embedding_distill(out.visual, t_out.visual)
+            vemb = visual_embedding_distill(visual, teacher_visual)
         except ValueError as e:  # another shape: another embedding space
             raise TrainingError(
-                f"loss.w_emb: the student projects each image to {tuple(out.visual.shape[1:])} (visual tokens, "
-                f"LLM width), the teacher to {tuple(t_out.visual.shape[1:])}; distilling the projected images "
-                "needs one embedding space (a student cut from the teacher's LLM): set loss.w_emb=0"
+                f"loss.w_emb: the student projects each image to {tuple(visual.shape[1:])} (visual tokens, "
+                f"LLM width), the teacher to {tuple(teacher_visual.shape[1:])}; distilling the projected "
+                "images needs one embedding space (a student cut from the teacher's LLM): set loss.w_emb=0"
             ) from e
         terms["vemb"] = vemb.detach()
         return total + self.w_emb * vemb, terms

@@ -101,11 +101,12 @@ def matched_overrides(recipe: Recipe, common: list[str]) -> list[str]:
 def teacher_cache(cfg, directory: Path) -> tuple[Path, float]:
     """The teacher's outputs over stage ``cfg``'s data, cached in ``directory`` (``cache_teacher``'s format):
     built on first use (one teacher pass), then shared by every seed and re-run; rebuilt when the teacher
-    checkpoint or the stage's data changed since. Returns it and the seconds spent building."""
+    checkpoint or the stage's data changed since, or the stage needs projected images the cache lacks.
+    Returns it and the seconds spent building."""
     from mllm_kd.teacher.build import build_teacher_cache
     from mllm_kd.teacher.cache import built_from
 
-    if built_from(directory, cfg.data, cfg.teacher.checkpoint):
+    if built_from(directory, cfg):
         return directory, 0.0
     if directory.exists():
         log.info("teacher cache %s: built for another teacher or other data; rebuilding it", directory)
