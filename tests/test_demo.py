@@ -330,8 +330,8 @@ def test_pretrained_demo_seeds_differ_and_share_the_teacher(pretrained):
 
 
 def test_kd_students_distil_from_one_teacher_cache_shared_by_the_seeds(pretrained):
-    """DPT and DFT of ``kd`` (DFT of ``kd_tproj``) read the teacher's outputs from TEACHER/cache/<stage>, built
-    once: seed 1 found it; ``kd_emb`` needs the online teacher's projected images."""
+    """DPT and DFT of ``kd`` and ``kd_emb`` (DFT of ``kd_tproj``) read the teacher's outputs from
+    TEACHER/cache/<stage>, built once, with the projected images ``kd_emb`` distils: seed 1 found it."""
     run, _, report = pretrained
     built = {}
     for stage in ("stage1", "stage3"):
@@ -341,6 +341,7 @@ def test_kd_students_distil_from_one_teacher_cache_shared_by_the_seeds(pretraine
             48 if stage == "stage1" else 40
         )
         assert manifest["teacher"]["path"].endswith("teacher/teacher_sft/final")
+        assert manifest["layout"]["projected_images"]["shape"][0] == manifest["stats"]["images"]
         built[stage] = (cache / "manifest.json").stat().st_mtime
         for seed in (0, 1):
             cfg = OmegaConf.load(run / f"seed{seed}/kd/{stage}/final/config.yaml")
@@ -356,7 +357,10 @@ def test_kd_students_distil_from_one_teacher_cache_shared_by_the_seeds(pretraine
         run / "teacher/cache/stage3"
     )
     for stage in ("stage1", "stage3"):
-        assert OmegaConf.load(run / f"seed0/kd_emb/{stage}/final/config.yaml").teacher.cache is None
+        cfg = OmegaConf.load(run / f"seed1/kd_emb/{stage}/final/config.yaml")
+        assert cfg.teacher.cache == str(run / "teacher/cache" / stage) and cfg.loss.w_emb == 30
+        # built by kd's seed 0 (which runs before kd_emb) and not rebuilt for kd_emb
+        assert built[stage] < (run / f"seed0/kd/{stage}/final").stat().st_mtime
     assert report["student_kd"]["seeds"]["0"]["train_seconds"] > 0
 
 

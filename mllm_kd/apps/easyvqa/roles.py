@@ -113,12 +113,13 @@ ROLES = {
     ),
     # w_emb=30: with weight 1 the term stayed at 1.06-1.09 (no closer than a zero projector) over DPT's first
     # 14 steps while the other terms summed to 28-45 (training losses of the first measured run, docs/demo.md);
-    # 30 starts it on the scale of their sum. Not tuned on the validation or the test split. The online
-    # teacher: the cache holds no projected images.
+    # 30 starts it on the scale of their sum. Not tuned on the validation or the test split. The teacher
+    # cache keeps the projected images (teacher.cache_projected_images in the recipe), so it serves kd_emb too.
     "student_kd_emb": Role(
         "kd_emb",
         ("stage1", "stage2", "stage3"),
         ("stages.stage1.loss.w_emb=30", "stages.stage3.loss.w_emb=30"),
+        cached_teacher=("stage1", "stage3"),
     ),
     # LLaVA-KD's DPT and SFT (the kd student's), then DFT on the transfer set; its control: the same DPT and
     # SFT, then stage 3 on the same teacher answers without the distillation terms (CE only)
