@@ -406,18 +406,22 @@ def test_projected_images_in_the_cache_equal_the_online_teachers(run, smoke_teac
     n_images = json.loads((out / "manifest.json").read_text())["stats"]["images"]
     assert layout["projected_images"]["shape"] == [n_images, student.num_visual_tokens, 64]
     assert (out / "projected_images.bin").stat().st_size == n_images * student.num_visual_tokens * 64 * 2
+    stats = json.loads((out / "manifest.json").read_text())["stats"]
+    assert stats["bytes_per_image_projected"] == student.num_visual_tokens * 64 * 2
+    plain_stats = json.loads((plain / "manifest.json").read_text())["stats"]
+    assert stats["bytes_per_distilled_token"] == plain_stats["bytes_per_distilled_token"]  # counted apart
     # the fixture's cache keeps none: its lookups hold no projected images
     assert open_cache(plain).lookup(batch["ids"], ids, attn, labels, rows, "cpu").visual is None
     emb = stage_config(SMOKE, "stage3", [*common, "loss.w_emb=1"])
     assert built_from(plain, cfg) and not built_from(plain, emb) and built_from(out, emb)
-    refused = stage_config(
-        SMOKE,
-        "stage3",
-        [*common, "loss.w_emb=1", f"teacher.cache={plain}", f"output_dir={tmp_path}/s3", "train.max_steps=1"],
-    )
+    # refused before anything is written or removed: a finished stage redone with overwrite=true is kept
+    s3 = [*common, f"teacher.cache={plain}", f"output_dir={tmp_path}/s3", "train.max_steps=1"]
+    final = STAGES["stage3"].run(stage_config(SMOKE, "stage3", s3))
+    weights = (final / "model.safetensors").read_bytes()
+    refused = stage_config(SMOKE, "stage3", [*s3, "loss.w_emb=1", "overwrite=true"])
     with pytest.raises(ConfigError, match=r"does not keep: rebuild it with teacher\.cache_projected_images"):
         STAGES["stage3"].run(refused)
-    assert not (tmp_path / "s3" / "final").exists()
+    assert (final / "model.safetensors").read_bytes() == weights
 
 
 def test_stage3_projected_images_from_the_cache_match_the_online_teacher(run, tmp_path):

@@ -66,7 +66,16 @@ def teacher_rows(
     ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     t_out = teacher(ids, attn, batch["pixel_values"], return_logits=False)
     hidden = t_out.hidden
-    visual = t_out.visual.detach().half().cpu() if projected_images and t_out.visual is not None else None
+    visual = None
+    if projected_images and t_out.visual is not None:
+        visual = t_out.visual.detach().float().cpu()
+        if visual.abs().max() > torch.finfo(torch.float16).max or not visual.isfinite().all():
+            raise ConfigError(
+                "teacher.cache_projected_images: the teacher's projected images hold values float16 cannot "
+                f"keep (largest |value| {visual.abs().max().item():.4g}); build the cache without them "
+                "(teacher.cache_projected_images=false, loss.w_emb=0) or use the online teacher"
+            )
+        visual = visual.half()
     head = teacher.llm.get_output_embeddings()
     w, b = head.weight, head.bias
     vis = ids == teacher.image_token_id
@@ -188,6 +197,7 @@ class CacheWriter:
         """The manifest's ``layout`` and ``stats`` of what was written (after the files are closed)."""
         sizes = {name: (self.directory / fname).stat().st_size for name, fname in self.names.items()}
         total_bytes = sum(sizes.values())
+        distilled_bytes = total_bytes - sizes.get("visual", 0)  # the projected images: counted per image
         rows = max(self.stats["rows"], 1)
         return {
             "layout": {
@@ -219,8 +229,13 @@ class CacheWriter:
                 # + log p_rest (+ its shared part and the student position in a cross-tokenizer cache)
                 "bytes_per_row_topk": k * (2 + np.dtype(self.index_dtype).itemsize)
                 + (12 if "positions" in self.names else 4),
-                "bytes_per_distilled_token": total_bytes / rows,
+                "bytes_per_distilled_token": distilled_bytes / rows,
                 "bytes_per_image_relation": relation_size(self.n_vis, rank) * 2,
+                **(
+                    {"bytes_per_image_projected": int(np.prod(self.visual_shape)) * 2}
+                    if "visual" in self.names and self.visual_shape
+                    else {}
+                ),
                 "mean_leftover_mass": self.leftover / rows,
             },
         }
@@ -242,12 +257,6 @@ def build_teacher_cache(
     out = Path(out)
     k_req, rank = cfg.teacher.cache_topk, cfg.teacher.cache_relation_rank
     projected = keeps_projected_images(cfg)
-    if projected and cfg.loss.cross_tokenizer:
-        raise ConfigError(
-            "teacher.cache_projected_images (or loss.w_emb > 0) with loss.cross_tokenizer: the projected "
-            "images are distilled only between one embedding space; set teacher.cache_projected_images=false "
-            "and loss.w_emb=0"
-        )
     dev = pick_device(device or cfg.train.device)
     student, tokenizer, model_cfg = init_model(cfg, cfg.model)
     teacher = load_teacher_model(cfg, student, tokenizer, cross_tokenizer=cfg.loss.cross_tokenizer)

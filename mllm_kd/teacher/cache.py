@@ -106,6 +106,7 @@ class CachedTeacher:
         self.n_rows = np.asarray(index["n_rows"], dtype=np.int64)
         self.n_images = np.asarray(index["n_images"], dtype=np.int64)
         self.rel_start = np.asarray(index["rel_start"], dtype=np.int64)
+        self.image_start = np.cumsum(self.n_images) - self.n_images  # images are stored in sample order
         self._by_id: dict[str, list[int]] = {}
         for i, sid in enumerate(self.ids):
             self._by_id.setdefault(sid, []).append(i)
@@ -200,7 +201,7 @@ class CachedTeacher:
             if self.n_images[i]:
                 start = int(self.rel_start[i])
                 rel_slices.append(slice(start, start + int(self.n_images[i]) * self.rel_size))
-                first = start // self.rel_size  # images are stored in the relation values' order
+                first = int(self.image_start[i])
                 image_slices.append(slice(first, first + int(self.n_images[i])))
 
         def gather(array: np.ndarray, slices: list[slice]) -> np.ndarray:

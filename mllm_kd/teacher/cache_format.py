@@ -20,8 +20,9 @@ row-major, exactly the rows of :func:`mllm_kd.losses.fused.fused_distill_loss`:
   or a rank-``r`` factor ``F`` with ``R_T ~ F F^T`` from its top-``r`` eigenpairs (``n_vis x r`` values:
   smaller for large ``n_vis``, approximate — the builder reports the RDist error it implies);
 * optionally (``teacher.cache_projected_images``, or a stage with ``loss.w_emb > 0``), per image the
-  teacher's projected visual tokens ``[n_vis, d]`` (what its projector writes into its LLM's input; float16),
-  for the distillation of the projected images (``loss.w_emb``).
+  teacher's projected visual tokens ``[n_vis, d]`` (what its projector writes into its LLM's input; float16:
+  ``2 n_vis d`` bytes per image, e.g. 4.6 KB for 4 x 576 but 3 MB for the paper's 729 x 2048), for the
+  distillation of the projected images (``loss.w_emb``).
 
 Layout of ``DIR``: ``manifest.json`` (what the cache was built for, sizes, dtypes), ``index.json`` (per
 sample: id, hash, first row, rows, images, first relation value), and flat binary arrays read with
@@ -68,8 +69,9 @@ CROSS_FILES = {  # a cache for loss.cross_tokenizer: per row, then once
 
 def keeps_projected_images(cfg) -> bool:
     """Whether a cache built for stage ``cfg`` keeps the teacher's projected images: asked for
-    (``teacher.cache_projected_images``) or needed by the stage (``loss.w_emb > 0``)."""
-    return bool(cfg.teacher.cache_projected_images or cfg.loss.w_emb > 0)
+    (``teacher.cache_projected_images``) or needed by the stage (``loss.w_emb > 0``), and not a cache for
+    ``loss.cross_tokenizer`` (two embedding spaces: the term does not apply, and config load refuses it)."""
+    return bool(cfg.teacher.cache_projected_images or cfg.loss.w_emb > 0) and not cfg.loss.cross_tokenizer
 
 
 def sample_hash(input_ids: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> str:

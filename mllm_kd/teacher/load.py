@@ -87,6 +87,12 @@ def load_cached_teacher(
         cfg, tokenizer, student.num_visual_tokens, student.image_token_id, student.vocab_size, images
     )
     cache.check(expected, cfg.teacher.checkpoint)
+    if cfg.loss.w_emb > 0 and cache.projected_images is None:
+        raise ConfigError(
+            f"loss.w_emb={cfg.loss.w_emb} distils the teacher's projected images, which the teacher cache "
+            f"{cache.directory} does not keep: rebuild it with teacher.cache_projected_images=true "
+            "(python -m mllm_kd.cache_teacher ... teacher.cache_projected_images=true)"
+        )
     log.info(
         "%s: teacher outputs read from the cache %s (%d samples, k=%d; built from %s)",
         cfg.stage,

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mllm_kd.config import StageConfig
-from mllm_kd.errors import ConfigError, TrainingError
+from mllm_kd.errors import TrainingError
 from mllm_kd.losses.cached import cached_distill_loss, cached_distill_loss_reference
 from mllm_kd.losses.fused import fused_distill_loss
 from mllm_kd.losses.head import head_gram
@@ -52,7 +52,7 @@ class LossComputer:
     ``loss.w_emb`` adds, on either path, the distillation of the projected images
     (:func:`~mllm_kd.losses.reference.visual_embedding_distill`, the term ``vemb``), from the projected
     visual tokens both forwards return anyway, or the teacher's as its cache keeps them
-    (``teacher.cache_projected_images``; a cache without them is refused).
+    (``teacher.cache_projected_images``; a cache without them is refused when it is opened).
 
     ``loss.w_hidden`` adds, likewise, intermediate-layer distillation
     (:func:`~mllm_kd.losses.reference.hidden_state_distill`, the term ``hidden``): both forwards then also
@@ -105,12 +105,6 @@ class LossComputer:
             "rdist": cfg.loss.w_rel,
         }
         self.w_emb = cfg.loss.w_emb if teacher is not None else 0.0
-        if self.cache is not None and self.w_emb > 0 and self.cache.projected_images is None:
-            raise ConfigError(
-                f"loss.w_emb={self.w_emb} distils the teacher's projected images, which the teacher cache "
-                f"{self.cache.directory} does not keep: rebuild it with teacher.cache_projected_images=true "
-                "(python -m mllm_kd.cache_teacher ... teacher.cache_projected_images=true)"
-            )
         self.w_hidden = cfg.loss.w_hidden if self.teacher is not None else 0.0
         self.keep_layers = cfg.model.llm.keep_layers
         self._pairs: list[tuple[int, int]] | None = None  # loss.w_hidden's layer map, on the first batch

@@ -109,7 +109,11 @@ def teacher_cache(cfg, directory: Path) -> tuple[Path, float]:
     if built_from(directory, cfg):
         return directory, 0.0
     if directory.exists():
-        log.info("teacher cache %s: built for another teacher or other data; rebuilding it", directory)
+        log.info(
+            "teacher cache %s: built for another teacher or other data, or without the projected images "
+            "this stage needs; rebuilding it",
+            directory,
+        )
     log.info("== teacher cache for %s -> %s", cfg.stage, directory)
     started = time.perf_counter()
     build_teacher_cache(cfg, directory, progress=cfg.train.progress)
