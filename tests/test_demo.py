@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from mllm_kd.apps.easyvqa import ablate
 from mllm_kd.apps.easyvqa.demo import main
-from mllm_kd.apps.easyvqa.report import STUDENT_ROLES, yes_no_prior
+from mllm_kd.apps.easyvqa.report import STUDENT_ROLES, TRANSFER_MATCHED_ROLES, yes_no_prior
 from mllm_kd.apps.easyvqa.roles import STUDENTS
 from mllm_kd.apps.easyvqa.teachers import QUICK_VOCAB
 from mllm_kd.eval.normalize import simple_normalize
@@ -199,6 +199,9 @@ def test_pretrained_demo_averages_two_seeds_on_the_validation_split(pretrained):
     val = json.loads((run / "data/val_answers.json").read_text())
     assert report["teacher"]["n"] == len(val) > 0
     for role in STUDENTS:
+        if role in TRANSFER_MATCHED_ROLES:  # only with --transfer-questions (its own test below)
+            assert role not in report
+            continue
         r = report[role]
         seeds = r["seeds"]
         assert set(seeds) == {"0", "1"}
@@ -247,7 +250,7 @@ def test_tproj_students_start_from_the_teachers_projector(pretrained):
     kd = sum(_state(run, f"seed1/kd_tproj/{stage}")["step"] for stage in ("stage2", "stage3"))
     assert _state(run, "seed1/matched_tproj/stage2")["step"] == kd == 10
     assert report["student_kd_tproj"]["stages"][0] == "projector of teacher/teacher_sft"
-    g, acc = report["gaps"], {r: 100 * report[r]["accuracy"] for r in STUDENTS}
+    g, acc = report["gaps"], {r: 100 * report[r]["accuracy"] for r in STUDENTS if r in report}
     assert g["kd_tproj_minus_matched"] == pytest.approx(
         acc["student_kd_tproj"] - acc["student_matched"], abs=0.01
     )
@@ -268,7 +271,7 @@ def test_kd_emb_student_distils_the_projected_images_in_dpt_and_dft(pretrained):
         assert ("vemb" in first) == (w > 0), stage
     assert 0 < _first_metrics(run, "seed0/kd_emb/stage1")["vemb"] <= 10
     assert _state(run, "seed1/kd_emb/stage3")["step"] == _state(run, "seed1/kd/stage3")["step"]
-    g, acc = report["gaps"], {r: 100 * report[r]["accuracy"] for r in STUDENTS}
+    g, acc = report["gaps"], {r: 100 * report[r]["accuracy"] for r in STUDENTS if r in report}
     assert g["kd_emb_minus_matched"] == pytest.approx(
         acc["student_kd_emb"] - acc["student_matched"], abs=0.01
     )
@@ -304,7 +307,7 @@ def test_transfer_students_train_stage3_on_the_teachers_answers_to_unlabelled_qu
     own = ("seed0/kd/stage1", "seed0/kd/stage2", "seed0/kd_transfer/stage3")  # and building its cache
     seconds = report["student_kd_transfer"]["seeds"]["0"]["train_seconds"]
     assert seconds >= round(sum(_state(run, s)["elapsed"] for s in own), 1) - 0.1
-    g, acc = report["gaps"], {r: 100 * report[r]["accuracy"] for r in STUDENTS}
+    g, acc = report["gaps"], {r: 100 * report[r]["accuracy"] for r in STUDENTS if r in report}
     for a, b in (
         ("kd_transfer", "matched"),
         ("kd_transfer", "seqkd_transfer"),
@@ -386,6 +389,39 @@ def test_teacher_cache_is_reused_for_the_same_teacher_and_data_and_rebuilt_for_o
     path, seconds = teacher_cache(fewer, cache)
     assert path == cache and seconds > 0
     assert json.loads((cache / "manifest.json").read_text())["stats"]["samples"] == 40
+
+
+def test_a_larger_transfer_set_brings_the_compute_matched_student_at_its_compute(pretrained, tmp_path):
+    """--transfer-questions 80 (twice the students' 40): the next 80 training questions answered by the teacher,
+    kd_transfer-80 / seqkd_transfer-80 with DFT on them (10 steps) and its own cache, and matched_transfer-80:
+    the plain student's SFT for 3 epochs, as many steps as kd's SFT + that DFT (5 + 10). The rest is reused;
+    a size that is not a multiple of the students' questions is refused before any work."""
+    import shutil
+
+    run = tmp_path / "demo"
+    shutil.copytree(pretrained[0], run, symlinks=True)
+    before = (run / "seed0/kd_transfer/stage3/final/model.safetensors").stat().st_mtime
+    args = ["--run-dir", str(run), "--quick", "--seeds", "0", "--split", "val", "--questions", "40"]
+    assert main([*args, "--transfer-questions", "60"]) == 2
+    assert not (run / "teacher/transfer/transfer-60.json").exists()
+    assert main([*args, "--transfer-questions", "80"]) == 0
+    instruct = json.loads((run / "data/instruct.json").read_text())[40:120]
+    answered = json.loads((run / "teacher/transfer/transfer-80.json").read_text())
+    assert [r["id"] for r in answered] == [r["id"] for r in instruct]
+    assert _state(run, "seed0/kd_transfer-80/stage3")["step"] == 10
+    assert _state(run, "seed0/seqkd_transfer-80/stage3")["step"] == 10
+    assert _state(run, "seed0/matched_transfer-80/stage2")["step"] == 15 == 5 + 10
+    cfg = OmegaConf.load(run / "seed0/kd_transfer-80/stage3/final/config.yaml")
+    assert cfg.teacher.cache == str(run / "teacher/cache/stage3-transfer-80")
+    assert cfg.data.path == str(run / "teacher/transfer/transfer-80.json")
+    assert (run / "seed0/kd_transfer/stage3/final/model.safetensors").stat().st_mtime == before
+    report = _report(run)
+    assert report["transfer_questions"] == 80
+    acc = {r: 100 * report[r]["accuracy"] for r in ("student_kd_transfer", "student_matched_transfer")}
+    assert report["gaps"]["kd_transfer_minus_matched_transfer"] == pytest.approx(
+        acc["student_kd_transfer"] - acc["student_matched_transfer"], abs=0.01
+    )
+    assert "`matched_transfer`" in (run / "report.md").read_text()
 
 
 def test_questions_sizes_every_sft_and_dft_stage(pretrained):

@@ -6,7 +6,7 @@ timer in phases.py.
                            [--split test|val] [--questions N] [--captions N] [--student-questions N]
                            [--teacher-dir DIR]
                            [--teacher-llm gemma3-270m] [--teacher-projector] [--projected-images]
-                           [--transfer-set]
+                           [--transfer-set] [--transfer-questions N]
                            [--redo] [--quick]
                            [key=value ...]
 
@@ -34,7 +34,10 @@ with that LLM and the ``kd`` student taught by it across tokenizers (teachers.py
 students with stage 1 replaced by the teacher's trained projector (``model.projector.checkpoint``).
 ``--transfer-set`` also trains ``kd_transfer`` (the ``kd`` student's DPT and SFT, then DFT on questions in no
 model's training data, answered by the teacher: ``mllm_kd.teacher.label``) and ``seqkd_transfer`` (the same DPT and
-SFT, then stage 3 on the same answers without the distillation terms).
+SFT, then stage 3 on the same answers without the distillation terms); ``--transfer-questions N`` the same on N
+such questions (a whole multiple of the students' DFT questions; names ``kd_transfer-N`` ...) and
+``matched_transfer``, the compute-matched plain student at their compute (SFT for as many steps as SFT + DFT on
+the N).
 ``--projected-images`` also trains ``kd_emb``: LLaVA-KD with the teacher's projected images distilled in DPT
 and DFT (``loss.w_emb=30``: the term's start on the scale of the others' sum in DPT; roles.py).
 """
@@ -58,7 +61,7 @@ from mllm_kd.apps.easyvqa.roles import (
 )
 from mllm_kd.apps.easyvqa.scoring import evaluate
 from mllm_kd.apps.easyvqa.teachers import STUDENT_OVERRIDES, TEACHER_LLMS, aligned_share
-from mllm_kd.apps.easyvqa.transfer import answer_transfer_set, transfer_file
+from mllm_kd.apps.easyvqa.transfer import answer_transfer_set, transfer_file, transfer_suffix
 from mllm_kd.cli import setup_logging, stage_config
 from mllm_kd.errors import ArgumentParser, ConfigError, MllmKdError, exit_code
 from mllm_kd.tracking import log_scores
@@ -82,8 +85,9 @@ def prepare_weights(models: Path) -> None:
     log.info("weights ready in %s (%.1f s)", models, time.perf_counter() - started)
 
 
-def matched_overrides(recipe: Recipe, common: list[str]) -> list[str]:
-    """stage2 for as many optimizer steps as stage2 + stage3 (same data and batch), from the baseline's PT."""
+def matched_overrides(recipe: Recipe, common: list[str], dft_questions: int | None = None) -> list[str]:
+    """stage2 for as many optimizer steps as stage2 + stage3 (same data and batch), from the baseline's PT;
+    ``dft_questions``: stage3 on that many questions instead (a transfer set), a whole multiple of stage3's."""
     sft, dft = (stage_config(recipe.config, s, common) for s in ("stage2", "stage3"))
     for what, a, b in (
         ("batch", sft.train.batch_size * sft.train.grad_accum, dft.train.batch_size * dft.train.grad_accum),
@@ -95,7 +99,15 @@ def matched_overrides(recipe: Recipe, common: list[str]) -> list[str]:
             )
     if sft.train.max_steps is not None or dft.train.max_steps is not None:
         raise ConfigError("the compute-matched student counts epochs; unset train.max_steps of stage2/stage3")
-    return [f"stages.stage2.train.epochs={sft.train.epochs + dft.train.epochs}"]
+    times = 1
+    if dft_questions is not None:
+        if dft.data.max_samples is None or dft_questions % dft.data.max_samples:
+            raise ConfigError(
+                f"--transfer-questions {dft_questions}: the compute-matched student at that compute trains "
+                f"epochs of the students' {dft.data.max_samples} questions, so it must be a multiple of them"
+            )
+        times = dft_questions // dft.data.max_samples
+    return [f"stages.stage2.train.epochs={sft.train.epochs + times * dft.train.epochs}"]
 
 
 def teacher_cache(cfg, directory: Path) -> tuple[Path, float]:
@@ -129,16 +141,20 @@ def train_role(
     teacher_dir: Path,
     seed: int,
     sub: str | None = None,
+    transfer_questions: int | None = None,
 ) -> tuple[Path, float, list[str]]:
     """Train one model's stages; returns its final checkpoint, the training seconds (with building the
     teacher cache where this role built it), and the stages.
 
-    ``sub``: a student's directory under ``RUN/seed<s>`` other than its role's."""
+    ``sub``: a student's directory under ``RUN/seed<s>`` other than its role's. ``transfer_questions``: the
+    transfer set's size (``--transfer-questions``; None: as many as the DFT's), which names its roles'
+    directories and teacher cache apart."""
     from mllm_kd.stages import STAGES
     from mllm_kd.train.stage import stage_finished
 
     spec = ROLES[role]
-    run_dir = teacher_dir if role == "teacher" else run / f"seed{seed}" / (sub or spec.sub)
+    suffix = transfer_suffix(transfer_questions) if spec.transfer or spec.transfer_compute else ""
+    run_dir = teacher_dir if role == "teacher" else run / f"seed{seed}" / f"{sub or spec.sub}{suffix}"
     common = [
         f"run_dir={run_dir}",
         f"data_dir={run / 'data'}",
@@ -160,7 +176,7 @@ def train_role(
         stages = [*(f"{stage} (of {earlier.sub})" for stage in done), *stages]
     if spec.transfer:
         common += [
-            f"stages.stage3.data.path={transfer_file(teacher_dir)}",
+            f"stages.stage3.data.path={transfer_file(teacher_dir, transfer_questions)}",
             "stages.stage3.data.max_samples=null",
         ]
     if spec.teacher_projector:  # the first stage builds the student, with the teacher's projector
@@ -169,7 +185,7 @@ def train_role(
         common += [f"stages.{first}.init_from=null", f"stages.{first}.model.projector.checkpoint={projector}"]
         stages = [f"projector of {projector.parent.name}/{projector.name}", *stages]
     if spec.matched:
-        common += matched_overrides(recipe, common)
+        common += matched_overrides(recipe, common, transfer_questions if spec.transfer_compute else None)
     if redo:
         common.append("overwrite=true")
     ckpt = None
@@ -181,7 +197,7 @@ def train_role(
             and not cfg.loss.cross_tokenizer
             and (redo or not stage_finished(cfg))
         ):
-            name = f"{stage}-transfer" if spec.transfer else stage  # one cache per data set
+            name = f"{stage}-transfer{suffix}" if spec.transfer else stage  # one cache per data set
             cache, built = teacher_cache(cfg, teacher_dir / "cache" / name)
             seconds += built
             cfg = stage_config(recipe.config, stage, [*common, f"teacher.cache={cache}"])
@@ -207,6 +223,7 @@ def run_demo(
     teacher_projector: bool = False,
     projected_images: bool = False,
     transfer_set: bool = False,
+    transfer_questions: int | None = None,
     answers: str | None = None,
 ) -> dict:
     """The whole demo into ``run``; ``teacher_dir`` reuses (or trains into) a teacher elsewhere.
@@ -216,6 +233,8 @@ def run_demo(
     teaches across tokenizers. ``teacher_projector``: also the compute-matched and LLaVA-KD students that
     start from the teacher's trained projector instead of stage 1 (:data:`TPROJ_ROLES`).
     ``projected_images``: also LLaVA-KD with the teacher's projected images distilled (:data:`EMB_ROLES`).
+    ``transfer_set``: also the students of :data:`TRANSFER_ROLES`; ``transfer_questions``: the same on a
+    transfer set of that many questions, and the compute-matched plain student at their compute.
     ``answers``: every model's yes/no training answers, a key of :data:`ANSWER_FORMATS`: "described" says
     first what the image shows ("blue rectangle, yes"; ``data_prep.easyvqa --describe-yes-no``; scored on
     the last word), "checked" then what the question asks about ("blue rectangle, red absent, yes";
@@ -225,7 +244,7 @@ def run_demo(
 
     spec = RECIPES[recipe]
     # before any work: refuses a misfit
-    students = recipe_students(spec, teacher_projector, projected_images, transfer_set)
+    students = recipe_students(spec, teacher_projector, projected_images, transfer_set, transfer_questions)
     other = TEACHER_LLMS[teacher_llm] if teacher_llm else None
     started = time.perf_counter()
     teacher_dir = teacher_dir or run / "teacher"
@@ -250,15 +269,19 @@ def run_demo(
             other.prepare(run, quick)
     overrides = [*(spec.quick if quick else ()), *(["train.progress=false"] if quick else []), *overrides]
     teacher_overrides = [f"train.seed={spec.teacher_seed}", *(teacher_overrides or [])]
+    if transfer_questions is not None:  # refused before any work: a size the matched student cannot match
+        if transfer_questions < 1:
+            raise ConfigError(f"--transfer-questions must be >= 1, got {transfer_questions}")
+        matched_overrides(spec, [f"data_dir={run / 'data'}", *overrides], transfer_questions)
     models: dict[str, dict] = {}  # "<role>" or "<role>/seed<s>" -> result
     with phases("teacher"):
         ckpt, seconds, stages = train_role(
             run, spec, "teacher", overrides + (teacher_overrides or []), redo, teacher_dir, seed=0
         )
     models["teacher"] = {"checkpoint": str(ckpt), "train_seconds": round(seconds, 1), "stages": stages}
-    if transfer_set:
+    if transfer_set or transfer_questions:
         with phases("transfer set"):
-            answer_transfer_set(run, spec, overrides, ckpt, teacher_dir)
+            answer_transfer_set(run, spec, overrides, ckpt, teacher_dir, transfer_questions)
     if other is not None:
         with phases(other.teacher_role):
             ckpt, seconds, stages = train_role(
@@ -279,7 +302,9 @@ def run_demo(
         for role in students:
             seeded = [*overrides, f"train.seed={seed}"]
             with phases(f"{role}, seed {seed}"):
-                ckpt, seconds, stages = train_role(run, spec, role, seeded, redo, teacher_dir, seed)
+                ckpt, seconds, stages = train_role(
+                    run, spec, role, seeded, redo, teacher_dir, seed, transfer_questions=transfer_questions
+                )
             models[f"{role}/seed{seed}"] = {
                 "checkpoint": str(ckpt),
                 "train_seconds": round(seconds, 1),
@@ -319,6 +344,8 @@ def run_demo(
     results["seconds"] = round((previous or 0.0) + wall if did_work else previous, 1)
     results["wall_seconds"] = round(wall, 1)
     results.update(recipe=recipe, split=split, seeds=list(seeds), overrides=overrides)
+    if transfer_questions:
+        results["transfer_questions"] = transfer_questions
     results["gaps"] = gaps(results)
     if other is not None:
         delta = 100 * (results[other.student_role]["accuracy"] - results["student_kd"]["accuracy"])
@@ -437,6 +464,14 @@ def main(argv: list[str] | None = None) -> int:
         "the teacher's, answered by the teacher instead of labelled) and the same without the distillation terms",
     )
     p.add_argument(
+        "--transfer-questions",
+        type=int,
+        default=None,
+        metavar="N",
+        help="--transfer-set with N questions (a multiple of the students' DFT questions), and the "
+        "compute-matched plain student at that compute (SFT for as many steps as SFT + DFT on the N)",
+    )
+    p.add_argument(
         "--answers",
         choices=sorted(ANSWER_FORMATS),
         default=None,
@@ -468,13 +503,18 @@ def main(argv: list[str] | None = None) -> int:
             teacher_projector=args.teacher_projector,
             projected_images=args.projected_images,
             transfer_set=args.transfer_set,
+            transfer_questions=args.transfer_questions,
             answers=args.answers,
         )
     except MllmKdError as e:
         return exit_code(e)
     print((run / "report.md").read_text())
     students = recipe_students(
-        RECIPES[args.recipe], args.teacher_projector, args.projected_images, args.transfer_set
+        RECIPES[args.recipe],
+        args.teacher_projector,
+        args.projected_images,
+        args.transfer_set,
+        args.transfer_questions,
     )
     roles = ["teacher", *students, *other_roles(results)]
     print(json.dumps({k: results[k]["accuracy"] for k in roles} | {"seconds": results["seconds"]}))

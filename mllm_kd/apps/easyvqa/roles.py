@@ -6,7 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mllm_kd.apps.easyvqa.report import EMB_ROLES, STUDENT_ROLES, TPROJ_ROLES, TRANSFER_ROLES
+from mllm_kd.apps.easyvqa.report import (
+    EMB_ROLES,
+    STUDENT_ROLES,
+    TPROJ_ROLES,
+    TRANSFER_MATCHED_ROLES,
+    TRANSFER_ROLES,
+)
 from mllm_kd.configs import config_path
 from mllm_kd.errors import ConfigError
 
@@ -96,6 +102,8 @@ class Role:
     # stage3 on the transfer set: questions in no one's training data, answered by the teacher
     # (TEACHER/transfer/transfer.json, made by the demo with mllm_kd.teacher.label)
     transfer: bool = False
+    # matched: as many steps as stage2 + stage3 on the transfer set (demo --transfer-questions N)
+    transfer_compute: bool = False
 
 
 ROLES = {
@@ -138,8 +146,18 @@ ROLES = {
         starts_from=("student_kd", "stage2"),
         transfer=True,
     ),
+    # a transfer set larger than the students' DFT data: the compute-matched plain student at kd_transfer's
+    # compute (the baseline's PT, then SFT on the labelled questions for as many steps as SFT + that DFT)
+    "student_matched_transfer": Role(
+        "matched_transfer",
+        ("stage2",),
+        tuple(NO_DISTILL),
+        starts_from=("student_baseline", "stage1"),
+        matched=True,
+        transfer_compute=True,
+    ),
 }
-STUDENTS = [*STUDENT_ROLES, *TPROJ_ROLES, *EMB_ROLES, *TRANSFER_ROLES]
+STUDENTS = [*STUDENT_ROLES, *TPROJ_ROLES, *EMB_ROLES, *TRANSFER_ROLES, *TRANSFER_MATCHED_ROLES]
 assert set(ROLES) == {"teacher", *STUDENTS}
 
 
@@ -148,11 +166,13 @@ def recipe_students(
     teacher_projector: bool = False,
     projected_images: bool = False,
     transfer_set: bool = False,
+    transfer_questions: int | None = None,
 ) -> list[str]:
     """The student roles to train: the comparison fixed in advance; with ``teacher_projector`` the two that
     start from the teacher's projector, with ``projected_images`` the one that distils its projected images
     (ConfigError where the recipe's teacher projector does not fit the student), with ``transfer_set`` the
-    two whose stage 3 runs on the teacher's answers to unlabelled questions."""
+    two whose stage 3 runs on the teacher's answers to unlabelled questions, and with ``transfer_questions``
+    (a transfer set of that many questions) also the compute-matched plain student at their compute."""
     for asked, option in (
         (teacher_projector, "--teacher-projector"),
         (projected_images, "--projected-images"),
@@ -166,5 +186,6 @@ def recipe_students(
         *STUDENT_ROLES,
         *(TPROJ_ROLES if teacher_projector else ()),
         *(EMB_ROLES if projected_images else ()),
-        *(TRANSFER_ROLES if transfer_set else ()),
+        *(TRANSFER_ROLES if transfer_set or transfer_questions else ()),
+        *(TRANSFER_MATCHED_ROLES if transfer_questions else ()),
     ]

@@ -10,15 +10,27 @@ from mllm_kd.cli import stage_config
 from mllm_kd.errors import ConfigError
 
 
-def transfer_file(teacher_dir: Path) -> Path:
+def transfer_suffix(count: int | None) -> str:
+    """What names a transfer set of ``count`` questions apart from the default one (as many as the DFT's):
+    its file, its teacher cache and its students' directories."""
+    return "" if count is None else f"-{count}"
+
+
+def transfer_file(teacher_dir: Path, count: int | None = None) -> Path:
     """Where the demo keeps the teacher's answers to the transfer set (:func:`answer_transfer_set`)."""
-    return teacher_dir / "transfer" / "transfer.json"
+    return teacher_dir / "transfer" / f"transfer{transfer_suffix(count)}.json"
 
 
 def answer_transfer_set(
-    run: Path, recipe: Recipe, overrides: list[str], teacher: Path, teacher_dir: Path
+    run: Path,
+    recipe: Recipe,
+    overrides: list[str],
+    teacher: Path,
+    teacher_dir: Path,
+    count: int | None = None,
 ) -> Path:
-    """The transfer set: as many questions as the students' DFT has (``stages.stage3.data``), taken from the
+    """The transfer set: ``count`` questions, by default as many as the students' DFT has
+    (``stages.stage3.data``), taken from the
     training questions right after every model's own (the first N of ``stages.teacher_sft``, ``stage2`` and
     ``stage3``, which share one file), so they are in no model's training data; their labels dropped, the
     teacher's greedy answers written in their place (:func:`mllm_kd.teacher.label.label_records`), once per
@@ -33,8 +45,10 @@ def answer_transfer_set(
             "stages.teacher_sft, stage2 and stage3 need the same data.path and a data.max_samples each"
         )
     path, dft = Path(data[0].path), data[2]
-    records = read_slice(path, max(d.max_samples for d in data), dft.max_samples)
-    out = transfer_file(teacher_dir)
+    if count is not None and count < 1:
+        raise ConfigError(f"--transfer-questions must be >= 1, got {count}")
+    records = read_slice(path, max(d.max_samples for d in data), count or dft.max_samples)
+    out = transfer_file(teacher_dir, count)
     if not labelled_by(out, teacher, records, where=str(path)):
         folder = dft.image_folder or path.parent
         label_records(teacher, records, folder, out, batch_size=128, where=str(path))
