@@ -416,6 +416,11 @@ def test_a_larger_transfer_set_brings_the_compute_matched_student_at_its_compute
     assert cfg.data.path == str(run / "teacher/transfer/transfer-80.json")
     assert (run / "seed0/kd_transfer/stage3/final/model.safetensors").stat().st_mtime == before
     report = _report(run)
+    # their own answers (the default set's students answered into student_kd_transfer-seed0...)
+    for role in ("student_kd_transfer", "student_seqkd_transfer", "student_matched_transfer"):
+        answers = run / f"eval/val/{role}-80-seed0.answers.jsonl"
+        rows = [json.loads(line) for line in answers.read_text().splitlines()]
+        assert len(rows) == report["teacher"]["n"] and rows[0]["model_id"] == f"{role}/seed0"
     assert report["transfer_questions"] == 80
     acc = {r: 100 * report[r]["accuracy"] for r in ("student_kd_transfer", "student_matched_transfer")}
     assert report["gaps"]["kd_transfer_minus_matched_transfer"] == pytest.approx(

@@ -58,6 +58,7 @@ from mllm_kd.apps.easyvqa.roles import (
     ROLES,
     Recipe,
     recipe_students,
+    transfer_sized,
 )
 from mllm_kd.apps.easyvqa.scoring import evaluate
 from mllm_kd.apps.easyvqa.teachers import STUDENT_OVERRIDES, TEACHER_LLMS, aligned_share
@@ -153,7 +154,7 @@ def train_role(
     from mllm_kd.train.stage import stage_finished
 
     spec = ROLES[role]
-    suffix = transfer_suffix(transfer_questions) if spec.transfer or spec.transfer_compute else ""
+    suffix = transfer_suffix(transfer_questions) if transfer_sized(role) else ""
     run_dir = teacher_dir if role == "teacher" else run / f"seed{seed}" / f"{sub or spec.sub}{suffix}"
     common = [
         f"run_dir={run_dir}",
@@ -274,6 +275,7 @@ def run_demo(
             raise ConfigError(f"--transfer-questions must be >= 1, got {transfer_questions}")
         matched_overrides(spec, [f"data_dir={run / 'data'}", *overrides], transfer_questions)
     models: dict[str, dict] = {}  # "<role>" or "<role>/seed<s>" -> result
+    answer_names: dict[str, str] = {}  # key -> its answers file's name, where not the key's
     with phases("teacher"):
         ckpt, seconds, stages = train_role(
             run, spec, "teacher", overrides + (teacher_overrides or []), redo, teacher_dir, seed=0
@@ -310,6 +312,9 @@ def run_demo(
                 "train_seconds": round(seconds, 1),
                 "stages": stages,
             }
+            if transfer_questions is not None and transfer_sized(role):
+                name = f"{role}{transfer_suffix(transfer_questions)}-seed{seed}"  # not the default set's
+                answer_names[f"{role}/seed{seed}"] = name
         if other is not None:
             seeded = [*overrides, f"train.seed={seed}", *STUDENT_OVERRIDES]
             with phases(f"{other.student_role}, seed {seed}"):
@@ -323,7 +328,7 @@ def run_demo(
                 "aligned": aligned_share(ckpt.parent.parent),
             }
     for key, result in models.items():
-        answers = run / "eval" / split / f"{key.replace('/', '-')}.answers.jsonl"
+        answers = run / "eval" / split / f"{answer_names.get(key, key.replace('/', '-'))}.answers.jsonl"
         with phases(f"evaluate {key}"):
             result.update(evaluate(run / "data", split, answers, key, Path(result["checkpoint"]), redo))
         log_scores(result["checkpoint"], {"task": f"easyvqa_{split}", **result})  # trackers, if configured

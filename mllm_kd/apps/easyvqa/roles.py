@@ -158,6 +158,14 @@ ROLES = {
     ),
 }
 STUDENTS = [*STUDENT_ROLES, *TPROJ_ROLES, *EMB_ROLES, *TRANSFER_ROLES, *TRANSFER_MATCHED_ROLES]
+
+
+def transfer_sized(role: str) -> bool:
+    """Whether ``role`` depends on the transfer set's size (``--transfer-questions``), so that its directory,
+    teacher cache and answers are named by it."""
+    return ROLES[role].transfer or ROLES[role].transfer_compute
+
+
 assert set(ROLES) == {"teacher", *STUDENTS}
 
 
