@@ -395,7 +395,7 @@ def test_a_larger_transfer_set_brings_the_compute_matched_student_at_its_compute
     """--transfer-questions 80 (twice the students' 40): the next 80 training questions answered by the teacher,
     kd_transfer-80 / seqkd_transfer-80 with DFT on them (10 steps) and its own cache, and matched_transfer-80:
     the plain student's SFT for 3 epochs, as many steps as kd's SFT + that DFT (5 + 10). The rest is reused;
-    a size that is not a multiple of the students' questions is refused before any work."""
+    a size that is not a multiple of the students' questions is refused before any training."""
     import shutil
 
     run = tmp_path / "demo"

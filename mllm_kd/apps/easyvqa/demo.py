@@ -270,7 +270,7 @@ def run_demo(
             other.prepare(run, quick)
     overrides = [*(spec.quick if quick else ()), *(["train.progress=false"] if quick else []), *overrides]
     teacher_overrides = [f"train.seed={spec.teacher_seed}", *(teacher_overrides or [])]
-    if transfer_questions is not None:  # refused before any work: a size the matched student cannot match
+    if transfer_questions is not None:  # refused before any training: a size the matched student cannot match
         if transfer_questions < 1:
             raise ConfigError(f"--transfer-questions must be >= 1, got {transfer_questions}")
         matched_overrides(spec, [f"data_dir={run / 'data'}", *overrides], transfer_questions)

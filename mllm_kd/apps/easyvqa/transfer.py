@@ -45,8 +45,6 @@ def answer_transfer_set(
             "stages.teacher_sft, stage2 and stage3 need the same data.path and a data.max_samples each"
         )
     path, dft = Path(data[0].path), data[2]
-    if count is not None and count < 1:
-        raise ConfigError(f"--transfer-questions must be >= 1, got {count}")
     records = read_slice(path, max(d.max_samples for d in data), count or dft.max_samples)
     out = transfer_file(teacher_dir, count)
     if not labelled_by(out, teacher, records, where=str(path)):
