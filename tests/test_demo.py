@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from mllm_kd.apps.easyvqa import ablate
 from mllm_kd.apps.easyvqa.demo import main
-from mllm_kd.apps.easyvqa.report import STUDENT_ROLES, TRANSFER_MATCHED_ROLES, yes_no_prior
+from mllm_kd.apps.easyvqa.report import STUDENT_ROLES, yes_no_prior
 from mllm_kd.apps.easyvqa.roles import STUDENTS
 from mllm_kd.apps.easyvqa.teachers import QUICK_VOCAB
 from mllm_kd.eval.normalize import simple_normalize
@@ -171,7 +171,8 @@ def test_ablation_reuses_the_demo_students_and_trains_the_others(scratch):
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """The pretrained recipe's shape (torchvision tower, a layer-subset student) with tiny random parts,
-    two seeds, scored on the validation split: ``(run_dir, exit code, report)``."""
+    two seeds, scored on the validation split, DFT on the recipe's transfer set (3x the students' 40
+    questions): ``(run_dir, exit code, report)``."""
     run = tmp_path_factory.mktemp("pretrained") / "demo"
     code = main(
         [
@@ -186,10 +187,15 @@ def pretrained(tmp_path_factory):
             "40",
             "--teacher-projector",
             "--projected-images",
-            "--transfer-set",
+            "--seqkd",
         ]
     )
     return run, code, _report(run)
+
+
+# the pretrained recipe's transfer set: 3x the students' 40 DFT questions; the roles with a DFT, or that count
+# one's steps, are named by it
+T = 120
 
 
 def test_pretrained_demo_averages_two_seeds_on_the_validation_split(pretrained):
@@ -198,10 +204,8 @@ def test_pretrained_demo_averages_two_seeds_on_the_validation_split(pretrained):
     assert report["recipe"] == "pretrained" and report["split"] == "val" and report["seeds"] == [0, 1]
     val = json.loads((run / "data/val_answers.json").read_text())
     assert report["teacher"]["n"] == len(val) > 0
+    assert report["transfer_questions"] == T
     for role in STUDENTS:
-        if role in TRANSFER_MATCHED_ROLES:  # only with --transfer-questions (its own test below)
-            assert role not in report
-            continue
         r = report[role]
         seeds = r["seeds"]
         assert set(seeds) == {"0", "1"}
@@ -216,8 +220,9 @@ def test_pretrained_demo_averages_two_seeds_on_the_validation_split(pretrained):
 
 
 def test_ablation_hidden_state_dft_maps_the_students_layers_onto_the_teachers(pretrained, tmp_path):
-    """dft_hidden: the demo's kd SFT result, then DFT with loss.w_hidden against the online teacher; the
-    student's layers (keep_layers of the teacher's depth) are distilled towards the teacher's at that depth."""
+    """dft_hidden: the ablation's kd SFT result (the demo's kd DFTs on the transfer set: another run, not
+    reused), then DFT with loss.w_hidden against the online teacher; the student's layers (keep_layers of the
+    teacher's depth) are distilled towards the teacher's at that depth."""
     import shutil
 
     run = tmp_path / "demo"
@@ -225,13 +230,14 @@ def test_ablation_hidden_state_dft_maps_the_students_layers_onto_the_teachers(pr
     argv = ["--run-dir", str(run), "--quick", "--seeds", "0", "--split", "val", "--questions", "40"]
     assert ablate.main([*argv, "--only", "kd", "dft_hidden"]) == 0
     config = yaml.safe_load((run / "ablation/seed0/dft_hidden/stage3/final/config.yaml").read_text())
-    assert config["loss"]["w_hidden"] == 1 and config["init_from"] == f"{run}/seed0/kd/stage2"
+    assert config["loss"]["w_hidden"] == 1 and config["init_from"] == f"{run}/ablation/seed0/kd/stage2"
     assert config["teacher"]["checkpoint"] and not config["teacher"].get("cache")
     assert len(config["model"]["llm"]["keep_layers"]) >= 1
     first = _first_metrics(run, "ablation/seed0/dft_hidden/stage3")
     assert first["hidden"] > 0 and first["mdist_resp"] > 0
-    assert _state(run, "ablation/seed0/dft_hidden/stage3")["step"] == _state(run, "seed0/kd/stage3")["step"]
-    assert not (run / "ablation/seed0/kd").exists()  # the demo's kd student was reused
+    kd = _state(run, "ablation/seed0/kd/stage3")
+    assert _state(run, "ablation/seed0/dft_hidden/stage3")["step"] == kd["step"] == 5  # the SFT questions'
+    assert not (run / "seed0/kd").exists()
     table = json.loads((run / "ablation/report.json").read_text())
     assert set(table) == {"kd", "dft_hidden"} and 0 <= table["dft_hidden"]["accuracy"] <= 1
 
@@ -241,14 +247,14 @@ def test_tproj_students_start_from_the_teachers_projector(pretrained):
     one trains stage2 for as many steps as the kd one's stage2 + stage3."""
     run, _, report = pretrained
     teacher = run / "teacher/teacher_sft"
-    for sub, first in (("kd_tproj", "stage2"), ("matched_tproj", "stage2")):
+    for sub, first in ((f"kd_tproj-{T}", "stage2"), (f"matched_tproj-{T}", "stage2")):
         assert not (run / "seed0" / sub / "stage1").exists()
         cfg = OmegaConf.load(run / "seed0" / sub / first / "final/config.yaml")
         assert cfg.init_from is None and cfg.model.projector.checkpoint == str(teacher)
         model = OmegaConf.load(run / "seed0" / sub / first / "final/model.yaml")
         assert model.projector.checkpoint is None  # the checkpoint stands alone
-    kd = sum(_state(run, f"seed1/kd_tproj/{stage}")["step"] for stage in ("stage2", "stage3"))
-    assert _state(run, "seed1/matched_tproj/stage2")["step"] == kd == 10
+    kd = sum(_state(run, f"seed1/kd_tproj-{T}/{stage}")["step"] for stage in ("stage2", "stage3"))
+    assert _state(run, f"seed1/matched_tproj-{T}/stage2")["step"] == kd == 5 + 15
     assert report["student_kd_tproj"]["stages"][0] == "projector of teacher/teacher_sft"
     g, acc = report["gaps"], {r: 100 * report[r]["accuracy"] for r in STUDENTS if r in report}
     assert g["kd_tproj_minus_matched"] == pytest.approx(
@@ -265,12 +271,12 @@ def test_kd_emb_student_distils_the_projected_images_in_dpt_and_dft(pretrained):
     the gaps are the accuracies' differences."""
     run, _, report = pretrained
     for stage, w in (("stage1", 30.0), ("stage2", 0.0), ("stage3", 30.0)):
-        cfg = OmegaConf.load(run / "seed0/kd_emb" / stage / "final/config.yaml")
+        cfg = OmegaConf.load(run / f"seed0/kd_emb-{T}" / stage / "final/config.yaml")
         assert cfg.loss.w_emb == w, stage
-        first = _first_metrics(run, f"seed0/kd_emb/{stage}")
+        first = _first_metrics(run, f"seed0/kd_emb-{T}/{stage}")
         assert ("vemb" in first) == (w > 0), stage
-    assert 0 < _first_metrics(run, "seed0/kd_emb/stage1")["vemb"] <= 10
-    assert _state(run, "seed1/kd_emb/stage3")["step"] == _state(run, "seed1/kd/stage3")["step"]
+    assert 0 < _first_metrics(run, f"seed0/kd_emb-{T}/stage1")["vemb"] <= 10
+    assert _state(run, f"seed1/kd_emb-{T}/stage3")["step"] == _state(run, f"seed1/kd-{T}/stage3")["step"]
     g, acc = report["gaps"], {r: 100 * report[r]["accuracy"] for r in STUDENTS if r in report}
     assert g["kd_emb_minus_matched"] == pytest.approx(
         acc["student_kd_emb"] - acc["student_matched"], abs=0.01
@@ -280,13 +286,13 @@ def test_kd_emb_student_distils_the_projected_images_in_dpt_and_dft(pretrained):
     assert "`kd_emb`, loss.w_emb" in (run / "report.md").read_text()
 
 
-def test_transfer_students_train_stage3_on_the_teachers_answers_to_unlabelled_questions(pretrained):
-    """The transfer set: the 40 training questions after the teacher's first 40, the labels replaced by the
-    teacher's answers; kd_transfer continues kd's SFT with DFT on it (its own teacher cache), seqkd_transfer
-    the same SFT with stage 3 on it without the distillation terms, as many steps as kd's DFT."""
+def test_the_recipes_dft_reads_the_teachers_answers_to_unlabelled_questions(pretrained):
+    """The transfer set: the 120 training questions after the teacher's first 40, the labels replaced by the
+    teacher's answers; kd's DFT reads it (its own teacher cache), seqkd_transfer continues kd's SFT with stage 3
+    on it without the distillation terms, as many steps as kd's DFT."""
     run, _, report = pretrained
-    instruct = json.loads((run / "data/instruct.json").read_text())[40:80]
-    transfer = run / "teacher/transfer/transfer.json"
+    instruct = json.loads((run / "data/instruct.json").read_text())[40 : 40 + T]
+    transfer = run / f"teacher/transfer/transfer-{T}.json"
     written = json.loads(transfer.read_text())
     rows = [json.loads(line) for line in transfer.with_suffix(".answers.jsonl").read_text().splitlines()]
     answers = {row["question_id"]: row["text"] for row in rows}
@@ -294,76 +300,78 @@ def test_transfer_students_train_stage3_on_the_teachers_answers_to_unlabelled_qu
     for rec, source in zip(written, instruct):
         assert rec["conversations"][0] == source["conversations"][0]
         assert rec["conversations"][1]["value"] == answers[rec["id"]]
-    for sub, w in (("kd_transfer", 1.0), ("seqkd_transfer", 0.0)):
-        assert not (run / "seed0" / sub / "stage1").exists() and not (run / "seed0" / sub / "stage2").exists()
+    for sub, w in ((f"kd-{T}", 1.0), (f"seqkd_transfer-{T}", 0.0)):
         cfg = OmegaConf.load(run / "seed0" / sub / "stage3/final/config.yaml")
         assert cfg.data.path == str(transfer) and cfg.data.max_samples is None
-        assert cfg.init_from == str(run / "seed0/kd/stage2/final")
+        assert cfg.init_from == str(run / f"seed0/kd-{T}/stage2/final")
         assert cfg.loss.w_resp == cfg.loss.w_vis == cfg.loss.w_rel == w
-        assert _state(run, f"seed0/{sub}/stage3")["step"] == _state(run, "seed0/kd/stage3")["step"]
-    cached = OmegaConf.load(run / "seed1/kd_transfer/stage3/final/config.yaml").teacher.cache
-    assert cached == str(run / "teacher/cache/stage3-transfer")
-    assert report["student_kd_transfer"]["stages"] == ["stage1 (of kd)", "stage2 (of kd)", "stage3"]
-    own = ("seed0/kd/stage1", "seed0/kd/stage2", "seed0/kd_transfer/stage3")  # and building its cache
-    seconds = report["student_kd_transfer"]["seeds"]["0"]["train_seconds"]
-    assert seconds >= round(sum(_state(run, s)["elapsed"] for s in own), 1) - 0.1
+        assert _state(run, f"seed0/{sub}/stage3")["step"] == T // 8
+    assert not (run / f"seed0/seqkd_transfer-{T}/stage2").exists()
+    assert report["student_seqkd_transfer"]["stages"] == [
+        f"stage1 (of kd-{T})",
+        f"stage2 (of kd-{T})",
+        "stage3",
+    ]
+    own = (f"seed0/kd-{T}/stage1", f"seed0/kd-{T}/stage2", f"seed0/seqkd_transfer-{T}/stage3")
+    seconds = report["student_seqkd_transfer"]["seeds"]["0"]["train_seconds"]
+    assert seconds == pytest.approx(sum(_state(run, s)["elapsed"] for s in own), abs=0.2)
     g, acc = report["gaps"], {r: 100 * report[r]["accuracy"] for r in STUDENTS if r in report}
-    for a, b in (
-        ("kd_transfer", "matched"),
-        ("kd_transfer", "seqkd_transfer"),
-        ("seqkd_transfer", "matched"),
-    ):
+    for a, b in (("kd", "seqkd_transfer"), ("seqkd_transfer", "matched")):
         assert g[f"{a}_minus_{b}"] == pytest.approx(acc[f"student_{a}"] - acc[f"student_{b}"], abs=0.01)
-    assert "`kd_transfer`" in (run / "report.md").read_text()
+    for role in STUDENTS:  # answers named by the transfer set where the role depends on it
+        name = role if role == "student_baseline" else f"{role}-{T}"
+        assert (run / f"eval/val/{name}-seed1.answers.jsonl").is_file(), role
+    md = (run / "report.md").read_text()
+    assert f"DFT on a transfer set of {T} training questions" in md and "`seqkd_transfer`" in md
 
 
 def test_pretrained_demo_models_have_the_recipe_shape(pretrained):
     run, _, _ = pretrained
     teacher = (run / "teacher/teacher_sft/final/model.yaml").read_text()
     assert "backend: torchvision" in teacher and "feature_node: features.16" in teacher
-    student = (run / "seed0/kd/stage3/final/model.yaml").read_text()
+    student = (run / f"seed0/kd-{T}/stage3/final/model.yaml").read_text()
     assert "num_hidden_layers: 2" in student  # keep_layers [0, 2] of the 3-layer teacher LLM
 
 
 def test_pretrained_demo_seeds_differ_and_share_the_teacher(pretrained):
     run, _, _ = pretrained
-    losses = [_first_metrics(run, f"seed{s}/kd/stage3") for s in (0, 1)]
+    losses = [_first_metrics(run, f"seed{s}/kd-{T}/stage3") for s in (0, 1)]
     assert losses[0]["loss"] != losses[1]["loss"] and all(row["mdist_resp"] > 0 for row in losses)
     assert not (run / "seed1/teacher").exists() and (run / "teacher/teacher_sft/final").is_dir()
 
 
 def test_kd_students_distil_from_one_teacher_cache_shared_by_the_seeds(pretrained):
     """DPT and DFT of ``kd`` and ``kd_emb`` (DFT of ``kd_tproj``) read the teacher's outputs from
-    TEACHER/cache/<stage>, built once, with the projected images ``kd_emb`` distils: seed 1 found it."""
+    TEACHER/cache/<stage> (the DFT's: over the transfer set), built once, with the projected images
+    ``kd_emb`` distils: seed 1 found it."""
     run, _, report = pretrained
     built = {}
     for stage in ("stage1", "stage3"):
-        cache = run / "teacher/cache" / stage
+        cache = run / "teacher/cache" / (stage if stage == "stage1" else f"stage3-transfer-{T}")
         manifest = json.loads((cache / "manifest.json").read_text())
-        assert manifest["stage"] == stage and manifest["stats"]["samples"] == (
-            48 if stage == "stage1" else 40
-        )
+        assert manifest["stage"] == stage and manifest["stats"]["samples"] == (48 if stage == "stage1" else T)
         assert manifest["teacher"]["path"].endswith("teacher/teacher_sft/final")
         assert manifest["layout"]["projected_images"]["shape"][0] == manifest["stats"]["images"]
         built[stage] = (cache / "manifest.json").stat().st_mtime
         for seed in (0, 1):
-            cfg = OmegaConf.load(run / f"seed{seed}/kd/{stage}/final/config.yaml")
+            cfg = OmegaConf.load(run / f"seed{seed}/kd-{T}/{stage}/final/config.yaml")
             assert cfg.teacher.cache == str(cache), (seed, stage)
-            first = _first_metrics(run, f"seed{seed}/kd/{stage}")
+            first = _first_metrics(run, f"seed{seed}/kd-{T}/{stage}")
             # both MDist terms computed (a KL over the cache's top-k + rest buckets: >= 0 up to rounding; the
             # tiny random models' visual-position distributions can agree to 1e-7)
             assert first["mdist_resp"] > 0 and first["mdist_vis"] > -1e-5 and "rdist" in first
         # seed 1 trained after the cache was written: it read it, not rebuilt it
-        assert _state(run, f"seed1/kd/{stage}")["elapsed"] > 0
-        assert (run / f"seed1/kd/{stage}/final").stat().st_mtime > built[stage]
-    assert OmegaConf.load(run / "seed0/kd_tproj/stage3/final/config.yaml").teacher.cache == str(
-        run / "teacher/cache/stage3"
-    )
+        assert _state(run, f"seed1/kd-{T}/{stage}")["elapsed"] > 0
+        assert (run / f"seed1/kd-{T}/{stage}/final").stat().st_mtime > built[stage]
+    dft_cache = str(run / f"teacher/cache/stage3-transfer-{T}")
+    assert OmegaConf.load(run / f"seed0/kd_tproj-{T}/stage3/final/config.yaml").teacher.cache == dft_cache
+    assert not (run / "teacher/cache/stage3").exists()  # no DFT on the SFT questions in this run
     for stage in ("stage1", "stage3"):
-        cfg = OmegaConf.load(run / f"seed1/kd_emb/{stage}/final/config.yaml")
-        assert cfg.teacher.cache == str(run / "teacher/cache" / stage) and cfg.loss.w_emb == 30
+        cfg = OmegaConf.load(run / f"seed1/kd_emb-{T}/{stage}/final/config.yaml")
+        cache = str(run / "teacher/cache/stage1") if stage == "stage1" else dft_cache
+        assert cfg.teacher.cache == cache and cfg.loss.w_emb == 30
         # built by kd's seed 0 (which runs before kd_emb) and not rebuilt for kd_emb
-        assert built[stage] < (run / f"seed0/kd/{stage}/final").stat().st_mtime
+        assert built[stage] < (run / f"seed0/kd-{T}/{stage}/final").stat().st_mtime
     assert report["student_kd"]["seeds"]["0"]["train_seconds"] > 0
 
 
@@ -391,63 +399,45 @@ def test_teacher_cache_is_reused_for_the_same_teacher_and_data_and_rebuilt_for_o
     assert json.loads((cache / "manifest.json").read_text())["stats"]["samples"] == 40
 
 
-def test_a_larger_transfer_set_brings_the_compute_matched_student_at_its_compute(pretrained, tmp_path):
-    """--transfer-questions 80 (twice the students' 40): the next 80 training questions answered by the teacher,
-    kd_transfer-80 / seqkd_transfer-80 with DFT on them (10 steps) and its own cache, and matched_transfer-80:
-    the plain student's SFT for 3 epochs, as many steps as kd's SFT + that DFT (5 + 10). The rest is reused;
-    a size that is not a multiple of the students' questions is refused before any training."""
+def test_transfer_questions_0_runs_the_papers_dft_and_other_sizes_are_refused(pretrained, tmp_path):
+    """--transfer-questions 0: kd's DFT on its 40 SFT questions (5 steps) and the compute-matched SFT 5 + 5, in
+    directories and answer files of their own; the transfer set's students are left as they are. A size that
+    is not a multiple of the students' questions, and --seqkd without a transfer set, are refused before any
+    training."""
     import shutil
 
     run = tmp_path / "demo"
     shutil.copytree(pretrained[0], run, symlinks=True)
-    before = (run / "seed0/kd_transfer/stage3/final/model.safetensors").stat().st_mtime
+    before = (run / f"seed0/kd-{T}/stage3/final/model.safetensors").stat().st_mtime
     args = ["--run-dir", str(run), "--quick", "--seeds", "0", "--split", "val", "--questions", "40"]
     assert main([*args, "--transfer-questions", "60"]) == 2
-    assert not (run / "teacher/transfer/transfer-60.json").exists()
-    assert main([*args, "--transfer-questions", "80"]) == 0
-    instruct = json.loads((run / "data/instruct.json").read_text())[40:120]
-    answered = json.loads((run / "teacher/transfer/transfer-80.json").read_text())
-    assert [r["id"] for r in answered] == [r["id"] for r in instruct]
-    assert _state(run, "seed0/kd_transfer-80/stage3")["step"] == 10
-    assert _state(run, "seed0/seqkd_transfer-80/stage3")["step"] == 10
-    assert _state(run, "seed0/matched_transfer-80/stage2")["step"] == 15 == 5 + 10
-    cfg = OmegaConf.load(run / "seed0/kd_transfer-80/stage3/final/config.yaml")
-    assert cfg.teacher.cache == str(run / "teacher/cache/stage3-transfer-80")
-    assert cfg.data.path == str(run / "teacher/transfer/transfer-80.json")
-    assert (run / "seed0/kd_transfer/stage3/final/model.safetensors").stat().st_mtime == before
+    assert main([*args, "--transfer-questions", "0", "--seqkd"]) == 2
+    assert not (run / "teacher/transfer/transfer-60.json").exists() and not (run / "seed0/kd").exists()
+    assert main([*args, "--transfer-questions", "0"]) == 0
+    assert _state(run, "seed0/kd/stage3")["step"] == 5 and _state(run, "seed0/matched/stage2")["step"] == 10
+    cfg = OmegaConf.load(run / "seed0/kd/stage3/final/config.yaml")
+    assert cfg.teacher.cache == str(run / "teacher/cache/stage3") and cfg.data.max_samples == 40
+    assert (run / f"seed0/kd-{T}/stage3/final/model.safetensors").stat().st_mtime == before
     report = _report(run)
-    # their own answers (the default set's students answered into student_kd_transfer-seed0...)
-    for role in ("student_kd_transfer", "student_seqkd_transfer", "student_matched_transfer"):
-        answers = run / f"eval/val/{role}-80-seed0.answers.jsonl"
-        rows = [json.loads(line) for line in answers.read_text().splitlines()]
-        assert len(rows) == report["teacher"]["n"] and rows[0]["model_id"] == f"{role}/seed0"
-    assert report["transfer_questions"] == 80
-    acc = {r: 100 * report[r]["accuracy"] for r in ("student_kd_transfer", "student_matched_transfer")}
-    assert report["gaps"]["kd_transfer_minus_matched_transfer"] == pytest.approx(
-        acc["student_kd_transfer"] - acc["student_matched_transfer"], abs=0.01
-    )
-    assert "`matched_transfer`" in (run / "report.md").read_text()
+    assert report["transfer_questions"] is None
+    for role in ("student_kd", "student_matched"):
+        rows = (run / f"eval/val/{role}-seed0.answers.jsonl").read_text().splitlines()
+        assert len(rows) == report["teacher"]["n"] and json.loads(rows[0])["model_id"] == f"{role}/seed0"
+    assert "DFT on the students' SFT questions" in (run / "report.md").read_text()
 
 
 def test_questions_sizes_every_sft_and_dft_stage(pretrained):
-    """40 questions at batch 8: 5 steps; pre-training keeps its 48 samples."""
+    """40 questions at batch 8: 5 steps, the DFT on the 120 transfer questions 15, the compute-matched SFT
+    5 + 15; pre-training keeps its 48 samples."""
     run, _, _ = pretrained
-    steps = {
-        path: _state(run, path)["step"]
-        for path in (
-            "teacher/teacher_sft",
-            "seed0/kd/stage2",
-            "seed0/kd/stage3",
-            "seed0/kd/stage1",
-            "seed1/matched/stage2",
-        )
-    }
+    paths = ("teacher/teacher_sft", "seed0/kd-120/stage2", "seed0/kd-120/stage3", "seed0/kd-120/stage1")
+    steps = {path: _state(run, path)["step"] for path in (*paths, "seed1/matched-120/stage2")}
     assert steps == {
         "teacher/teacher_sft": 5,
-        "seed0/kd/stage2": 5,
-        "seed0/kd/stage3": 5,
-        "seed0/kd/stage1": 6,
-        "seed1/matched/stage2": 10,
+        "seed0/kd-120/stage2": 5,
+        "seed0/kd-120/stage3": 15,
+        "seed0/kd-120/stage1": 6,
+        "seed1/matched-120/stage2": 20,
     }
 
 
@@ -561,7 +551,7 @@ def gemma(pretrained, tmp_path_factory):
 
     run = tmp_path_factory.mktemp("gemma") / "demo"
     shutil.copytree(pretrained[0], run)
-    before = _state(run, "seed0/kd/stage3")
+    before = _state(run, f"seed0/kd-{T}/stage3")
     argv = ["--run-dir", str(run), "--quick", "--seeds", "0", "--split", "val", "--questions", "40"]
     code = main([*argv, "--teacher-llm", "gemma3-270m"])
     return run, code, _report(run), before
@@ -570,7 +560,7 @@ def gemma(pretrained, tmp_path_factory):
 def test_teacher_llm_adds_a_gemma_teacher_and_the_student_it_teaches(gemma):
     run, code, report, kd_before = gemma
     assert code == 0 and report["teacher_llm"] == "gemma3-270m"
-    assert _state(run, "seed0/kd/stage3") == kd_before  # the SmolLM2-taught student was reused
+    assert _state(run, f"seed0/kd-{T}/stage3") == kd_before  # the SmolLM2-taught student was reused
     teacher, student = report["teacher_gemma3-270m"], report["student_kd_gemma3-270m"]
     val = json.loads((run / "data/val_answers.json").read_text())
     assert teacher["n"] == student["n"] == len(val)
@@ -578,8 +568,12 @@ def test_teacher_llm_adds_a_gemma_teacher_and_the_student_it_teaches(gemma):
     assert report["gaps"]["student_kd_gemma3-270m_minus_student_kd"] == pytest.approx(
         100 * (student["accuracy"] - report["student_kd"]["accuracy"]), abs=0.01
     )
-    answers = run / "eval/val/student_kd_gemma3-270m-seed0.answers.jsonl"
+    answers = run / f"eval/val/student_kd_gemma3-270m-{T}-seed0.answers.jsonl"
     assert len(answers.read_text().splitlines()) == len(val)
+    # its DFT reads the transfer set as its own teacher answered it
+    own = run / f"teacher-gemma3-270m/transfer/transfer-{T}.json"
+    config = OmegaConf.load(run / f"seed0/kd-gemma3-270m-{T}/stage3/final/config.yaml")
+    assert config.data.path == str(own) and len(json.loads(own.read_text())) == T
     table = (run / "report.md").read_text()
     assert "| teacher_gemma3-270m |" in table and "| student_kd_gemma3-270m |" in table
 
@@ -599,16 +593,14 @@ def test_gemma_teacher_has_the_recipe_with_its_own_llm_and_tokenizer(gemma):
 
 def test_gemma_taught_student_distils_across_tokenizers(gemma):
     run, _, report, _ = gemma
-    config = (run / "seed0/kd-gemma3-270m/stage3/final/config.yaml").read_text()
+    student = run / f"seed0/kd-gemma3-270m-{T}"
+    config = (student / "stage3/final/config.yaml").read_text()
     assert "cross_tokenizer: true" in config
     assert f"checkpoint: {run}/teacher-gemma3-270m/teacher_sft" in config
-    assert "num_hidden_layers: 2" in (run / "seed0/kd-gemma3-270m/stage3/final/model.yaml").read_text()
+    assert "num_hidden_layers: 2" in (student / "stage3/final/model.yaml").read_text()
     aligned = report["student_kd_gemma3-270m"]["seeds"]["0"]["aligned"]
     for stage in ("stage1", "stage3"):
-        rows = [
-            json.loads(x)
-            for x in (run / f"seed0/kd-gemma3-270m/{stage}/metrics.jsonl").read_text().splitlines()
-        ]
+        rows = [json.loads(x) for x in (student / stage / "metrics.jsonl").read_text().splitlines()]
         assert all(r["mdist_resp"] > 0 for r in rows)
         assert aligned[stage] == pytest.approx(sum(r["aligned"] for r in rows) / len(rows), abs=1e-4)
         assert 0 < aligned[stage] < 1  # the two tokenizers cut some answers differently

@@ -7,7 +7,8 @@
 Reuses the demo's data and teacher (``RUN/data``, ``RUN/teacher``; run ``python -m mllm_kd.apps.easyvqa.demo`` with the
 same ``--recipe`` first) and trains one student per variant under ``RUN/ablation/seed<S>/<name>``:
 
-* ``kd``: DPT -> SFT -> DFT with every term (the demo's LLaVA-KD student);
+* ``kd``: DPT -> SFT -> DFT with every term, every DFT here on the students' SFT questions (the demo's
+  LLaVA-KD student with ``--transfer-questions 0``; the pretrained recipe's own DFTs on a transfer set);
 * ``no_dpt``: plain caption pre-training (CE) -> SFT -> DFT: ``baseline``'s own SFT result, then DFT;
 * ``no_resp`` / ``no_vis`` / ``no_rel``: one distillation term switched off in DPT and DFT;
 * ``dft_ce_only``: ``kd``'s own SFT result, then stage 3 with every distillation term off, i.e. one more
@@ -31,7 +32,8 @@ same ``--recipe`` first) and trains one student per variant under ``RUN/ablation
   student of the teacher's width, the online teacher).
 
 Finished variants are skipped; ``kd``, ``baseline`` and ``baseline_matched`` reuse the demo's students of
-the same seed (``RUN/seed<S>/kd``, ...) when no ``key=value`` override is given, since they are the same runs
+the same seed (``RUN/seed<S>/kd``, ``baseline``, ``matched``: a demo run without a transfer set) when no
+``key=value`` override is given, since they are the same runs
 (and the DFT-only variants start from that ``kd`` student's ``stage2``). ``--seeds 0,1`` runs every variant
 for each seed; the table gives the mean over seeds and each seed's accuracy. ``--jobs N``
 trains N variants or seeds at a time in separate processes, the CPU threads split between them (small

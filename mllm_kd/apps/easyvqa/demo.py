@@ -6,20 +6,23 @@ timer in phases.py.
                            [--split test|val] [--questions N] [--captions N] [--student-questions N]
                            [--teacher-dir DIR]
                            [--teacher-llm gemma3-270m] [--teacher-projector] [--projected-images]
-                           [--transfer-set] [--transfer-questions N]
+                           [--transfer-questions N] [--seqkd]
                            [--redo] [--quick]
                            [key=value ...]
 
 1. prepares easy-VQA (``RUN/data``) and, for the pretrained recipe, the offline weights (``RUN/models``:
    SmolLM2-135M-Instruct dequantised once from its GGUF file, torchvision's MobileNetV2 file);
 2. trains the teacher (``RUN/teacher``: ``teacher_pt`` -> ``teacher_sft``);
-3. per student seed (``RUN/seed<s>/``), the three students of the comparison fixed in advance:
-   ``baseline`` (plain PT -> SFT), ``matched`` (the same PT, then SFT for as many optimizer steps as
-   SFT + DFT: the compute-matched plain student) and ``kd`` (LLaVA-KD: DPT -> SFT -> DFT; its DPT and DFT
-   read the teacher's outputs from ``TEACHER/cache/<stage>``, one teacher pass per stage for all seeds);
-4. answers the evaluation questions with every model (``RUN/eval/<split>/*.answers.jsonl``) and scores
+3. for the pretrained recipe, the transfer set: 1,500 training questions in no model's data (three times the
+   students' 500), answered by the teacher (``TEACHER/transfer/transfer-1500.json``): the students' DFT data;
+4. per student seed (``RUN/seed<s>/``), the three students of the comparison fixed in advance:
+   ``baseline`` (plain PT -> SFT), ``matched-1500`` (the same PT, then SFT for as many optimizer steps as
+   SFT + DFT: the compute-matched plain student) and ``kd-1500`` (LLaVA-KD: DPT -> SFT -> DFT on the transfer
+   set; its DPT and DFT read the teacher's outputs from ``TEACHER/cache/<stage>``, one teacher pass per stage
+   for all seeds);
+5. answers the evaluation questions with every model (``RUN/eval/<split>/*.answers.jsonl``) and scores
    them: exact match overall and per question type, yes/no also against the template prior;
-5. writes ``RUN/report.md``, ``RUN/report.json`` (per role: the mean over seeds, each seed, the spread)
+6. writes ``RUN/report.md``, ``RUN/report.json`` (per role: the mean over seeds, each seed, the spread)
    and PNG plots.
 
 Recipes: ``pretrained`` (configs/easyvqa.yaml, the default: frozen ImageNet MobileNetV2, SmolLM2-135M
@@ -32,12 +35,11 @@ variant: a few hundred examples and tiny random models. ``--teacher-llm gemma3-2
 with that LLM and the ``kd`` student taught by it across tokenizers (teachers.py), reported next to the others.
 ``--teacher-projector`` also trains ``matched_tproj`` and ``kd_tproj``: the compute-matched and LLaVA-KD
 students with stage 1 replaced by the teacher's trained projector (``model.projector.checkpoint``).
-``--transfer-set`` also trains ``kd_transfer`` (the ``kd`` student's DPT and SFT, then DFT on questions in no
-model's training data, answered by the teacher: ``mllm_kd.teacher.label``) and ``seqkd_transfer`` (the same DPT and
-SFT, then stage 3 on the same answers without the distillation terms); ``--transfer-questions N`` the same on N
-such questions (a whole multiple of the students' DFT questions; names ``kd_transfer-N`` ...) and
-``matched_transfer``, the compute-matched plain student at their compute (SFT for as many steps as SFT + DFT on
-the N).
+``--transfer-questions N`` sets the transfer set's size (a whole multiple of the students' DFT questions;
+directories, caches and answers are named by it: ``kd-N``, ``matched-N``); ``--transfer-questions 0`` runs the
+paper's DFT on the students' SFT questions (``kd``, ``matched``: the scratch recipe's default). ``--seqkd`` also
+trains ``seqkd_transfer``, the control: ``kd``'s DPT and SFT, then stage 3 on the teacher's answers without the
+distillation terms.
 ``--projected-images`` also trains ``kd_emb``: LLaVA-KD with the teacher's projected images distilled in DPT
 and DFT (``loss.w_emb=30``: the term's start on the scale of the others' sum in DPT; roles.py).
 """
@@ -51,18 +53,20 @@ from pathlib import Path
 
 from mllm_kd.apps.easyvqa.options import add_size_options, seed_list, size_overrides
 from mllm_kd.apps.easyvqa.phases import Phases
-from mllm_kd.apps.easyvqa.report import gaps, other_roles, summarise, write_report
+from mllm_kd.apps.easyvqa.report import gaps, other_roles, student_roles, summarise, write_report
 from mllm_kd.apps.easyvqa.roles import (
     QUICK_PREPARE,
     RECIPES,
     ROLES,
     Recipe,
     recipe_students,
+    role_dir,
     transfer_sized,
+    transfer_suffix,
 )
 from mllm_kd.apps.easyvqa.scoring import evaluate
 from mllm_kd.apps.easyvqa.teachers import STUDENT_OVERRIDES, TEACHER_LLMS, aligned_share
-from mllm_kd.apps.easyvqa.transfer import answer_transfer_set, transfer_file, transfer_suffix
+from mllm_kd.apps.easyvqa.transfer import answer_transfer_set, transfer_file
 from mllm_kd.cli import setup_logging, stage_config
 from mllm_kd.errors import ArgumentParser, ConfigError, MllmKdError, exit_code
 from mllm_kd.tracking import log_scores
@@ -111,6 +115,28 @@ def matched_overrides(recipe: Recipe, common: list[str], dft_questions: int | No
     return [f"stages.stage2.train.epochs={sft.train.epochs + times * dft.train.epochs}"]
 
 
+def transfer_size(recipe: Recipe, common: list[str], asked: int | None) -> int | None:
+    """The run's transfer set, in questions: ``asked`` (``--transfer-questions``; 0: none, DFT on the
+    students' SFT questions), by default the recipe's multiple of the students' DFT questions. A size the
+    compute-matched student cannot match is refused here, before any work."""
+    if asked is None:
+        if not recipe.transfer_multiple:
+            return None
+        dft = stage_config(recipe.config, "stage3", common).data.max_samples
+        if dft is None:
+            raise ConfigError(
+                f"{recipe.config.name}: its transfer set is {recipe.transfer_multiple}x the students' DFT "
+                "questions, so stages.stage3.data.max_samples must be set (or pass --transfer-questions)"
+            )
+        asked = recipe.transfer_multiple * dft
+    if asked < 0:
+        raise ConfigError(f"--transfer-questions must be >= 0, got {asked}")
+    if asked == 0:
+        return None
+    matched_overrides(recipe, common, asked)
+    return asked
+
+
 def teacher_cache(cfg, directory: Path) -> tuple[Path, float]:
     """The teacher's outputs over stage ``cfg``'s data, cached in ``directory`` (``cache_teacher``'s format):
     built on first use (one teacher pass), then shared by every seed and re-run; rebuilt when the teacher
@@ -148,14 +174,14 @@ def train_role(
     teacher cache where this role built it), and the stages.
 
     ``sub``: a student's directory under ``RUN/seed<s>`` other than its role's. ``transfer_questions``: the
-    transfer set's size (``--transfer-questions``; None: as many as the DFT's), which names its roles'
-    directories and teacher cache apart."""
+    run's transfer set (:func:`transfer_size`; None: none), the DFT's data, which the compute-matched
+    students count and which names the directories and teacher cache of the roles that depend on it."""
     from mllm_kd.stages import STAGES
     from mllm_kd.train.stage import stage_finished
 
     spec = ROLES[role]
-    suffix = transfer_suffix(transfer_questions) if transfer_sized(role) else ""
-    run_dir = teacher_dir if role == "teacher" else run / f"seed{seed}" / f"{sub or spec.sub}{suffix}"
+    transfer = bool(transfer_questions) and transfer_sized(role)
+    run_dir = teacher_dir if role == "teacher" else role_dir(run, role, seed, transfer_questions, sub)
     common = [
         f"run_dir={run_dir}",
         f"data_dir={run / 'data'}",
@@ -167,15 +193,14 @@ def train_role(
     if spec.starts_from is not None:
         role_from, stage_from = spec.starts_from
         earlier = ROLES[role_from]
+        earlier_dir = role_dir(run, role_from, seed, transfer_questions)
         done = earlier.stages[: earlier.stages.index(stage_from) + 1]
         for stage in done:
-            state = run / f"seed{seed}" / earlier.sub / stage / "final" / "trainer_state.json"
+            state = earlier_dir / stage / "final" / "trainer_state.json"
             seconds += json.loads(state.read_text())["elapsed"]
-        common.append(
-            f"stages.{spec.stages[0]}.init_from={run / f'seed{seed}' / earlier.sub / stage_from / 'final'}"
-        )
-        stages = [*(f"{stage} (of {earlier.sub})" for stage in done), *stages]
-    if spec.transfer:
+        common.append(f"stages.{spec.stages[0]}.init_from={earlier_dir / stage_from / 'final'}")
+        stages = [*(f"{stage} (of {earlier_dir.name})" for stage in done), *stages]
+    if transfer and "stage3" in spec.stages:
         common += [
             f"stages.stage3.data.path={transfer_file(teacher_dir, transfer_questions)}",
             "stages.stage3.data.max_samples=null",
@@ -186,7 +211,7 @@ def train_role(
         common += [f"stages.{first}.init_from=null", f"stages.{first}.model.projector.checkpoint={projector}"]
         stages = [f"projector of {projector.parent.name}/{projector.name}", *stages]
     if spec.matched:
-        common += matched_overrides(recipe, common, transfer_questions if spec.transfer_compute else None)
+        common += matched_overrides(recipe, common, transfer_questions if transfer else None)
     if redo:
         common.append("overwrite=true")
     ckpt = None
@@ -198,7 +223,12 @@ def train_role(
             and not cfg.loss.cross_tokenizer
             and (redo or not stage_finished(cfg))
         ):
-            name = f"{stage}-transfer{suffix}" if spec.transfer else stage  # one cache per data set
+            # one cache per data set
+            name = (
+                f"{stage}-transfer{transfer_suffix(transfer_questions)}"
+                if transfer and stage == "stage3"
+                else stage
+            )
             cache, built = teacher_cache(cfg, teacher_dir / "cache" / name)
             seconds += built
             cfg = stage_config(recipe.config, stage, [*common, f"teacher.cache={cache}"])
@@ -223,8 +253,8 @@ def run_demo(
     teacher_llm: str | None = None,
     teacher_projector: bool = False,
     projected_images: bool = False,
-    transfer_set: bool = False,
     transfer_questions: int | None = None,
+    seqkd: bool = False,
     answers: str | None = None,
 ) -> dict:
     """The whole demo into ``run``; ``teacher_dir`` reuses (or trains into) a teacher elsewhere.
@@ -234,8 +264,8 @@ def run_demo(
     teaches across tokenizers. ``teacher_projector``: also the compute-matched and LLaVA-KD students that
     start from the teacher's trained projector instead of stage 1 (:data:`TPROJ_ROLES`).
     ``projected_images``: also LLaVA-KD with the teacher's projected images distilled (:data:`EMB_ROLES`).
-    ``transfer_set``: also the students of :data:`TRANSFER_ROLES`; ``transfer_questions``: the same on a
-    transfer set of that many questions, and the compute-matched plain student at their compute.
+    ``transfer_questions``: the students' DFT on a transfer set of that many teacher-answered questions
+    (:func:`transfer_size`; None: the recipe's, 0: none); ``seqkd``: also its control (:data:`SEQKD_ROLES`).
     ``answers``: every model's yes/no training answers, a key of :data:`ANSWER_FORMATS`: "described" says
     first what the image shows ("blue rectangle, yes"; ``data_prep.easyvqa --describe-yes-no``; scored on
     the last word), "checked" then what the question asks about ("blue rectangle, red absent, yes";
@@ -244,8 +274,10 @@ def run_demo(
     from mllm_kd.data_prep.easyvqa import prepare_easyvqa
 
     spec = RECIPES[recipe]
+    overrides = [*(spec.quick if quick else ()), *(["train.progress=false"] if quick else []), *overrides]
     # before any work: refuses a misfit
-    students = recipe_students(spec, teacher_projector, projected_images, transfer_set, transfer_questions)
+    transfer_questions = transfer_size(spec, [f"data_dir={run / 'data'}", *overrides], transfer_questions)
+    students = recipe_students(spec, teacher_projector, projected_images, seqkd, transfer_questions)
     other = TEACHER_LLMS[teacher_llm] if teacher_llm else None
     started = time.perf_counter()
     teacher_dir = teacher_dir or run / "teacher"
@@ -268,12 +300,7 @@ def run_demo(
     if other is not None:
         with phases(f"weights {other.name}"):
             other.prepare(run, quick)
-    overrides = [*(spec.quick if quick else ()), *(["train.progress=false"] if quick else []), *overrides]
     teacher_overrides = [f"train.seed={spec.teacher_seed}", *(teacher_overrides or [])]
-    if transfer_questions is not None:  # refused before any training: a size the matched student cannot match
-        if transfer_questions < 1:
-            raise ConfigError(f"--transfer-questions must be >= 1, got {transfer_questions}")
-        matched_overrides(spec, [f"data_dir={run / 'data'}", *overrides], transfer_questions)
     models: dict[str, dict] = {}  # "<role>" or "<role>/seed<s>" -> result
     answer_names: dict[str, str] = {}  # key -> its answers file's name, where not the key's
     with phases("teacher"):
@@ -281,25 +308,25 @@ def run_demo(
             run, spec, "teacher", overrides + (teacher_overrides or []), redo, teacher_dir, seed=0
         )
     models["teacher"] = {"checkpoint": str(ckpt), "train_seconds": round(seconds, 1), "stages": stages}
-    if transfer_set or transfer_questions:
+    if transfer_questions:
         with phases("transfer set"):
             answer_transfer_set(run, spec, overrides, ckpt, teacher_dir, transfer_questions)
     if other is not None:
+        other_overrides = [*overrides, *other.teacher_overrides(quick), *(teacher_overrides or [])]
         with phases(other.teacher_role):
             ckpt, seconds, stages = train_role(
-                run,
-                spec,
-                "teacher",
-                [*overrides, *other.teacher_overrides(quick), *(teacher_overrides or [])],
-                redo,
-                other.teacher_dir(run),
-                seed=0,
+                run, spec, "teacher", other_overrides, redo, other.teacher_dir(run), seed=0
             )
         models[other.teacher_role] = {
             "checkpoint": str(ckpt),
             "train_seconds": round(seconds, 1),
             "stages": stages,
         }
+        if transfer_questions:  # its student's DFT reads its own teacher's answers
+            with phases(f"transfer set {other.name}"):
+                answer_transfer_set(
+                    run, spec, other_overrides, ckpt, other.teacher_dir(run), transfer_questions
+                )
     for seed in seeds:
         for role in students:
             seeded = [*overrides, f"train.seed={seed}"]
@@ -312,15 +339,25 @@ def run_demo(
                 "train_seconds": round(seconds, 1),
                 "stages": stages,
             }
-            if transfer_questions is not None and transfer_sized(role):
-                name = f"{role}{transfer_suffix(transfer_questions)}-seed{seed}"  # not the default set's
-                answer_names[f"{role}/seed{seed}"] = name
+            if transfer_questions and transfer_sized(role):  # not another DFT data set's answers
+                answer_names[f"{role}/seed{seed}"] = f"{role}{transfer_suffix(transfer_questions)}-seed{seed}"
         if other is not None:
             seeded = [*overrides, f"train.seed={seed}", *STUDENT_OVERRIDES]
             with phases(f"{other.student_role}, seed {seed}"):
                 ckpt, seconds, stages = train_role(
-                    run, spec, "student_kd", seeded, redo, other.teacher_dir(run), seed, sub=other.student_sub
+                    run,
+                    spec,
+                    "student_kd",
+                    seeded,
+                    redo,
+                    other.teacher_dir(run),
+                    seed,
+                    sub=other.student_sub,
+                    transfer_questions=transfer_questions,
                 )
+            if transfer_questions:
+                name = f"{other.student_role}{transfer_suffix(transfer_questions)}-seed{seed}"
+                answer_names[f"{other.student_role}/seed{seed}"] = name
             models[f"{other.student_role}/seed{seed}"] = {
                 "checkpoint": str(ckpt),
                 "train_seconds": round(seconds, 1),
@@ -349,8 +386,7 @@ def run_demo(
     results["seconds"] = round((previous or 0.0) + wall if did_work else previous, 1)
     results["wall_seconds"] = round(wall, 1)
     results.update(recipe=recipe, split=split, seeds=list(seeds), overrides=overrides)
-    if transfer_questions:
-        results["transfer_questions"] = transfer_questions
+    results["transfer_questions"] = transfer_questions
     results["gaps"] = gaps(results)
     if other is not None:
         delta = 100 * (results[other.student_role]["accuracy"] - results["student_kd"]["accuracy"])
@@ -382,7 +418,9 @@ def _loss_curves(run: Path, results: dict) -> dict[str, list[dict]]:
     for role, spec in ROLES.items():
         if role != "teacher" and role not in results:
             continue
-        base = run / "teacher" if role == "teacher" else run / f"seed{seed}" / spec.sub
+        base = (
+            run / "teacher" if role == "teacher" else role_dir(run, role, seed, results["transfer_questions"])
+        )
         for stage in spec.stages:
             path = base / stage / "metrics.jsonl"
             if path.exists():
@@ -463,18 +501,19 @@ def main(argv: list[str] | None = None) -> int:
         "(loss.w_emb=30; about as long as the kd student)",
     )
     p.add_argument(
-        "--transfer-set",
-        action="store_true",
-        help="also LLaVA-KD with its DFT on a transfer set (as many training questions as its DFT has, after "
-        "the teacher's, answered by the teacher instead of labelled) and the same without the distillation terms",
-    )
-    p.add_argument(
         "--transfer-questions",
         type=int,
         default=None,
         metavar="N",
-        help="--transfer-set with N questions (a multiple of the students' DFT questions), and the "
-        "compute-matched plain student at that compute (SFT for as many steps as SFT + DFT on the N)",
+        help="the students' DFT on N training questions in no model's data, answered by the teacher (a multiple "
+        "of their DFT questions; the compute-matched student trains as many steps); default: the recipe's "
+        "(pretrained: 3x, 1,500); 0: DFT on their SFT questions, as LLaVA-KD",
+    )
+    p.add_argument(
+        "--seqkd",
+        action="store_true",
+        help="also the control on the transfer set: LLaVA-KD's DPT and SFT, then the same DFT steps on the "
+        "teacher's answers without the distillation terms",
     )
     p.add_argument(
         "--answers",
@@ -507,21 +546,14 @@ def main(argv: list[str] | None = None) -> int:
             teacher_llm=args.teacher_llm,
             teacher_projector=args.teacher_projector,
             projected_images=args.projected_images,
-            transfer_set=args.transfer_set,
             transfer_questions=args.transfer_questions,
+            seqkd=args.seqkd,
             answers=args.answers,
         )
     except MllmKdError as e:
         return exit_code(e)
     print((run / "report.md").read_text())
-    students = recipe_students(
-        RECIPES[args.recipe],
-        args.teacher_projector,
-        args.projected_images,
-        args.transfer_set,
-        args.transfer_questions,
-    )
-    roles = ["teacher", *students, *other_roles(results)]
+    roles = ["teacher", *student_roles(results), *other_roles(results)]
     print(json.dumps({k: results[k]["accuracy"] for k in roles} | {"seconds": results["seconds"]}))
     return 0
 

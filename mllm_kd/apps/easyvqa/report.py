@@ -14,17 +14,14 @@ STUDENT_ROLES = ("student_baseline", "student_matched", "student_kd")
 TPROJ_ROLES = ("student_matched_tproj", "student_kd_tproj")
 # LLaVA-KD with the distillation of the teacher's projected images added in DPT and DFT (loss.w_emb)
 EMB_ROLES = ("student_kd_emb",)
-# DFT on a transfer set: questions in no one's training data, answered by the teacher (mllm_kd.teacher.label);
-# LLaVA-KD's DFT there, and the control without the distillation terms (the teacher's answers alone)
-TRANSFER_ROLES = ("student_kd_transfer", "student_seqkd_transfer")
-# with a transfer set larger than the students' DFT data (demo --transfer-questions N): the compute-matched plain
-# student at that compute (SFT for as many steps as SFT + DFT on the transfer set)
-TRANSFER_MATCHED_ROLES = ("student_matched_transfer",)
+# in a run whose DFT reads a transfer set (questions in no one's training data, answered by the teacher): the
+# control, LLaVA-KD's DPT and SFT and then stage 3 on the teacher's answers without the distillation terms
+SEQKD_ROLES = ("student_seqkd_transfer",)
 
 
 def student_roles(results: dict) -> list[str]:
     """The student roles the results hold, in the report's order."""
-    roles = (*STUDENT_ROLES, *TPROJ_ROLES, *EMB_ROLES, *TRANSFER_ROLES, *TRANSFER_MATCHED_ROLES)
+    roles = (*STUDENT_ROLES, *TPROJ_ROLES, *EMB_ROLES, *SEQKD_ROLES)
     return [r for r in roles if r in results]
 
 
@@ -152,10 +149,9 @@ def gaps(results: dict) -> dict:
     """The comparison fixed in advance, in accuracy points (means over seeds); with the ``_tproj`` students,
     the same for the LLaVA-KD one that starts from the teacher's projector, and it against its own
     compute-matched counterpart (the teacher's projector with and without the distillation losses); with
-    ``kd_emb``, it against the compute-matched plain student and against LLaVA-KD without the term; with the
-    transfer-set students, ``kd_transfer`` against the compute-matched student, ``kd`` and ``seqkd_transfer``
-    (the same start and data without the distillation terms), and ``seqkd_transfer`` against compute-matched;
-    with ``matched_transfer`` (a larger transfer set), both against it too."""
+    ``kd_emb``, it against the compute-matched plain student and against LLaVA-KD without the term; with
+    ``seqkd_transfer`` (the same start and DFT data without the distillation terms), ``kd`` against it and it
+    against the compute-matched student."""
     acc = {r: 100 * results[r]["accuracy"] for r in ("teacher", *student_roles(results))}
     teacher_gap = acc["teacher"] - acc["student_baseline"]
 
@@ -191,14 +187,9 @@ def gaps(results: dict) -> dict:
         out |= variant("kd_tproj", ("matched", "matched_tproj"), ("kd_tproj", "matched_tproj"))
     if all(r in acc for r in EMB_ROLES):
         out |= variant("kd_emb", ("matched", "kd"), ("kd_emb",))
-    if all(r in acc for r in TRANSFER_ROLES):
-        wider = ("matched_transfer",) if "student_matched_transfer" in acc else ()
-        out |= variant(
-            "kd_transfer",
-            ("matched", *wider, "kd", "seqkd_transfer"),
-            ("kd_transfer", "seqkd_transfer", *wider),
-        )
-        out |= variant("seqkd_transfer", ("matched", *wider), ())
+    if all(r in acc for r in SEQKD_ROLES):
+        out["kd_minus_seqkd_transfer"] = minus("kd", "seqkd_transfer")
+        out |= variant("seqkd_transfer", ("matched",), ("seqkd_transfer",))
     return out
 
 
@@ -251,7 +242,8 @@ def write_report(run: Path, results: dict, curves: dict[str, list[dict]]) -> Non
         "",
         f"{results['split']} questions: {results['teacher']['n']}; student seeds {results['seeds']} "
         "(students: mean over seeds, spread = max - min). "
-        f"Total time {results['seconds']:.0f} s (this invocation {results['wall_seconds']:.0f} s).",
+        + _dft_data(results.get("transfer_questions"))
+        + f"Total time {results['seconds']:.0f} s (this invocation {results['wall_seconds']:.0f} s).",
         "",
         "| model | parameters (LLM) | accuracy | spread | "
         + " | ".join(types)
@@ -281,7 +273,7 @@ def write_report(run: Path, results: dict, curves: dict[str, list[dict]]) -> Non
         "",
         *_described_lines(results, roles),
         *_tproj_lines(g),
-        *_transfer_lines(g),
+        *_seqkd_lines(g),
         *_emb_lines(g),
         *_other_teacher_lines(results),
         "![loss curves](loss_curves.png)",
@@ -339,30 +331,24 @@ def _emb_lines(g: dict) -> list[str]:
     ]
 
 
-def _transfer_lines(g: dict) -> list[str]:
-    if "kd_transfer_minus_matched" not in g:
+def _dft_data(transfer_questions: int | None) -> str:
+    if not transfer_questions:
+        return "DFT on the students' SFT questions (as LLaVA-KD). "
+    return (
+        f"DFT on a transfer set of {transfer_questions} training questions in no model's data, answered by the "
+        "teacher; the compute-matched student's SFT takes as many steps as SFT + that DFT. "
+    )
+
+
+def _seqkd_lines(g: dict) -> list[str]:
+    if "kd_minus_seqkd_transfer" not in g:
         return []
     return [
-        "DFT on a transfer set (questions in no one's training data, answered by the teacher): LLaVA-KD "
-        f"(`kd_transfer`) minus the compute-matched plain student: {g['kd_transfer_minus_matched']:+.2f} points; "
-        f"minus LLaVA-KD on the labelled questions: {g['kd_transfer_minus_kd']:+.2f}; minus the same steps on the "
-        f"teacher's answers without the distillation terms (`seqkd_transfer`): "
-        f"{g['kd_transfer_minus_seqkd_transfer']:+.2f} (spreads: kd_transfer {g['spread_kd_transfer']:.2f}, "
-        f"seqkd_transfer {g['spread_seqkd_transfer']:.2f}, matched {g['spread_matched']:.2f}); share of the "
-        f"teacher-to-plain-student gap closed: {g['gap_closed_kd_transfer']} (`seqkd_transfer` "
-        f"{g['gap_closed_seqkd_transfer']}).",
-        *(
-            [
-                "",
-                "The transfer set is larger than the students' labelled questions, so its DFT takes more steps: "
-                "at that compute (`matched_transfer`: the plain student's SFT for as many steps as SFT + DFT on "
-                f"the transfer set), `kd_transfer` minus it: {g['kd_transfer_minus_matched_transfer']:+.2f} "
-                f"points (spread matched_transfer {g['spread_matched_transfer']:.2f}); `seqkd_transfer` minus "
-                f"it: {g['seqkd_transfer_minus_matched_transfer']:+.2f}.",
-            ]
-            if "kd_transfer_minus_matched_transfer" in g
-            else []
-        ),
+        "The control on the transfer set (`seqkd_transfer`: LLaVA-KD's DPT and SFT, then the same DFT steps on the "
+        f"teacher's answers without the distillation terms): LLaVA-KD minus it: {g['kd_minus_seqkd_transfer']:+.2f} "
+        f"points; it minus the compute-matched plain student: {g['seqkd_transfer_minus_matched']:+.2f} (spread "
+        f"seqkd_transfer {g['spread_seqkd_transfer']:.2f}); share of the teacher-to-plain-student gap closed: "
+        f"{g['gap_closed_seqkd_transfer']}.",
         "",
     ]
 

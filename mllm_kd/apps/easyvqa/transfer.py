@@ -1,22 +1,16 @@
 """The demo's transfer set: training questions in no model's data, answered by the teacher
-(:mod:`mllm_kd.teacher.label`), for the ``kd_transfer`` and ``seqkd_transfer`` students (roles.py)."""
+(:mod:`mllm_kd.teacher.label`): the students' DFT data where the run has one (roles.py, ``Recipe.transfer_multiple``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from mllm_kd.apps.easyvqa.roles import Recipe
+from mllm_kd.apps.easyvqa.roles import Recipe, transfer_suffix
 from mllm_kd.cli import stage_config
 from mllm_kd.errors import ConfigError
 
 
-def transfer_suffix(count: int | None) -> str:
-    """What names a transfer set of ``count`` questions apart from the default one (as many as the DFT's):
-    its file, its teacher cache and its students' directories."""
-    return "" if count is None else f"-{count}"
-
-
-def transfer_file(teacher_dir: Path, count: int | None = None) -> Path:
+def transfer_file(teacher_dir: Path, count: int) -> Path:
     """Where the demo keeps the teacher's answers to the transfer set (:func:`answer_transfer_set`)."""
     return teacher_dir / "transfer" / f"transfer{transfer_suffix(count)}.json"
 
@@ -27,12 +21,10 @@ def answer_transfer_set(
     overrides: list[str],
     teacher: Path,
     teacher_dir: Path,
-    count: int | None = None,
+    count: int,
 ) -> Path:
-    """The transfer set: ``count`` questions, by default as many as the students' DFT has
-    (``stages.stage3.data``), taken from the
-    training questions right after every model's own (the first N of ``stages.teacher_sft``, ``stage2`` and
-    ``stage3``, which share one file), so they are in no model's training data; their labels dropped, the
+    """The transfer set: ``count`` questions taken from the training questions right after every model's own
+    (the first N of ``stages.teacher_sft``, ``stage2`` and ``stage3``, which share one file), so they are in no model's training data; their labels dropped, the
     teacher's greedy answers written in their place (:func:`mllm_kd.teacher.label.label_records`), once per
     teacher (re-runs reuse the file)."""
     from mllm_kd.teacher.label import label_records, labelled_by, read_slice
@@ -45,7 +37,7 @@ def answer_transfer_set(
             "stages.teacher_sft, stage2 and stage3 need the same data.path and a data.max_samples each"
         )
     path, dft = Path(data[0].path), data[2]
-    records = read_slice(path, max(d.max_samples for d in data), count or dft.max_samples)
+    records = read_slice(path, max(d.max_samples for d in data), count)
     out = transfer_file(teacher_dir, count)
     if not labelled_by(out, teacher, records, where=str(path)):
         folder = dft.image_folder or path.parent
