@@ -171,8 +171,8 @@ def test_ablation_reuses_the_demo_students_and_trains_the_others(scratch):
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """The pretrained recipe's shape (torchvision tower, a layer-subset student) with tiny random parts,
-    two seeds, scored on the validation split, DFT on the recipe's transfer set (3x the students' 40
-    questions): ``(run_dir, exit code, report)``."""
+    two seeds, scored on the validation split, every DFT on a transfer set of 120 teacher-answered questions
+    (3x the students' 40): ``(run_dir, exit code, report)``."""
     run = tmp_path_factory.mktemp("pretrained") / "demo"
     code = main(
         [
@@ -187,13 +187,15 @@ def pretrained(tmp_path_factory):
             "40",
             "--teacher-projector",
             "--projected-images",
+            "--transfer-questions",
+            "120",
             "--seqkd",
         ]
     )
     return run, code, _report(run)
 
 
-# the pretrained recipe's transfer set: 3x the students' 40 DFT questions; the roles with a DFT, or that count
+# the pretrained fixture's transfer set: 3x the students' 40 DFT questions; the roles with a DFT, or that count
 # one's steps, are named by it
 T = 120
 
@@ -380,8 +382,8 @@ def test_teacher_cache_is_reused_for_the_same_teacher_and_data_and_rebuilt_for_o
 ):
     import shutil
 
-    from mllm_kd.apps.easyvqa.demo import teacher_cache
     from mllm_kd.apps.easyvqa.roles import QUICK_PRETRAINED, RECIPES
+    from mllm_kd.apps.easyvqa.training import teacher_cache
     from mllm_kd.cli import stage_config
 
     run = pretrained[0]
@@ -399,11 +401,11 @@ def test_teacher_cache_is_reused_for_the_same_teacher_and_data_and_rebuilt_for_o
     assert json.loads((cache / "manifest.json").read_text())["stats"]["samples"] == 40
 
 
-def test_transfer_questions_0_runs_the_papers_dft_and_other_sizes_are_refused(pretrained, tmp_path):
-    """--transfer-questions 0: kd's DFT on its 40 SFT questions (5 steps) and the compute-matched SFT 5 + 5, in
-    directories and answer files of their own; the transfer set's students are left as they are. A size that
-    is not a multiple of the students' questions, and --seqkd without a transfer set, are refused before any
-    training."""
+def test_without_a_transfer_set_the_dft_reads_the_sft_questions_and_misfits_are_refused(pretrained, tmp_path):
+    """The recipe as it is (no --transfer-questions): kd's DFT on its 40 SFT questions (5 steps) and the
+    compute-matched SFT 5 + 5, in directories and answer files of their own; the transfer set's students are left
+    as they are. A size that is not a multiple of the students' questions, and --seqkd without a transfer set,
+    are refused before any training."""
     import shutil
 
     run = tmp_path / "demo"
@@ -411,9 +413,9 @@ def test_transfer_questions_0_runs_the_papers_dft_and_other_sizes_are_refused(pr
     before = (run / f"seed0/kd-{T}/stage3/final/model.safetensors").stat().st_mtime
     args = ["--run-dir", str(run), "--quick", "--seeds", "0", "--split", "val", "--questions", "40"]
     assert main([*args, "--transfer-questions", "60"]) == 2
-    assert main([*args, "--transfer-questions", "0", "--seqkd"]) == 2
+    assert main([*args, "--seqkd"]) == 2
     assert not (run / "teacher/transfer/transfer-60.json").exists() and not (run / "seed0/kd").exists()
-    assert main([*args, "--transfer-questions", "0"]) == 0
+    assert main(args) == 0
     assert _state(run, "seed0/kd/stage3")["step"] == 5 and _state(run, "seed0/matched/stage2")["step"] == 10
     cfg = OmegaConf.load(run / "seed0/kd/stage3/final/config.yaml")
     assert cfg.teacher.cache == str(run / "teacher/cache/stage3") and cfg.data.max_samples == 40
@@ -553,7 +555,7 @@ def gemma(pretrained, tmp_path_factory):
     shutil.copytree(pretrained[0], run)
     before = _state(run, f"seed0/kd-{T}/stage3")
     argv = ["--run-dir", str(run), "--quick", "--seeds", "0", "--split", "val", "--questions", "40"]
-    code = main([*argv, "--teacher-llm", "gemma3-270m"])
+    code = main([*argv, "--transfer-questions", str(T), "--teacher-llm", "gemma3-270m"])
     return run, code, _report(run), before
 
 

@@ -1,6 +1,6 @@
 """The main job: easy-VQA, from teacher to distilled student, in one command: every phase of the job, in
-the order it runs. What each model is (recipes, roles) is in roles.py, the report in report.py, the phase
-timer in phases.py.
+the order it runs. What each model is (recipes, roles) is in roles.py, how one is trained in training.py, the
+transfer set in transfer.py, the report in report.py, the phase timer in phases.py.
 
     python -m mllm_kd.apps.easyvqa.demo [--run-dir runs/demo] [--recipe pretrained|scratch] [--seeds 0,1]
                            [--split test|val] [--questions N] [--captions N] [--student-questions N]
@@ -13,13 +13,12 @@ timer in phases.py.
 1. prepares easy-VQA (``RUN/data``) and, for the pretrained recipe, the offline weights (``RUN/models``:
    SmolLM2-135M-Instruct dequantised once from its GGUF file, torchvision's MobileNetV2 file);
 2. trains the teacher (``RUN/teacher``: ``teacher_pt`` -> ``teacher_sft``);
-3. for the pretrained recipe, the transfer set: 1,500 training questions in no model's data (three times the
-   students' 500), answered by the teacher (``TEACHER/transfer/transfer-1500.json``): the students' DFT data;
+3. with ``--transfer-questions N``, the transfer set: N training questions in no model's data, answered by
+   the teacher (``TEACHER/transfer/transfer-N.json``), which then are the students' DFT data;
 4. per student seed (``RUN/seed<s>/``), the three students of the comparison fixed in advance:
-   ``baseline`` (plain PT -> SFT), ``matched-1500`` (the same PT, then SFT for as many optimizer steps as
-   SFT + DFT: the compute-matched plain student) and ``kd-1500`` (LLaVA-KD: DPT -> SFT -> DFT on the transfer
-   set; its DPT and DFT read the teacher's outputs from ``TEACHER/cache/<stage>``, one teacher pass per stage
-   for all seeds);
+   ``baseline`` (plain PT -> SFT), ``matched`` (the same PT, then SFT for as many optimizer steps as
+   SFT + DFT: the compute-matched plain student) and ``kd`` (LLaVA-KD: DPT -> SFT -> DFT; its DPT and DFT
+   read the teacher's outputs from ``TEACHER/cache/<stage>``, one teacher pass per stage for all seeds);
 5. answers the evaluation questions with every model (``RUN/eval/<split>/*.answers.jsonl``) and scores
    them: exact match overall and per question type, yes/no also against the template prior;
 6. writes ``RUN/report.md``, ``RUN/report.json`` (per role: the mean over seeds, each seed, the spread)
@@ -35,10 +34,10 @@ variant: a few hundred examples and tiny random models. ``--teacher-llm gemma3-2
 with that LLM and the ``kd`` student taught by it across tokenizers (teachers.py), reported next to the others.
 ``--teacher-projector`` also trains ``matched_tproj`` and ``kd_tproj``: the compute-matched and LLaVA-KD
 students with stage 1 replaced by the teacher's trained projector (``model.projector.checkpoint``).
-``--transfer-questions N`` sets the transfer set's size (a whole multiple of the students' DFT questions;
-directories, caches and answers are named by it: ``kd-N``, ``matched-N``); ``--transfer-questions 0`` runs the
-paper's DFT on the students' SFT questions (``kd``, ``matched``: the scratch recipe's default). ``--seqkd`` also
-trains ``seqkd_transfer``, the control: ``kd``'s DPT and SFT, then stage 3 on the teacher's answers without the
+``--transfer-questions N`` runs every DFT on N teacher-answered questions instead of the students' SFT questions
+(a whole multiple of them; the compute-matched students train as many steps; the directories, caches and answers
+of the students that depend on it are named by it: ``kd-N``, ``matched-N``). ``--seqkd`` also trains
+``seqkd_transfer``, its control: ``kd``'s DPT and SFT, then stage 3 on the teacher's answers without the
 distillation terms.
 ``--projected-images`` also trains ``kd_emb``: LLaVA-KD with the teacher's projected images distilled in DPT
 and DFT (``loss.w_emb=30``: the term's start on the scale of the others' sum in DPT; roles.py).
@@ -58,7 +57,6 @@ from mllm_kd.apps.easyvqa.roles import (
     QUICK_PREPARE,
     RECIPES,
     ROLES,
-    Recipe,
     recipe_students,
     role_dir,
     transfer_sized,
@@ -66,8 +64,9 @@ from mllm_kd.apps.easyvqa.roles import (
 )
 from mllm_kd.apps.easyvqa.scoring import evaluate
 from mllm_kd.apps.easyvqa.teachers import STUDENT_OVERRIDES, TEACHER_LLMS, aligned_share
-from mllm_kd.apps.easyvqa.transfer import answer_transfer_set, transfer_file
-from mllm_kd.cli import setup_logging, stage_config
+from mllm_kd.apps.easyvqa.training import train_role, transfer_size
+from mllm_kd.apps.easyvqa.transfer import answer_transfer_set
+from mllm_kd.cli import setup_logging
 from mllm_kd.errors import ArgumentParser, ConfigError, MllmKdError, exit_code
 from mllm_kd.tracking import log_scores
 
@@ -88,155 +87,6 @@ def prepare_weights(models: Path) -> None:
     if not link.exists():
         link.symlink_to(source)
     log.info("weights ready in %s (%.1f s)", models, time.perf_counter() - started)
-
-
-def matched_overrides(recipe: Recipe, common: list[str], dft_questions: int | None = None) -> list[str]:
-    """stage2 for as many optimizer steps as stage2 + stage3 (same data and batch), from the baseline's PT;
-    ``dft_questions``: stage3 on that many questions instead (a transfer set), a whole multiple of stage3's."""
-    sft, dft = (stage_config(recipe.config, s, common) for s in ("stage2", "stage3"))
-    for what, a, b in (
-        ("batch", sft.train.batch_size * sft.train.grad_accum, dft.train.batch_size * dft.train.grad_accum),
-        ("data", (sft.data.path, sft.data.max_samples), (dft.data.path, dft.data.max_samples)),
-    ):
-        if a != b:
-            raise ConfigError(
-                f"the compute-matched student needs stage2 and stage3 with the same {what}: {a} vs {b}"
-            )
-    if sft.train.max_steps is not None or dft.train.max_steps is not None:
-        raise ConfigError("the compute-matched student counts epochs; unset train.max_steps of stage2/stage3")
-    times = 1
-    if dft_questions is not None:
-        if dft.data.max_samples is None or dft_questions % dft.data.max_samples:
-            raise ConfigError(
-                f"--transfer-questions {dft_questions}: the compute-matched student at that compute trains "
-                f"epochs of the students' {dft.data.max_samples} questions, so it must be a multiple of them"
-            )
-        times = dft_questions // dft.data.max_samples
-    return [f"stages.stage2.train.epochs={sft.train.epochs + times * dft.train.epochs}"]
-
-
-def transfer_size(recipe: Recipe, common: list[str], asked: int | None) -> int | None:
-    """The run's transfer set, in questions: ``asked`` (``--transfer-questions``; 0: none, DFT on the
-    students' SFT questions), by default the recipe's multiple of the students' DFT questions. A size the
-    compute-matched student cannot match is refused here, before any work."""
-    if asked is None:
-        if not recipe.transfer_multiple:
-            return None
-        dft = stage_config(recipe.config, "stage3", common).data.max_samples
-        if dft is None:
-            raise ConfigError(
-                f"{recipe.config.name}: its transfer set is {recipe.transfer_multiple}x the students' DFT "
-                "questions, so stages.stage3.data.max_samples must be set (or pass --transfer-questions)"
-            )
-        asked = recipe.transfer_multiple * dft
-    if asked < 0:
-        raise ConfigError(f"--transfer-questions must be >= 0, got {asked}")
-    if asked == 0:
-        return None
-    matched_overrides(recipe, common, asked)
-    return asked
-
-
-def teacher_cache(cfg, directory: Path) -> tuple[Path, float]:
-    """The teacher's outputs over stage ``cfg``'s data, cached in ``directory`` (``cache_teacher``'s format):
-    built on first use (one teacher pass), then shared by every seed and re-run; rebuilt when the teacher
-    checkpoint or the stage's data changed since, or the stage needs projected images the cache lacks.
-    Returns it and the seconds spent building."""
-    from mllm_kd.teacher.build import build_teacher_cache
-    from mllm_kd.teacher.cache import built_from
-
-    if built_from(directory, cfg):
-        return directory, 0.0
-    if directory.exists():
-        log.info(
-            "teacher cache %s: built for another teacher or other data, or without the projected images "
-            "this stage needs; rebuilding it",
-            directory,
-        )
-    log.info("== teacher cache for %s -> %s", cfg.stage, directory)
-    started = time.perf_counter()
-    build_teacher_cache(cfg, directory, progress=cfg.train.progress)
-    return directory, time.perf_counter() - started
-
-
-def train_role(
-    run: Path,
-    recipe: Recipe,
-    role: str,
-    overrides: list[str],
-    redo: bool,
-    teacher_dir: Path,
-    seed: int,
-    sub: str | None = None,
-    transfer_questions: int | None = None,
-) -> tuple[Path, float, list[str]]:
-    """Train one model's stages; returns its final checkpoint, the training seconds (with building the
-    teacher cache where this role built it), and the stages.
-
-    ``sub``: a student's directory under ``RUN/seed<s>`` other than its role's. ``transfer_questions``: the
-    run's transfer set (:func:`transfer_size`; None: none), the DFT's data, which the compute-matched
-    students count and which names the directories and teacher cache of the roles that depend on it."""
-    from mllm_kd.stages import STAGES
-    from mllm_kd.train.stage import stage_finished
-
-    spec = ROLES[role]
-    transfer = bool(transfer_questions) and transfer_sized(role)
-    run_dir = teacher_dir if role == "teacher" else role_dir(run, role, seed, transfer_questions, sub)
-    common = [
-        f"run_dir={run_dir}",
-        f"data_dir={run / 'data'}",
-        f"teacher_dir={teacher_dir}",
-        *spec.overrides,
-        *overrides,
-    ]
-    seconds, stages = 0.0, list(spec.stages)
-    if spec.starts_from is not None:
-        role_from, stage_from = spec.starts_from
-        earlier = ROLES[role_from]
-        earlier_dir = role_dir(run, role_from, seed, transfer_questions)
-        done = earlier.stages[: earlier.stages.index(stage_from) + 1]
-        for stage in done:
-            state = earlier_dir / stage / "final" / "trainer_state.json"
-            seconds += json.loads(state.read_text())["elapsed"]
-        common.append(f"stages.{spec.stages[0]}.init_from={earlier_dir / stage_from / 'final'}")
-        stages = [*(f"{stage} (of {earlier_dir.name})" for stage in done), *stages]
-    if transfer and "stage3" in spec.stages:
-        common += [
-            f"stages.stage3.data.path={transfer_file(teacher_dir, transfer_questions)}",
-            "stages.stage3.data.max_samples=null",
-        ]
-    if spec.teacher_projector:  # the first stage builds the student, with the teacher's projector
-        first = spec.stages[0]
-        projector = teacher_dir / "teacher_sft"
-        common += [f"stages.{first}.init_from=null", f"stages.{first}.model.projector.checkpoint={projector}"]
-        stages = [f"projector of {projector.parent.name}/{projector.name}", *stages]
-    if spec.matched:
-        common += matched_overrides(recipe, common, transfer_questions if transfer else None)
-    if redo:
-        common.append("overwrite=true")
-    ckpt = None
-    for stage in spec.stages:
-        cfg = stage_config(recipe.config, stage, common)
-        # the cross-tokenizer student keeps its online teacher: its share of aligned positions is logged there
-        if (
-            stage in spec.cached_teacher
-            and not cfg.loss.cross_tokenizer
-            and (redo or not stage_finished(cfg))
-        ):
-            # one cache per data set
-            name = (
-                f"{stage}-transfer{transfer_suffix(transfer_questions)}"
-                if transfer and stage == "stage3"
-                else stage
-            )
-            cache, built = teacher_cache(cfg, teacher_dir / "cache" / name)
-            seconds += built
-            cfg = stage_config(recipe.config, stage, [*common, f"teacher.cache={cache}"])
-        log.info("== %s (train.seed=%d): %s -> %s", role, cfg.train.seed, stage, cfg.output_dir)
-        ckpt = STAGES[stage].run(cfg)
-        seconds += json.loads((ckpt / "trainer_state.json").read_text())["elapsed"]
-    assert ckpt is not None
-    return ckpt, seconds, stages
 
 
 def run_demo(
@@ -265,7 +115,7 @@ def run_demo(
     start from the teacher's trained projector instead of stage 1 (:data:`TPROJ_ROLES`).
     ``projected_images``: also LLaVA-KD with the teacher's projected images distilled (:data:`EMB_ROLES`).
     ``transfer_questions``: the students' DFT on a transfer set of that many teacher-answered questions
-    (:func:`transfer_size`; None: the recipe's, 0: none); ``seqkd``: also its control (:data:`SEQKD_ROLES`).
+    (:func:`transfer_size`; None or 0: none); ``seqkd``: also its control (:data:`SEQKD_ROLES`).
     ``answers``: every model's yes/no training answers, a key of :data:`ANSWER_FORMATS`: "described" says
     first what the image shows ("blue rectangle, yes"; ``data_prep.easyvqa --describe-yes-no``; scored on
     the last word), "checked" then what the question asks about ("blue rectangle, red absent, yes";
@@ -505,9 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         metavar="N",
-        help="the students' DFT on N training questions in no model's data, answered by the teacher (a multiple "
-        "of their DFT questions; the compute-matched student trains as many steps); default: the recipe's "
-        "(pretrained: 3x, 1,500); 0: DFT on their SFT questions, as LLaVA-KD",
+        help="the students' DFT on N training questions in no model's data, answered by the teacher, instead of "
+        "their SFT questions (a multiple of them; the compute-matched students train as many steps)",
     )
     p.add_argument(
         "--seqkd",

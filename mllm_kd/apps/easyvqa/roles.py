@@ -23,10 +23,6 @@ class Recipe:
     # whether the teacher's projector fits the student (the same tower and LLM embedding space): the
     # students that start from it (TPROJ_ROLES) or distil its projected images (EMB_ROLES) can run
     teacher_projector: bool = False
-    # the students' DFT data: a transfer set of this many times their DFT questions (training questions in no
-    # model's data, answered by the teacher; transfer.py); the compute-matched students count its steps.
-    # None: DFT on the students' SFT questions, as LLaVA-KD. ``--transfer-questions N`` sets the size itself.
-    transfer_multiple: int | None = None
 
 
 QUICK_SCRATCH = (
@@ -77,10 +73,6 @@ RECIPES = {
         # chosen on the validation split: seeds 0 and 1 differ by 49 points of colour (docs/demo.md)
         teacher_seed=1,
         teacher_projector=True,  # same frozen tower, same LLM width
-        # 1,500 transfer questions for the students' 500: chosen on the validation split, where LLaVA-KD's lead
-        # over the compute-matched student at its compute went +1.78 (DFT on its SFT data), +1.20 (a transfer
-        # set of 500), +3.60 (1,000), +6.40 (1,500) (docs/demo.md)
-        transfer_multiple=3,
     ),
     "scratch": Recipe(config_path("easyvqa_scratch.yaml"), {}, False, QUICK_SCRATCH),
 }
@@ -192,6 +184,6 @@ def recipe_students(
     ]
     if not transfer_questions and any(ROLES[r].needs_transfer for r in roles):
         raise ConfigError(
-            "--seqkd trains on the run's transfer set, and this run has none (--transfer-questions 0)"
+            "--seqkd trains on the run's transfer set, and this run has none: add --transfer-questions N"
         )
     return roles

@@ -1,5 +1,5 @@
 """The demo's transfer set: training questions in no model's data, answered by the teacher
-(:mod:`mllm_kd.teacher.label`): the students' DFT data where the run has one (roles.py, ``Recipe.transfer_multiple``)."""
+(:mod:`mllm_kd.teacher.label`): the students' DFT data in a run with one (demo ``--transfer-questions N``)."""
 
 from __future__ import annotations
 
