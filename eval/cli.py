@@ -27,6 +27,7 @@ from mllm_kd.eval.core import read_predictions
 from mllm_kd.eval.report import report
 from mllm_kd.eval.run import add_run_arguments, run_run
 from mllm_kd.eval.tasks import TASKS, get_task
+from mllm_kd.runtime.allocator import reuse_freed_memory
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    reuse_freed_memory()  # glibc keeps freed large blocks for the next batch (mllm_kd/runtime/allocator.py)
     try:
         return COMMANDS[args.command].run(args)
     except MllmKdError as e:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mllm_kd.cli import setup_logging, stage_config
+from mllm_kd.cli import setup_process, stage_config
 from mllm_kd.errors import ArgumentParser, ConfigError, MllmKdError, exit_code
 
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for the stage")
     args = p.parse_intermixed_args(argv)  # overrides before and after options
-    setup_logging()
+    setup_process()
     from mllm_kd.teacher.build import build_teacher_cache, describe
     from mllm_kd.teacher.cache_format import MANIFEST
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from mllm_kd.config import StageConfig
 from mllm_kd.errors import ArgumentParser, ConfigError, MllmKdError, exit_code
 from mllm_kd.recipe import check_combinations, load_recipe, resolve_stage_config
+from mllm_kd.runtime.allocator import reuse_freed_memory
 from mllm_kd.runtime.preemption import PREEMPTED_EXIT, Preempted
 from mllm_kd.stages import STAGES
 
@@ -18,6 +19,13 @@ def setup_logging() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
+
+
+def setup_process() -> None:
+    """What every command-line entry point runs first: logging, and glibc's allocator set to keep freed large
+    blocks for reuse (:mod:`mllm_kd.runtime.allocator`; ``MLLM_KD_MALLOC=default`` keeps its defaults)."""
+    setup_logging()
+    reuse_freed_memory()
 
 
 def stage_config(config: str | Path, stage: str, overrides: list[str] | None = None) -> StageConfig:
@@ -49,7 +57,7 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 def main(stages: list[str], prog: str, description: str, argv: list[str] | None = None) -> int:
     args = _parser(prog, description).parse_intermixed_args(argv)  # overrides around --config
-    setup_logging()
+    setup_process()
     try:
         for path in run_stages(args.config, stages, args.overrides):
             print(f"finished: {path}")

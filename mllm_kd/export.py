@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from mllm_kd.cli import setup_logging
+from mllm_kd.cli import setup_process
 from mllm_kd.errors import ArgumentParser, ConfigError, MllmKdError, exit_code
 from mllm_kd.model_card import add_card_arguments, card_options
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     add_card_arguments(p)
     args = p.parse_args(argv)
-    setup_logging()
+    setup_process()
     try:
         out = export_checkpoint(args.checkpoint, args.out, args.overwrite, card=card_options(args))
     except MllmKdError as e:

@@ -5,7 +5,7 @@ import json
 import torch
 
 from mllm_kd.checkpoint.native import load_checkpoint_model
-from mllm_kd.model.generate import Generator, answer_file, read_questions
+from mllm_kd.model.generate import Generator, answer_file, read_questions, shared_prefix
 
 
 def _reference_greedy(model, ids, pixels, steps, stop):
@@ -42,8 +42,22 @@ def test_batched_generation_equals_reference(smoke_teacher):
             want.append(tok.decode(toks, skip_special_tokens=True).strip())
         got = gen(prompts, pixels)
     assert got == want
+    # the batch's shared prefix (the template's header) ran once, as the KV cache of generate
+    ids = [gen.encoder.prompt_ids(p) for p in prompts]
+    assert shared_prefix(ids, model.image_token_id) >= 2
+    gen.prefix_cache = False
+    assert gen(prompts, pixels) == want
+    gen.prefix_cache = True
     # the batch's padding does not change a prompt's answer
     assert gen(prompts[:1], pixels[:1]) == want[:1]
+
+
+def test_shared_prefix_stops_at_the_first_image_and_leaves_each_prompt_a_token():
+    img = 9
+    assert shared_prefix([[1, 2, 3, img, 4], [1, 2, 3, img, 5]], img) == 3  # an image's features differ
+    assert shared_prefix([[1, 2, 3], [1, 2, 3, 4]], img) == 2  # the shorter prompt keeps its last token
+    assert shared_prefix([[1, 2], [2, 2]], img) == 0
+    assert shared_prefix([[1, 2, 3]], img) == 0  # nothing to share
 
 
 def test_answer_file_writes_llava_format_and_resumes(smoke_teacher, tmp_path):
@@ -134,3 +148,48 @@ def test_eval_run_batches_questions_of_similar_prompt_length(tmp_path):
         r["question_id"]: r["text"] for r in map(json.loads, (tmp_path / "a.jsonl").read_text().splitlines())
     }
     assert rows == {q.question_id: q.prompt.upper() for q in qs}
+
+
+def test_no_shared_prefix_cache_inside_a_sliding_window():
+    """Padding between the cached prefix and the rest would take places in a sliding window: only a window at
+    least as long as the sequence (or none) allows the prefix cache, and then the answers are the same."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mllm_kd.model.generate import _kv_cache, within_attention_window
+
+    def tiny(model_type, **extra):
+        cfg = AutoConfig.for_model(
+            model_type, vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, **extra,
+        )  # fmt: skip
+        return AutoModelForCausalLM.from_config(cfg).eval()
+
+    sliding = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"], head_dim=16)
+    assert not within_attention_window(tiny("gemma3_text", **sliding), 5)
+    assert within_attention_window(tiny("gemma3_text", **sliding), 4)
+    assert within_attention_window(tiny("qwen2", sliding_window=4, use_sliding_window=False), 50)
+    assert within_attention_window(tiny("llama"), 10_000)
+
+    torch.manual_seed(0)
+    prefix, rests = torch.randint(3, 100, (6,)), [torch.randint(3, 100, (n,)) for n in (5, 7, 4)]
+    T, P = max(len(r) for r in rests), len(prefix)
+    shared, padded = torch.zeros(3, P + T, dtype=torch.long), torch.zeros(3, P + T, dtype=torch.long)
+    for b, r in enumerate(rests):
+        shared[b, :P], shared[b, P + T - len(r) :] = prefix, r
+        padded[b, P + T - len(r) - P :] = torch.cat([prefix, r])
+
+    def answers(llm, ids, cached):
+        embeds, cache = llm.get_input_embeddings()(ids), {}
+        with torch.no_grad():
+            if cached:  # as Generator does
+                cache = _kv_cache(llm(inputs_embeds=embeds[:1, :P], use_cache=True, logits_to_keep=1))
+                next(iter(cache.values())).batch_repeat_interleave(3)
+            return llm.generate(
+                inputs_embeds=embeds, attention_mask=(ids != 0).long(), max_new_tokens=8, do_sample=False,
+                pad_token_id=0, **cache,
+            )  # fmt: skip
+
+    llama = tiny("llama")
+    assert torch.equal(answers(llama, shared, True), answers(llama, padded, False))
+    gemma = tiny("gemma3_text", **sliding)  # the window of 4 is shorter than the 21 tokens
+    assert not torch.equal(answers(gemma, shared, True), answers(gemma, padded, False))

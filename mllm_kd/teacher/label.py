@@ -171,7 +171,7 @@ def read_slice(path: Path, start: int, count: int | None) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mllm_kd.cli import setup_logging
+    from mllm_kd.cli import setup_process
     from mllm_kd.runtime.device import pick_device
 
     p = ArgumentParser(prog="python -m mllm_kd.teacher.label", description=__doc__.split("\n\n")[0])
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     args = p.parse_args(argv)
-    setup_logging()
+    setup_process()
     try:
         records = read_slice(args.data, args.start, args.count)
         label_records(

@@ -56,7 +56,7 @@ from pathlib import Path
 from mllm_kd.apps.easyvqa.options import SIZE_FLAGS, add_size_options, seed_list, size_overrides
 from mllm_kd.apps.easyvqa.roles import NO_DISTILL, RECIPES
 from mllm_kd.apps.easyvqa.scoring import evaluate
-from mllm_kd.cli import setup_logging, stage_config
+from mllm_kd.cli import setup_process, stage_config
 from mllm_kd.errors import ArgumentParser, MllmKdError, exit_code
 
 log = logging.getLogger("mllm_kd.apps.easyvqa.ablate")
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     add_size_options(p)
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
-    setup_logging()
+    setup_process()
     run = Path(args.run_dir)
     sizes = (args.questions, args.captions, args.student_questions)
     names = args.only or list(VARIANTS)

@@ -66,7 +66,7 @@ from mllm_kd.apps.easyvqa.scoring import evaluate
 from mllm_kd.apps.easyvqa.teachers import STUDENT_OVERRIDES, TEACHER_LLMS, aligned_share
 from mllm_kd.apps.easyvqa.training import train_role, transfer_size
 from mllm_kd.apps.easyvqa.transfer import answer_transfer_set
-from mllm_kd.cli import setup_logging
+from mllm_kd.cli import setup_process
 from mllm_kd.errors import ArgumentParser, ConfigError, MllmKdError, exit_code
 from mllm_kd.tracking import log_scores
 
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
-    setup_logging()
+    setup_process()
     run = Path(args.run_dir)
     sizes = size_overrides(args.questions, args.captions, args.student_questions)
     try:
