@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from mllm_kd.apps.easyvqa import ablate
 from mllm_kd.apps.easyvqa.demo import main
-from mllm_kd.apps.easyvqa.report import STUDENT_ROLES, yes_no_prior
+from mllm_kd.apps.easyvqa.report import STUDENT_ROLES, paired_by_seed, yes_no_prior
 from mllm_kd.apps.easyvqa.roles import STUDENTS
 from mllm_kd.apps.easyvqa.teachers import QUICK_VOCAB
 from mllm_kd.eval.normalize import simple_normalize
@@ -48,6 +48,24 @@ def test_scratch_demo_reports_every_role(scratch):
         assert set(r["yes_no_prior"]) >= {"accuracy", "agreement"}
     assert report["student_kd"]["parameters"] < report["teacher"]["parameters"]
     assert report["seconds"] > 0
+    kd, matched = (report[f"student_{r}"]["seeds"]["0"]["accuracy"] for r in ("kd", "matched"))
+    assert report["gaps"]["kd_minus_matched_by_seed"] == {"0": round(100 * (kd - matched), 2)}
+    assert "sd_kd_minus_matched" not in report["gaps"]  # one seed: no spread of the differences
+
+
+def _seeds(**accuracy):
+    return {"seeds": {seed.lstrip("s"): {"accuracy": a} for seed, a in accuracy.items()}}
+
+
+def test_paired_by_seed_differences_and_the_seeds_a_3_point_lead_needs():
+    kd = _seeds(s0=0.60, s1=0.70, s2=0.50, s3=0.90)  # seed 3 has no matched run: left out
+    matched = _seeds(s0=0.55, s1=0.60, s2=0.58)
+    out = paired_by_seed(kd, matched)
+    assert out["kd_minus_matched_by_seed"] == {"0": 5.0, "1": 10.0, "2": -8.0}
+    # differences 5, 10, -8: mean 7/3, sample variance (2.667^2 + 7.667^2 + 10.333^2) / 2 = 86.33
+    assert out["sd_kd_minus_matched"] == pytest.approx(9.29, abs=0.01)
+    assert out["seeds_to_show_3_points"] == 76  # ((1.96 + 0.84) * 9.2916 / 3)^2 = 75.2, rounded up
+    assert paired_by_seed(_seeds(s0=0.6), _seeds(s1=0.5)) == {}  # no seed in common
 
 
 @pytest.mark.parametrize("option", ["--teacher-projector", "--projected-images"])

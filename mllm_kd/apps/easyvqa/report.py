@@ -4,6 +4,7 @@ and ``report.json`` / ``report.md`` / the plots. Pure functions of the scores (n
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -145,6 +146,27 @@ def _mean_fields(rows: list[dict]) -> dict:
     }
 
 
+# z-values of a two-sided 5% test with 80% power: the seeds a paired comparison needs, n = ((z_a + z_b) sd / d)^2,
+# for the lead over the compute-matched student that the main job's goal asks (d = 3 points)
+_Z_TEST, _Z_POWER, _LEAD = 1.96, 0.84, 3.0
+
+
+def paired_by_seed(kd: dict, matched: dict) -> dict:
+    """LLaVA-KD minus the compute-matched student seed by seed (the seeds both ran), in points; with two seeds or
+    more, the standard deviation of those differences and about how many seeds a paired comparison needs to tell
+    a 3-point difference from none at that noise (normal approximation)."""
+    seeds = [s for s in kd.get("seeds", {}) if s in matched.get("seeds", {})]
+    if not seeds:
+        return {}
+    diffs = {s: round(100 * (kd["seeds"][s]["accuracy"] - matched["seeds"][s]["accuracy"]), 2) for s in seeds}
+    out: dict = {"kd_minus_matched_by_seed": diffs}
+    if len(diffs) >= 2:
+        sd = statistics.stdev(diffs.values())
+        out["sd_kd_minus_matched"] = round(sd, 2)
+        out["seeds_to_show_3_points"] = math.ceil(((_Z_TEST + _Z_POWER) * sd / _LEAD) ** 2)
+    return out
+
+
 def gaps(results: dict) -> dict:
     """The comparison fixed in advance, in accuracy points (means over seeds); with the ``_tproj`` students,
     the same for the LLaVA-KD one that starts from the teacher's projector, and it against its own
@@ -172,6 +194,7 @@ def gaps(results: dict) -> dict:
         "gap_closed": closed("kd"),
         "spread_kd": spread("kd"),
         "spread_matched": spread("matched"),
+        **paired_by_seed(results["student_kd"], results["student_matched"]),
     }
 
     def variant(kd: str, controls: tuple[str, ...], spreads: tuple[str, ...]) -> dict:
@@ -191,6 +214,18 @@ def gaps(results: dict) -> dict:
         out["kd_minus_seqkd_transfer"] = minus("kd", "seqkd_transfer")
         out |= variant("seqkd_transfer", ("matched",), ("seqkd_transfer",))
     return out
+
+
+def _paired_lines(g: dict) -> list[str]:
+    if "sd_kd_minus_matched" not in g:
+        return []
+    by_seed = " / ".join(f"{d:+.2f}" for d in g["kd_minus_matched_by_seed"].values())
+    return [
+        f"LLaVA-KD minus the compute-matched student, seed by seed ({', '.join(g['kd_minus_matched_by_seed'])}): "
+        f"{by_seed}; standard deviation {g['sd_kd_minus_matched']:.2f} points, so telling a 3-point lead from "
+        f"none (paired, 5% level, 80% power) takes about {g['seeds_to_show_3_points']} seeds.",
+        "",
+    ]
 
 
 def write_report(run: Path, results: dict, curves: dict[str, list[dict]]) -> None:
@@ -271,6 +306,7 @@ def write_report(run: Path, results: dict, curves: dict[str, list[dict]]) -> Non
         f"student: {g['kd_minus_matched']:+.2f} (spreads: kd {g['spread_kd']:.2f}, matched "
         f"{g['spread_matched']:.2f}); share of the teacher-to-plain-student gap closed: {g['gap_closed']}.",
         "",
+        *_paired_lines(g),
         *_described_lines(results, roles),
         *_tproj_lines(g),
         *_seqkd_lines(g),
