@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from mllm_kd.apps.easyvqa import ablate
 from mllm_kd.apps.easyvqa.demo import main
-from mllm_kd.apps.easyvqa.report import STUDENT_ROLES, paired_by_seed, yes_no_prior
+from mllm_kd.apps.easyvqa.report import STUDENT_ROLES, _interval_line, paired_by_seed, yes_no_prior
 from mllm_kd.apps.easyvqa.roles import STUDENTS
 from mllm_kd.apps.easyvqa.teachers import QUICK_VOCAB
 from mllm_kd.eval.normalize import simple_normalize
@@ -65,6 +65,11 @@ def test_paired_by_seed_differences_and_the_seeds_a_3_point_lead_needs():
     # differences 5, 10, -8: mean 7/3, sample variance (2.667^2 + 7.667^2 + 10.333^2) / 2 = 86.33
     assert out["sd_kd_minus_matched"] == pytest.approx(9.29, abs=0.01)
     assert out["seeds_to_show_3_points"] == 76  # ((1.96 + 0.84) * 9.2916 / 3)^2 = 75.2, rounded up
+    paired = out["kd_minus_matched_paired"]  # half width t975(2) * 9.2916 / sqrt(3) = 4.303 * 5.3645 = 23.08
+    assert paired["ci95"] == pytest.approx([2.33 - 23.08, 2.33 + 23.08], abs=0.02)
+    assert paired["p_sign_flip"] == 0.375  # 3 of 8 sign patterns sum to 7 or more
+    line = _interval_line(paired)[0]
+    assert "+2.33 points over 3 seeds" in line and "-20.75 to +25.41" in line and "p = 0.3750" in line
     assert paired_by_seed(_seeds(s0=0.6), _seeds(s1=0.5)) == {}  # no seed in common
 
 

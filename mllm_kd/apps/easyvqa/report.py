@@ -9,6 +9,7 @@ import statistics
 from pathlib import Path
 
 from mllm_kd.eval.core import pct
+from mllm_kd.eval.paired import paired_summary
 
 STUDENT_ROLES = ("student_baseline", "student_matched", "student_kd")
 # compute-matched and LLaVA-KD students that start from the teacher's trained projector instead of stage 1
@@ -153,8 +154,9 @@ _Z_TEST, _Z_POWER, _LEAD = 1.96, 0.84, 3.0
 
 def paired_by_seed(kd: dict, matched: dict) -> dict:
     """LLaVA-KD minus the compute-matched student seed by seed (the seeds both ran), in points; with two seeds or
-    more, the standard deviation of those differences and about how many seeds a paired comparison needs to tell
-    a 3-point difference from none at that noise (normal approximation)."""
+    more, the standard deviation of those differences, about how many seeds a paired comparison needs to tell
+    a 3-point difference from none at that noise (normal approximation), and ``kd_minus_matched_paired``:
+    the mean difference's 95% t-interval and the exact sign-flip p-value (``eval/paired.py``)."""
     seeds = [s for s in kd.get("seeds", {}) if s in matched.get("seeds", {})]
     if not seeds:
         return {}
@@ -164,6 +166,7 @@ def paired_by_seed(kd: dict, matched: dict) -> dict:
         sd = statistics.stdev(diffs.values())
         out["sd_kd_minus_matched"] = round(sd, 2)
         out["seeds_to_show_3_points"] = math.ceil(((_Z_TEST + _Z_POWER) * sd / _LEAD) ** 2)
+        out["kd_minus_matched_paired"] = paired_summary(list(diffs.values()))
     return out
 
 
@@ -224,7 +227,18 @@ def _paired_lines(g: dict) -> list[str]:
         f"LLaVA-KD minus the compute-matched student, seed by seed ({', '.join(g['kd_minus_matched_by_seed'])}): "
         f"{by_seed}; standard deviation {g['sd_kd_minus_matched']:.2f} points, so telling a 3-point lead from "
         f"none (paired, 5% level, 80% power) takes about {g['seeds_to_show_3_points']} seeds.",
+        *_interval_line(g.get("kd_minus_matched_paired")),
         "",
+    ]
+
+
+def _interval_line(paired: dict | None) -> list[str]:
+    if not paired:  # reports written before the interval was added
+        return []
+    lo, hi = paired["ci95"]
+    return [
+        f"Mean difference {paired['mean']:+.2f} points over {paired['n']} seeds, 95% interval {lo:+.2f} to "
+        f"{hi:+.2f} (paired t); one-sided sign-flip p = {paired['p_sign_flip']:.4f}."
     ]
 
 
