@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 _Z975 = 1.959963984540054  # the standard normal's 97.5% quantile
+_Z_POWER_80 = 0.84  # the standard normal's 80% quantile (80% power)
 
 
 def t975(df: int) -> float:
@@ -53,9 +54,11 @@ def sign_flip_p(diffs: Sequence[float], decimals: int = 2) -> float:
     return sum(k for s, k in sums.items() if s >= observed) / 2 ** len(units)
 
 
-def paired_summary(diffs: Sequence[float]) -> dict:
-    """For two seeds or more: the mean difference, its standard deviation, the 95% t-interval of the mean and
-    the sign-flip p-value, all in the differences' units (rounded to 2 decimals, p to 4)."""
+def paired_summary(diffs: Sequence[float], lead: float = 3.0) -> dict:
+    """For two seeds or more: the mean difference, its standard deviation, the 95% t-interval of the mean, the
+    sign-flip p-value (all in the differences' units, rounded to 2 decimals, p to 4), and ``seeds_for_lead``:
+    about how many seeds a paired comparison at this noise needs to tell a difference of ``lead`` from none
+    (two-sided 5% level, 80% power, normal approximation)."""
     n = len(diffs)
     if n < 2:
         raise ValueError(f"paired_summary: needs two seeds or more, got {n}")
@@ -67,4 +70,5 @@ def paired_summary(diffs: Sequence[float]) -> dict:
         "sd": round(sd, 2),
         "ci95": [round(mean - half, 2), round(mean + half, 2)],
         "p_sign_flip": round(sign_flip_p(diffs), 4),
+        "seeds_for_lead": math.ceil(((round(_Z975, 2) + _Z_POWER_80) * sd / lead) ** 2),
     }

@@ -4,7 +4,6 @@ and ``report.json`` / ``report.md`` / the plots. Pure functions of the scores (n
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from pathlib import Path
 
@@ -148,8 +147,7 @@ def _mean_fields(rows: list[dict]) -> dict:
 
 
 # z-values of a two-sided 5% test with 80% power: the seeds a paired comparison needs, n = ((z_a + z_b) sd / d)^2,
-# for the lead over the compute-matched student that the main job's goal asks (d = 3 points)
-_Z_TEST, _Z_POWER, _LEAD = 1.96, 0.84, 3.0
+_LEAD = 3.0  # the lead over the compute-matched student that the main job's goal asks, in points
 
 
 def paired_by_seed(kd: dict, matched: dict) -> dict:
@@ -163,10 +161,10 @@ def paired_by_seed(kd: dict, matched: dict) -> dict:
     diffs = {s: round(100 * (kd["seeds"][s]["accuracy"] - matched["seeds"][s]["accuracy"]), 2) for s in seeds}
     out: dict = {"kd_minus_matched_by_seed": diffs}
     if len(diffs) >= 2:
-        sd = statistics.stdev(diffs.values())
-        out["sd_kd_minus_matched"] = round(sd, 2)
-        out["seeds_to_show_3_points"] = math.ceil(((_Z_TEST + _Z_POWER) * sd / _LEAD) ** 2)
-        out["kd_minus_matched_paired"] = paired_summary(list(diffs.values()))
+        paired = paired_summary(list(diffs.values()), lead=_LEAD)
+        out["sd_kd_minus_matched"] = paired["sd"]
+        out["seeds_to_show_3_points"] = paired["seeds_for_lead"]
+        out["kd_minus_matched_paired"] = paired
     return out
 
 
