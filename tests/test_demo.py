@@ -698,6 +698,31 @@ def test_ablation_no_dpt_continues_the_demos_plain_student(scratch):
     assert not (run / "ablation/seed0/baseline").exists()
 
 
+def test_ablation_dpt_variants_train_only_kds_dpt_and_count_sft_plus_dft_steps(scratch):
+    """A seed the demo did not run: dpt_matched and dpt_dft train kd's DPT once (not its SFT and DFT), then
+    SFT (CE only) or DFT (every term) for the optimizer steps of SFT + DFT, from that DPT result."""
+    run, _, _ = scratch
+    argv = ["--run-dir", str(run), "--recipe", "scratch", "--quick", "--seeds", "1"]
+    assert ablate.main([*argv, "--only", "dpt_matched", "dpt_dft"]) == 0
+    seed = run / "ablation/seed1"
+    assert sorted(p.name for p in (seed / "kd").iterdir()) == ["stage1"]
+    for name, stage in (("dpt_matched", "stage2"), ("dpt_dft", "stage3")):
+        config = yaml.safe_load((seed / name / stage / "final/config.yaml").read_text())
+        assert config["init_from"] == f"{seed}/kd/stage1" and config["train"]["epochs"] == 2
+    assert "mdist_vis" in _first_metrics(run, "ablation/seed1/dpt_dft/stage3")
+    assert "mdist_vis" not in _first_metrics(run, "ablation/seed1/dpt_matched/stage2")
+    steps = {
+        n: len((seed / n / s / "metrics.jsonl").read_text().splitlines())
+        for n, s in (("dpt_matched", "stage2"), ("dpt_dft", "stage3"))
+    }
+    demo_steps = sum(
+        len((run / f"seed0/kd/{s}/metrics.jsonl").read_text().splitlines()) for s in ("stage2", "stage3")
+    )
+    assert steps["dpt_matched"] == steps["dpt_dft"] == demo_steps
+    table = json.loads((run / "ablation/report.json").read_text())
+    assert set(table) == {"dpt_matched", "dpt_dft"} and set(table["dpt_dft"]["seeds"]) == {"1"}
+
+
 def test_ablation_jobs_deal_seeds_and_keep_kd_before_its_dft_variants(tmp_path, monkeypatch):
     """--jobs shares its slots between seeds; kd and the DFT-only variants from its SFT are one unit; the
     size options reach every child."""

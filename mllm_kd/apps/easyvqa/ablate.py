@@ -19,6 +19,8 @@ same ``--recipe`` first) and trains one student per variant under ``RUN/ablation
   of ``kd`` over it is not just more training;
 * ``dpt_matched``: ``kd``'s own DPT result, then SFT for as many steps as SFT + DFT (``baseline_matched``
   with DPT instead of plain pre-training): the teacher in pre-training only;
+* ``dpt_dft``: ``kd``'s own DPT result, then DFT (CE and every distillation term) for as many steps as SFT + DFT:
+  LLaVA-KD's losses with its SFT and DFT as one run (DFT's loss contains SFT's CE), compute-matched;
 * ``dft_on_policy``: ``kd``'s own SFT result, then its DFT with on-policy distillation (GKD,
   ``loss.on_policy_fraction`` = ``--on-policy-fraction``, 0.5 by default as TRL's ``lmbda``): the same
   stage-3 config, data and optimizer steps as ``kd``'s DFT, so the two differ only in whose responses
@@ -31,7 +33,8 @@ same ``--recipe`` first) and trains one student per variant under ``RUN/ablation
   layer's input hidden state against the teacher's at the depth ``model.llm.keep_layers`` maps it to; a
   student of the teacher's width, the online teacher).
 
-Finished variants are skipped; ``kd``, ``baseline`` and ``baseline_matched`` reuse the demo's students of
+A variant that continues another's stage trains that one only up to the stage it needs (``dpt_matched``
+alone trains ``kd``'s DPT, not its SFT and DFT). Finished variants are skipped; ``kd``, ``baseline`` and ``baseline_matched`` reuse the demo's students of
 the same seed (``RUN/seed<S>/kd``, ``baseline``, ``matched``: a demo run without a transfer set) when no
 ``key=value`` override is given, since they are the same runs
 (and the DFT-only variants start from that ``kd`` student's ``stage2``). ``--seeds 0,1`` runs every variant
@@ -89,6 +92,11 @@ VARIANTS: dict[str, tuple[list[str], dict[str, list[str]], str]] = {
         {SFT: ["stages.stage2.train.epochs=2"]},
         "kd's DPT -> SFT for the steps of SFT + DFT (compute-matched, no teacher after DPT)",
     ),
+    "dpt_dft": (
+        [DFT],
+        {DFT: ["stages.stage3.train.epochs=2"]},
+        "kd's DPT -> DFT for the steps of SFT + DFT (SFT and DFT as one run, compute-matched)",
+    ),
     "dft_on_policy": ([DFT], {}, "kd's SFT -> DFT with on-policy distillation (GKD), kd's DFT steps"),
     "dft_seq_kd": ([DFT], {DFT: ["loss.sequence_kd=true"]}, "kd's SFT -> DFT on the teacher's responses"),
     "dft_resp_only": (
@@ -111,6 +119,7 @@ VARIANTS: dict[str, tuple[list[str], dict[str, list[str]], str]] = {
 # instead of training the same stages again: variant -> (the variant it continues, that variant's stage).
 STARTS_FROM: dict[str, tuple[str, str]] = {
     "dpt_matched": ("kd", PT),
+    "dpt_dft": ("kd", PT),
     **{
         n: ("kd", SFT)
         for n in (
@@ -152,13 +161,20 @@ def train_variant(
     quick: bool = False,
     on_policy_fraction: float = 0.5,
     sizes: tuple[int | None, ...] = (None, None, None),
+    until: str | None = None,
 ) -> Path:
     """Train one variant (``quick``: the demo's tiny ``--quick`` sizes; ``sizes``: the demo's size options,
-    :data:`~mllm_kd.apps.easyvqa.options.SIZE_FLAGS`); returns its final checkpoint."""
+    :data:`~mllm_kd.apps.easyvqa.options.SIZE_FLAGS`; ``until``: only its stages up to that one, for a
+    variant that continues from it); returns the final checkpoint of its last stage trained."""
     from mllm_kd.stages import STAGES
 
     stages, per_stage, _ = VARIANTS[name]
-    if demo_ckpt := _demo_checkpoint(run, name, overrides, seed):
+    if until is not None:
+        stages = stages[: stages.index(until) + 1]
+    demo_ckpt = _demo_checkpoint(run, name, overrides, seed)
+    if demo_ckpt and until is not None:  # the demo's run has every stage: the one asked for
+        demo_ckpt = demo_ckpt.parent.parent / until / "final"
+    if demo_ckpt:
         log.info("== ablation %s: the demo's run %s", name, demo_ckpt)
         return demo_ckpt
     spec = RECIPES[recipe]
@@ -170,7 +186,7 @@ def train_variant(
     ]
     if name in STARTS_FROM:
         parent, stage = STARTS_FROM[name]
-        ckpt = train_variant(run, parent, overrides, recipe, seed, quick, sizes=sizes)
+        ckpt = train_variant(run, parent, overrides, recipe, seed, quick, sizes=sizes, until=stage)
         base.append(f"init_from={ckpt.parent.parent / stage}")
     if name == "dft_on_policy":
         per_stage = {DFT: [f"loss.on_policy_fraction={on_policy_fraction}"]}
