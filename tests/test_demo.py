@@ -725,7 +725,7 @@ def test_ablation_dpt_variants_train_only_kds_dpt_and_count_sft_plus_dft_steps(s
 
 def test_ablation_jobs_deal_seeds_and_keep_kd_before_its_dft_variants(tmp_path, monkeypatch):
     """--jobs shares its slots between seeds; kd and the DFT-only variants from its SFT are one unit; the
-    size options reach every child."""
+    size options and the split reach every child."""
     calls, commands = [], []
 
     def fake_run(cmd, env, stdout, stderr):
@@ -739,8 +739,10 @@ def test_ablation_jobs_deal_seeds_and_keep_kd_before_its_dft_variants(tmp_path, 
     monkeypatch.setattr(ablate.os, "cpu_count", lambda: 4)
     names = ["no_rel", "kd", "dft_on_policy", "dft_seq_kd", "no_dpt"]
     with pytest.raises(ablate.MllmKdError, match=r"seed1-no_rel\.log"):
-        ablate._train_in_parallel(tmp_path, names, 2, [], "scratch", (0, 1), True, 0.5, (4000, None))
+        ablate._train_in_parallel(tmp_path, names, 2, [], "scratch", (0, 1), True, 0.5, (4000, None), "val")
     assert all(cmd[cmd.index("--questions") + 1] == "4000" and "--captions" not in cmd for cmd in commands)
+    # each child answers the parent's split (not the default test split), so the parent only reads its answers
+    assert all(cmd[cmd.index("--split") + 1] == "val" for cmd in commands)
     assert sorted(calls) == [
         (0, ("kd", "dft_on_policy", "dft_seq_kd"), "2"),
         (0, ("no_dpt",), "2"),  # its baseline is not asked for: the child trains (or reuses) it

@@ -211,8 +211,10 @@ def _train_in_parallel(
     quick: bool,
     on_policy_fraction: float,
     sizes: tuple[int | None, ...] = (None, None, None),
+    split: str = "test",
 ) -> None:
-    """Train and answer ``names`` for every seed in ``jobs`` child processes at a time, threads split evenly.
+    """Train and answer ``names`` for every seed in ``jobs`` child processes at a time, threads split evenly;
+    each child answers the ``split`` questions (the parent's), which the parent then reads.
 
     The work is dealt as units of (seed, variants): each variant on its own, except that a variant and
     those that continue from it (:data:`STARTS_FROM`) form one unit (it is trained once, first). Units
@@ -238,6 +240,7 @@ def _train_in_parallel(
         seed, group = unit
         cmd = [sys.executable, "-m", "mllm_kd.apps.easyvqa.ablate", "--run-dir", str(run), "--only", *group]
         cmd += ["--recipe", recipe, "--seeds", str(seed), "--on-policy-fraction", str(on_policy_fraction)]
+        cmd += ["--split", split]
         cmd += ["--quick"] if quick else []
         cmd += [a for flag, n in zip(SIZE_FLAGS, sizes) if n is not None for a in (flag, str(n))]
         cmd += overrides
@@ -300,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.quick,
                 args.on_policy_fraction,
                 sizes,
+                args.split,
             )
         for seed in seeds:
             for name in names:  # finished variants and answer files are reused: this only collects
