@@ -34,10 +34,10 @@ same ``--recipe`` first) and trains one student per variant under ``RUN/ablation
   student of the teacher's width, the online teacher).
 
 A variant that continues another's stage trains that one only up to the stage it needs (``dpt_matched``
-alone trains ``kd``'s DPT, not its SFT and DFT). Finished variants are skipped; ``kd``, ``baseline`` and ``baseline_matched`` reuse the demo's students of
-the same seed (``RUN/seed<S>/kd``, ``baseline``, ``matched``: a demo run without a transfer set) when no
-``key=value`` override is given, since they are the same runs
-(and the DFT-only variants start from that ``kd`` student's ``stage2``). ``--seeds 0,1`` runs every variant
+alone trains ``kd``'s DPT, not its SFT and DFT). Finished variants are skipped; ``kd``, ``baseline`` and
+``baseline_matched`` reuse the demo's students of the same seed (``RUN/seed<S>/kd``, ``baseline``,
+``matched``: a demo run without a transfer set) when no ``key=value`` override is given, since they are the
+same runs (and the DFT-only variants start from that ``kd`` student's ``stage2``). ``--seeds 0,1`` runs every variant
 for each seed; the table gives the mean over seeds and each seed's accuracy. ``--jobs N``
 trains N variants or seeds at a time in separate processes, the CPU threads split between them (small
 models do not use two cores well, so two jobs on a 2-core machine take about half the time). Writes
@@ -210,8 +210,8 @@ def _train_in_parallel(
     seeds: tuple[int, ...],
     quick: bool,
     on_policy_fraction: float,
-    sizes: tuple[int | None, ...] = (None, None, None),
-    split: str = "test",
+    sizes: tuple[int | None, ...],
+    split: str,
 ) -> None:
     """Train and answer ``names`` for every seed in ``jobs`` child processes at a time, threads split evenly;
     each child answers the ``split`` questions (the parent's), which the parent then reads.

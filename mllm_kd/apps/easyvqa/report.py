@@ -146,7 +146,6 @@ def _mean_fields(rows: list[dict]) -> dict:
     }
 
 
-# z-values of a two-sided 5% test with 80% power: the seeds a paired comparison needs, n = ((z_a + z_b) sd / d)^2,
 _LEAD = 3.0  # the lead over the compute-matched student that the main job's goal asks, in points
 
 
