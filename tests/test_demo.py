@@ -723,6 +723,19 @@ def test_ablation_dpt_variants_train_only_kds_dpt_and_count_sft_plus_dft_steps(s
     assert set(table) == {"dpt_matched", "dpt_dft"} and set(table["dpt_dft"]["seeds"]) == {"1"}
 
 
+def test_ablation_matched_variants_count_the_recipes_epochs_not_two(scratch):
+    """With SFT at 2 epochs (an override), compute-matched is 2 + 1 epochs of the students' questions: the
+    matched variants train 3, as the demo's matched student would, even though the override also names stage2."""
+    run, _, _ = scratch
+    argv = ["--run-dir", str(run), "--recipe", "scratch", "--quick", "--seeds", "2"]
+    assert ablate.main([*argv, "stages.stage2.train.epochs=2", "--only", "baseline_matched", "dpt_dft"]) == 0
+    per_epoch = len((run / "seed0/kd/stage3/metrics.jsonl").read_text().splitlines())
+    for name, stage in (("baseline_matched", "stage2"), ("dpt_dft", "stage3")):
+        done = run / "ablation/seed2" / name / stage
+        assert yaml.safe_load((done / "final/config.yaml").read_text())["train"]["epochs"] == 3
+        assert len((done / "metrics.jsonl").read_text().splitlines()) == 3 * per_epoch
+
+
 def test_ablation_jobs_deal_seeds_and_keep_kd_before_its_dft_variants(tmp_path, monkeypatch):
     """--jobs shares its slots between seeds; kd and the DFT-only variants from its SFT are one unit; the
     size options and the split reach every child."""

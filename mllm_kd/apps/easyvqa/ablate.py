@@ -59,6 +59,7 @@ from pathlib import Path
 from mllm_kd.apps.easyvqa.options import SIZE_FLAGS, add_size_options, seed_list, size_overrides
 from mllm_kd.apps.easyvqa.roles import NO_DISTILL, RECIPES
 from mllm_kd.apps.easyvqa.scoring import evaluate
+from mllm_kd.apps.easyvqa.training import matched_epochs
 from mllm_kd.cli import setup_process, stage_config
 from mllm_kd.errors import ArgumentParser, MllmKdError, exit_code
 
@@ -84,17 +85,17 @@ VARIANTS: dict[str, tuple[list[str], dict[str, list[str]], str]] = {
     "baseline": ([PT, SFT], {PT: NO_DISTILL}, "plain PT -> SFT"),
     "baseline_matched": (
         [PT, SFT],
-        {PT: NO_DISTILL, SFT: ["stages.stage2.train.epochs=2"]},
+        {PT: NO_DISTILL},
         "plain PT -> SFT for the steps of SFT + DFT (compute-matched)",
     ),
     "dpt_matched": (
         [SFT],
-        {SFT: ["stages.stage2.train.epochs=2"]},
+        {},
         "kd's DPT -> SFT for the steps of SFT + DFT (compute-matched, no teacher after DPT)",
     ),
     "dpt_dft": (
         [DFT],
-        {DFT: ["stages.stage3.train.epochs=2"]},
+        {},
         "kd's DPT -> DFT for the steps of SFT + DFT (SFT and DFT as one run, compute-matched)",
     ),
     "dft_on_policy": ([DFT], {}, "kd's SFT -> DFT with on-policy distillation (GKD), kd's DFT steps"),
@@ -115,6 +116,9 @@ VARIANTS: dict[str, tuple[list[str], dict[str, list[str]], str]] = {
         "kd's SFT -> DFT with the teacher's hidden states distilled too (loss.w_hidden=1, online teacher)",
     ),
 }
+# Compute-matched variants: their stage trains for the optimizer steps of SFT + DFT (the recipe's epochs of each,
+# same data and batch: the demo's count, training.matched_epochs).
+MATCHED: dict[str, str] = {"baseline_matched": SFT, "dpt_matched": SFT, "dpt_dft": DFT}
 # Variants that start from another variant's stage result (the demo's, or this ablation's with the overrides)
 # instead of training the same stages again: variant -> (the variant it continues, that variant's stage).
 STARTS_FROM: dict[str, tuple[str, str]] = {
@@ -190,10 +194,12 @@ def train_variant(
         base.append(f"init_from={ckpt.parent.parent / stage}")
     if name == "dft_on_policy":
         per_stage = {DFT: [f"loss.on_policy_fraction={on_policy_fraction}"]}
+    common = [*([*spec.quick, "train.progress=false"] if quick else []), *size_overrides(*sizes)]
     ckpt = None
     for stage in stages:
-        quick_overrides = [*spec.quick, "train.progress=false"] if quick else []
-        extra = [*quick_overrides, *size_overrides(*sizes), *per_stage.get(stage, []), *overrides]
+        extra = [*common, *per_stage.get(stage, []), *overrides]
+        if MATCHED.get(name) == stage:  # after the user's overrides, which may set the recipe's epochs
+            extra.append(f"stages.{stage}.train.epochs={matched_epochs(spec, [*common, *overrides])}")
         cfg = stage_config(spec.config, stage, [*base, *extra])
         log.info("== ablation %s: %s", name, stage)
         ckpt = STAGES[stage].run(cfg)

@@ -20,6 +20,12 @@ log = logging.getLogger("mllm_kd.apps.easyvqa.demo")
 def matched_overrides(recipe: Recipe, common: list[str], dft_questions: int | None = None) -> list[str]:
     """stage2 for as many optimizer steps as stage2 + stage3 (same data and batch), from the baseline's PT;
     ``dft_questions``: stage3 on that many questions instead (a transfer set), a whole multiple of stage3's."""
+    return [f"stages.stage2.train.epochs={matched_epochs(recipe, common, dft_questions)}"]
+
+
+def matched_epochs(recipe: Recipe, common: list[str], dft_questions: int | None = None) -> int:
+    """The epochs of the students' SFT questions that take as many optimizer steps as stage2 + stage3 (the
+    compute-matched count; :func:`matched_overrides`); refused unless both stages have the same data and batch."""
     sft, dft = (stage_config(recipe.config, s, common) for s in ("stage2", "stage3"))
     for what, a, b in (
         ("batch", sft.train.batch_size * sft.train.grad_accum, dft.train.batch_size * dft.train.grad_accum),
@@ -39,7 +45,7 @@ def matched_overrides(recipe: Recipe, common: list[str], dft_questions: int | No
                 f"epochs of the students' {dft.data.max_samples} questions, so it must be a multiple of them"
             )
         times = dft_questions // dft.data.max_samples
-    return [f"stages.stage2.train.epochs={sft.train.epochs + times * dft.train.epochs}"]
+    return sft.train.epochs + times * dft.train.epochs
 
 
 def transfer_size(recipe: Recipe, common: list[str], asked: int | None) -> int | None:
