@@ -8,9 +8,18 @@ from omegaconf import OmegaConf
 
 from mllm_kd.apps.easyvqa import ablate
 from mllm_kd.apps.easyvqa.demo import main
-from mllm_kd.apps.easyvqa.report import STUDENT_ROLES, _interval_line, paired_by_seed, yes_no_prior
-from mllm_kd.apps.easyvqa.roles import STUDENTS
+from mllm_kd.apps.easyvqa.options import size_overrides
+from mllm_kd.apps.easyvqa.report import (
+    STUDENT_ROLES,
+    _interval_line,
+    gaps,
+    paired_by_seed,
+    student_roles,
+    yes_no_prior,
+)
+from mllm_kd.apps.easyvqa.roles import RECIPES, STUDENTS, recipe_students
 from mllm_kd.apps.easyvqa.teachers import QUICK_VOCAB
+from mllm_kd.apps.easyvqa.training import train_role
 from mllm_kd.eval.normalize import simple_normalize
 
 
@@ -230,7 +239,10 @@ def test_pretrained_demo_averages_two_seeds_on_the_validation_split(pretrained):
     val = json.loads((run / "data/val_answers.json").read_text())
     assert report["teacher"]["n"] == len(val) > 0
     assert report["transfer_questions"] == T
-    for role in STUDENTS:
+    # dft_tproj runs over the students' SFT questions: a run with a transfer set has no such DFT to match
+    trained = [r for r in STUDENTS if r != "student_dft_tproj"]
+    assert student_roles(report) == trained
+    for role in trained:
         r = report[role]
         seeds = r["seeds"]
         assert set(seeds) == {"0", "1"}
@@ -289,6 +301,58 @@ def test_tproj_students_start_from_the_teachers_projector(pretrained):
         acc["student_kd_tproj"] - acc["student_matched_tproj"], abs=0.01
     )
     assert "| student_kd_tproj |" in (run / "report.md").read_text()
+
+
+def test_dft_tproj_trains_dfts_loss_from_the_teachers_projector_for_the_matched_steps(pretrained, tmp_path):
+    """dft_tproj: no stage 1 or 2; stage 3 builds the student with the teacher's projector and trains CE + every
+    term, the teacher read from the cache of the SFT questions, for the steps of SFT + DFT over them."""
+    import shutil
+
+    run = tmp_path / "demo"
+    shutil.copytree(pretrained[0], run)
+    spec = RECIPES["pretrained"]
+    overrides = [*spec.quick, "train.progress=false", *size_overrides(40, None, None), "train.seed=0"]
+    ckpt, seconds, stages = train_role(run, spec, "student_dft_tproj", overrides, False, run / "teacher", 0)
+    assert ckpt == run / "seed0/dft_tproj/stage3/final" and seconds > 0
+    assert stages == ["projector of teacher/teacher_sft", "stage3"]
+    assert not (run / "seed0/dft_tproj/stage1").exists() and not (run / "seed0/dft_tproj/stage2").exists()
+    cfg = OmegaConf.load(ckpt / "config.yaml")
+    assert cfg.init_from is None and cfg.model.projector.checkpoint == str(run / "teacher/teacher_sft")
+    assert cfg.teacher.cache == str(run / "teacher/cache/stage3") and cfg.data.max_samples == 40
+    sft_steps = _state(run, f"seed0/kd_tproj-{T}/stage2")["step"]  # 40 questions, batch 8: 5 a stage
+    assert _state(run, "seed0/dft_tproj/stage3")["step"] == 2 * sft_steps == 10
+    first = _first_metrics(run, "seed0/dft_tproj/stage3")
+    assert first["ce"] > 0 and first["mdist_resp"] > 0 and "rdist" in first
+    # the demo trains it with --teacher-projector, except where the DFT reads a transfer set
+    assert "student_dft_tproj" in recipe_students(spec, teacher_projector=True)
+    assert "student_dft_tproj" not in recipe_students(spec, teacher_projector=True, transfer_questions=T)
+
+
+def test_gaps_of_the_tproj_students_paired_by_seed():
+    def role(**acc):
+        out = _seeds(**acc)
+        accs = list(acc.values())
+        return {**out, "accuracy": sum(accs) / len(accs), "spread": max(accs) - min(accs)}
+
+    results = {
+        "teacher": {"accuracy": 0.99},
+        "student_baseline": role(s2=0.50, s3=0.56),
+        "student_matched": role(s2=0.60, s3=0.64),
+        "student_kd": role(s2=0.58, s3=0.60),
+        "student_matched_tproj": role(s2=0.80, s3=0.78),
+        "student_kd_tproj": role(s2=0.74, s3=0.73),
+        "student_dft_tproj": role(s2=0.83, s3=0.79),
+    }
+    g = gaps(results)
+    assert g["dft_tproj_minus_matched_tproj"] == pytest.approx(2.0)
+    assert g["dft_tproj_minus_matched"] == pytest.approx(19.0) and g["dft_tproj_minus_kd_tproj"] == 7.5
+    assert g["gap_closed_dft_tproj"] == pytest.approx((81 - 53) / (99 - 53), abs=1e-3)
+    assert g["spread_dft_tproj"] == pytest.approx(4.0)
+    paired = g["dft_tproj_minus_matched_tproj_paired"]  # differences +3, +1
+    assert paired["n"] == 2 and paired["mean"] == pytest.approx(2.0)
+    assert g["kd_tproj_minus_matched_tproj_paired"]["mean"] == pytest.approx(-5.5)  # -6, -5
+    del results["student_dft_tproj"]
+    assert "dft_tproj_minus_matched" not in gaps(results) and "kd_tproj_minus_matched" in gaps(results)
 
 
 def test_kd_emb_student_distils_the_projected_images_in_dpt_and_dft(pretrained):

@@ -33,7 +33,9 @@ hyper-parameters) instead of the test questions. Every step is skipped when its 
 variant: a few hundred examples and tiny random models. ``--teacher-llm gemma3-270m`` also trains a teacher
 with that LLM and the ``kd`` student taught by it across tokenizers (teachers.py), reported next to the others.
 ``--teacher-projector`` also trains ``matched_tproj`` and ``kd_tproj``: the compute-matched and LLaVA-KD
-students with stage 1 replaced by the teacher's trained projector (``model.projector.checkpoint``).
+students with stage 1 replaced by the teacher's trained projector (``model.projector.checkpoint``), and
+``dft_tproj``: ``matched_tproj`` with DFT's loss (CE + the teacher's terms) on the same one-run schedule (not
+with a transfer set: its run is over the students' SFT questions).
 ``--transfer-questions N`` runs every DFT on N teacher-answered questions instead of the students' SFT questions
 (a whole multiple of them; the compute-matched students train as many steps; the directories, caches and answers
 of the students that depend on it are named by it: ``kd-N``, ``matched-N``). ``--seqkd`` also trains
@@ -342,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         "--teacher-projector",
         action="store_true",
         help="also the compute-matched and LLaVA-KD students that start from the teacher's trained projector "
-        "instead of stage 1 (about 8 more minutes per seed on 2 CPU cores)",
+        "instead of stage 1, and the compute-matched one with DFT's loss (about 12 more minutes per seed on 2 "
+        "CPU cores)",
     )
     p.add_argument(
         "--projected-images",

@@ -11,8 +11,9 @@ from mllm_kd.eval.core import pct
 from mllm_kd.eval.paired import paired_summary
 
 STUDENT_ROLES = ("student_baseline", "student_matched", "student_kd")
-# compute-matched and LLaVA-KD students that start from the teacher's trained projector instead of stage 1
-TPROJ_ROLES = ("student_matched_tproj", "student_kd_tproj")
+# compute-matched and LLaVA-KD students that start from the teacher's trained projector instead of stage 1, and
+# the compute-matched one with DFT's loss (the teacher's terms on the same one-run schedule)
+TPROJ_ROLES = ("student_matched_tproj", "student_kd_tproj", "student_dft_tproj")
 # LLaVA-KD with the distillation of the teacher's projected images added in DPT and DFT (loss.w_emb)
 EMB_ROLES = ("student_kd_emb",)
 # in a run whose DFT reads a transfer set (questions in no one's training data, answered by the teacher): the
@@ -206,8 +207,18 @@ def gaps(results: dict) -> dict:
             **{f"spread_{r}": spread(r) for r in spreads},
         }
 
-    if all(r in acc for r in TPROJ_ROLES):
+    if all(r in acc for r in TPROJ_ROLES[:2]):
         out |= variant("kd_tproj", ("matched", "matched_tproj"), ("kd_tproj", "matched_tproj"))
+    if all(r in acc for r in TPROJ_ROLES):
+        out |= variant("dft_tproj", ("matched", "matched_tproj", "kd_tproj"), ("dft_tproj",))
+        for kd, control in (
+            ("dft_tproj", "matched_tproj"),
+            ("dft_tproj", "matched"),
+            ("kd_tproj", "matched_tproj"),
+        ):
+            paired = paired_by_seed(results[f"student_{kd}"], results[f"student_{control}"])
+            if "kd_minus_matched_paired" in paired:
+                out[f"{kd}_minus_{control}_paired"] = paired["kd_minus_matched_paired"]
     if all(r in acc for r in EMB_ROLES):
         out |= variant("kd_emb", ("matched", "kd"), ("kd_emb",))
     if all(r in acc for r in SEQKD_ROLES):
@@ -320,6 +331,7 @@ def write_report(run: Path, results: dict, curves: dict[str, list[dict]]) -> Non
         *_paired_lines(g),
         *_described_lines(results, roles),
         *_tproj_lines(g),
+        *_dft_tproj_lines(g),
         *_seqkd_lines(g),
         *_emb_lines(g),
         *_other_teacher_lines(results),
@@ -364,6 +376,27 @@ def _tproj_lines(g: dict) -> list[str]:
         f"of the teacher-to-plain-student gap closed: {g['gap_closed_kd_tproj']}.",
         "",
     ]
+
+
+def _dft_tproj_lines(g: dict) -> list[str]:
+    if "dft_tproj_minus_matched" not in g:
+        return []
+    lines = [
+        "From the teacher's projector, DFT's loss (CE + the teacher's terms) on the compute-matched student's one-run "
+        f"schedule (`dft_tproj`): minus the compute-matched student from the teacher's projector with labels only: "
+        f"{g['dft_tproj_minus_matched_tproj']:+.2f} points; minus the compute-matched plain student: "
+        f"{g['dft_tproj_minus_matched']:+.2f}; minus `kd_tproj` (the same terms after a separate SFT): "
+        f"{g['dft_tproj_minus_kd_tproj']:+.2f} (spread dft_tproj {g['spread_dft_tproj']:.2f}); share of the "
+        f"teacher-to-plain-student gap closed: {g['gap_closed_dft_tproj']}.",
+    ]
+    for key, what in (
+        ("dft_tproj_minus_matched_tproj_paired", "`dft_tproj` minus `matched_tproj`"),
+        ("dft_tproj_minus_matched_paired", "`dft_tproj` minus the compute-matched plain student"),
+        ("kd_tproj_minus_matched_tproj_paired", "`kd_tproj` minus `matched_tproj`"),
+    ):
+        for line in _interval_line(g.get(key)):
+            lines.append(f"{what}, paired by seed: {line[0].lower()}{line[1:]}")
+    return [*lines, ""]
 
 
 def _emb_lines(g: dict) -> list[str]:

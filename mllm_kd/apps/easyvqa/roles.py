@@ -87,7 +87,9 @@ class Role:
     # (role, stage): continue that role's result of that stage (same config and seed) instead of training
     # the stages up to it again; this role's own stages follow it
     starts_from: tuple[str, str] | None = None
-    matched: bool = False  # stage2 for as many optimizer steps as stage2 + stage3: compute-matched
+    # its one stage (stage2, or stage3 for DFT's loss in one run) for as many optimizer steps as stage2 + stage3
+    # over the students' SFT questions: compute-matched
+    matched: bool = False
     # no stage 1: the first stage builds the student with the teacher's trained projector (model.projector.checkpoint)
     teacher_projector: bool = False
     # stages whose teacher is read from the run's teacher cache (TEACHER/cache/<stage>, built by the first
@@ -109,6 +111,11 @@ ROLES = {
     ),
     "student_kd_tproj": Role(
         "kd_tproj", ("stage2", "stage3"), (), teacher_projector=True, cached_teacher=("stage3",)
+    ),
+    # matched_tproj with DFT's loss (CE + every term) in place of SFT's: the teacher's terms on one unbroken
+    # schedule, where kd_tproj restarts warm-up and decay at stage 3
+    "student_dft_tproj": Role(
+        "dft_tproj", ("stage3",), (), matched=True, teacher_projector=True, cached_teacher=("stage3",)
     ),
     # w_emb=30: with weight 1 the term stayed at 1.06-1.09 (no closer than a zero projector) over DPT's first
     # 14 steps while the other terms summed to 28-45 (training losses of the first measured run, docs/demo.md);
@@ -163,8 +170,8 @@ def recipe_students(
     seqkd: bool = False,
     transfer_questions: int | None = None,
 ) -> list[str]:
-    """The student roles to train: the comparison fixed in advance; with ``teacher_projector`` the two that
-    start from the teacher's projector, with ``projected_images`` the one that distils its projected images
+    """The student roles to train: the comparison fixed in advance; with ``teacher_projector`` the ones that
+    start from the teacher's projector (without ``student_dft_tproj`` where the DFT reads a transfer set), with ``projected_images`` the one that distils its projected images
     (ConfigError where the recipe's teacher projector does not fit the student), with ``seqkd`` the control
     on the transfer set of ``transfer_questions`` (ConfigError without one)."""
     for asked, option in (
@@ -176,9 +183,12 @@ def recipe_students(
                 f"{option}: the {recipe.config.name} teacher's projector does not fit its student "
                 "(another vision tower or LLM width)"
             )
+    # dft_tproj's one run is over the students' SFT questions: a run whose DFT reads a transfer set has no
+    # such DFT to match
+    tproj = tuple(r for r in TPROJ_ROLES if not (transfer_questions and r == "student_dft_tproj"))
     roles = [
         *STUDENT_ROLES,
-        *(TPROJ_ROLES if teacher_projector else ()),
+        *(tproj if teacher_projector else ()),
         *(EMB_ROLES if projected_images else ()),
         *(SEQKD_ROLES if seqkd else ()),
     ]

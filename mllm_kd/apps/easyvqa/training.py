@@ -17,10 +17,13 @@ from mllm_kd.errors import ConfigError
 log = logging.getLogger("mllm_kd.apps.easyvqa.demo")
 
 
-def matched_overrides(recipe: Recipe, common: list[str], dft_questions: int | None = None) -> list[str]:
-    """stage2 for as many optimizer steps as stage2 + stage3 (same data and batch), from the baseline's PT;
-    ``dft_questions``: stage3 on that many questions instead (a transfer set), a whole multiple of stage3's."""
-    return [f"stages.stage2.train.epochs={matched_epochs(recipe, common, dft_questions)}"]
+def matched_overrides(
+    recipe: Recipe, common: list[str], dft_questions: int | None = None, stage: str = "stage2"
+) -> list[str]:
+    """``stage`` (stage2: SFT; stage3: DFT's loss in one run) for as many optimizer steps as stage2 + stage3
+    over the students' SFT questions (same data and batch); ``dft_questions``: stage3 on that many questions
+    instead (a transfer set), a whole multiple of stage3's."""
+    return [f"stages.{stage}.train.epochs={matched_epochs(recipe, common, dft_questions)}"]
 
 
 def matched_epochs(recipe: Recipe, common: list[str], dft_questions: int | None = None) -> int:
@@ -123,7 +126,7 @@ def train_role(
             seconds += json.loads(state.read_text())["elapsed"]
         common.append(f"stages.{spec.stages[0]}.init_from={earlier_dir / stage_from / 'final'}")
         stages = [*(f"{stage} (of {earlier_dir.name})" for stage in done), *stages]
-    if transfer and "stage3" in spec.stages:
+    if transfer and "stage3" in spec.stages and not spec.matched:
         common += [
             f"stages.stage3.data.path={transfer_file(teacher_dir, transfer_questions)}",
             "stages.stage3.data.max_samples=null",
@@ -133,8 +136,8 @@ def train_role(
         projector = teacher_dir / "teacher_sft"
         common += [f"stages.{first}.init_from=null", f"stages.{first}.model.projector.checkpoint={projector}"]
         stages = [f"projector of {projector.parent.name}/{projector.name}", *stages]
-    if spec.matched:
-        common += matched_overrides(recipe, common, transfer_questions if transfer else None)
+    if spec.matched:  # its one stage trains the steps of stage2 + stage3
+        common += matched_overrides(recipe, common, transfer_questions if transfer else None, spec.stages[-1])
     if redo:
         common.append("overwrite=true")
     ckpt = None
