@@ -171,9 +171,10 @@ def recipe_students(
     transfer_questions: int | None = None,
 ) -> list[str]:
     """The student roles to train: the comparison fixed in advance; with ``teacher_projector`` the ones that
-    start from the teacher's projector (without ``student_dft_tproj`` where the DFT reads a transfer set), with ``projected_images`` the one that distils its projected images
-    (ConfigError where the recipe's teacher projector does not fit the student), with ``seqkd`` the control
-    on the transfer set of ``transfer_questions`` (ConfigError without one)."""
+    start from the teacher's projector (without ``student_dft_tproj`` where the DFT reads a transfer set), with
+    ``projected_images`` the one that distils its projected images (ConfigError where the recipe's teacher
+    projector does not fit the student), with ``seqkd`` the control on the transfer set of ``transfer_questions``
+    (ConfigError without one)."""
     for asked, option in (
         (teacher_projector, "--teacher-projector"),
         (projected_images, "--projected-images"),
