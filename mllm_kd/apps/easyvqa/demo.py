@@ -344,8 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         "--teacher-projector",
         action="store_true",
         help="also the compute-matched and LLaVA-KD students that start from the teacher's trained projector "
-        "instead of stage 1, and the compute-matched one with DFT's loss (about 12 more minutes per seed on 2 "
-        "CPU cores)",
+        "instead of stage 1, and the compute-matched one with DFT's loss (three students more per seed: about "
+        "90-150 s training and 50-90 s answering each on 2 CPU cores)",
     )
     p.add_argument(
         "--projected-images",

@@ -155,17 +155,23 @@ def paired_by_seed(kd: dict, matched: dict) -> dict:
     more, the standard deviation of those differences, about how many seeds a paired comparison needs to tell
     a 3-point difference from none at that noise (normal approximation), and ``kd_minus_matched_paired``:
     the mean difference's 95% t-interval and the exact sign-flip p-value (``eval/paired.py``)."""
-    seeds = [s for s in kd.get("seeds", {}) if s in matched.get("seeds", {})]
-    if not seeds:
+    diffs, paired = _paired(kd, matched)
+    if not diffs:
         return {}
-    diffs = {s: round(100 * (kd["seeds"][s]["accuracy"] - matched["seeds"][s]["accuracy"]), 2) for s in seeds}
     out: dict = {"kd_minus_matched_by_seed": diffs}
-    if len(diffs) >= 2:
-        paired = paired_summary(list(diffs.values()), lead=_LEAD)
+    if paired:
         out["sd_kd_minus_matched"] = paired["sd"]
         out["seeds_to_show_3_points"] = paired["seeds_for_lead"]
         out["kd_minus_matched_paired"] = paired
     return out
+
+
+def _paired(a: dict, b: dict) -> tuple[dict[str, float], dict | None]:
+    """``a`` minus ``b`` seed by seed (the seeds both ran), in points, and with two seeds or more their
+    :func:`~mllm_kd.eval.paired.paired_summary`."""
+    seeds = [s for s in a.get("seeds", {}) if s in b.get("seeds", {})]
+    diffs = {s: round(100 * (a["seeds"][s]["accuracy"] - b["seeds"][s]["accuracy"]), 2) for s in seeds}
+    return diffs, paired_summary(list(diffs.values()), lead=_LEAD) if len(diffs) >= 2 else None
 
 
 def gaps(results: dict) -> dict:
@@ -207,18 +213,14 @@ def gaps(results: dict) -> dict:
             **{f"spread_{r}": spread(r) for r in spreads},
         }
 
-    if all(r in acc for r in TPROJ_ROLES[:2]):
+    if "student_matched_tproj" in acc and "student_kd_tproj" in acc:
         out |= variant("kd_tproj", ("matched", "matched_tproj"), ("kd_tproj", "matched_tproj"))
     if all(r in acc for r in TPROJ_ROLES):
         out |= variant("dft_tproj", ("matched", "matched_tproj", "kd_tproj"), ("dft_tproj",))
-        for kd, control in (
-            ("dft_tproj", "matched_tproj"),
-            ("dft_tproj", "matched"),
-            ("kd_tproj", "matched_tproj"),
-        ):
-            paired = paired_by_seed(results[f"student_{kd}"], results[f"student_{control}"])
-            if "kd_minus_matched_paired" in paired:
-                out[f"{kd}_minus_{control}_paired"] = paired["kd_minus_matched_paired"]
+        for a, b in (("dft_tproj", "matched_tproj"), ("dft_tproj", "matched"), ("kd_tproj", "matched_tproj")):
+            _, paired = _paired(results[f"student_{a}"], results[f"student_{b}"])
+            if paired:
+                out[f"{a}_minus_{b}_paired"] = paired
     if all(r in acc for r in EMB_ROLES):
         out |= variant("kd_emb", ("matched", "kd"), ("kd_emb",))
     if all(r in acc for r in SEQKD_ROLES):

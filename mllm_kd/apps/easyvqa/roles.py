@@ -98,6 +98,12 @@ class Role:
     # needs the run's transfer set (its stage 3 is a control on the teacher's answers)
     needs_transfer: bool = False
 
+    @property
+    def one_run_dft(self) -> bool:
+        """DFT's loss for the steps of SFT + DFT in one stage 3 over the students' SFT questions: a run whose DFT
+        reads a transfer set has no such DFT to match, so the role is not trained there."""
+        return self.matched and self.stages[-1] == "stage3"
+
 
 ROLES = {
     "teacher": Role("teacher", ("teacher_pt", "teacher_sft"), ()),
@@ -171,7 +177,7 @@ def recipe_students(
     transfer_questions: int | None = None,
 ) -> list[str]:
     """The student roles to train: the comparison fixed in advance; with ``teacher_projector`` the ones that
-    start from the teacher's projector (without ``student_dft_tproj`` where the DFT reads a transfer set), with
+    start from the teacher's projector (without a :attr:`Role.one_run_dft` one where the DFT reads a transfer set), with
     ``projected_images`` the one that distils its projected images (ConfigError where the recipe's teacher
     projector does not fit the student), with ``seqkd`` the control on the transfer set of ``transfer_questions``
     (ConfigError without one)."""
@@ -184,9 +190,7 @@ def recipe_students(
                 f"{option}: the {recipe.config.name} teacher's projector does not fit its student "
                 "(another vision tower or LLM width)"
             )
-    # dft_tproj's one run is over the students' SFT questions: a run whose DFT reads a transfer set has no
-    # such DFT to match
-    tproj = tuple(r for r in TPROJ_ROLES if not (transfer_questions and r == "student_dft_tproj"))
+    tproj = tuple(r for r in TPROJ_ROLES if not (transfer_questions and ROLES[r].one_run_dft))
     roles = [
         *STUDENT_ROLES,
         *(tproj if teacher_projector else ()),

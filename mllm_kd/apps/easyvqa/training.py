@@ -126,7 +126,7 @@ def train_role(
             seconds += json.loads(state.read_text())["elapsed"]
         common.append(f"stages.{spec.stages[0]}.init_from={earlier_dir / stage_from / 'final'}")
         stages = [*(f"{stage} (of {earlier_dir.name})" for stage in done), *stages]
-    if transfer and "stage3" in spec.stages and not spec.matched:
+    if transfer and "stage3" in spec.stages and not spec.one_run_dft:
         common += [
             f"stages.stage3.data.path={transfer_file(teacher_dir, transfer_questions)}",
             "stages.stage3.data.max_samples=null",
