@@ -20,6 +20,7 @@ from mllm_kd.apps.easyvqa.report import (
 from mllm_kd.apps.easyvqa.roles import RECIPES, STUDENTS, recipe_students
 from mllm_kd.apps.easyvqa.teachers import QUICK_VOCAB
 from mllm_kd.apps.easyvqa.training import train_role
+from mllm_kd.errors import ConfigError
 from mllm_kd.eval.normalize import simple_normalize
 
 
@@ -353,6 +354,58 @@ def test_gaps_of_the_tproj_students_paired_by_seed():
     assert g["kd_tproj_minus_matched_tproj_paired"]["mean"] == pytest.approx(-5.5)  # -6, -5
     del results["student_dft_tproj"]
     assert "dft_tproj_minus_matched" not in gaps(results) and "kd_tproj_minus_matched" in gaps(results)
+
+
+def test_students_option_trains_and_reports_only_the_students_named(pretrained, tmp_path):
+    """--students dft_tproj,matched_tproj: the teacher is reused, those two students train for each seed, and
+    the report holds them and the gaps between them (paired by seed), none of the roles it did not train."""
+    import shutil
+
+    run = tmp_path / "demo"
+    shutil.copytree(pretrained[0], run)
+    (run / "report.json").unlink()
+    teacher_state = _state(run, "teacher/teacher_sft")
+    args = ["--quick", "--seeds", "0,1", "--split", "val", "--questions", "40"]
+    assert main(["--run-dir", str(run), *args, "--students", "dft_tproj,matched_tproj"]) == 0
+    report = _report(run)
+    assert student_roles(report) == ["student_matched_tproj", "student_dft_tproj"]
+    assert _state(run, "teacher/teacher_sft") == teacher_state  # reused, not retrained
+    for sub in ("matched_tproj", "dft_tproj"):
+        assert (run / "seed1" / sub).is_dir()
+    g = report["gaps"]
+    acc = {r: 100 * report[f"student_{r}"]["accuracy"] for r in ("dft_tproj", "matched_tproj")}
+    assert g["dft_tproj_minus_matched_tproj"] == pytest.approx(
+        acc["dft_tproj"] - acc["matched_tproj"], abs=0.01
+    )
+    assert g["dft_tproj_minus_matched_tproj_paired"]["n"] == 2
+    assert (
+        "kd_minus_matched" not in g
+        and "dft_tproj_minus_matched" not in g
+        and g["gap_closed_dft_tproj"] is None
+    )
+    md = (run / "report.md").read_text()
+    assert "| student_dft_tproj |" in md and "| student_kd |" not in md and "LLaVA-KD minus" not in md
+    assert "`dft_tproj` minus `matched_tproj`, paired by seed: mean difference" in md
+
+
+def test_students_option_is_checked_before_any_work():
+    spec = RECIPES["pretrained"]
+    order = recipe_students(spec, only=("dft_tproj", "student_baseline", "matched_tproj"))
+    assert order == ["student_baseline", "student_matched_tproj", "student_dft_tproj"]  # the report's order
+    with pytest.raises(ConfigError, match="no student role 'kd_tprj'; the roles are baseline, matched, kd,"):
+        recipe_students(spec, only=("kd_tprj",))
+    with pytest.raises(
+        ConfigError, match="--students matched: it continues baseline's stage1; name baseline"
+    ):
+        recipe_students(spec, only=("matched",))
+    with pytest.raises(ConfigError, match="drop --teacher-projector"):
+        recipe_students(spec, teacher_projector=True, only=("kd",))
+    with pytest.raises(ConfigError, match="--students dft_tproj: its one DFT run"):
+        recipe_students(spec, transfer_questions=T, only=("dft_tproj",))
+    with pytest.raises(ConfigError, match="teacher's projector does not fit its student"):
+        recipe_students(RECIPES["scratch"], only=("matched_tproj",))
+    with pytest.raises(ConfigError, match="transfer set, and this run has none"):
+        recipe_students(spec, only=("kd", "seqkd_transfer"))
 
 
 def test_kd_emb_student_distils_the_projected_images_in_dpt_and_dft(pretrained):

@@ -6,7 +6,7 @@ transfer set in transfer.py, the report in report.py, the phase timer in phases.
                            [--split test|val] [--questions N] [--captions N] [--student-questions N]
                            [--teacher-dir DIR]
                            [--teacher-llm gemma3-270m] [--teacher-projector] [--projected-images]
-                           [--transfer-questions N] [--seqkd]
+                           [--transfer-questions N] [--seqkd] [--students ROLE,...]
                            [--redo] [--quick]
                            [key=value ...]
 
@@ -41,6 +41,8 @@ with a transfer set: its run is over the students' SFT questions).
 of the students that depend on it are named by it: ``kd-N``, ``matched-N``). ``--seqkd`` also trains
 ``seqkd_transfer``, its control: ``kd``'s DPT and SFT, then stage 3 on the teacher's answers without the
 distillation terms.
+``--students dft_tproj,matched_tproj`` trains and scores only those students (with the teacher): more seeds of one
+comparison at a third of the cost; the report then gives the gaps between the students it has.
 ``--projected-images`` also trains ``kd_emb``: LLaVA-KD with the teacher's projected images distilled in DPT
 and DFT (``loss.w_emb=30``: the term's start on the scale of the others' sum in DPT; roles.py).
 """
@@ -59,6 +61,7 @@ from mllm_kd.apps.easyvqa.roles import (
     QUICK_PREPARE,
     RECIPES,
     ROLES,
+    STUDENTS,
     recipe_students,
     role_dir,
     transfer_sized,
@@ -108,6 +111,7 @@ def run_demo(
     transfer_questions: int | None = None,
     seqkd: bool = False,
     answers: str | None = None,
+    students: tuple[str, ...] | None = None,
 ) -> dict:
     """The whole demo into ``run``; ``teacher_dir`` reuses (or trains into) a teacher elsewhere.
 
@@ -121,7 +125,8 @@ def run_demo(
     ``answers``: every model's yes/no training answers, a key of :data:`ANSWER_FORMATS`: "described" says
     first what the image shows ("blue rectangle, yes"; ``data_prep.easyvqa --describe-yes-no``; scored on
     the last word), "checked" then what the question asks about ("blue rectangle, red absent, yes";
-    ``--check-yes-no``), "one-word" is the label alone; None: the recipe's choice.
+    ``--check-yes-no``), "one-word" is the label alone; None: the recipe's choice. ``students``: only these
+    student roles (``--students``; :func:`recipe_students`), e.g. more seeds of two of them.
     """
     from mllm_kd.data_prep.easyvqa import prepare_easyvqa
 
@@ -129,8 +134,10 @@ def run_demo(
     overrides = [*(spec.quick if quick else ()), *(["train.progress=false"] if quick else []), *overrides]
     # before any work: refuses a misfit
     transfer_questions = transfer_size(spec, [f"data_dir={run / 'data'}", *overrides], transfer_questions)
-    students = recipe_students(spec, teacher_projector, projected_images, seqkd, transfer_questions)
+    students = recipe_students(spec, teacher_projector, projected_images, seqkd, transfer_questions, students)
     other = TEACHER_LLMS[teacher_llm] if teacher_llm else None
+    if other is not None and "student_kd" not in students:
+        raise ConfigError("--teacher-llm compares its student with the kd one: add kd to --students")
     started = time.perf_counter()
     teacher_dir = teacher_dir or run / "teacher"
     marks_before = _work_marks(run, teacher_dir)
@@ -375,6 +382,14 @@ def main(argv: list[str] | None = None) -> int:
         'yes"; scored on the last word), "checked" then what the question asks about ("blue rectangle, red '
         'absent, yes"), "one-word" is the label alone (default: the recipe\'s); a run directory holds one',
     )
+    p.add_argument(
+        "--students",
+        type=lambda text: tuple(text.split(",")),
+        default=None,
+        metavar="ROLE,...",
+        help="train and score only these students (and the teacher), e.g. dft_tproj,matched_tproj for more "
+        "seeds of one comparison; roles: " + ", ".join(r.removeprefix("student_") for r in STUDENTS),
+    )
     p.add_argument("--redo", action="store_true", help="redo finished stages and evaluations")
     p.add_argument(
         "--quick", action="store_true", help="tiny random models, a few hundred examples (the tests' variant)"
@@ -401,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
             transfer_questions=args.transfer_questions,
             seqkd=args.seqkd,
             answers=args.answers,
+            students=args.students,
         )
     except MllmKdError as e:
         return exit_code(e)

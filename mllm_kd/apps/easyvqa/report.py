@@ -182,51 +182,71 @@ def gaps(results: dict) -> dict:
     ``seqkd_transfer`` (the same start and DFT data without the distillation terms), ``kd`` against it and it
     against the compute-matched student."""
     acc = {r: 100 * results[r]["accuracy"] for r in ("teacher", *student_roles(results))}
-    teacher_gap = acc["teacher"] - acc["student_baseline"]
+    # a run of some students only (``demo --students``): the gaps between the ones it has
+    teacher_gap = acc["teacher"] - acc["student_baseline"] if "student_baseline" in acc else None
 
     def minus(a: str, b: str) -> float:
         return round(acc[f"student_{a}"] - acc[f"student_{b}"], 2)
 
     def closed(kd: str) -> float | None:  # share of the teacher-to-plain-student gap the student closes
-        gained = acc[f"student_{kd}"] - acc["student_baseline"]
-        return round(gained / teacher_gap, 3) if teacher_gap > 0 else None
+        if teacher_gap is None or teacher_gap <= 0:
+            return None
+        return round((acc[f"student_{kd}"] - acc["student_baseline"]) / teacher_gap, 3)
 
     def spread(role: str) -> float:
         return round(100 * results[f"student_{role}"]["spread"], 2)
 
-    out = {
-        "kd_minus_baseline": minus("kd", "baseline"),
-        "kd_minus_matched": minus("kd", "matched"),
-        "matched_minus_baseline": minus("matched", "baseline"),
-        "gap_closed": closed("kd"),
-        "spread_kd": spread("kd"),
-        "spread_matched": spread("matched"),
-        **paired_by_seed(results["student_kd"], results["student_matched"]),
-    }
+    def has(*roles: str) -> bool:
+        return all(f"student_{r}" in acc for r in roles)
+
+    out: dict = {}
+    if has("baseline", "matched", "kd"):
+        out |= {
+            "kd_minus_baseline": minus("kd", "baseline"),
+            "kd_minus_matched": minus("kd", "matched"),
+            "matched_minus_baseline": minus("matched", "baseline"),
+            "gap_closed": closed("kd"),
+            "spread_kd": spread("kd"),
+            "spread_matched": spread("matched"),
+            **paired_by_seed(results["student_kd"], results["student_matched"]),
+        }
 
     def variant(kd: str, controls: tuple[str, ...], spreads: tuple[str, ...]) -> dict:
-        """A student past the paper's comparison: it minus each control, the gap it closes, the spreads."""
-        minus_controls = {f"{kd}_minus_{c}": minus(kd, c) for c in controls}
+        """A student past the paper's comparison: it minus each control the run has, the gap it closes, the
+        spreads."""
+        minus_controls = {f"{kd}_minus_{c}": minus(kd, c) for c in controls if has(c)}
         return {
             **minus_controls,
             f"gap_closed_{kd}": closed(kd),
-            **{f"spread_{r}": spread(r) for r in spreads},
+            **{f"spread_{r}": spread(r) for r in spreads if has(r)},
         }
 
-    if "student_matched_tproj" in acc and "student_kd_tproj" in acc:
+    if has("matched", "matched_tproj", "kd_tproj"):
         out |= variant("kd_tproj", ("matched", "matched_tproj"), ("kd_tproj", "matched_tproj"))
-    if all(r in acc for r in TPROJ_ROLES):
-        out |= variant("dft_tproj", ("matched", "matched_tproj", "kd_tproj"), ("dft_tproj",))
-        for a, b in (("dft_tproj", "matched_tproj"), ("dft_tproj", "matched"), ("kd_tproj", "matched_tproj")):
+    if has("dft_tproj", "matched_tproj"):
+        out |= variant("dft_tproj", ("matched", "matched_tproj", "kd_tproj"), ("dft_tproj", "matched_tproj"))
+    for a, b in (("dft_tproj", "matched_tproj"), ("dft_tproj", "matched"), ("kd_tproj", "matched_tproj")):
+        if has(a, b, "matched_tproj"):
             _, paired = _paired(results[f"student_{a}"], results[f"student_{b}"])
             if paired:
                 out[f"{a}_minus_{b}_paired"] = paired
-    if all(r in acc for r in EMB_ROLES):
+    if has(*(r.removeprefix("student_") for r in EMB_ROLES), "matched", "kd"):
         out |= variant("kd_emb", ("matched", "kd"), ("kd_emb",))
-    if all(r in acc for r in SEQKD_ROLES):
+    if has(*(r.removeprefix("student_") for r in SEQKD_ROLES), "matched", "kd"):
         out["kd_minus_seqkd_transfer"] = minus("kd", "seqkd_transfer")
         out |= variant("seqkd_transfer", ("matched",), ("seqkd_transfer",))
     return out
+
+
+def _kd_lines(g: dict) -> list[str]:
+    if "kd_minus_matched" not in g:  # a run of some students only
+        return []
+    return [
+        f"LLaVA-KD minus plain student: {g['kd_minus_baseline']:+.2f} points; minus the compute-matched plain "
+        f"student: {g['kd_minus_matched']:+.2f} (spreads: kd {g['spread_kd']:.2f}, matched "
+        f"{g['spread_matched']:.2f}); share of the teacher-to-plain-student gap closed: {g['gap_closed']}.",
+        "",
+    ]
 
 
 def _paired_lines(g: dict) -> list[str]:
@@ -326,10 +346,7 @@ def write_report(run: Path, results: dict, curves: dict[str, list[dict]]) -> Non
         f"{prior.get('accuracy', float('nan')):.2f}% of the yes/no questions; 'yes/no = prior' is the share of a "
         "model's yes/no answers equal to it.",
         "",
-        f"LLaVA-KD minus plain student: {g['kd_minus_baseline']:+.2f} points; minus the compute-matched plain "
-        f"student: {g['kd_minus_matched']:+.2f} (spreads: kd {g['spread_kd']:.2f}, matched "
-        f"{g['spread_matched']:.2f}); share of the teacher-to-plain-student gap closed: {g['gap_closed']}.",
-        "",
+        *_kd_lines(g),
         *_paired_lines(g),
         *_described_lines(results, roles),
         *_tproj_lines(g),
@@ -381,15 +398,23 @@ def _tproj_lines(g: dict) -> list[str]:
 
 
 def _dft_tproj_lines(g: dict) -> list[str]:
-    if "dft_tproj_minus_matched" not in g:
+    if "dft_tproj_minus_matched_tproj" not in g:
         return []
+    parts = [
+        "minus the compute-matched student from the teacher's projector with labels only: "
+        f"{g['dft_tproj_minus_matched_tproj']:+.2f} points"
+    ]
+    if "dft_tproj_minus_matched" in g:
+        parts.append(f"minus the compute-matched plain student: {g['dft_tproj_minus_matched']:+.2f}")
+    if "dft_tproj_minus_kd_tproj" in g:
+        parts.append(
+            f"minus `kd_tproj` (the same terms after a separate SFT): {g['dft_tproj_minus_kd_tproj']:+.2f}"
+        )
+    closed = g.get("gap_closed_dft_tproj")
     lines = [
         "From the teacher's projector, DFT's loss (CE + the teacher's terms) on the compute-matched student's one-run "
-        f"schedule (`dft_tproj`): minus the compute-matched student from the teacher's projector with labels only: "
-        f"{g['dft_tproj_minus_matched_tproj']:+.2f} points; minus the compute-matched plain student: "
-        f"{g['dft_tproj_minus_matched']:+.2f}; minus `kd_tproj` (the same terms after a separate SFT): "
-        f"{g['dft_tproj_minus_kd_tproj']:+.2f} (spread dft_tproj {g['spread_dft_tproj']:.2f}); share of the "
-        f"teacher-to-plain-student gap closed: {g['gap_closed_dft_tproj']}.",
+        f"schedule (`dft_tproj`): {'; '.join(parts)} (spread dft_tproj {g['spread_dft_tproj']:.2f})"
+        + (f"; share of the teacher-to-plain-student gap closed: {closed}." if closed is not None else "."),
     ]
     for key, what in (
         ("dft_tproj_minus_matched_tproj_paired", "`dft_tproj` minus `matched_tproj`"),

@@ -175,12 +175,22 @@ def recipe_students(
     projected_images: bool = False,
     seqkd: bool = False,
     transfer_questions: int | None = None,
+    only: tuple[str, ...] | None = None,
 ) -> list[str]:
     """The student roles to train: the comparison fixed in advance; with ``teacher_projector`` the ones that
     start from the teacher's projector (without a :attr:`Role.one_run_dft` one where the DFT reads a transfer set), with
     ``projected_images`` the one that distils its projected images (ConfigError where the recipe's teacher
     projector does not fit the student), with ``seqkd`` the control on the transfer set of ``transfer_questions``
-    (ConfigError without one)."""
+    (ConfigError without one). ``only`` (``--students``): these roles instead (``student_`` optional), in the
+    report's order, under the same checks, and with every role one of them continues (``Role.starts_from``)."""
+    if only is not None:
+        if teacher_projector or projected_images or seqkd:
+            raise ConfigError(
+                "--students names the students itself: drop --teacher-projector, --projected-images and --seqkd"
+            )
+        roles = [_student_role(name) for name in only]
+        teacher_projector = any(r in TPROJ_ROLES for r in roles)
+        projected_images = any(r in EMB_ROLES for r in roles)
     for asked, option in (
         (teacher_projector, "--teacher-projector"),
         (projected_images, "--projected-images"),
@@ -190,15 +200,39 @@ def recipe_students(
                 f"{option}: the {recipe.config.name} teacher's projector does not fit its student "
                 "(another vision tower or LLM width)"
             )
-    tproj = tuple(r for r in TPROJ_ROLES if not (transfer_questions and ROLES[r].one_run_dft))
-    roles = [
-        *STUDENT_ROLES,
-        *(tproj if teacher_projector else ()),
-        *(EMB_ROLES if projected_images else ()),
-        *(SEQKD_ROLES if seqkd else ()),
-    ]
+    if only is None:
+        tproj = tuple(r for r in TPROJ_ROLES if not (transfer_questions and ROLES[r].one_run_dft))
+        roles = [
+            *STUDENT_ROLES,
+            *(tproj if teacher_projector else ()),
+            *(EMB_ROLES if projected_images else ()),
+            *(SEQKD_ROLES if seqkd else ()),
+        ]
+    else:
+        for role in roles:
+            if transfer_questions and ROLES[role].one_run_dft:
+                raise ConfigError(
+                    f"--students {ROLES[role].sub}: its one DFT run is over the students' SFT questions; a run "
+                    "whose DFT reads a transfer set has no such DFT to match"
+                )
+            earlier = ROLES[role].starts_from
+            if earlier is not None and earlier[0] not in roles:
+                raise ConfigError(
+                    f"--students {ROLES[role].sub}: it continues {ROLES[earlier[0]].sub}'s {earlier[1]}; "
+                    f"name {ROLES[earlier[0]].sub} too"
+                )
+        roles = [r for r in STUDENTS if r in roles]
     if not transfer_questions and any(ROLES[r].needs_transfer for r in roles):
         raise ConfigError(
             "--seqkd trains on the run's transfer set, and this run has none: add --transfer-questions N"
         )
     return roles
+
+
+def _student_role(name: str) -> str:
+    """A ``--students`` name (``dft_tproj`` or ``student_dft_tproj``) as its role; ConfigError names the others."""
+    role = name if name.startswith("student_") else f"student_{name}"
+    if role not in STUDENTS:
+        known = ", ".join(r.removeprefix("student_") for r in STUDENTS)
+        raise ConfigError(f"--students: no student role {name!r}; the roles are {known}")
+    return role
