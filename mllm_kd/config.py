@@ -59,7 +59,8 @@ class VisionConfig:
     checkpoint: str | None = (
         None  # take the vision tower (architecture + weights) of this mllm_kd checkpoint directory
     )
-    torchvision_model: str | None = None  # torchvision classification model name (e.g. "mobilenet_v2")
+    # torchvision classification model name (e.g. "mobilenet_v2"), or efficientnet_lite0..4 (efficientnet-lite-pytorch)
+    torchvision_model: str | None = None
     weights: str | None = (
         None  # torchvision weights enum name (e.g. "IMAGENET1K_V1"; torchvision downloads it)
     )

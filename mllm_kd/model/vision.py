@@ -1,10 +1,11 @@
-"""Vision towers (HF CLIP/SigLIP, open_clip ViTs, torchvision CNNs) and their builders.
+"""Vision towers (HF CLIP/SigLIP, open_clip ViTs, torchvision CNNs and EfficientNet-Lite) and their builders.
 
 Built by explicit builder functions keyed on ``vision.backend``, never on substrings of names or paths.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import pickle
 
@@ -157,17 +158,42 @@ class TorchvisionVisionTower(nn.Module):
         return self
 
 
+# classification CNNs of another package that the torchvision backend takes too (the same feature-map tower):
+# name -> (package, its architecture name); EfficientNet-Lite's ImageNet weights: data_prep/weights.py
+OTHER_CNNS = {
+    f"efficientnet_lite{i}": ("efficientnet_lite_pytorch", f"efficientnet-lite{i}") for i in range(5)
+}
+
+
 def build_torchvision_backbone(cfg: VisionConfig) -> nn.Module:
-    """The torchvision model ``cfg.torchvision_model`` with weights from ``path``, ``weights`` or random."""
+    """The classification model ``cfg.torchvision_model`` with weights from ``path``, ``weights`` or random:
+    one of torchvision's, or one of :data:`OTHER_CNNS` (``efficientnet_lite0``: EfficientNet-Lite from the
+    ``efficientnet-lite-pytorch`` package, weights from a local ``path`` only)."""
     import torchvision
 
     name = cfg.torchvision_model
-    if name not in torchvision.models.list_models(torchvision.models):
+    if name in OTHER_CNNS:
+        package, arch = OTHER_CNNS[name]
+        if cfg.weights:
+            raise ConfigError(
+                f"model.vision.weights={cfg.weights!r}: {name} has no torchvision weights enum; give its weights "
+                "file as model.vision.path (python -m mllm_kd.data_prep.weights efficientnet_lite0 prints it)"
+            )
+        try:
+            module = importlib.import_module(package)
+        except ImportError:
+            raise ConfigError(
+                f"model.vision.torchvision_model={name} needs the {package} package: pip install "
+                f"{package.replace('_', '-')} (the efficientnet extra)"
+            ) from None
+        model = module.EfficientNet.from_name(arch)
+    elif name in torchvision.models.list_models(torchvision.models):
+        model = torchvision.models.get_model(name, weights=cfg.weights)  # weights=None: random init
+    else:
         raise ConfigError(
             f"model.vision.torchvision_model={name!r} is not a torchvision classification model "
-            "(torchvision.models.list_models() lists them)"
+            f"(torchvision.models.list_models() lists them) nor one of {sorted(OTHER_CNNS)}"
         )
-    model = torchvision.models.get_model(name, weights=cfg.weights)  # weights=None: random init
     if cfg.path:
         try:
             state = torch.load(cfg.path, map_location="cpu", weights_only=True)
@@ -178,7 +204,7 @@ def build_torchvision_backbone(cfg: VisionConfig) -> nn.Module:
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ConfigError(
-                f"model.vision.path={cfg.path} does not fit torchvision's {name}: missing keys {missing[:5]}, "
+                f"model.vision.path={cfg.path} does not fit {name}: missing keys {missing[:5]}, "
                 f"unexpected keys {unexpected[:5]}"
             )
     return model
