@@ -182,7 +182,8 @@ def recipe_students(
     ``projected_images`` the one that distils its projected images (ConfigError where the recipe's teacher
     projector does not fit the student), with ``seqkd`` the control on the transfer set of ``transfer_questions``
     (ConfigError without one). ``only`` (``--students``): these roles instead (``student_`` optional), in the
-    report's order, under the same checks, and with every role one of them continues (``Role.starts_from``)."""
+    report's order, under the same checks; a role that one of them continues (``Role.starts_from``) must be named
+    too (ConfigError)."""
     if only is not None:
         if teacher_projector or projected_images or seqkd:
             raise ConfigError(
