@@ -704,19 +704,23 @@ def test_open_clip_convolutional_tower_gives_flattened_feature_map():
 
 
 # -------------------------------------------------------------------------------- torchvision tower
-def _mobilenet(tmp_path: Path, seed: int = 0) -> tuple[nn.Module, Path]:
-    """A random torchvision MobileNetV2 with non-trivial batch-norm statistics, saved as a state dict."""
-    import torchvision
-
-    torch.manual_seed(seed)
-    net = torchvision.models.mobilenet_v2()
+def _random_cnn(tmp_path: Path, net: nn.Module, name: str) -> tuple[nn.Module, Path]:
+    """``net`` with non-trivial batch-norm statistics, saved as a state dict to ``tmp_path/<name>.pth``."""
     for m in net.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
-    path = tmp_path / "mobilenet_v2.pth"
+    path = tmp_path / f"{name}.pth"
     torch.save(net.state_dict(), path)
     return net.eval(), path
+
+
+def _mobilenet(tmp_path: Path, seed: int = 0) -> tuple[nn.Module, Path]:
+    """A random torchvision MobileNetV2, saved."""
+    import torchvision
+
+    torch.manual_seed(seed)
+    return _random_cnn(tmp_path, torchvision.models.mobilenet_v2(), "mobilenet_v2")
 
 
 @pytest.mark.parametrize(
@@ -799,18 +803,11 @@ def test_torchvision_tower_errors_name_the_problem(tmp_path):
 
 
 def _efficientnet_lite0(tmp_path: Path) -> tuple[nn.Module, Path]:
-    """A random EfficientNet-Lite0 (efficientnet-lite-pytorch) with non-trivial batch-norm statistics, saved."""
+    """A random EfficientNet-Lite0 (efficientnet-lite-pytorch), saved."""
     from efficientnet_lite_pytorch import EfficientNet
 
     torch.manual_seed(0)
-    net = EfficientNet.from_name("efficientnet-lite0")
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-    path = tmp_path / "efficientnet_lite0.pth"
-    torch.save(net.state_dict(), path)
-    return net.eval(), path
+    return _random_cnn(tmp_path, EfficientNet.from_name("efficientnet-lite0"), "efficientnet_lite0")
 
 
 def test_efficientnet_lite_tower_is_its_feature_map(tmp_path):
