@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import torch
-from PIL import Image
 
 from mllm_kd.config import VisionConfig
+from mllm_kd.data.encoding import ImageProcessor
 from mllm_kd.data_prep.easyvqa_questions import classify_image_pixels, load_split
 from mllm_kd.data_prep.weights import require_file
 from mllm_kd.model.vision import build_vision_tower
@@ -65,15 +64,6 @@ def main() -> None:
     shapes, colors = sorted({s for s, _ in labels}), sorted({c for _, c in labels})
     y_shape = torch.tensor([shapes.index(s) for s, _ in labels])
     y_color = torch.tensor([colors.index(c) for _, c in labels])
-    pixels = torch.stack(
-        [
-            torch.from_numpy(np.asarray(Image.open(paths[i]).convert("RGB").resize((args.size,) * 2)))
-            .permute(2, 0, 1)
-            .float()
-            / 255
-            for i in ids
-        ]
-    )
     print(f"{len(ids)} images ({args.train} to fit, {args.eval} to score) at {args.size} px")
     print("| tower | feature map | tokens x channels | colour | shape | encode s |")
     print("|---|---|---|---|---|---|")
@@ -88,7 +78,10 @@ def main() -> None:
             image_std=std,
         )
         tower = build_vision_tower(cfg).eval()
-        normed = (pixels - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+        images = ImageProcessor(
+            args.size, mean, std
+        )  # the recipes' image loading, this tower's normalisation
+        normed = torch.stack([images.load(paths[i], f"easy-VQA train image {i}") for i in ids])
         started = time.perf_counter()
         with torch.no_grad():
             feats = torch.cat([tower(normed[i : i + 100]) for i in range(0, len(ids), 100)])

@@ -5,7 +5,6 @@ Built by explicit builder functions keyed on ``vision.backend``, never on substr
 
 from __future__ import annotations
 
-import importlib
 import logging
 import pickle
 
@@ -158,41 +157,38 @@ class TorchvisionVisionTower(nn.Module):
         return self
 
 
-# classification CNNs of another package that the torchvision backend takes too (the same feature-map tower):
-# name -> (package, its architecture name); EfficientNet-Lite's ImageNet weights: data_prep/weights.py
-OTHER_CNNS = {
-    f"efficientnet_lite{i}": ("efficientnet_lite_pytorch", f"efficientnet-lite{i}") for i in range(5)
-}
+# EfficientNet-Lite, which the torchvision backend takes too (the same feature-map tower): name -> the
+# efficientnet-lite-pytorch architecture; its ImageNet Lite0 weights: data_prep/weights.py
+EFFICIENTNET_LITE = {f"efficientnet_lite{i}": f"efficientnet-lite{i}" for i in range(5)}
 
 
 def build_torchvision_backbone(cfg: VisionConfig) -> nn.Module:
     """The classification model ``cfg.torchvision_model`` with weights from ``path``, ``weights`` or random:
-    one of torchvision's, or one of :data:`OTHER_CNNS` (``efficientnet_lite0``: EfficientNet-Lite from the
+    one of torchvision's, or one of :data:`EFFICIENTNET_LITE` (``efficientnet_lite0``: EfficientNet-Lite from the
     ``efficientnet-lite-pytorch`` package, weights from a local ``path`` only)."""
     import torchvision
 
     name = cfg.torchvision_model
-    if name in OTHER_CNNS:
-        package, arch = OTHER_CNNS[name]
+    if name in EFFICIENTNET_LITE:
         if cfg.weights:
             raise ConfigError(
                 f"model.vision.weights={cfg.weights!r}: {name} has no torchvision weights enum; give its weights "
                 "file as model.vision.path (python -m mllm_kd.data_prep.weights efficientnet_lite0 prints it)"
             )
         try:
-            module = importlib.import_module(package)
+            from efficientnet_lite_pytorch import EfficientNet
         except ImportError:
             raise ConfigError(
-                f"model.vision.torchvision_model={name} needs the {package} package: pip install "
-                f"{package.replace('_', '-')} (the efficientnet extra)"
+                f"model.vision.torchvision_model={name} needs the efficientnet_lite_pytorch package: pip install "
+                "efficientnet-lite-pytorch (the efficientnet extra)"
             ) from None
-        model = module.EfficientNet.from_name(arch)
+        model = EfficientNet.from_name(EFFICIENTNET_LITE[name])
     elif name in torchvision.models.list_models(torchvision.models):
         model = torchvision.models.get_model(name, weights=cfg.weights)  # weights=None: random init
     else:
         raise ConfigError(
             f"model.vision.torchvision_model={name!r} is not a torchvision classification model "
-            f"(torchvision.models.list_models() lists them) nor one of {sorted(OTHER_CNNS)}"
+            f"(torchvision.models.list_models() lists them) nor one of {sorted(EFFICIENTNET_LITE)}"
         )
     if cfg.path:
         try:
